@@ -1,0 +1,135 @@
+"""The OpenAPI 3.1 document of the gateway API, served at `/api/v1/openapi.json`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from gateway import __version__
+from gateway.api.app import requires
+
+ERROR = {"$ref": "#/components/schemas/Error"}
+THING = {"$ref": "#/components/schemas/Thing"}
+PAGE = {"$ref": "#/components/schemas/ThingPage"}
+
+
+def _resp(desc: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"description": desc}
+    if schema is not None:
+        out["content"] = {"application/json": {"schema": schema}}
+    return out
+
+
+ERRORS = {
+    "400": _resp("invalid request", ERROR),
+    "401": _resp("no valid API key", ERROR),
+    "403": _resp("the key's role is too low", ERROR),
+    "404": _resp("no such Thing or feature", ERROR),
+}
+ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}, "example": "izmir-bakery:oven-001"}
+FEATURE = {"name": "feature", "in": "path", "required": True, "schema": {"type": "string"}}
+IF_MATCH = {"name": "If-Match", "in": "header", "required": False, "schema": {"type": "string"},
+            "description": 'the version the write is based on, e.g. "7"; a stale one gives 409'}
+CONFLICT = {"409": _resp("version conflict or id exists", ERROR)}
+
+
+def _op(summary: str, role: str | None, responses: dict[str, Any], **more: Any) -> dict[str, Any]:
+    op: dict[str, Any] = {"summary": summary, "responses": responses, **more}
+    op["security"] = [] if role is None else [{"bearer": []}]
+    if role is not None:
+        op["x-egiz-role"] = role
+    return op
+
+
+SPEC: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {"title": "OpenEgiz Edge gateway API", "version": __version__},
+    "components": {
+        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
+                                       "description": "API key; roles viewer < operator < admin"}},
+        "schemas": {
+            "Error": {"type": "object", "required": ["error", "detail"],
+                      "properties": {"error": {"type": "string"}, "detail": {"type": "string"}}},
+            "Feature": {"type": "object", "properties": {
+                "properties": {"type": "object"}, "desiredProperties": {"type": "object"}}},
+            "Thing": {"type": "object", "required": ["id", "type"], "properties": {
+                "id": {"type": "string", "pattern": "^[a-z0-9][a-z0-9._-]*:[A-Za-z0-9][A-Za-z0-9._-]*$"},
+                "type": {"type": "string"},
+                "metadata": {"type": "object"},
+                "features": {"type": "object", "additionalProperties": {"$ref": "#/components/schemas/Feature"}},
+                "relationships": {"type": "array", "items": {"type": "object", "properties": {
+                    "type": {"type": "string"}, "targetId": {"type": "string"}}}},
+                "version": {"type": "integer"},
+                "lastUpdated": {"type": "string", "format": "date-time"}}},
+            "ThingPage": {"type": "object", "properties": {
+                "items": {"type": "array", "items": THING}, "total": {"type": "integer"},
+                "limit": {"type": "integer"}, "offset": {"type": "integer"},
+                "nextOffset": {"type": ["integer", "null"]}}},
+            "Query": {"type": "object", "properties": {
+                "filter": {"type": "object", "description": "see docs/api.md, 'Filters'"},
+                "limit": {"type": "integer", "minimum": 1, "maximum": 1000},
+                "offset": {"type": "integer", "minimum": 0}}},
+        },
+    },
+    "paths": {
+        "/api/v1/things": {
+            "get": _op("List Things (paginated, filtered)", "viewer", {"200": _resp("a page", PAGE), **ERRORS},
+                       parameters=[
+                           {"name": "limit", "in": "query", "schema": {"type": "integer", "default": 100}},
+                           {"name": "offset", "in": "query", "schema": {"type": "integer", "default": 0}},
+                           {"name": "type", "in": "query", "schema": {"type": "string"}},
+                           {"name": "filter", "in": "query", "schema": {"type": "string"},
+                            "description": "a filter object as JSON"}]),
+            "post": _op("Create a Thing", "admin", {"201": _resp("created", THING), **ERRORS, **CONFLICT},
+                        requestBody={"required": True, "content": {"application/json": {"schema": THING}}}),
+        },
+        "/api/v1/things/{id}": {
+            "get": _op("Get a Thing", "viewer", {"200": _resp("the Thing", THING), **ERRORS}, parameters=[ID]),
+            "put": _op("Replace metadata, features and relationships", "admin",
+                       {"200": _resp("replaced", THING), **ERRORS, **CONFLICT}, parameters=[ID, IF_MATCH],
+                       requestBody={"required": True, "content": {"application/json": {"schema": THING}}}),
+            "delete": _op("Delete a Thing", "admin", {"204": _resp("deleted"), **ERRORS, **CONFLICT},
+                          parameters=[ID, IF_MATCH]),
+        },
+        "/api/v1/things/{id}/features/{feature}": {
+            "get": _op("Get one feature", "viewer",
+                       {"200": _resp("the feature", {"$ref": "#/components/schemas/Feature"}), **ERRORS},
+                       parameters=[ID, FEATURE]),
+            "put": _op("Merge properties / desiredProperties into a feature (RFC 7386); desired ones are "
+                       "sent to the node as a command", "operator",
+                       {"200": _resp("merged"), **ERRORS, **CONFLICT,
+                        "503": _resp("broker unavailable for the command", ERROR)},
+                       parameters=[ID, FEATURE, IF_MATCH],
+                       requestBody={"required": True, "content": {"application/json": {"schema": {
+                           "type": "object", "properties": {"properties": {"type": "object"},
+                                                            "desiredProperties": {"type": "object"},
+                                                            "version": {"type": "integer"}}}}}}),
+        },
+        "/api/v1/query": {
+            "post": _op("Query Things with a filter", "viewer", {"200": _resp("a page", PAGE), **ERRORS},
+                        requestBody={"required": True, "content": {"application/json": {
+                            "schema": {"$ref": "#/components/schemas/Query"}}}}),
+        },
+        "/api/v1/deadletters": {
+            "get": _op("Newest rejected MQTT messages", "viewer", {"200": _resp("dead letters"), **ERRORS},
+                       parameters=[{"name": "limit", "in": "query", "schema": {"type": "integer"}},
+                                   {"name": "reason", "in": "query", "schema": {"type": "string"}}]),
+        },
+        "/api/v1/ws": {
+            "get": _op("WebSocket: subscribe/unsubscribe by thingId, filter or everything; StateChanged "
+                       "events, Heartbeat every 30 s. Token as Bearer header or access_token query.",
+                       "viewer", {"101": _resp("switching protocols"), **ERRORS}),
+        },
+        "/health": {"get": _op("Liveness", None, {"200": _resp("alive")})},
+        "/ready": {"get": _op("Readiness (twin loaded, broker connected)", None,
+                              {"200": _resp("ready"), "503": _resp("not ready")})},
+        "/metrics": {"get": _op("Prometheus metrics", None, {"200": _resp("text exposition format")})},
+        "/api/v1/openapi.json": {"get": _op("This document", None, {"200": _resp("OpenAPI 3.1")})},
+    },
+}
+
+
+@requires(None)
+async def handler(request: web.Request) -> web.Response:
+    return web.json_response(SPEC)

@@ -1,0 +1,154 @@
+"""WebSocket `/api/v1/ws`: subscribe by Thing id, by filter or to everything; StateChanged out.
+
+Each connection is one bus subscription with a bounded queue. A client that cannot keep up is
+closed (1013, try again later) instead of slowing ingest or growing memory; it can reconnect and
+re-read the current state over REST or with `"snapshot": true`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from gateway.api.app import PARTS, error_body, requires
+from gateway.bus import Subscription, iso_utc
+from gateway.errors import EgizError
+from gateway.twin.model import validate_thing_id
+from gateway.twin.query import ThingFilter
+
+log = logging.getLogger(__name__)
+SOCKETS = web.AppKey("websockets", set[web.WebSocketResponse])
+MAX_CLIENT_MESSAGE = 64 * 1024
+CLOSE_TIMEOUT_S = 2.0
+
+
+def add_routes(app: web.Application) -> None:
+    app[SOCKETS] = set()
+    app.router.add_get("/api/v1/ws", websocket)
+    app.on_shutdown.append(_close_all)
+
+
+async def _close_all(app: web.Application) -> None:
+    """Tell every client the server is going away (1001) before the app stops."""
+    for ws in list(app[SOCKETS]):
+        await ws.close(code=WSCloseCode.GOING_AWAY, message=b"gateway shutting down")
+
+
+@requires("viewer")
+async def websocket(request: web.Request) -> web.StreamResponse:
+    parts = request.app[PARTS]
+    sockets = request.app[SOCKETS]
+    if len(sockets) >= parts.config.ws.max_clients:
+        return error_body(503, "too_many_clients", "the WebSocket client limit is reached; retry later")
+    ws = web.WebSocketResponse(heartbeat=parts.config.ws.heartbeat_s, max_msg_size=MAX_CLIENT_MESSAGE,
+                               timeout=CLOSE_TIMEOUT_S)
+    await ws.prepare(request)
+    sub = parts.bus.subscribe(f"ws:{request.remote}", maxsize=parts.config.ws.queue_size, overflow="disconnect")
+    sockets.add(ws)
+    parts.metrics.ws_clients.set(len(sockets))
+    # Both helper tasks are owned here: cancelled and awaited before the handler returns.
+    sender = asyncio.create_task(_send_loop(ws, sub, parts.config.ws.heartbeat_s), name="ws-send")
+    watchdog = asyncio.create_task(_overflow_watch(ws, sub, parts.metrics, request), name="ws-overflow")
+    try:
+        await _receive_loop(ws, sub, request)
+    finally:
+        sender.cancel()
+        watchdog.cancel()
+        for result in await asyncio.gather(sender, watchdog, return_exceptions=True):
+            if isinstance(result, Exception) and not isinstance(result, ConnectionError):
+                log.warning("WebSocket sender failed", extra={"error": repr(result)})
+        sub.close()
+        sockets.discard(ws)
+        parts.metrics.ws_clients.set(len(sockets))
+        if not ws.closed:
+            await ws.close()
+    return ws
+
+
+async def _send_loop(ws: web.WebSocketResponse, sub: Subscription, heartbeat_s: float) -> None:
+    heartbeat = json.dumps({"event": "Heartbeat"})
+    next_beat = time.monotonic() + heartbeat_s
+    while not ws.closed:
+        timeout = next_beat - time.monotonic()
+        try:
+            event = await asyncio.wait_for(sub.get(), timeout=max(timeout, 0.0))
+        except TimeoutError:
+            await ws.send_str(heartbeat[:-1] + f', "timestamp": "{iso_utc(time.time())}"}}')
+            next_beat = time.monotonic() + heartbeat_s
+            continue
+        await ws.send_str(event.to_json())
+        for more in sub.drain(256):  # a burst goes out without a wake-up per event
+            await ws.send_str(more.to_json())
+
+
+async def _overflow_watch(ws: web.WebSocketResponse, sub: Subscription, metrics: Any,
+                          request: web.Request) -> None:
+    await sub.overflowed.wait()
+    metrics.ws_disconnected_slow.inc()
+    log.warning("closing a WebSocket client that cannot keep up", extra={"client": sub.name})
+    try:
+        await asyncio.wait_for(
+            ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"too slow: event queue overflowed"), CLOSE_TIMEOUT_S
+        )
+    except TimeoutError:  # it does not even read the close frame: drop the connection
+        if request.transport is not None:
+            request.transport.abort()
+
+
+async def _receive_loop(ws: web.WebSocketResponse, sub: Subscription, request: web.Request) -> None:
+    registry = request.app[PARTS].registry
+    async for msg in ws:
+        if msg.type != WSMsgType.TEXT:
+            if msg.type == WSMsgType.BINARY:
+                await ws.send_json({"event": "Error", "detail": "send JSON text frames"})
+            continue
+        try:
+            reply = _command(sub, msg.data, registry)
+        except EgizError as exc:
+            reply = [{"event": "Error", "detail": exc.detail}]
+        for r in reply:
+            await ws.send_str(json.dumps(r, separators=(",", ":")))
+
+
+def _command(sub: Subscription, text: str, registry: Any) -> list[dict[str, Any]]:
+    """Apply one client message; returns the replies (an ack, and snapshots when asked for)."""
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError:
+        return [{"event": "Error", "detail": "messages must be JSON objects"}]
+    if not isinstance(doc, dict) or doc.get("action") not in ("subscribe", "unsubscribe"):
+        return [{"event": "Error", "detail": 'action must be "subscribe" or "unsubscribe"'}]
+    action = doc["action"]
+    ids: list[str] = []
+    if "thingId" in doc:
+        ids.append(validate_thing_id(doc["thingId"]))
+    if "thingIds" in doc:
+        if not isinstance(doc["thingIds"], list) or len(doc["thingIds"]) > 10_000:
+            return [{"event": "Error", "detail": "thingIds must be an array of at most 10000 ids"}]
+        ids.extend(validate_thing_id(t) for t in doc["thingIds"])
+    flt = ThingFilter.parse(doc["filter"]) if "filter" in doc else None
+    everything = not ids and flt is None
+    ack: dict[str, Any] = {"event": "Subscribed" if action == "subscribe" else "Unsubscribed"}
+    if ids:
+        ack["thingIds"] = ids
+    if flt is not None:
+        ack["filter"] = flt.source
+    if everything:
+        ack["all"] = True
+    if action == "unsubscribe":
+        sub.unwatch(thing_ids=ids, predicates=flt is not None or everything, everything=everything)
+        return [ack]
+    sub.watch(thing_ids=ids, predicate=flt, everything=everything)
+    out = [ack]
+    if doc.get("snapshot") is True:
+        things = [registry.get(t) for t in ids] if ids else registry.query(
+            flt or ThingFilter.parse({}), limit=10_000, offset=0)[0]
+        out.extend({"event": "Snapshot", "thingId": t.id, "thing": t.to_document()} for t in things if t)
+    return out
+
+

@@ -1,0 +1,238 @@
+"""In-process publish/subscribe between the twin and its consumers (WebSocket clients, detector, ...).
+
+Each subscriber has its own bounded queue, so a slow consumer can never slow ingest: on overflow the
+subscription either drops its oldest event (counted) or is marked overflowed so its owner can
+disconnect it (WebSocket clients). Events are serialized to JSON once, not once per client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal, Protocol
+
+log = logging.getLogger(__name__)
+
+
+def iso_utc(ts: float) -> str:
+    """ISO 8601 UTC with milliseconds, the timestamp format of every API."""
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class Matchable(Protocol):
+    """What a subscription filter needs to know about the Thing an event is about."""
+
+    id: str
+    type: str
+
+
+class ThingPredicate(Protocol):
+    def matches(self, thing: Any) -> bool: ...
+
+
+@dataclass(slots=True, eq=False)
+class Event:
+    """Base of bus events; `thing` is the live Thing, used only for filter matching."""
+
+    thing_id: str
+    thing: Matchable | None
+    _json: str | None = field(default=None, init=False, repr=False)
+
+    def payload(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def to_json(self) -> str:
+        if self._json is None:
+            self._json = json.dumps(self.payload(), separators=(",", ":"))
+        return self._json
+
+
+@dataclass(slots=True, eq=False)
+class StateChanged(Event):
+    """A feature of a Thing changed; `properties` holds what changed (a partial view)."""
+
+    feature: str = ""
+    properties: dict[str, Any] = field(default_factory=dict)
+    desired: dict[str, Any] | None = None
+    version: int = 0
+    timestamp: float = 0.0
+    source: str = "telemetry"
+
+    def payload(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "event": "StateChanged",
+            "thingId": self.thing_id,
+            "feature": self.feature,
+            "properties": self.properties,
+            "version": self.version,
+            "timestamp": iso_utc(self.timestamp),
+        }
+        if self.desired:
+            out["desiredProperties"] = self.desired
+        return out
+
+
+@dataclass(slots=True, eq=False)
+class ThingLifecycle(Event):
+    """A Thing was created, replaced or deleted through the registry."""
+
+    kind: Literal["ThingCreated", "ThingUpdated", "ThingDeleted"] = "ThingCreated"
+    version: int = 0
+    timestamp: float = 0.0
+    document: dict[str, Any] | None = None
+
+    def payload(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "event": self.kind,
+            "thingId": self.thing_id,
+            "version": self.version,
+            "timestamp": iso_utc(self.timestamp),
+        }
+        if self.document is not None:
+            out["thing"] = self.document
+        return out
+
+
+Overflow = Literal["drop_oldest", "disconnect"]
+
+
+class Subscription:
+    """One consumer's bounded queue and what it wants to see."""
+
+    def __init__(self, bus: EventBus, name: str, maxsize: int, overflow: Overflow) -> None:
+        self.name = name
+        self.overflow = overflow
+        self.everything = False
+        self.thing_ids: set[str] = set()
+        self.filters: list[ThingPredicate] = []
+        self.dropped = 0
+        self.overflowed = asyncio.Event()
+        self._bus = bus
+        self._items: collections.deque[Event] = collections.deque()
+        self._maxsize = maxsize
+        self._ready = asyncio.Event()
+        self._closed = False
+
+    @property
+    def broad(self) -> bool:
+        return self.everything or bool(self.filters)
+
+    def offer(self, event: Event) -> None:
+        """Called by the bus; never blocks and never raises."""
+        if self._closed:
+            return
+        if len(self._items) >= self._maxsize:
+            if self.overflow == "disconnect":
+                self.overflowed.set()
+                self._bus.count_drop(self)
+                return
+            self._items.popleft()
+            self._bus.count_drop(self)
+        self._items.append(event)
+        self._ready.set()
+
+    async def get(self) -> Event:
+        """Wait for the next event."""
+        while not self._items:
+            self._ready.clear()
+            await self._ready.wait()
+        return self._items.popleft()
+
+    def drain(self, limit: int = 1000) -> list[Event]:
+        """Take up to `limit` queued events without waiting (for micro-batching consumers)."""
+        out = []
+        while self._items and len(out) < limit:
+            out.append(self._items.popleft())
+        return out
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+    def watch(self, *, thing_ids: Iterable[str] = (), predicate: ThingPredicate | None = None,
+              everything: bool = False) -> None:
+        self._bus._watch(self, set(thing_ids), predicate, everything)
+
+    def unwatch(self, *, thing_ids: Iterable[str] = (), predicates: bool = False,
+                everything: bool = False) -> None:
+        self._bus._unwatch(self, set(thing_ids), predicates, everything)
+
+    def close(self) -> None:
+        self._closed = True
+        self._bus._remove(self)
+
+
+class EventBus:
+    """Routes events to subscriptions by Thing id (an index) or by filter (checked per event)."""
+
+    def __init__(self, on_drop: Callable[[str], None] | None = None) -> None:
+        self._by_thing: dict[str, set[Subscription]] = {}
+        self._broad: set[Subscription] = set()
+        self._subs: set[Subscription] = set()
+        self._on_drop = on_drop
+        self.published = 0
+        self.dropped = 0
+
+    def subscribe(self, name: str, *, maxsize: int = 1024, overflow: Overflow = "drop_oldest") -> Subscription:
+        sub = Subscription(self, name, maxsize, overflow)
+        self._subs.add(sub)
+        return sub
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self._subs)
+
+    def publish(self, event: Event) -> None:
+        """Deliver to every interested subscription; O(subscribers of this Thing + broad ones)."""
+        self.published += 1
+        direct = self._by_thing.get(event.thing_id)
+        if direct:
+            for sub in direct:
+                sub.offer(event)
+        if self._broad:
+            thing = event.thing
+            for sub in self._broad:
+                if direct and sub in direct:
+                    continue
+                if sub.everything or (thing is not None and any(f.matches(thing) for f in sub.filters)):
+                    sub.offer(event)
+
+    def count_drop(self, sub: Subscription) -> None:
+        sub.dropped += 1
+        self.dropped += 1
+        if self._on_drop is not None:
+            self._on_drop(sub.overflow)
+
+    def _watch(self, sub: Subscription, ids: set[str], predicate: ThingPredicate | None, everything: bool) -> None:
+        for tid in ids:
+            sub.thing_ids.add(tid)
+            self._by_thing.setdefault(tid, set()).add(sub)
+        if predicate is not None:
+            sub.filters.append(predicate)
+        if everything:
+            sub.everything = True
+        if sub.broad:
+            self._broad.add(sub)
+
+    def _unwatch(self, sub: Subscription, ids: set[str], predicates: bool, everything: bool) -> None:
+        for tid in ids:
+            sub.thing_ids.discard(tid)
+            subs = self._by_thing.get(tid)
+            if subs is not None:
+                subs.discard(sub)
+                if not subs:
+                    del self._by_thing[tid]
+        if predicates:
+            sub.filters.clear()
+        if everything:
+            sub.everything = False
+        if not sub.broad:
+            self._broad.discard(sub)
+
+    def _remove(self, sub: Subscription) -> None:
+        self._unwatch(sub, set(sub.thing_ids), True, True)
+        self._subs.discard(sub)

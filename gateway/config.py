@@ -1,0 +1,364 @@
+"""Typed configuration: defaults < TOML file < `EGIZ_<SECTION>__<KEY>` environment < CLI flags.
+
+Every problem is collected and reported at once with its dotted key; unknown keys are errors so a
+typo never silently falls back to a default. This is the only module that reads `os.environ`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+from gateway.errors import ConfigError
+
+ENV_PREFIX = "EGIZ_"
+ROLES = ("viewer", "operator", "admin")
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """A Bearer token and the role it grants (viewer < operator < admin)."""
+
+    key: str
+    role: Literal["viewer", "operator", "admin"] = "viewer"
+    name: str = ""
+
+    def __repr__(self) -> str:  # never print secrets, even in tracebacks
+        return f"ApiKey(name={self.name!r}, role={self.role!r}, key=***)"
+
+
+@dataclass(frozen=True)
+class DeviceMapping:
+    """Maps a device id seen on MQTT to the equipment id and type of its Thing."""
+
+    thing: str
+    type: str = ""
+
+
+@dataclass(frozen=True)
+class GatewaySection:
+    site: str
+    line: str
+    id: str
+    data_dir: Path = Path("/var/lib/egiz")
+
+
+@dataclass(frozen=True)
+class MqttSection:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    username: str = ""
+    password: str = ""
+    client_id: str = ""  # default: "egiz-<gateway.id>"; must be stable for the persistent session
+    keepalive_s: int = 30
+    reconnect_min_s: float = 0.5
+    reconnect_max_s: float = 30.0
+    tls: bool = False
+    ca_file: str = ""
+
+    def __repr__(self) -> str:
+        return f"MqttSection(host={self.host!r}, port={self.port}, username={self.username!r})"
+
+
+@dataclass(frozen=True)
+class HttpSection:
+    host: str = "0.0.0.0"
+    port: int = 8080
+
+
+@dataclass(frozen=True)
+class AuthSection:
+    api_keys: tuple[ApiKey, ...] = ()
+    open: bool = False  # demo only: every request is treated as admin
+
+
+@dataclass(frozen=True)
+class IngestSection:
+    telemetry_topic: str = "openegiz/{site}/{type}/{equipment_id}/{feature}/telemetry"
+    status_topic: str = "openegiz/{site}/{type}/{equipment_id}/status"
+    command_topic: str = "openegiz/{site}/{type}/{equipment_id}/cmd"  # acks arrive on <this>/ack
+    payload_format: Literal["contract", "legacy"] = "contract"
+    auto_register: bool = False
+    default_type: str = "device"
+    max_payload_bytes: int = 65536
+    max_samples: int = 1000
+    devices: Mapping[str, DeviceMapping] = field(default_factory=dict)
+    dead_letter_keep: int = 10000
+
+
+@dataclass(frozen=True)
+class TwinSection:
+    flush_interval_s: float = 1.0
+
+
+@dataclass(frozen=True)
+class WsSection:
+    heartbeat_s: float = 30.0
+    queue_size: int = 1024
+    max_clients: int = 2000
+
+
+@dataclass(frozen=True)
+class LogSection:
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "text"] = "auto"
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """The whole gateway configuration, frozen after validation."""
+
+    gateway: GatewaySection
+    mqtt: MqttSection = field(default_factory=MqttSection)
+    http: HttpSection = field(default_factory=HttpSection)
+    auth: AuthSection = field(default_factory=AuthSection)
+    ingest: IngestSection = field(default_factory=IngestSection)
+    twin: TwinSection = field(default_factory=TwinSection)
+    ws: WsSection = field(default_factory=WsSection)
+    log: LogSection = field(default_factory=LogSection)
+
+    @property
+    def mqtt_client_id(self) -> str:
+        return self.mqtt.client_id or f"egiz-{self.gateway.id}"
+
+    def thing_id(self, equipment_id: str) -> str:
+        return f"{self.gateway.site}:{equipment_id}"
+
+
+T = TypeVar("T")
+
+
+def load_config(
+    cls: type[T],
+    path: Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> T:
+    """Build `cls` from a TOML file, `EGIZ_*` variables and dotted-key overrides, or raise ConfigError."""
+    problems: list[tuple[str, str]] = []
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError([("<file>", f"{path} does not exist")]) from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError([("<file>", f"{path} is not valid TOML: {exc}")]) from None
+    env = os.environ if environ is None else environ
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        dotted = name[len(ENV_PREFIX) :].lower().replace("__", ".")
+        _set_dotted(data, dotted, _EnvValue(raw, name))
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(data, dotted, value)
+    result = _build(cls, data, "", problems)
+    if problems:
+        raise ConfigError(problems)
+    _check_semantics(result, problems)
+    if problems:
+        raise ConfigError(problems)
+    return typing.cast(T, result)
+
+
+@dataclass(frozen=True)
+class _EnvValue:
+    """A raw string from the environment, parsed according to the target field's type."""
+
+    raw: str
+    name: str
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        nxt = node.get(part)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            node[part] = nxt
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _build(cls: type, data: Any, prefix: str, problems: list[tuple[str, str]]) -> Any:
+    if isinstance(data, _EnvValue):
+        try:
+            data = json.loads(data.raw)
+        except json.JSONDecodeError:
+            problems.append((prefix or "<root>", f"{data.name} must be a JSON object"))
+            return None
+    if not isinstance(data, dict):
+        problems.append((prefix or "<root>", f"must be a table, got {type(data).__name__}"))
+        return None
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            problems.append((_join(prefix, key), f"unknown key (known: {known})"))
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        key = _join(prefix, name)
+        if name in data:
+            kwargs[name] = _coerce(hints[name], data[name], key, problems)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            if dataclasses.is_dataclass(hints[name]):
+                kwargs[name] = _build(hints[name], {}, key, problems)
+            else:
+                problems.append((key, "is required"))
+    try:
+        return cls(**kwargs)
+    except TypeError:
+        return None  # a missing field was already reported
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _coerce(tp: Any, value: Any, key: str, problems: list[tuple[str, str]]) -> Any:
+    """Convert `value` to `tp`; environment strings are parsed, TOML values are checked strictly."""
+    origin = get_origin(tp)
+    if isinstance(value, _EnvValue):
+        value = _parse_env(tp, value, key, problems)
+        if value is _BAD:
+            return None
+    if dataclasses.is_dataclass(tp):
+        return _build(typing.cast(type, tp), value, key, problems)
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            problems.append((key, f"must be one of {', '.join(map(str, choices))}, got {value!r}"))
+        return value
+    if origin in (tuple, list):
+        (item_tp, *_rest) = get_args(tp)
+        if not isinstance(value, list | tuple):
+            problems.append((key, f"must be a list, got {type(value).__name__}"))
+            return ()
+        return tuple(_coerce(item_tp, v, f"{key}[{i}]", problems) for i, v in enumerate(value))
+    if origin in (dict, Mapping):
+        _k_tp, v_tp = get_args(tp)
+        if not isinstance(value, dict):
+            problems.append((key, f"must be a table, got {type(value).__name__}"))
+            return {}
+        return types.MappingProxyType(
+            {str(k): _coerce(v_tp, v, f"{key}.{k}", problems) for k, v in value.items()}
+        )
+    if tp is bool:
+        if not isinstance(value, bool):
+            problems.append((key, f"must be true or false, got {value!r}"))
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append((key, f"must be an integer, got {value!r}"))
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            problems.append((key, f"must be a number, got {value!r}"))
+            return value
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            problems.append((key, f"must be a string, got {value!r}"))
+        return value
+    if tp is Path:
+        if not isinstance(value, str) or not value:
+            problems.append((key, f"must be a path string, got {value!r}"))
+            return Path(".")
+        return Path(value)
+    raise TypeError(f"unsupported config type {tp!r} at {key}")  # programming error
+
+
+_BAD = object()
+
+
+def _parse_env(tp: Any, value: _EnvValue, key: str, problems: list[tuple[str, str]]) -> Any:
+    raw = value.raw
+    if tp is str or tp is Path or get_origin(tp) is Literal:
+        return raw
+    if tp is bool:
+        low = raw.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        problems.append((key, f"{value.name} must be true or false, got {raw!r}"))
+        return _BAD
+    if tp is int:
+        try:
+            return int(raw)
+        except ValueError:
+            problems.append((key, f"{value.name} must be an integer, got {raw!r}"))
+            return _BAD
+    if tp is float:
+        try:
+            return float(raw)
+        except ValueError:
+            problems.append((key, f"{value.name} must be a number, got {raw!r}"))
+            return _BAD
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        problems.append((key, f"{value.name} must be JSON for this key, got {raw!r}"))
+        return _BAD
+
+
+def _check_semantics(cfg: Any, problems: list[tuple[str, str]]) -> None:
+    """Checks that need more than a type: ranges, names, patterns, cross-key rules."""
+    if not isinstance(cfg, GatewayConfig):
+        return
+    g = cfg.gateway
+    for key, val in (("gateway.site", g.site), ("gateway.line", g.line), ("gateway.id", g.id)):
+        if not NAME_RE.match(val):
+            problems.append((key, "must be 1-63 chars of a-z, 0-9, '.', '_', '-' (lowercase)"))
+    for key, port in (("mqtt.port", cfg.mqtt.port), ("http.port", cfg.http.port)):
+        if not 0 <= port <= 65535:
+            problems.append((key, f"must be a TCP port 0..65535, got {port}"))
+    if bool(cfg.mqtt.username) != bool(cfg.mqtt.password) and not cfg.mqtt.tls:
+        problems.append(("mqtt.password", "username and password must be given together"))
+    if cfg.mqtt.reconnect_min_s <= 0 or cfg.mqtt.reconnect_max_s < cfg.mqtt.reconnect_min_s:
+        problems.append(("mqtt.reconnect_max_s", "need 0 < reconnect_min_s <= reconnect_max_s"))
+    if not cfg.auth.open and not cfg.auth.api_keys:
+        problems.append(("auth.api_keys", "give at least one key (or set auth.open = true for a demo)"))
+    seen: set[str] = set()
+    for i, k in enumerate(cfg.auth.api_keys):
+        if k.role not in ROLES:
+            continue  # already reported by the Literal check
+        if len(k.key) < 16:
+            problems.append((f"auth.api_keys[{i}].key", "must be at least 16 characters"))
+        if k.key in seen:
+            problems.append((f"auth.api_keys[{i}].key", "is given twice"))
+        seen.add(k.key)
+    ing = cfg.ingest
+    for key, pattern, needed in (
+        ("ingest.telemetry_topic", ing.telemetry_topic, {"equipment_id"}),
+        ("ingest.status_topic", ing.status_topic, {"equipment_id"}),
+        ("ingest.command_topic", ing.command_topic, {"equipment_id"}),
+    ):
+        from gateway.ingest.topics import (
+            TopicPattern,  # late import: topics imports nothing of ours
+        )
+
+        try:
+            TopicPattern.parse(pattern, required=needed)
+        except ValueError as exc:
+            problems.append((key, str(exc)))
+    if ing.max_payload_bytes < 256 or ing.max_samples < 1:
+        problems.append(("ingest.max_payload_bytes", "must be >= 256 (and max_samples >= 1)"))
+    if cfg.twin.flush_interval_s <= 0:
+        problems.append(("twin.flush_interval_s", "must be > 0"))
+    if cfg.ws.queue_size < 1 or cfg.ws.max_clients < 1 or cfg.ws.heartbeat_s <= 0:
+        problems.append(("ws.queue_size", "ws.queue_size, max_clients and heartbeat_s must be > 0"))

@@ -1,0 +1,88 @@
+"""GatewayService: the composition root. Builds the parts in data-flow order, runs them, stops them
+in reverse on SIGTERM (ingest first, so nothing new arrives while the twin is flushed)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from pathlib import Path
+
+from aiohttp import web
+
+from gateway.api.app import Parts, build_app
+from gateway.api.auth import Authenticator
+from gateway.bus import EventBus
+from gateway.config import GatewayConfig
+from gateway.ingest.deadletter import DeadLetterLog
+from gateway.ingest.mqtt import MqttIngest
+from gateway.metrics import GatewayMetrics
+from gateway.twin.registry import TwinRegistry
+
+log = logging.getLogger(__name__)
+
+
+class GatewayService:
+    """One line gateway: registry → ingest → bus → API."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.metrics = GatewayMetrics()
+        self.bus = EventBus(on_drop=lambda policy: self.metrics.bus_dropped.labels(policy).inc())
+        data = Path(config.gateway.data_dir)
+        self.registry = TwinRegistry(data / "registry.sqlite", self.bus,
+                                     flush_interval_s=config.twin.flush_interval_s)
+        self.dead_letters = DeadLetterLog(self.registry.sqlite, self.metrics, keep=config.ingest.dead_letter_keep)
+        self.ingest = MqttIngest(config, self.registry, self.dead_letters, self.metrics)
+        self.parts = Parts(config, self.registry, self.bus, self.ingest, self.dead_letters, self.metrics,
+                           Authenticator(config.auth.api_keys, open_access=config.auth.open), time.time())
+        self.app = build_app(self.parts)
+        self._runner: web.AppRunner | None = None
+        self.http_port: int | None = None
+        self.running = False
+
+    async def start(self) -> None:
+        cfg = self.config
+        if cfg.auth.open:
+            log.warning("auth.open is on: every HTTP and WebSocket client is treated as admin (demo mode)")
+        self.running = True
+        await self.registry.start()
+        await self.dead_letters.start()
+        await self.ingest.start()
+        self._runner = web.AppRunner(self.app, handle_signals=False, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, cfg.http.host, cfg.http.port, reuse_address=True)
+        await site.start()
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        self.http_port = sockets[0].getsockname()[1] if sockets else cfg.http.port
+        log.info("gateway started", extra={"site": cfg.gateway.site, "line": cfg.gateway.line,
+                                           "gateway_id": cfg.gateway.id, "http_port": self.http_port,
+                                           "things": len(self.registry)})
+
+    async def stop(self) -> None:
+        """Reverse order: stop taking messages, close clients, then persist the twin. Idempotent."""
+        if not self.running:
+            return
+        self.running = False
+        await self.ingest.stop()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        await self.dead_letters.stop()
+        await self.registry.stop()
+        log.info("gateway stopped")
+
+    async def run_until_signalled(self) -> None:
+        """Run until SIGTERM or SIGINT, then stop gracefully."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        try:
+            await stop.wait()
+        finally:
+            log.info("shutting down")
+            await self.stop()

@@ -1,0 +1,409 @@
+"""TwinRegistry: the live Things in memory, persisted to SQLite behind a short write-behind window.
+
+Every change runs on the event loop, so a version check and the change it guards are one atomic
+step (optimistic concurrency without locks). Telemetry and feature changes mark the Thing dirty and
+are written at most `flush_interval_s` later in one transaction; creates, replaces and deletes are
+written before the API answers, so an acknowledged admin change survives a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from gateway.bus import EventBus, StateChanged, ThingLifecycle, iso_utc
+from gateway.errors import Conflict, Invalid, NotFound
+from gateway.ingest.payload import Sample, Status
+from gateway.sqlite import SqliteWorker
+from gateway.twin.model import (
+    Feature,
+    Thing,
+    check_name,
+    parse_features,
+    parse_relationships,
+    thing_from_document,
+)
+from gateway.twin.query import ThingFilter
+
+log = logging.getLogger(__name__)
+
+CONNECTIVITY = "connectivity"
+COMMANDS = "commands"
+MAX_PENDING_COMMANDS = 10_000
+COMMAND_TTL_S = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class PendingCommand:
+    cmd_id: str
+    thing_id: str
+    feature: str
+    desired: dict[str, Any]
+    issued: float
+
+
+def merge_patch(target: dict[str, Any], patch: dict[str, Any]) -> None:
+    """RFC 7386 JSON merge patch in place: objects merge, `null` removes, anything else replaces."""
+    for key, value in patch.items():
+        if value is None:
+            target.pop(key, None)
+        elif isinstance(value, dict) and isinstance(target.get(key), dict):
+            merge_patch(target[key], value)
+        else:
+            target[key] = value
+
+
+class TwinRegistry:
+    """Owns every Thing of the line; the only writer of twin state."""
+
+    def __init__(self, path: Path, bus: EventBus, *, flush_interval_s: float = 1.0) -> None:
+        self._sqlite = SqliteWorker(path)
+        self._bus = bus
+        self._flush_interval = flush_interval_s
+        self._things: dict[str, Thing] = {}
+        self._dirty: set[str] = set()
+        self._deleted: set[str] = set()
+        self._commands: OrderedDict[str, PendingCommand] = OrderedDict()
+        self._flush_lock = asyncio.Lock()
+        self._flusher: asyncio.Task[None] | None = None
+        self.flushes = 0
+        self.flush_errors = 0
+
+    # ----------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        """Open the file, create tables, load every Thing with its last known state."""
+        await self._sqlite.open()
+        rows = await self._sqlite.call(_load)
+        for row in rows:
+            thing = _from_row(row)
+            self._things[thing.id] = thing
+        log.info("twin registry loaded", extra={"things": len(self._things)})
+        self._flusher = asyncio.create_task(self._flush_loop(), name="twin-flush")
+
+    async def stop(self) -> None:
+        """Write what is dirty and close the file."""
+        if self._flusher is not None:
+            self._flusher.cancel()
+            try:
+                await self._flusher
+            except asyncio.CancelledError:
+                pass
+            self._flusher = None
+        await self.flush()
+        await self._sqlite.close()
+
+    @property
+    def sqlite(self) -> SqliteWorker:
+        return self._sqlite
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._flush_interval)
+            try:
+                await self.flush()
+            except Exception:  # a full disk must not stop the twin; it is counted and retried
+                self.flush_errors += 1
+                log.exception("twin flush failed; will retry")
+
+    async def flush(self) -> None:
+        """Persist every dirty Thing and every delete in one transaction."""
+        async with self._flush_lock:
+            if not self._dirty and not self._deleted:
+                return
+            dirty, deleted = self._dirty, self._deleted
+            self._dirty, self._deleted = set(), set()
+            rows = [_to_row(self._things[tid]) for tid in dirty if tid in self._things]
+            try:
+                await self._sqlite.call(lambda db: _write(db, rows, sorted(deleted)))
+            except BaseException:
+                self._dirty |= dirty  # keep them for the next try
+                self._deleted |= deleted
+                raise
+            self.flushes += 1
+
+    # ----------------------------------------------------------------- reads
+    def __len__(self) -> int:
+        return len(self._things)
+
+    def get(self, thing_id: str) -> Thing | None:
+        return self._things.get(thing_id)
+
+    def require(self, thing_id: str) -> Thing:
+        thing = self._things.get(thing_id)
+        if thing is None:
+            raise NotFound(f"no Thing {thing_id!r}", thing_id=thing_id)
+        return thing
+
+    def query(self, flt: ThingFilter, *, limit: int, offset: int) -> tuple[list[Thing], int]:
+        """Things matching `flt`, ordered by id, and the total number of matches."""
+        matched = [t for t in self._things.values() if flt.matches(t)]
+        matched.sort(key=lambda t: t.id)
+        return matched[offset : offset + limit], len(matched)
+
+    # ----------------------------------------------------------------- admin writes
+    async def create(self, doc: Any) -> Thing:
+        now = time.time()
+        thing = thing_from_document(doc, now=now)
+        if thing.id in self._things:
+            raise Conflict(f"Thing {thing.id!r} exists", thing_id=thing.id)
+        self._insert(thing)
+        await self.flush()
+        return thing
+
+    def ensure(self, thing_id: str, thing_type: str, metadata: dict[str, Any]) -> Thing:
+        """The Thing for `thing_id`, registered now if it is new (auto-registration from ingest)."""
+        thing = self._things.get(thing_id)
+        if thing is None:
+            now = time.time()
+            thing = Thing(thing_id, thing_type, dict(metadata), last_updated=now, created=now)
+            self._insert(thing)
+            log.info("registered new Thing", extra={"thing_id": thing_id, "type": thing_type})
+        return thing
+
+    def _insert(self, thing: Thing) -> None:
+        self._things[thing.id] = thing
+        self._deleted.discard(thing.id)
+        self._dirty.add(thing.id)
+        self._bus.publish(
+            ThingLifecycle(thing.id, thing, kind="ThingCreated", version=thing.version,
+                           timestamp=thing.last_updated, document=thing.to_document())
+        )
+
+    async def replace(self, thing_id: str, doc: Any, *, expected_version: int | None) -> Thing:
+        """Replace metadata, features and relationships (PUT /things/{id}); keeps id and type."""
+        thing = self.require(thing_id)
+        self._check_version(thing, expected_version)
+        if not isinstance(doc, dict):
+            raise Invalid("a Thing must be a JSON object")
+        if doc.get("id", thing_id) != thing_id:
+            raise Invalid("the id in the body differs from the id in the path")
+        if "type" in doc and doc["type"] != thing.type:
+            raise Invalid("type cannot be changed; delete and create the Thing instead")
+        metadata = doc.get("metadata", {})
+        if not isinstance(metadata, dict):
+            raise Invalid("metadata must be an object")
+        features = parse_features(doc.get("features"))
+        relationships = parse_relationships(doc.get("relationships"))
+        for name in (CONNECTIVITY,):  # owned by the gateway, not by clients
+            if name in thing.features:
+                features[name] = thing.features[name]
+        thing.metadata = dict(metadata)
+        thing.features = features
+        thing.relationships = relationships
+        self._bump(thing, time.time())
+        self._bus.publish(
+            ThingLifecycle(thing.id, thing, kind="ThingUpdated", version=thing.version,
+                           timestamp=thing.last_updated, document=thing.to_document())
+        )
+        await self.flush()
+        return thing
+
+    async def delete(self, thing_id: str, *, expected_version: int | None = None) -> None:
+        thing = self.require(thing_id)
+        self._check_version(thing, expected_version)
+        del self._things[thing_id]
+        self._dirty.discard(thing_id)
+        self._deleted.add(thing_id)
+        self._bus.publish(
+            ThingLifecycle(thing_id, thing, kind="ThingDeleted", version=thing.version + 1,
+                           timestamp=time.time())
+        )
+        await self.flush()
+
+    # ----------------------------------------------------------------- state changes
+    def merge_feature(
+        self,
+        thing_id: str,
+        feature: str,
+        *,
+        properties: dict[str, Any] | None,
+        desired: dict[str, Any] | None,
+        expected_version: int | None,
+        source: str = "api",
+    ) -> Thing:
+        """Partial update of one feature (merge patch); never replaces the Thing."""
+        check_name(feature, "feature")
+        thing = self.require(thing_id)
+        self._check_version(thing, expected_version)
+        f = thing.features.get(feature)
+        if f is None:
+            f = thing.features[feature] = Feature()
+        if properties:
+            merge_patch(f.properties, properties)
+        if desired:
+            merge_patch(f.desired, desired)
+        now = time.time()
+        self._bump(thing, now)
+        self._bus.publish(
+            StateChanged(thing.id, thing, feature=feature, properties=properties or {},
+                         desired=desired, version=thing.version, timestamp=now, source=source)
+        )
+        return thing
+
+    def apply_samples(self, thing: Thing, samples: list[Sample], now: float) -> None:
+        """Telemetry: each property takes the newest value; one version step per message."""
+        changed: dict[str, dict[str, Any]] = {}
+        features = thing.features
+        for s in samples:
+            f = features.get(s.feature)
+            if f is None:
+                f = features[s.feature] = Feature()
+            f.properties.update(s.properties)
+            c = changed.get(s.feature)
+            if c is None:
+                changed[s.feature] = dict(s.properties)
+            else:
+                c.update(s.properties)
+        thing.version += 1
+        thing.last_updated = now
+        self._dirty.add(thing.id)
+        publish = self._bus.publish
+        for feature, props in changed.items():
+            publish(StateChanged(thing.id, thing, feature=feature, properties=props,
+                                 version=thing.version, timestamp=now))
+
+    def set_connectivity(self, thing: Thing, status: Status, now: float) -> bool:
+        """Node status / Last Will → the `connectivity` feature; True when something changed."""
+        f = thing.features.get(CONNECTIVITY)
+        if f is None:
+            f = thing.features[CONNECTIVITY] = Feature()
+        props = f.properties
+        if props.get("state") == status.state and (status.fw is None or props.get("fw") == status.fw):
+            return False
+        change: dict[str, Any] = {"state": status.state, "since": iso_utc(status.ts or now)}
+        if status.fw is not None:
+            change["fw"] = status.fw
+        props.update(change)
+        self._bump(thing, now)
+        self._bus.publish(
+            StateChanged(thing.id, thing, feature=CONNECTIVITY, properties=change,
+                         version=thing.version, timestamp=now, source="status")
+        )
+        return True
+
+    # ----------------------------------------------------------------- commands
+    def register_command(self, thing: Thing, feature: str, desired: dict[str, Any]) -> PendingCommand:
+        now = time.time()
+        while self._commands and (
+            len(self._commands) >= MAX_PENDING_COMMANDS
+            or next(iter(self._commands.values())).issued < now - COMMAND_TTL_S
+        ):
+            self._commands.popitem(last=False)
+        cmd = PendingCommand(uuid.uuid4().hex, thing.id, feature, dict(desired), now)
+        self._commands[cmd.cmd_id] = cmd
+        return cmd
+
+    def apply_command_ack(self, cmd_id: str, status: str, detail: str | None,
+                          properties: dict[str, Any] | None, now: float) -> bool:
+        """A node's `cmd/ack`: on success the desired values become reported ones."""
+        cmd = self._commands.pop(cmd_id, None)
+        if cmd is None:
+            return False
+        thing = self._things.get(cmd.thing_id)
+        if thing is None:
+            return False
+        f = thing.features.setdefault(cmd.feature, Feature())
+        if status == "ok":
+            for key, value in cmd.desired.items():
+                if f.desired.get(key) == value:
+                    f.desired.pop(key)
+            merge_patch(f.properties, properties if properties is not None else cmd.desired)
+        record: dict[str, Any] = {"cmdId": cmd_id, "feature": cmd.feature, "status": status,
+                                  "ackedAt": iso_utc(now)}
+        if detail:
+            record["detail"] = detail[:256]
+        cf = thing.features.setdefault(COMMANDS, Feature())
+        cf.properties["last"] = record
+        self._bump(thing, now)
+        self._bus.publish(StateChanged(thing.id, thing, feature=cmd.feature, properties=f.properties,
+                                       desired=f.desired, version=thing.version, timestamp=now,
+                                       source="command"))
+        return True
+
+    # ----------------------------------------------------------------- helpers
+    def _bump(self, thing: Thing, now: float) -> None:
+        thing.version += 1
+        thing.last_updated = now
+        self._dirty.add(thing.id)
+
+    @staticmethod
+    def _check_version(thing: Thing, expected: int | None) -> None:
+        if expected is not None and expected != thing.version:
+            raise Conflict(
+                f"version {expected} is stale; {thing.id} is at version {thing.version}",
+                thing_id=thing.id, version=thing.version,
+            )
+
+
+# --------------------------------------------------------------------- SQLite side (worker thread)
+THINGS = "things"
+
+
+def _load(db: sqlite_utils.Database) -> list[dict[str, Any]]:
+    if THINGS not in db.table_names():
+        db[THINGS].create(  # type: ignore[union-attr]
+            {"id": str, "type": str, "metadata": str, "features": str, "relationships": str,
+             "version": int, "last_updated": float, "created": float, "boot": str, "seq": int},
+            pk="id",
+        )
+    return list(db[THINGS].rows)
+
+
+_COLUMNS = ("id", "type", "metadata", "features", "relationships", "version", "last_updated",
+            "created", "boot", "seq")
+_UPSERT = (
+    f"INSERT INTO {THINGS} ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))}) "
+    f"ON CONFLICT(id) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in _COLUMNS[1:])}"
+)
+
+
+def _write(db: sqlite_utils.Database, rows: list[dict[str, Any]], deleted: list[str]) -> None:
+    """One transaction: upserts of changed Things and deletes, all or nothing."""
+    conn = db.conn
+    conn.execute("BEGIN")
+    try:
+        conn.executemany(_UPSERT, [tuple(r[c] for c in _COLUMNS) for r in rows])
+        conn.executemany(f"DELETE FROM {THINGS} WHERE id = ?", [(t,) for t in deleted])
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def _to_row(t: Thing) -> dict[str, Any]:
+    return {
+        "id": t.id,
+        "type": t.type,
+        "metadata": json.dumps(t.metadata),
+        "features": json.dumps({n: f.to_document() for n, f in t.features.items()}),
+        "relationships": json.dumps([r.to_document() for r in t.relationships]),
+        "version": t.version,
+        "last_updated": t.last_updated,
+        "created": t.created,
+        "boot": t.boot,
+        "seq": t.seq,
+    }
+
+
+def _from_row(row: dict[str, Any]) -> Thing:
+    return Thing(
+        id=row["id"],
+        type=row["type"],
+        metadata=json.loads(row["metadata"] or "{}"),
+        features=parse_features(json.loads(row["features"] or "{}")),
+        relationships=parse_relationships(json.loads(row["relationships"] or "[]")),
+        version=row["version"],
+        last_updated=row["last_updated"] or 0.0,
+        created=row["created"] or 0.0,
+        boot=row["boot"],
+        seq=row["seq"],
+    )
