@@ -145,7 +145,7 @@ class Subscription:
 
     def drain(self, limit: int = 1000) -> list[Event]:
         """Take up to `limit` queued events without waiting (for micro-batching consumers)."""
-        out = []
+        out: list[Event] = []
         while self._items and len(out) < limit:
             out.append(self._items.popleft())
         return out
@@ -178,6 +178,8 @@ class EventBus:
         self.dropped = 0
 
     def subscribe(self, name: str, *, maxsize: int = 1024, overflow: Overflow = "drop_oldest") -> Subscription:
+        if maxsize < 1:
+            raise ValueError("a subscription needs room for at least one event")
         sub = Subscription(self, name, maxsize, overflow)
         self._subs.add(sub)
         return sub

@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -61,11 +62,14 @@ def gateway_run(
 def gateway_check(config: ConfigOpt) -> None:
     """Validate a config file (with EGIZ_* overrides) and print the effective values, secrets masked."""
     cfg = load_gateway_config(config, {})
-    typer.echo(json.dumps(_masked(dataclasses.asdict(cfg)), indent=2, default=str))
+    typer.echo(json.dumps(_masked(cfg), indent=2, default=str))
 
 
 def _masked(value: Any, key: str = "") -> Any:
-    if isinstance(value, dict):
+    """Plain JSON data of a config, with secrets replaced by ***."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _masked(getattr(value, f.name), f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
         return {k: _masked(v, k) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_masked(v, key) for v in value]
@@ -76,3 +80,93 @@ def _masked(value: Any, key: str = "") -> Any:
 
 def main() -> None:  # pragma: no cover - console entry point
     sys.exit(app())
+
+
+@app.command("sim")
+def sim(
+    site: Annotated[str, typer.Option(help="site of the simulated nodes (Thing ids are site:equipment)")],
+    line: Annotated[str, typer.Option(help="production line")] = "line-a",
+    nodes: Annotated[int, typer.Option(min=1, max=100_000, help="number of nodes")] = 10,
+    rate: Annotated[float, typer.Option(min=0.001, max=1000, help="readings per second per node")] = 1.0,
+    faults: Annotated[str, typer.Option(help="fault spec, e.g. 'overtemperature:oven-001@30+60,random:2'")] = "",
+    truth: Annotated[Path | None, typer.Option(help="write fault ground truth here (JSON lines)")] = None,
+    duration: Annotated[float | None, typer.Option(min=0.1, help="stop after this many seconds")] = None,
+    batch: Annotated[int, typer.Option(min=1, max=1000, help="samples per message (batched payloads)")] = 1,
+    seed: Annotated[int | None, typer.Option(help="random seed for reproducible runs")] = None,
+    shared_connection: Annotated[bool, typer.Option(help="one MQTT connection for all nodes")] = False,
+    host: Annotated[str, typer.Option(help="MQTT broker host")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="MQTT broker port")] = 1883,
+    username: Annotated[str | None, typer.Option(help="MQTT user name")] = None,
+    password: Annotated[str | None, typer.Option(envvar="EGIZ_SIM_PASSWORD", help="MQTT password")] = None,
+    time_scale: Annotated[float, typer.Option(min=0.001, help="simulated seconds per real second")] = 1.0,
+    types: Annotated[str, typer.Option(help="equipment types to cycle through, comma-separated")] =
+        "oven,mixer,conveyor,proofer,cooler",
+) -> None:
+    """Simulate a line of ESP32 nodes publishing telemetry (with optional faults) until Ctrl-C."""
+    from gateway.sim import FleetOptions, parse_faults, run_fleet
+    from gateway.sim.equipment import EQUIPMENT_TYPES
+
+    try:
+        fault_specs = parse_faults(faults)
+    except ValueError as exc:
+        fail(str(exc))
+    kinds = tuple(t.strip() for t in types.split(",") if t.strip())
+    unknown = [t for t in kinds if t not in EQUIPMENT_TYPES]
+    if unknown or not kinds:
+        fail(f"--types: unknown {unknown}; known: {', '.join(EQUIPMENT_TYPES)}")
+    opts = FleetOptions(site=site, line=line, nodes=nodes, rate_hz=rate, host=host, port=port,
+                        username=username, password=password, faults=fault_specs, truth_path=truth,
+                        duration_s=duration, batch=batch, seed=seed, shared_connection=shared_connection,
+                        types=kinds, time_scale=time_scale)
+    asyncio.run(_run_sim(opts))
+
+
+async def _run_sim(opts: Any) -> None:
+    import signal
+
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from gateway.sim import run_fleet
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  transient=False) as progress:
+        task = progress.add_task("starting", total=None)
+
+        def report(stats: Any) -> None:
+            progress.update(task, description=f"{opts.nodes} nodes → {opts.host}:{opts.port}  "
+                            f"confirmed {stats.confirmed} msgs, {stats.points} points, "
+                            f"dropped {stats.dropped}, reconnects {stats.reconnects}")
+
+        try:
+            stats = await run_fleet(opts, stop=stop, on_progress=report)
+        except ValueError as exc:
+            fail(str(exc))
+        report(stats)
+
+
+@app.command("demo")
+def demo(
+    data_dir: Annotated[Path, typer.Option(help="where the demo keeps its files")] = Path(".egiz-demo"),
+    http_port: Annotated[int, typer.Option(help="gateway HTTP port (0: any free port)")] = 8080,
+    mqtt_port: Annotated[int, typer.Option(help="broker port (0: any free port)")] = 0,
+    nodes: Annotated[int, typer.Option(min=1, max=10_000, help="simulated nodes")] = 10,
+    rate: Annotated[float, typer.Option(min=0.01, max=100, help="readings per second per node")] = 1.0,
+    faults: Annotated[str | None, typer.Option(help="fault spec for the simulator ('' for none)")] = None,
+    duration: Annotated[float | None, typer.Option(min=1, help="stop after this many seconds")] = None,
+) -> None:
+    """Run a broker, a gateway (open auth) and a simulated line, and print the URLs."""
+    from gateway.demo import DemoOptions, run_demo
+    from gateway.logs import setup_logging
+
+    setup_logging("warning", "text")
+    base = DemoOptions()
+    opts = DemoOptions(data_dir=data_dir, http_port=http_port, mqtt_port=mqtt_port, nodes=nodes, rate_hz=rate,
+                       faults=base.faults if faults is None else faults, duration_s=duration)
+    try:
+        asyncio.run(run_demo(opts))
+    except OSError as exc:
+        fail(f"cannot start the demo: {exc}", code=1)

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import tomllib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
@@ -23,6 +24,8 @@ from gateway.errors import ConfigError
 ENV_PREFIX = "EGIZ_"
 ROLES = ("viewer", "operator", "admin")
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+TYPE_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+EQUIPMENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 @dataclass(frozen=True)
@@ -165,9 +168,8 @@ def load_config(
         if value is not None:
             _set_dotted(data, dotted, value)
     result = _build(cls, data, "", problems)
-    if problems:
-        raise ConfigError(problems)
-    _check_semantics(result, problems)
+    if result is not None:
+        _check_semantics(result, problems)  # also when types were wrong: report everything at once
     if problems:
         raise ConfigError(problems)
     return typing.cast(T, result)
@@ -266,8 +268,8 @@ def _coerce(tp: Any, value: Any, key: str, problems: list[tuple[str, str]]) -> A
             problems.append((key, f"must be an integer, got {value!r}"))
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            problems.append((key, f"must be a number, got {value!r}"))
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            problems.append((key, f"must be a finite number, got {value!r}"))
             return value
         return float(value)
     if tp is str:
@@ -317,48 +319,76 @@ def _parse_env(tp: Any, value: _EnvValue, key: str, problems: list[tuple[str, st
 
 
 def _check_semantics(cfg: Any, problems: list[tuple[str, str]]) -> None:
-    """Checks that need more than a type: ranges, names, patterns, cross-key rules."""
+    """Checks that need more than a type: ranges, names, patterns, cross-key rules.
+
+    Runs even when some values had the wrong type; a check whose inputs are broken is skipped
+    (its key was already reported), so one run lists every problem.
+    """
     if not isinstance(cfg, GatewayConfig):
         return
-    g = cfg.gateway
-    for key, val in (("gateway.site", g.site), ("gateway.line", g.line), ("gateway.id", g.id)):
-        if not NAME_RE.match(val):
-            problems.append((key, "must be 1-63 chars of a-z, 0-9, '.', '_', '-' (lowercase)"))
-    for key, port in (("mqtt.port", cfg.mqtt.port), ("http.port", cfg.http.port)):
-        if not 0 <= port <= 65535:
-            problems.append((key, f"must be a TCP port 0..65535, got {port}"))
-    if bool(cfg.mqtt.username) != bool(cfg.mqtt.password) and not cfg.mqtt.tls:
-        problems.append(("mqtt.password", "username and password must be given together"))
-    if cfg.mqtt.reconnect_min_s <= 0 or cfg.mqtt.reconnect_max_s < cfg.mqtt.reconnect_min_s:
-        problems.append(("mqtt.reconnect_max_s", "need 0 < reconnect_min_s <= reconnect_max_s"))
-    if not cfg.auth.open and not cfg.auth.api_keys:
-        problems.append(("auth.api_keys", "give at least one key (or set auth.open = true for a demo)"))
-    seen: set[str] = set()
-    for i, k in enumerate(cfg.auth.api_keys):
-        if k.role not in ROLES:
-            continue  # already reported by the Literal check
-        if len(k.key) < 16:
-            problems.append((f"auth.api_keys[{i}].key", "must be at least 16 characters"))
-        if k.key in seen:
-            problems.append((f"auth.api_keys[{i}].key", "is given twice"))
-        seen.add(k.key)
-    ing = cfg.ingest
-    for key, pattern, needed in (
-        ("ingest.telemetry_topic", ing.telemetry_topic, {"equipment_id"}),
-        ("ingest.status_topic", ing.status_topic, {"equipment_id"}),
-        ("ingest.command_topic", ing.command_topic, {"equipment_id"}),
-    ):
-        from gateway.ingest.topics import (
-            TopicPattern,  # late import: topics imports nothing of ours
-        )
+    reported = {key for key, _ in problems}
 
+    def check(key: str, ok: Callable[[], bool], message: str) -> None:
+        if key in reported:
+            return
         try:
-            TopicPattern.parse(pattern, required=needed)
-        except ValueError as exc:
-            problems.append((key, str(exc)))
-    if ing.max_payload_bytes < 256 or ing.max_samples < 1:
-        problems.append(("ingest.max_payload_bytes", "must be >= 256 (and max_samples >= 1)"))
-    if cfg.twin.flush_interval_s <= 0:
-        problems.append(("twin.flush_interval_s", "must be > 0"))
-    if cfg.ws.queue_size < 1 or cfg.ws.max_clients < 1 or cfg.ws.heartbeat_s <= 0:
-        problems.append(("ws.queue_size", "ws.queue_size, max_clients and heartbeat_s must be > 0"))
+            good = ok()
+        except (TypeError, AttributeError, ValueError, KeyError):
+            return
+        if not good:
+            problems.append((key, message))
+            reported.add(key)
+
+    g = cfg.gateway
+    for key in ("gateway.site", "gateway.line", "gateway.id"):
+        value = getattr(g, key.split(".")[1], None)
+        check(key, lambda v=value: bool(NAME_RE.match(v)),
+              "must be 1-63 chars of a-z, 0-9, '.', '_', '-' (lowercase, starting with a letter or digit)")
+    check("mqtt.port", lambda: 1 <= cfg.mqtt.port <= 65535, f"must be a TCP port 1..65535, got {cfg.mqtt.port}")
+    check("http.port", lambda: 0 <= cfg.http.port <= 65535, f"must be a TCP port 0..65535, got {cfg.http.port}")
+    check("mqtt.keepalive_s", lambda: 5 <= cfg.mqtt.keepalive_s <= 3600, "must be 5..3600 seconds")
+    check("mqtt.password", lambda: bool(cfg.mqtt.username) == bool(cfg.mqtt.password),
+          "mqtt.username and mqtt.password must be given together")
+    check("mqtt.reconnect_min_s", lambda: cfg.mqtt.reconnect_min_s > 0, "must be > 0")
+    check("mqtt.reconnect_max_s", lambda: cfg.mqtt.reconnect_max_s >= cfg.mqtt.reconnect_min_s,
+          "must be >= mqtt.reconnect_min_s")
+    check("auth.api_keys", lambda: cfg.auth.open or bool(cfg.auth.api_keys),
+          "give at least one key (or set auth.open = true for a demo)")
+    seen: set[str] = set()
+    for i, k in enumerate(cfg.auth.api_keys or ()):
+        if not isinstance(k, ApiKey):
+            continue
+        check(f"auth.api_keys[{i}].key", lambda k=k: len(k.key) >= 16, "must be at least 16 characters")
+        check(f"auth.api_keys[{i}].key", lambda k=k: k.key not in seen, "is given twice")
+        if isinstance(k.key, str):
+            seen.add(k.key)
+    ing = cfg.ingest
+    from gateway.ingest.topics import TopicPattern  # late import: topics imports nothing of ours
+
+    for key in ("ingest.telemetry_topic", "ingest.status_topic", "ingest.command_topic"):
+        pattern = getattr(ing, key.split(".")[1])
+        try:
+            parsed = TopicPattern.parse(pattern, required={"equipment_id"})
+        except (ValueError, TypeError, AttributeError) as exc:
+            if key not in reported and isinstance(pattern, str):
+                problems.append((key, str(exc)))
+            continue
+        if key == "ingest.telemetry_topic":
+            check(key, lambda p=parsed: ing.payload_format != "contract" or any(n == "feature" for _, n in p.captures),
+                  "the contract payload format needs a {feature} level (or set ingest.payload_format = \"legacy\")")
+    check("ingest.max_payload_bytes", lambda: 256 <= ing.max_payload_bytes <= 16 * 2**20, "must be 256..16777216")
+    check("ingest.max_samples", lambda: 1 <= ing.max_samples <= 100_000, "must be 1..100000")
+    check("ingest.dead_letter_keep", lambda: ing.dead_letter_keep >= 1, "must be >= 1")
+    check("ingest.default_type", lambda: bool(TYPE_RE.match(ing.default_type)),
+          "must be lowercase letters, digits, _ or - (e.g. 'oven')")
+    for dev, m in (ing.devices or {}).items():
+        if not isinstance(m, DeviceMapping):
+            continue
+        check(f"ingest.devices.{dev}.thing", lambda m=m: bool(EQUIPMENT_RE.match(m.thing)),
+              "must be an equipment id: letters, digits, '.', '_', '-'")
+        check(f"ingest.devices.{dev}.type", lambda m=m: not m.type or bool(TYPE_RE.match(m.type)),
+              "must be lowercase letters, digits, _ or -")
+    check("twin.flush_interval_s", lambda: 0 < cfg.twin.flush_interval_s <= 60, "must be > 0 and <= 60")
+    check("ws.queue_size", lambda: cfg.ws.queue_size >= 1, "must be >= 1")
+    check("ws.max_clients", lambda: cfg.ws.max_clients >= 1, "must be >= 1")
+    check("ws.heartbeat_s", lambda: cfg.ws.heartbeat_s > 0, "must be > 0")

@@ -34,7 +34,7 @@ from gateway.ingest.payload import (
 )
 from gateway.ingest.topics import TopicPattern
 from gateway.metrics import GatewayMetrics
-from gateway.twin.model import Thing
+from gateway.twin.model import THING_ID_RE, TYPE_RE, Thing
 from gateway.twin.registry import TwinRegistry
 
 log = logging.getLogger(__name__)
@@ -203,7 +203,12 @@ class MqttIngest:
         mapping = self._ing.devices.get(device)
         equipment = mapping.thing if mapping is not None else device
         ttype = fields.get("type") or (mapping.type if mapping is not None and mapping.type else None)
-        return Identity(f"{self._site}:{equipment}", equipment, ttype)
+        thing_id = f"{self._site}:{equipment}"
+        if not THING_ID_RE.match(thing_id):
+            raise RejectedMessage("bad_name", f"equipment id {equipment[:64]!r} is not allowed")
+        if ttype is not None and not TYPE_RE.match(ttype):
+            raise RejectedMessage("bad_name", f"equipment type {ttype[:32]!r} must be lowercase letters, digits, _ -")
+        return Identity(thing_id, equipment, ttype)
 
     def _thing(self, ident: Identity) -> Thing:
         thing = self._registry.get(ident.thing_id)
@@ -254,14 +259,15 @@ class MqttIngest:
             thing.seq = None
         last = thing.seq
         fresh = []
+        accepted_here: int | None = None  # the older shape gives every feature of one message the same seq
         for s in samples:
-            if s.seq is not None:
+            if s.seq is not None and s.seq != accepted_here:
                 if last is not None and s.seq <= last:
                     self._m.duplicates.inc()
                     continue
                 if last is not None and s.seq > last + 1:
                     self._m.gaps.inc(s.seq - last - 1)
-                last = s.seq
+                last = accepted_here = s.seq
             fresh.append(s)
         thing.seq = last
         return fresh

@@ -88,6 +88,8 @@ def parse_telemetry(
     if not isinstance(doc, dict):
         raise _reject("wrong_shape", f"payload must be a JSON object, got {type(doc).__name__}")
     now = time.time() if now is None else now
+    if feature is not None and not NAME_RE.match(feature):
+        raise _reject("bad_name", f"feature name {feature[:64]!r} from the topic is not allowed")
     if payload_format == "legacy":
         return _parse_legacy(doc, device_id=device_id, feature=feature, now=now)
     if feature is None:
@@ -161,8 +163,10 @@ def _check_seq_order(samples: list[Sample]) -> None:
 
 
 def _ts(value: Any, where: str, now: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise _reject("wrong_type", f"{where} must be epoch seconds as a number, got {value!r:.40}")
+    if value is None:
+        raise _reject("missing_field", f"{where} is required")
+    if not _number(value):
+        raise _reject("wrong_type", f"{where} must be epoch seconds as a number, got {str(value)[:40]!r}")
     ts = float(value)
     if ts > 1e11:
         raise _reject("bad_timestamp", f"{where} {ts!r} looks like milliseconds; send epoch seconds")
@@ -173,7 +177,7 @@ def _ts(value: Any, where: str, now: float) -> float:
 
 def _seq(value: Any, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0 or value >= 2**63:
-        raise _reject("wrong_type", f"{where} must be an unsigned integer, got {value!r:.40}")
+        raise _reject("wrong_type", f"{where} must be an unsigned integer, got {str(value)[:40]!r}")
     return value
 
 
@@ -188,8 +192,14 @@ def _boot(value: Any) -> str | None:
     return boot
 
 
+MAX_INT = 2**63
+
+
 def _number(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+    """A finite float, or an int that fits in 64 bits (what every store downstream can hold)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return isinstance(value, int) and not isinstance(value, bool) and -MAX_INT <= value < MAX_INT
 
 
 def _properties(props: dict[str, Any], where: str) -> Properties:

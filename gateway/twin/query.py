@@ -40,9 +40,18 @@ def _ordered(op: str) -> Callable[[Any, Any], bool]:
 def _eq(value: Any, arg: Any) -> bool:
     if value is _MISSING:
         return False
-    if isinstance(value, bool) or isinstance(arg, bool):  # True must not equal 1
-        return isinstance(value, bool) and isinstance(arg, bool) and value == arg
-    return bool(value == arg)
+    return _same(value, arg)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """JSON equality where true is never 1, at any depth."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return bool(a == b)
 
 
 _CHECKS: dict[str, Callable[[Any, Any], bool]] = {

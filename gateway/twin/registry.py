@@ -56,7 +56,9 @@ def merge_patch(target: dict[str, Any], patch: dict[str, Any]) -> None:
     for key, value in patch.items():
         if value is None:
             target.pop(key, None)
-        elif isinstance(value, dict) and isinstance(target.get(key), dict):
+        elif isinstance(value, dict):
+            if not isinstance(target.get(key), dict):
+                target[key] = {}
             merge_patch(target[key], value)
         else:
             target[key] = value
@@ -315,7 +317,7 @@ class TwinRegistry:
         if status == "ok":
             for key, value in cmd.desired.items():
                 if f.desired.get(key) == value:
-                    f.desired.pop(key)
+                    f.desired.pop(key, None)
             merge_patch(f.properties, properties if properties is not None else cmd.desired)
         record: dict[str, Any] = {"cmdId": cmd_id, "feature": cmd.feature, "status": status,
                                   "ackedAt": iso_utc(now)}

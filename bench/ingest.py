@@ -1,0 +1,292 @@
+"""Gateway ingest benchmark: prints one JSON line per figure (see DESIGN.md for the targets).
+
+Runs a private Mosquitto with the shipped settings, the gateway as its own process (as deployed),
+and C publishers (`mosquitto_pub -l`) so the publisher is not the bottleneck. Figures:
+bare aiomqtt subscriber msg/s, gateway msg/s (single-sample) and points/s (batched) with 0 lost,
+their ratio, publish → WebSocket StateChanged latency at 2k msg/s, RSS and start-to-ready with 10k Things.
+
+    python bench/ingest.py [--messages 200000] [--things 20] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import aiomqtt
+import psutil
+
+from gateway.broker import BrokerProcess, BrokerSettings, find_free_port
+
+KEY = "bench-admin-key-0123456789abcdef"
+QUIET = logging.getLogger("bench.mqtt")  # aiomqtt warns about many pending publishes, which we want here
+QUIET.setLevel(logging.ERROR)
+SITE = "bench"
+
+
+def emit(figure: str, value: float, unit: str, target: str, **extra: Any) -> None:
+    print(json.dumps({"figure": figure, "value": round(value, 3), "unit": unit, "target": target, **extra}),
+          flush=True)
+
+
+def write_lines(path: Path, count: int, *, batch: int, start_seq: int = 1) -> int:
+    """`count` payloads for one node; returns the number of points they carry."""
+    now = time.time()
+    points = 0
+    with path.open("w") as f:
+        seq = start_seq
+        for _ in range(count):
+            if batch == 1:
+                f.write(json.dumps({"ts": now, "seq": seq, "boot": "b1", "properties": {
+                    "temperature": 20.5 + seq % 7, "humidity": 41.0, "power_factor": 0.92}}) + "\n")
+                seq += 1
+                points += 3
+            else:
+                samples = []
+                for _ in range(batch):
+                    samples.append({"ts": now, "seq": seq, "properties": {
+                        "temperature_zones": [180.0 + seq % 5, 181.0, 182.0], "setpoint": 180.0}})
+                    seq += 1
+                    points += 4
+                f.write(json.dumps({"boot": "b1", "samples": samples}, separators=(",", ":")) + "\n")
+    return points
+
+
+async def publish_files(port: int, files: list[tuple[str, Path]]) -> float:
+    """Run one `mosquitto_pub -l -q 1` per topic in parallel; returns when all have finished."""
+    procs = []
+    t0 = time.perf_counter()
+    for topic, path in files:
+        with path.open("rb") as stdin:
+            procs.append(await asyncio.create_subprocess_exec(
+                "mosquitto_pub", "-h", "127.0.0.1", "-p", str(port), "-q", "1", "-l", "-t", topic,
+                "-i", f"pub-{abs(hash(topic)) % 10**8}", stdin=stdin))
+    for p in procs:
+        assert await p.wait() == 0, "mosquitto_pub failed"
+    return time.perf_counter() - t0
+
+
+async def bare_subscriber(port: int, tmp: Path, messages: int, things: int) -> float:
+    """msg/s of a plain aiomqtt QoS 1 subscriber that only counts, measured like the gateway."""
+    per = messages // things
+    files = []
+    for i in range(things):
+        path = tmp / f"bare-{i}.txt"
+        write_lines(path, per, batch=1)
+        files.append((f"bare/{i}/telemetry", path))
+    total = per * things
+    got = 0
+    first = last = 0.0
+    async with aiomqtt.Client("127.0.0.1", port, identifier="bench-bare", clean_session=False) as client:
+        await client.subscribe("bare/+/telemetry", qos=1)
+        pub = asyncio.create_task(publish_files(port, files))
+        async for _ in client.messages:
+            got += 1
+            if got == 1:
+                first = time.perf_counter()
+            if got == total:
+                last = time.perf_counter()
+                break
+        await pub
+    return (total - 1) / (last - first)
+
+
+async def metric(http: aiohttp.ClientSession, url: str, name: str) -> float:
+    async with http.get(url + "/metrics") as r:
+        text = await r.text()
+    m = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+@asynccontextmanager
+async def gateway(tmp: Path, broker_port: int, data: Path) -> Iterator[tuple[str, psutil.Process, float]]:
+    http_port = find_free_port()
+    cfg = tmp / "gateway.toml"
+    cfg.write_text(f"""
+[gateway]
+site = "{SITE}"
+line = "line-a"
+id = "gw-bench"
+data_dir = "{data}"
+[mqtt]
+port = {broker_port}
+[http]
+host = "127.0.0.1"
+port = {http_port}
+[auth]
+api_keys = [{{ key = "{KEY}", role = "admin" }}]
+[ingest]
+auto_register = true
+[log]
+level = "warning"
+""")
+    egiz = Path(sys.executable).with_name("egiz")
+    t0 = time.perf_counter()
+    proc = await asyncio.create_subprocess_exec(str(egiz), "gateway", "run", "--config", str(cfg))
+    url = f"http://127.0.0.1:{http_port}"
+    async with aiohttp.ClientSession() as http:
+        while True:
+            try:
+                async with http.get(url + "/ready") as r:
+                    if r.status == 200:
+                        break
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.01)
+    ready_s = time.perf_counter() - t0
+    try:
+        yield url, psutil.Process(proc.pid), ready_s
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await proc.wait()
+
+
+async def wait_accepted(http: aiohttp.ClientSession, url: str, target: float, timeout: float) -> float:
+    """Wait until the gateway has applied `target` messages; returns when it did."""
+    deadline = time.perf_counter() + timeout
+    while True:
+        got = await metric(http, url, "egiz_ingest_accepted_messages_total")
+        if got >= target:
+            return time.perf_counter()
+        if time.perf_counter() > deadline:
+            raise SystemExit(f"gateway applied {got:.0f} of {target:.0f} messages in {timeout} s")
+        await asyncio.sleep(0.05)
+
+
+async def throughput(url: str, port: int, tmp: Path, messages: int, things: int, batch: int) -> tuple[float, float, float]:
+    """(messages/s, points/s, lost) for the full pipeline."""
+    per = messages // things
+    files, points = [], 0
+    for i in range(things):
+        path = tmp / f"gw-{batch}-{i}.txt"
+        points += write_lines(path, per, batch=batch, start_seq=1 if batch == 1 else 10**9)
+        kind = "oven" if batch > 1 else "proofer"
+        files.append((f"openegiz/{SITE}/{kind}/{kind}-b{batch}-{i:03d}/main/telemetry", path))
+    async with aiohttp.ClientSession() as http:
+        before = await metric(http, url, "egiz_ingest_accepted_messages_total")
+        points_before = await metric(http, url, "egiz_ingest_points_total")
+        t0 = time.perf_counter()
+        await publish_files(port, files)
+        done = await wait_accepted(http, url, before + per * things, timeout=600)
+        applied_points = await metric(http, url, "egiz_ingest_points_total") - points_before
+        lost = per * things - (await metric(http, url, "egiz_ingest_accepted_messages_total") - before)
+        dup = await metric(http, url, "egiz_ingest_duplicate_samples_total")
+    elapsed = done - t0
+    assert applied_points == points, (applied_points, points)
+    return per * things / elapsed, points / elapsed, lost + dup
+
+
+async def latency(url: str, port: int, rate: int, seconds: float) -> list[float]:
+    """Publish at `rate` msg/s with the send time inside; measure when StateChanged reaches a WS client."""
+    delays: list[float] = []
+    async with aiohttp.ClientSession() as http, http.ws_connect(url + "/api/v1/ws",
+                                                                headers={"Authorization": f"Bearer {KEY}"}) as ws:
+        await ws.send_json({"action": "subscribe", "filter": {"type": "mixer"}})
+        await ws.receive_json()
+
+        async def read() -> None:
+            async for msg in ws:
+                ev = json.loads(msg.data)
+                if ev.get("event") == "StateChanged" and "t_pub" in ev["properties"]:
+                    delays.append(time.time() - ev["properties"]["t_pub"])
+
+        reader = asyncio.create_task(read())
+        async with aiomqtt.Client("127.0.0.1", port, max_inflight_messages=1000) as client:
+            n = int(rate * seconds)
+            t0 = time.perf_counter()
+            for i in range(n):
+                due = t0 + i / rate
+                wait = due - time.perf_counter()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                await client.publish(f"openegiz/{SITE}/mixer/mixer-{i % 50:03d}/motor/telemetry", json.dumps(
+                    {"ts": time.time(), "seq": i // 50 + 1, "boot": "lat",
+                     "properties": {"current": 12.5, "t_pub": time.time()}}), qos=1)
+        deadline = time.perf_counter() + 10
+        while len(delays) < n and time.perf_counter() < deadline:
+            await asyncio.sleep(0.05)
+        reader.cancel()
+    return delays
+
+
+async def populate(port: int, things: int) -> None:
+    """10k Things with 3 features each, through MQTT as nodes would."""
+    async with aiomqtt.Client("127.0.0.1", port, max_inflight_messages=2000, logger=QUIET) as client:
+        pending = []
+        for i in range(things):
+            base = f"openegiz/{SITE}/oven/oven-{i:05d}"
+            now = time.time()
+            for j, (feature, props) in enumerate((
+                ("thermal", {"temperature_zones": [180.0, 181.0, 182.0], "setpoint": 180.0}),
+                ("electrical", {"voltage": {"a": 230.0, "b": 229.0, "c": 231.0}, "power_factor": 0.92}),
+                ("business_context", {"current_batch": f"batch-{i}", "recipe": "white-bread"}),
+            )):
+                pending.append(client.publish(f"{base}/{feature}/telemetry", json.dumps(
+                    {"ts": now, "seq": j + 1, "boot": "pop", "properties": props}), qos=1))
+            if len(pending) >= 600:
+                await asyncio.gather(*pending)
+                pending = []
+        await asyncio.gather(*pending)
+
+
+def pct(values: list[float], p: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(p / 100 * len(s)))]
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--messages", type=int, default=200_000)
+    ap.add_argument("--things", type=int, default=20)
+    ap.add_argument("--registry-things", type=int, default=10_000)
+    ap.add_argument("--quick", action="store_true", help="small run to check the benchmark itself")
+    args = ap.parse_args()
+    if args.quick:
+        args.messages, args.registry_things = 20_000, 1000
+    with tempfile.TemporaryDirectory(prefix="egiz-bench-") as d:
+        tmp = Path(d)
+        broker = BrokerProcess(BrokerSettings(port=find_free_port(), data_dir=tmp / "broker", allow_anonymous=True))
+        await broker.start()
+        try:
+            port = broker.port
+            bare = await bare_subscriber(port, tmp, args.messages, args.things)
+            emit("bare_aiomqtt_subscriber_rate", bare, "msg/s", "reference")
+            async with gateway(tmp, port, tmp / "data") as (url, proc, _):
+                msg_rate, _, lost = await throughput(url, port, tmp, args.messages, args.things, batch=1)
+                emit("gateway_ingest_single_sample", msg_rate, "msg/s", ">= 10000", lost=lost)
+                emit("gateway_to_bare_ratio", msg_rate / bare, "ratio", ">= 0.5")
+                batches = max(args.messages // 20, args.things)
+                _, point_rate, lost_b = await throughput(url, port, tmp, batches, args.things, batch=50)
+                emit("gateway_ingest_batched", point_rate, "points/s", ">= 100000", lost=lost_b)
+                delays = await latency(url, port, 2000, 5 if args.quick else 10)
+                emit("publish_to_ws_p50", pct(delays, 50) * 1000, "ms", "reference", samples=len(delays))
+                emit("publish_to_ws_p99", pct(delays, 99) * 1000, "ms", "<= 20", samples=len(delays))
+            data10k = tmp / "data-10k"
+            async with gateway(tmp, port, data10k) as (url, proc, _):
+                await populate(port, args.registry_things)
+                async with aiohttp.ClientSession() as http:
+                    await wait_accepted(http, url, args.registry_things * 3, timeout=300)
+                rss = proc.memory_info().rss / 2**20
+                emit("gateway_rss_10k_things", rss, "MiB", "<= 200", things=args.registry_things)
+            async with gateway(tmp, port, data10k) as (url, proc, ready_s):
+                emit("start_to_ready_10k_things", ready_s, "s", "<= 2", things=args.registry_things)
+        finally:
+            await broker.stop()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    asyncio.run(main())
