@@ -166,7 +166,9 @@ async def wait_accepted(http: aiohttp.ClientSession, url: str, target: float, ti
         await asyncio.sleep(0.05)
 
 
-async def throughput(url: str, port: int, tmp: Path, messages: int, things: int, batch: int) -> tuple[float, float, float]:
+async def throughput(
+    url: str, port: int, tmp: Path, messages: int, things: int, batch: int
+) -> tuple[float, float, float]:
     """(messages/s, points/s, lost) for the full pipeline."""
     per = messages // things
     files, points = [], 0

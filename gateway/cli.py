@@ -103,7 +103,7 @@ def sim(
         "oven,mixer,conveyor,proofer,cooler",
 ) -> None:
     """Simulate a line of ESP32 nodes publishing telemetry (with optional faults) until Ctrl-C."""
-    from gateway.sim import FleetOptions, parse_faults, run_fleet
+    from gateway.sim import FleetOptions, parse_faults
     from gateway.sim.equipment import EQUIPMENT_TYPES
 
     try:

@@ -328,11 +328,11 @@ def _check_semantics(cfg: Any, problems: list[tuple[str, str]]) -> None:
         return
     reported = {key for key, _ in problems}
 
-    def check(key: str, ok: Callable[[], bool], message: str) -> None:
+    def check(key: str, ok: bool | Callable[[], bool], message: str) -> None:
         if key in reported:
             return
         try:
-            good = ok()
+            good = ok() if callable(ok) else ok
         except (TypeError, AttributeError, ValueError, KeyError):
             return
         if not good:
@@ -342,7 +342,7 @@ def _check_semantics(cfg: Any, problems: list[tuple[str, str]]) -> None:
     g = cfg.gateway
     for key in ("gateway.site", "gateway.line", "gateway.id"):
         value = getattr(g, key.split(".")[1], None)
-        check(key, lambda v=value: bool(NAME_RE.match(v)),
+        check(key, isinstance(value, str) and bool(NAME_RE.match(value)),
               "must be 1-63 chars of a-z, 0-9, '.', '_', '-' (lowercase, starting with a letter or digit)")
     check("mqtt.port", lambda: 1 <= cfg.mqtt.port <= 65535, f"must be a TCP port 1..65535, got {cfg.mqtt.port}")
     check("http.port", lambda: 0 <= cfg.http.port <= 65535, f"must be a TCP port 0..65535, got {cfg.http.port}")
@@ -358,8 +358,9 @@ def _check_semantics(cfg: Any, problems: list[tuple[str, str]]) -> None:
     for i, k in enumerate(cfg.auth.api_keys or ()):
         if not isinstance(k, ApiKey):
             continue
-        check(f"auth.api_keys[{i}].key", lambda k=k: len(k.key) >= 16, "must be at least 16 characters")
-        check(f"auth.api_keys[{i}].key", lambda k=k: k.key not in seen, "is given twice")
+        check(f"auth.api_keys[{i}].key", isinstance(k.key, str) and len(k.key) >= 16,
+              "must be at least 16 characters")
+        check(f"auth.api_keys[{i}].key", k.key not in seen, "is given twice")
         if isinstance(k.key, str):
             seen.add(k.key)
     ing = cfg.ingest
@@ -374,7 +375,8 @@ def _check_semantics(cfg: Any, problems: list[tuple[str, str]]) -> None:
                 problems.append((key, str(exc)))
             continue
         if key == "ingest.telemetry_topic":
-            check(key, lambda p=parsed: ing.payload_format != "contract" or any(n == "feature" for _, n in p.captures),
+            has_feature = any(n == "feature" for _, n in parsed.captures)
+            check(key, ing.payload_format != "contract" or has_feature,
                   "the contract payload format needs a {feature} level (or set ingest.payload_format = \"legacy\")")
     check("ingest.max_payload_bytes", lambda: 256 <= ing.max_payload_bytes <= 16 * 2**20, "must be 256..16777216")
     check("ingest.max_samples", lambda: 1 <= ing.max_samples <= 100_000, "must be 1..100000")
@@ -384,9 +386,9 @@ def _check_semantics(cfg: Any, problems: list[tuple[str, str]]) -> None:
     for dev, m in (ing.devices or {}).items():
         if not isinstance(m, DeviceMapping):
             continue
-        check(f"ingest.devices.{dev}.thing", lambda m=m: bool(EQUIPMENT_RE.match(m.thing)),
+        check(f"ingest.devices.{dev}.thing", isinstance(m.thing, str) and bool(EQUIPMENT_RE.match(m.thing)),
               "must be an equipment id: letters, digits, '.', '_', '-'")
-        check(f"ingest.devices.{dev}.type", lambda m=m: not m.type or bool(TYPE_RE.match(m.type)),
+        check(f"ingest.devices.{dev}.type", isinstance(m.type, str) and (not m.type or bool(TYPE_RE.match(m.type))),
               "must be lowercase letters, digits, _ or -")
     check("twin.flush_interval_s", lambda: 0 < cfg.twin.flush_interval_s <= 60, "must be > 0 and <= 60")
     check("ws.queue_size", lambda: cfg.ws.queue_size >= 1, "must be >= 1")

@@ -160,8 +160,9 @@ async def test_pagination_and_filters(mosquitto, start_gateway: GatewayFactory) 
     assert body["total"] == 7
     _, body = await gw.send("POST", "/api/v1/query", {
         "filter": {"features.thermal.temperature_zones[0]": {"$gte": 170}}, "limit": 50})
-    assert sorted(t["id"] for t in body["items"]) == sorted(gw.thing_id(f"{('oven', 'mixer', 'conveyor')[i % 3]}-{i:03d}")
-                                                           for i in range(20, 25))
+    kinds = ("oven", "mixer", "conveyor")
+    expected = sorted(gw.thing_id(f"{kinds[i % 3]}-{i:03d}") for i in range(20, 25))
+    assert sorted(t["id"] for t in body["items"]) == expected
     flt = json.dumps({"$or": [{"type": "mixer"}, {"metadata.line": "line-b"}]})
     _, body = await gw.get(f"/api/v1/things?filter={flt}&limit=100")
     assert body["total"] == 8 + 4  # 8 mixers, plus the ovens and conveyors 20, 21, 23, 24 on line-b

@@ -32,7 +32,7 @@ async def test_bad_input_is_dead_lettered_and_never_disturbs_good_traffic(mosqui
         (good_topic, b"[" * 100_000, "too_large"),
         (good_topic, b'{"ts": 1e400, "properties": {"a": 1}}', "wrong_type"),
         (good_topic, b'{"ts": NaN, "properties": {"a": 1}}', "wrong_type"),
-        (f"openegiz/other-site/oven/oven-001/thermal/telemetry", b"{}", "foreign_site"),
+        ("openegiz/other-site/oven/oven-001/thermal/telemetry", b"{}", "foreign_site"),
         (f"openegiz/{site}/mixer/oven-001/thermal/telemetry",
          telemetry(1, {"a": 1}, boot="x").encode(), "type_mismatch"),
         (f"openegiz/{site}/oven/oven 001/thermal/telemetry", b"{}", "unknown_topic"),

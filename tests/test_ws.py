@@ -13,7 +13,7 @@ from collections import defaultdict
 import aiohttp
 import aiomqtt
 
-from tests.conftest import VIEWER_KEY, GatewayFactory, auth, wait_for
+from tests.conftest import VIEWER_KEY, auth, wait_for
 
 
 def telemetry(seq: int, props: dict) -> str:
@@ -83,7 +83,8 @@ async def test_snapshot_unsubscribe_heartbeat_and_errors(mosquitto, start_gatewa
         await ws.send_json({"action": "subscribe", "thingId": tid, "snapshot": True})
         assert (await ws.receive_json(timeout=5))["event"] == "Subscribed"
         snap = await ws.receive_json(timeout=5)
-        assert snap["event"] == "Snapshot" and snap["thing"]["features"]["climate"]["properties"] == {"temperature": 3.5}
+        assert snap["event"] == "Snapshot"
+        assert snap["thing"]["features"]["climate"]["properties"] == {"temperature": 3.5}
         beat = await ws.receive_json(timeout=5)
         assert beat["event"] == "Heartbeat" and beat["timestamp"].endswith("Z")
         for bad in ("not json", json.dumps({"action": "dance"}), json.dumps({"action": "subscribe", "thingId": "x"}),

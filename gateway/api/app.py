@@ -82,7 +82,9 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
             if not role_allows(role, need):
                 parts.metrics.auth_failures.labels("403").inc()
                 raise web.HTTPForbidden(
-                    text=json.dumps({"error": "forbidden", "detail": f"this needs the {need} role; the key has {role}"}),
+                    text=json.dumps(
+                        {"error": "forbidden", "detail": f"this needs the {need} role; the key has {role}"}
+                    ),
                     content_type="application/json",
                 )
         resp = await handler(request)

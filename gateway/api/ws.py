@@ -22,20 +22,30 @@ from gateway.twin.model import validate_thing_id
 from gateway.twin.query import ThingFilter
 
 log = logging.getLogger(__name__)
-SOCKETS = web.AppKey("websockets", set[web.WebSocketResponse])
+class OpenSockets:
+    """The WebSockets this app has open, so shutdown can close each with 1001."""
+
+    def __init__(self) -> None:
+        self.items: set[web.WebSocketResponse] = set()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+SOCKETS = web.AppKey("websockets", OpenSockets)
 MAX_CLIENT_MESSAGE = 64 * 1024
 CLOSE_TIMEOUT_S = 2.0
 
 
 def add_routes(app: web.Application) -> None:
-    app[SOCKETS] = set()
+    app[SOCKETS] = OpenSockets()
     app.router.add_get("/api/v1/ws", websocket)
     app.on_shutdown.append(_close_all)
 
 
 async def _close_all(app: web.Application) -> None:
     """Tell every client the server is going away (1001) before the app stops."""
-    for ws in list(app[SOCKETS]):
+    for ws in list(app[SOCKETS].items):
         await ws.close(code=WSCloseCode.GOING_AWAY, message=b"gateway shutting down")
 
 
@@ -49,7 +59,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
                                timeout=CLOSE_TIMEOUT_S)
     await ws.prepare(request)
     sub = parts.bus.subscribe(f"ws:{request.remote}", maxsize=parts.config.ws.queue_size, overflow="disconnect")
-    sockets.add(ws)
+    sockets.items.add(ws)
     parts.metrics.ws_clients.set(len(sockets))
     # Both helper tasks are owned here: cancelled and awaited before the handler returns.
     sender = asyncio.create_task(_send_loop(ws, sub, parts.config.ws.heartbeat_s), name="ws-send")
@@ -63,7 +73,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
             if isinstance(result, Exception) and not isinstance(result, ConnectionError):
                 log.warning("WebSocket sender failed", extra={"error": repr(result)})
         sub.close()
-        sockets.discard(ws)
+        sockets.items.discard(ws)
         parts.metrics.ws_clients.set(len(sockets))
         if not ws.closed:
             await ws.close()

@@ -7,6 +7,7 @@ file in batches, so a flood of bad input costs one insert per batch, never one p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -68,10 +69,8 @@ class DeadLetterLog:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
         await self.flush()
 
     async def _loop(self) -> None:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import random
 import socket
 import time
+import typing
 import uuid
 from collections import deque
 from collections.abc import Callable
@@ -190,7 +192,8 @@ class _Link:
         try:
             async for message in client.messages:
                 if self.on_command is not None:
-                    for reply in self.on_command(message.topic.value, bytes(message.payload)):  # type: ignore[arg-type]
+                    payload = message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
+                    for reply in self.on_command(message.topic.value, payload):
                         self.put(reply)
         except aiomqtt.MqttError:
             self.broken = True
@@ -248,7 +251,7 @@ class _SimNode:
         buf = self.buffers.pop(feature, [])
         if buf:
             payload = json.dumps({"boot": self.boot, "samples": buf}, separators=(",", ":"))
-            points = sum(_points(s["properties"]) for s in buf)  # type: ignore[arg-type]
+            points = sum(_points(typing.cast(dict[str, object], s["properties"])) for s in buf)
             self.link.put(_Pending(f"{self.base}/{feature}/telemetry", payload, points))
 
     def on_command(self, topic: str, payload: bytes) -> list[_Pending]:
@@ -293,7 +296,7 @@ async def run_fleet(options: FleetOptions, *, stop: asyncio.Event | None = None,
             link.will = (f"{node.base}/status", json.dumps({"state": "offline", "fw": f"sim-{__version__}"}))
             link.on_command = node.on_command
             link.cmd_topics = [f"{node.base}/cmd"]
-            link.online = [lambda node=node: node.status("online")]
+            link.online = [functools.partial(node.status, "online")]
             links.append(link)
         nodes.append(node)
     by_id = {n.model.equipment_id: n for n in nodes}

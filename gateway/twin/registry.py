@@ -9,6 +9,7 @@ written before the API answers, so an acknowledged admin change survives a crash
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -95,10 +96,8 @@ class TwinRegistry:
         """Write what is dirty and close the file."""
         if self._flusher is not None:
             self._flusher.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._flusher
-            except asyncio.CancelledError:
-                pass
             self._flusher = None
         await self.flush()
         await self._sqlite.close()
