@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import sqlite3
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -55,7 +56,10 @@ def gateway_run(
     from gateway.service import GatewayService
 
     setup_logging(cfg.log.level, cfg.log.format)
-    asyncio.run(GatewayService(cfg).run_until_signalled())
+    try:
+        asyncio.run(GatewayService(cfg).run_until_signalled())
+    except (OSError, sqlite3.DatabaseError) as exc:  # port in use, unreadable data dir, corrupt file
+        fail(f"cannot start the gateway: {exc}", code=1)
 
 
 @gateway_app.command("check")

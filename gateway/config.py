@@ -341,11 +341,13 @@ def _check_semantics(cfg: Any, problems: list[tuple[str, str]]) -> None:
 
     g = cfg.gateway
     for key in ("gateway.site", "gateway.line", "gateway.id"):
+        if not isinstance(g, GatewaySection):
+            break  # the section itself was reported
         value = getattr(g, key.split(".")[1], None)
         check(key, isinstance(value, str) and bool(NAME_RE.match(value)),
               "must be 1-63 chars of a-z, 0-9, '.', '_', '-' (lowercase, starting with a letter or digit)")
-    check("mqtt.port", lambda: 1 <= cfg.mqtt.port <= 65535, f"must be a TCP port 1..65535, got {cfg.mqtt.port}")
-    check("http.port", lambda: 0 <= cfg.http.port <= 65535, f"must be a TCP port 0..65535, got {cfg.http.port}")
+    check("mqtt.port", lambda: 1 <= cfg.mqtt.port <= 65535, "must be a TCP port 1..65535")
+    check("http.port", lambda: 0 <= cfg.http.port <= 65535, "must be a TCP port 0..65535 (0: any free port)")
     check("mqtt.keepalive_s", lambda: 5 <= cfg.mqtt.keepalive_s <= 3600, "must be 5..3600 seconds")
     check("mqtt.password", lambda: bool(cfg.mqtt.username) == bool(cfg.mqtt.password),
           "mqtt.username and mqtt.password must be given together")

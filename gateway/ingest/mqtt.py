@@ -83,7 +83,6 @@ class MqttIngest:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self.connected = asyncio.Event()
-        self._counters = (self._m.accepted, self._m.points, self._m.duplicates, self._m.gaps)
         self.accepted_messages = 0
         self.accepted_points = 0
 
@@ -239,9 +238,8 @@ class MqttIngest:
             return
         self._registry.apply_samples(thing, fresh, time.time())
         points = sum(count_points(s.properties) for s in fresh)
-        accepted, points_counter, _, _ = self._counters
-        accepted.inc()
-        points_counter.inc(points)
+        self._m.accepted.inc()
+        self._m.points.inc(points)
         self.accepted_messages += 1
         self.accepted_points += points
 

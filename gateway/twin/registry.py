@@ -80,6 +80,7 @@ class TwinRegistry:
         self._flusher: asyncio.Task[None] | None = None
         self.flushes = 0
         self.flush_errors = 0
+        self._failing = False
 
     # ----------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -111,9 +112,15 @@ class TwinRegistry:
             await asyncio.sleep(self._flush_interval)
             try:
                 await self.flush()
-            except Exception:  # a full disk must not stop the twin; it is counted and retried
+            except Exception:  # a full disk must not stop the twin; it is counted, logged once, retried
                 self.flush_errors += 1
-                log.exception("twin flush failed; will retry")
+                if not self._failing:
+                    log.exception("twin flush failed; retrying every %.1f s", self._flush_interval)
+                self._failing = True
+            else:
+                if self._failing:
+                    log.warning("twin flush works again", extra={"failed_attempts": self.flush_errors})
+                self._failing = False
 
     async def flush(self) -> None:
         """Persist every dirty Thing and every delete in one transaction."""
