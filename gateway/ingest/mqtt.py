@@ -2,9 +2,9 @@
 
 It subscribes with QoS 1 on a persistent session and acknowledges each message to the broker only
 after the message has been applied (manual PUBACK), so the broker keeps, and redelivers after a
-reconnect, everything the gateway has not finished. Messages are handed from the MQTT client's
-receive callback straight into `handle()` on the event loop: no intermediate queue, no task per
-message. Every rejection is dead-lettered with a reason and never disturbs good traffic.
+reconnect, everything the gateway has not finished. Messages go from the MQTT client's receive
+callback straight into `handle()` on the event loop: no intermediate queue, no task per message.
+Every rejection is dead-lettered with a reason and never disturbs good traffic.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,16 +49,6 @@ class Identity:
     thing_id: str
     equipment_id: str
     type: str | None
-
-
-def _handoff_queue(sink: Callable[[aiomqtt.Message], None]) -> type[asyncio.Queue[aiomqtt.Message]]:
-    """A queue class for aiomqtt whose put hands each message to `sink` synchronously."""
-
-    class HandoffQueue(asyncio.Queue[aiomqtt.Message]):
-        def put_nowait(self, item: aiomqtt.Message) -> None:
-            sink(item)
-
-    return HandoffQueue
 
 
 class MqttIngest:
@@ -119,13 +108,15 @@ class MqttIngest:
             identifier=self._cfg.mqtt_client_id,
             clean_session=False,
             keepalive=mq.keepalive_s,
-            queue_type=_handoff_queue(self._on_message),
             tls_context=tls,
             timeout=10,
         )
-        # aiomqtt exposes no switch for manual acknowledgement; paho, which it wraps, does.
+        # aiomqtt exposes no switch for manual acknowledgement and converts every message into its
+        # own objects before queueing it; paho, which it wraps, does both. We take messages straight
+        # from paho's callback (on the event loop thread) and acknowledge each once it is applied.
         self._paho = client._client
         self._paho.manual_ack_set(True)
+        self._paho.on_message = self._on_message
         return client
 
     async def _run(self) -> None:
@@ -142,7 +133,7 @@ class MqttIngest:
                     self.connected.set()
                     log.info("connected to broker", extra={"host": mq.host, "port": mq.port,
                                                            "client_id": self._cfg.mqtt_client_id})
-                    async for _ in client.messages:  # messages arrive through the handoff queue
+                    async for _ in client.messages:  # never yields (see _new_client); ends on disconnect
                         pass
             except aiomqtt.MqttError as exc:
                 self._m.mqtt_reconnects.inc()
@@ -161,10 +152,15 @@ class MqttIngest:
             await asyncio.sleep(random.uniform(delay / 2, delay))
 
     # ----------------------------------------------------------------- receive path
-    def _on_message(self, message: aiomqtt.Message) -> None:
-        self.handle(message.topic.value, message.payload, retain=message.retain)
-        if message.qos > 0 and self._paho is not None:
-            self._paho.ack(message.mid, message.qos)
+    def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+        """paho's receive callback: apply, then acknowledge (PUBACK) — in that order."""
+        try:
+            topic = message.topic
+        except UnicodeDecodeError:
+            topic = message._topic.decode("utf-8", "replace")
+        self.handle(topic, message.payload, retain=message.retain)
+        if message.qos > 0:
+            client.ack(message.mid, message.qos)
 
     def handle(self, topic: str, payload: Any, *, retain: bool = False) -> None:
         """Apply one message or dead-letter it; never raises."""
