@@ -80,7 +80,11 @@ class GatewayService:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()  # undo what did start (broker session, files) before reporting
+            raise
         try:
             await stop.wait()
         finally:
