@@ -332,8 +332,8 @@ class TwinRegistry:
         cf = thing.features.setdefault(COMMANDS, Feature())
         cf.properties["last"] = record
         self._bump(thing, now)
-        self._bus.publish(StateChanged(thing.id, thing, feature=cmd.feature, properties=f.properties,
-                                       desired=f.desired, version=thing.version, timestamp=now,
+        self._bus.publish(StateChanged(thing.id, thing, feature=cmd.feature, properties=dict(f.properties),
+                                       desired=dict(f.desired), version=thing.version, timestamp=now,
                                        source="command"))
         return True
 
