@@ -22,6 +22,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,39 @@ async def wait_port(host: str, port: int, timeout: float) -> bool:
     return False
 
 
-class BrokerProcess:
+class _Broker:
+    """Start/stop lifecycle shared by both brokers; also an async context manager."""
+
+    settings: BrokerSettings
+
+    @property
+    def host(self) -> str:
+        return self.settings.host
+
+    @property
+    def port(self) -> int:
+        return self.settings.port
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        raise NotImplementedError
+
+    async def restart(self) -> None:
+        await self.stop()
+        await self.start()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.stop()
+
+
+class BrokerProcess(_Broker):
     """A `mosquitto -c <generated conf>` child process."""
 
     kind = "mosquitto"
@@ -133,13 +166,6 @@ class BrokerProcess:
         self.log_path = settings.data_dir / "mosquitto.log"
         self._proc: asyncio.subprocess.Process | None = None
 
-    @property
-    def host(self) -> str:
-        return self.settings.host
-
-    @property
-    def port(self) -> int:
-        return self.settings.port
 
     @property
     def pid(self) -> int | None:
@@ -178,20 +204,8 @@ class BrokerProcess:
             proc.kill()
             await proc.wait()
 
-    async def restart(self) -> None:
-        await self.stop()
-        await self.start()
 
-    async def __aenter__(self) -> BrokerProcess:
-        await self.start()
-        return self
-
-    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        await self.stop()
-
-
-class EmbeddedBroker:
+class EmbeddedBroker(_Broker):
     """An in-process broker (the `amqtt` package) for machines without Mosquitto: anonymous,
     loopback only, no persistence — enough for the demo, not for production."""
 
@@ -201,13 +215,6 @@ class EmbeddedBroker:
         self.settings = settings
         self._broker: object | None = None
 
-    @property
-    def host(self) -> str:
-        return self.settings.host
-
-    @property
-    def port(self) -> int:
-        return self.settings.port
 
     async def start(self) -> None:
         try:
@@ -231,18 +238,6 @@ class EmbeddedBroker:
         broker, self._broker = self._broker, None
         if broker is not None:
             await broker.shutdown()  # type: ignore[attr-defined]
-
-    async def restart(self) -> None:
-        await self.stop()
-        await self.start()
-
-    async def __aenter__(self) -> EmbeddedBroker:
-        await self.start()
-        return self
-
-    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        await self.stop()
 
 
 async def start_broker(settings: BrokerSettings, *, prefer: str = "mosquitto") -> BrokerProcess | EmbeddedBroker:

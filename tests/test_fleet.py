@@ -161,3 +161,22 @@ async def test_demo_command_runs_a_line_and_stops_cleanly(tmp_path: Path) -> Non
     assert proc.returncode == 0, err.decode()[-2000:]
     assert f"http://127.0.0.1:{port}/api/v1/things" in err.decode()
     assert (tmp_path / "demo" / "gateway" / "registry.sqlite").exists()
+
+
+async def test_embedded_broker_carries_a_line_when_mosquitto_is_missing(tmp_path: Path,
+                                                                         start_gateway: GatewayFactory) -> None:
+    from gateway.broker import EmbeddedBroker
+
+    broker = EmbeddedBroker(BrokerSettings(port=find_free_port(), data_dir=tmp_path / "eb", allow_anonymous=True))
+    await broker.start()
+    try:
+        gw = await start_gateway(("127.0.0.1", broker.port))
+        stats = await run_fleet(FleetOptions(site=gw.site, nodes=3, rate_hz=10, duration_s=1.5, seed=2,
+                                             port=broker.port))
+        ingest = gw.service.ingest
+        await wait_for(lambda: ingest.accepted_messages == sum(stats.last_seq.values()))
+        thing = gw.service.registry.get(gw.thing_id("oven-001"))
+        assert thing is not None and thing.features["connectivity"].properties["state"] == "offline"
+        assert gw.service.metrics.gaps._value.get() == 0
+    finally:
+        await broker.stop()
