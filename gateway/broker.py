@@ -224,8 +224,7 @@ class EmbeddedBroker(_Broker):
                               "or the embedded one (pip install 'openegiz[broker]')") from exc
         config = {
             "listeners": {"default": {"type": "tcp", "bind": f"{self.settings.host}:{self.settings.port}"}},
-            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True},
-                        "amqtt.plugins.sys.broker.BrokerSysPlugin": {"sys_interval": 0}},
+            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
         }
         broker = Broker(config)
         await broker.start()
