@@ -197,11 +197,21 @@ class EventBus:
                 sub.offer(event)
         if self._broad:
             thing = event.thing
+            broken: list[Subscription] = []
             for sub in self._broad:
                 if direct and sub in direct:
                     continue
-                if sub.everything or (thing is not None and any(f.matches(thing) for f in sub.filters)):
+                try:
+                    wanted = sub.everything or (thing is not None and any(f.matches(thing) for f in sub.filters))
+                except Exception:  # a client's filter must never break delivery for everyone else
+                    log.exception("subscription filter failed; disconnecting it", extra={"subscriber": sub.name})
+                    broken.append(sub)
+                    continue
+                if wanted:
                     sub.offer(event)
+            for sub in broken:
+                sub.overflowed.set()  # its owner closes it, as for a client that cannot keep up
+                self._unwatch(sub, set(), True, True)
 
     def count_drop(self, sub: Subscription) -> None:
         sub.dropped += 1

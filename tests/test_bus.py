@@ -278,3 +278,20 @@ def test_a_subscriber_that_never_reads_costs_bounded_time_and_memory(overflow: O
     # Traced, 100k publishes take under a second here; unbounded they would also keep ~35 MB.
     assert elapsed < 5.0, f"publishing {N_EVENTS} events took {elapsed:.2f} s"
     assert grown < 2_000_000, f"memory grew by {grown} bytes for a queue of 1024"
+
+
+def test_a_failing_filter_is_disconnected_and_never_breaks_delivery() -> None:
+    class Exploding:
+        def matches(self, thing: object) -> bool:
+            raise RuntimeError("boom")
+
+    bus = EventBus()
+    bad = bus.subscribe("bad")
+    good = bus.subscribe("good")
+    bad.watch(predicate=Exploding())
+    good.watch(everything=True)
+    thing = Thing("s:oven-001", "oven")
+    for _ in range(3):
+        bus.publish(StateChanged(thing.id, thing, feature="f", properties={"a": 1}, version=1, timestamp=1.0))
+    assert good.qsize() == 3
+    assert bad.overflowed.is_set() and bad.qsize() == 0 and not bad.broad
