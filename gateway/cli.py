@@ -14,7 +14,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
-from gateway.config import GatewayConfig, load_config
+from gateway.config import AGGREGATOR_SECTIONS, GatewayConfig, load_config
 from gateway.errors import ConfigError
 
 app = typer.Typer(help="OpenEgiz Edge: digital twins for food production lines.", no_args_is_help=True,
@@ -22,7 +22,7 @@ app = typer.Typer(help="OpenEgiz Edge: digital twins for food production lines."
 gateway_app = typer.Typer(help="Run or check a line gateway.", no_args_is_help=True)
 app.add_typer(gateway_app, name="gateway")
 
-ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="gateway TOML file", exists=False)]
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="TOML config file", exists=False)]
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -33,7 +33,7 @@ def fail(message: str, code: int = 2) -> NoReturn:
 def load_gateway_config(path: Path | None, overrides: dict[str, Any]) -> GatewayConfig:
     """Load and validate, or exit 2 listing every problem with its dotted key."""
     try:
-        return load_config(GatewayConfig, path, overrides=overrides)
+        return load_config(GatewayConfig, path, overrides=overrides, foreign_sections=AGGREGATOR_SECTIONS)
     except ConfigError as exc:
         lines = "\n".join(f"  {key}: {msg}" for key, msg in exc.problems)
         fail(f"invalid configuration{f' in {path}' if path else ''}:\n{lines}")
@@ -69,6 +69,45 @@ def gateway_check(config: ConfigOpt) -> None:
     typer.echo(json.dumps(_masked(cfg), indent=2, default=str))
 
 
+aggregator_app = typer.Typer(help="Run or check the central aggregator.", no_args_is_help=True)
+app.add_typer(aggregator_app, name="aggregator")
+
+
+def load_aggregator(path: Path | None, overrides: dict[str, Any]) -> Any:
+    from cloud_sync.config import load_aggregator_config
+
+    try:
+        return load_aggregator_config(path, overrides=overrides)
+    except ConfigError as exc:
+        fail("invalid configuration:\n" + "\n".join(f"  {key}: {msg}" for key, msg in exc.problems))
+
+
+@aggregator_app.command("run")
+def aggregator_run(
+    config: ConfigOpt,
+    http_port: Annotated[int | None, typer.Option(help="override http.port")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="override aggregator.data_dir")] = None,
+) -> None:
+    """Run the aggregator until SIGTERM/SIGINT."""
+    cfg = load_aggregator(config, {"http.port": http_port,
+                                   "aggregator.data_dir": str(data_dir) if data_dir else None})
+    from cloud_sync.aggregator import Aggregator
+    from gateway.logs import setup_logging
+
+    setup_logging(cfg.log.level, cfg.log.format)
+    try:
+        asyncio.run(Aggregator(cfg).run_until_signalled())
+    except OSError as exc:
+        fail(f"cannot start the aggregator: {exc}", code=1)
+
+
+@aggregator_app.command("check")
+def aggregator_check(config: ConfigOpt) -> None:
+    """Validate an aggregator config (with EGIZ_* overrides) and print it, secrets masked."""
+    cfg = load_aggregator(config, {})
+    typer.echo(json.dumps(_masked(cfg), indent=2, default=str))
+
+
 def _masked(value: Any, key: str = "") -> Any:
     """Plain JSON data of a config, with secrets replaced by ***."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
@@ -77,7 +116,7 @@ def _masked(value: Any, key: str = "") -> Any:
         return {k: _masked(v, k) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_masked(v, key) for v in value]
-    if key in ("password", "key", "token") and value:
+    if key in ("password", "key", "token", "dsn") and value:
         return "***"
     return value
 
@@ -113,16 +152,40 @@ def sim(
     try:
         fault_specs = parse_faults(faults)
     except ValueError as exc:
-        fail(str(exc))
+        fail(f"--faults: {exc}")
     kinds = tuple(t.strip() for t in types.split(",") if t.strip())
     unknown = [t for t in kinds if t not in EQUIPMENT_TYPES]
     if unknown or not kinds:
         fail(f"--types: unknown {unknown}; known: {', '.join(EQUIPMENT_TYPES)}")
-    opts = FleetOptions(site=site, line=line, nodes=nodes, rate_hz=rate, host=host, port=port,
-                        username=username, password=password, faults=fault_specs, truth_path=truth,
-                        duration_s=duration, batch=batch, seed=seed, shared_connection=shared_connection,
-                        types=kinds, time_scale=time_scale)
+    try:
+        opts = FleetOptions(site=site, line=line, nodes=nodes, rate_hz=rate, host=host, port=port,
+                            username=username, password=password, faults=fault_specs, truth_path=truth,
+                            duration_s=duration, batch=batch, seed=seed, shared_connection=shared_connection,
+                            types=kinds, time_scale=time_scale)
+    except ValueError as exc:  # SimError: every bad option at once, or a fault naming no node of the fleet
+        fail(_sim_options_problem(exc))
     asyncio.run(_run_sim(opts))
+
+
+# FleetOptions names its fields; the user typed these flags.
+_SIM_FLAGS = {"site": "--site", "nodes": "--nodes", "rate_hz": "--rate", "port": "--port", "batch": "--batch",
+              "duration_s": "--duration", "types": "--types", "time_scale": "--time-scale"}
+
+
+def _sim_options_problem(exc: ValueError) -> str:
+    """One line that names the flags that are wrong."""
+    from gateway.sim import FaultSpecError, SimError
+
+    if isinstance(exc, FaultSpecError):
+        return f"--faults: {exc}"
+    problems = exc.fields.get("problems") if isinstance(exc, SimError) else None
+    if not isinstance(problems, list) or not problems:
+        return str(exc)
+    named = []
+    for problem in problems:
+        name, _, text = str(problem).partition(": ")
+        named.append(f"{_SIM_FLAGS.get(name, name)}: {text}")
+    return "invalid options: " + "; ".join(named)
 
 
 async def _run_sim(opts: Any) -> None:
@@ -157,20 +220,30 @@ def demo(
     data_dir: Annotated[Path, typer.Option(help="where the demo keeps its files")] = Path(".egiz-demo"),
     http_port: Annotated[int, typer.Option(help="gateway HTTP port (0: any free port)")] = 8080,
     mqtt_port: Annotated[int, typer.Option(help="broker port (0: any free port)")] = 0,
-    nodes: Annotated[int, typer.Option(min=1, max=10_000, help="simulated nodes")] = 10,
+    aggregator_port: Annotated[int, typer.Option(help="aggregator HTTP port (0: any free port)")] = 8090,
+    sites: Annotated[int, typer.Option(min=1, max=4, help="sites")] = 2,
+    lines: Annotated[int, typer.Option(min=1, max=4, help="lines per site")] = 2,
+    nodes: Annotated[int, typer.Option(min=1, max=10_000, help="simulated nodes per line")] = 10,
     rate: Annotated[float, typer.Option(min=0.01, max=100, help="readings per second per node")] = 1.0,
     faults: Annotated[str | None, typer.Option(help="fault spec for the simulator ('' for none)")] = None,
     duration: Annotated[float | None, typer.Option(min=1, help="stop after this many seconds")] = None,
 ) -> None:
-    """Run a broker, a gateway (open auth) and a simulated line, and print the URLs."""
+    """Run two sites x two lines (broker, gateway, simulated fleet each) and an aggregator; print the URLs."""
     from gateway.demo import DemoOptions, run_demo
     from gateway.logs import setup_logging
 
     setup_logging("warning", "text")
     base = DemoOptions()
-    opts = DemoOptions(data_dir=data_dir, http_port=http_port, mqtt_port=mqtt_port, nodes=nodes, rate_hz=rate,
+    opts = DemoOptions(data_dir=data_dir, http_port=http_port, mqtt_port=mqtt_port, aggregator_port=aggregator_port,
+                       sites=sites, lines=lines, nodes=nodes, rate_hz=rate,
                        faults=base.faults if faults is None else faults, duration_s=duration)
+    from gateway.sim import SimError
+
     try:
         asyncio.run(run_demo(opts))
+    except ConfigError as exc:  # e.g. --http-port 70000; checked before the broker starts
+        fail("invalid options:\n" + "\n".join(f"  {key}: {msg}" for key, msg in exc.problems))
+    except SimError as exc:  # --faults, --nodes, --rate, --duration as the simulator sees them
+        fail(_sim_options_problem(exc))
     except OSError as exc:
         fail(f"cannot start the demo: {exc}", code=1)

@@ -22,10 +22,12 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 from gateway.errors import ConfigError
 
 ENV_PREFIX = "EGIZ_"
+AGGREGATOR_SECTIONS = frozenset({"aggregator", "storage"})  # the aggregator's own: a gateway skips them in the env
 ROLES = ("viewer", "operator", "admin")
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
-TYPE_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
-EQUIPMENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}\Z")
+TYPE_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}\Z")
+EQUIPMENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+_SECRET_PART = re.compile(r"(?:^|_)(?:password|token|keys?|secret)(?:$|_)")
 
 
 @dataclass(frozen=True)
@@ -105,10 +107,61 @@ class TwinSection:
 
 
 @dataclass(frozen=True)
+class DeadbandRule:
+    """Store a property raw only when it moved by more than `absolute` or `percent` (or `max_interval_s` passed)."""
+
+    property: str  # a flattened path (`voltage.a`) or its base name (`voltage`, `temperature_zones`)
+    type: str = ""  # equipment type; "" matches every type
+    feature: str = ""  # "" matches every feature
+    absolute: float = 0.0
+    percent: float = 0.0
+    max_interval_s: float = 300.0  # a flat signal is still stored this often
+
+
+@dataclass(frozen=True)
+class BufferSection:
+    """The DuckDB telemetry buffer: historian and store-and-forward outbox."""
+
+    commit_interval_ms: float = 100.0  # group commit no later than this after the first pending point
+    commit_idle_ms: float = 2.0  # ... or as soon as the inflow pauses this long
+    commit_max_points: int = 50_000  # ... or when this many points are pending
+    raw_retention_days: float = 90.0
+    rollup_1m_retention_days: float = 365.0
+    rollup_1h_retention_days: float = 1826.0
+    maintenance_interval_s: float = 30.0  # roll-ups, retention and the disk budget are checked this often
+    late_s: float = 120.0  # a roll-up bucket is computed once it is this long closed; later points are merged
+    disk_budget_mb: float = 4096.0  # the data directory's byte budget; 0: none
+    disk_policy: Literal["drop_oldest_synced", "drop_oldest", "reject_new"] = "drop_oldest_synced"
+    checkpoint_mb: float = 16.0  # DuckDB WAL size that triggers a checkpoint
+    memory_limit_mb: float = 256.0
+    context_keys: tuple[str, ...] = ("batch_id", "recipe")  # string properties history can filter by
+    deadband: tuple[DeadbandRule, ...] = ()
+
+
+@dataclass(frozen=True)
 class WsSection:
     heartbeat_s: float = 30.0
     queue_size: int = 1024
     max_clients: int = 2000
+
+
+@dataclass(frozen=True)
+class UplinkSection:
+    """Forwarding to the central aggregator; no `url`, no forwarding."""
+
+    url: str = ""
+    token: str = ""
+    order: Literal["live_first", "oldest_first"] = "live_first"
+    batch_points: int = 100_000
+    live_backlog_points: int = 200_000  # live_first sends the newest first once the backlog is larger
+    interval_s: float = 1.0
+    things_interval_s: float = 5.0
+    timeout_s: float = 30.0
+    retry_min_s: float = 0.5
+    retry_max_s: float = 60.0
+
+    def __repr__(self) -> str:
+        return f"UplinkSection(url={self.url!r}, order={self.order!r}, token=***)"
 
 
 @dataclass(frozen=True)
@@ -127,6 +180,8 @@ class GatewayConfig:
     auth: AuthSection = field(default_factory=AuthSection)
     ingest: IngestSection = field(default_factory=IngestSection)
     twin: TwinSection = field(default_factory=TwinSection)
+    buffer: BufferSection = field(default_factory=BufferSection)
+    uplink: UplinkSection = field(default_factory=UplinkSection)
     ws: WsSection = field(default_factory=WsSection)
     log: LogSection = field(default_factory=LogSection)
 
@@ -147,8 +202,14 @@ def load_config(
     *,
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    semantics: Callable[[Any, list[tuple[str, str]]], None] | None = None,
+    foreign_sections: frozenset[str] = frozenset(),
 ) -> T:
-    """Build `cls` from a TOML file, `EGIZ_*` variables and dotted-key overrides, or raise ConfigError."""
+    """Build `cls` from a TOML file, `EGIZ_*` variables and dotted-key overrides, or raise ConfigError.
+
+    `semantics` checks what types cannot (default: the gateway's rules). `EGIZ_*` variables of
+    `foreign_sections` belong to the other program on the same host and are skipped.
+    """
     problems: list[tuple[str, str]] = []
     data: dict[str, Any] = {}
     if path is not None:
@@ -163,13 +224,15 @@ def load_config(
         if not name.startswith(ENV_PREFIX) or "__" not in name:
             continue
         dotted = name[len(ENV_PREFIX) :].lower().replace("__", ".")
+        if dotted.split(".", 1)[0] in foreign_sections:
+            continue
         _set_dotted(data, dotted, _EnvValue(raw, name))
     for dotted, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(data, dotted, value)
     result = _build(cls, data, "", problems)
-    if result is not None:
-        _check_semantics(result, problems)  # also when types were wrong: report everything at once
+    if result is not None:  # also when types were wrong: report everything at once
+        (semantics or _check_semantics)(result, problems)
     if problems:
         raise ConfigError(problems)
     return typing.cast(T, result)
@@ -199,8 +262,9 @@ def _build(cls: type, data: Any, prefix: str, problems: list[tuple[str, str]]) -
     if isinstance(data, _EnvValue):
         try:
             data = json.loads(data.raw)
-        except json.JSONDecodeError:
-            problems.append((prefix or "<root>", f"{data.name} must be a JSON object"))
+        except json.JSONDecodeError as exc:  # never echoed: a section can hold secrets
+            problems.append((prefix or "<root>",
+                             f"{data.name} must be a JSON object ({exc.msg} at character {exc.pos})"))
             return None
     if not isinstance(data, dict):
         problems.append((prefix or "<root>", f"must be a table, got {type(data).__name__}"))
@@ -243,7 +307,8 @@ def _coerce(tp: Any, value: Any, key: str, problems: list[tuple[str, str]]) -> A
     if origin is Literal:
         choices = get_args(tp)
         if value not in choices:
-            problems.append((key, f"must be one of {', '.join(map(str, choices))}, got {value!r}"))
+            shown = "" if _is_secret(key) else f", got {value!r}"
+            problems.append((key, f"must be one of {', '.join(map(str, choices))}{shown}"))
         return value
     if origin in (tuple, list):
         (item_tp, *_rest) = get_args(tp)
@@ -261,30 +326,43 @@ def _coerce(tp: Any, value: Any, key: str, problems: list[tuple[str, str]]) -> A
         )
     if tp is bool:
         if not isinstance(value, bool):
-            problems.append((key, f"must be true or false, got {value!r}"))
+            problems.append((key, f"must be true or false{_got(key, value)}"))
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            problems.append((key, f"must be an integer, got {value!r}"))
+            problems.append((key, f"must be an integer{_got(key, value)}"))
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            problems.append((key, f"must be a finite number, got {value!r}"))
+            problems.append((key, f"must be a finite number{_got(key, value)}"))
             return value
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            problems.append((key, f"must be a string, got {value!r}"))
+            problems.append((key, f"must be a string{_got(key, value)}"))
         return value
     if tp is Path:
         if not isinstance(value, str) or not value:
-            problems.append((key, f"must be a path string, got {value!r}"))
+            problems.append((key, f"must be a path string{_got(key, value)}"))
             return Path(".")
         return Path(value)
     raise TypeError(f"unsupported config type {tp!r} at {key}")  # programming error
 
 
 _BAD = object()
+
+
+def _is_secret(key: str) -> bool:
+    """Keys whose values never appear in a message: anything under auth, passwords, tokens, keys."""
+    if key == "auth" or key.startswith(("auth.", "auth[")):
+        return True
+    last = re.sub(r"\[\d+\]", "", key.rsplit(".", 1)[-1])
+    return bool(_SECRET_PART.search(last))
+
+
+def _got(key: str, value: Any) -> str:
+    """`, got <value>` for a message; only the value's type when the key holds a secret."""
+    return f", got {type(value).__name__}" if _is_secret(key) else f", got {value!r}"
 
 
 def _parse_env(tp: Any, value: _EnvValue, key: str, problems: list[tuple[str, str]]) -> Any:
@@ -297,25 +375,30 @@ def _parse_env(tp: Any, value: _EnvValue, key: str, problems: list[tuple[str, st
             return True
         if low in ("0", "false", "no", "off"):
             return False
-        problems.append((key, f"{value.name} must be true or false, got {raw!r}"))
+        problems.append((key, f"{value.name} must be true or false{_echo(key, raw)}"))
         return _BAD
     if tp is int:
         try:
             return int(raw)
         except ValueError:
-            problems.append((key, f"{value.name} must be an integer, got {raw!r}"))
+            problems.append((key, f"{value.name} must be an integer{_echo(key, raw)}"))
             return _BAD
     if tp is float:
         try:
             return float(raw)
         except ValueError:
-            problems.append((key, f"{value.name} must be a number, got {raw!r}"))
+            problems.append((key, f"{value.name} must be a number{_echo(key, raw)}"))
             return _BAD
     try:
         return json.loads(raw)
-    except json.JSONDecodeError:
-        problems.append((key, f"{value.name} must be JSON for this key, got {raw!r}"))
+    except json.JSONDecodeError as exc:  # the text is never echoed: it may hold keys or passwords
+        problems.append((key, f"{value.name} must be JSON for this key ({exc.msg} at character {exc.pos})"))
         return _BAD
+
+
+def _echo(key: str, raw: str) -> str:
+    """`, got '<raw>'` for a message about an environment string, nothing when the key holds a secret."""
+    return "" if _is_secret(key) else f", got {raw!r}"
 
 
 def _check_semantics(cfg: Any, problems: list[tuple[str, str]]) -> None:
@@ -327,9 +410,11 @@ def _check_semantics(cfg: Any, problems: list[tuple[str, str]]) -> None:
     if not isinstance(cfg, GatewayConfig):
         return
     reported = {key for key, _ in problems}
+    wrong_type = frozenset(reported)
 
-    def check(key: str, ok: bool | Callable[[], bool], message: str) -> None:
-        if key in reported:
+    def check(key: str, ok: bool | Callable[[], bool], message: str, *, reads: tuple[str, ...] = ()) -> None:
+        """`reads`: the other keys a cross-key rule looks at; a type problem in any of them skips it."""
+        if key in reported or not wrong_type.isdisjoint(reads):
             return
         try:
             good = ok() if callable(ok) else ok
@@ -350,12 +435,17 @@ def _check_semantics(cfg: Any, problems: list[tuple[str, str]]) -> None:
     check("http.port", lambda: 0 <= cfg.http.port <= 65535, "must be a TCP port 0..65535 (0: any free port)")
     check("mqtt.keepalive_s", lambda: 5 <= cfg.mqtt.keepalive_s <= 3600, "must be 5..3600 seconds")
     check("mqtt.password", lambda: bool(cfg.mqtt.username) == bool(cfg.mqtt.password),
-          "mqtt.username and mqtt.password must be given together")
+          "mqtt.username and mqtt.password must be given together", reads=("mqtt.username",))
     check("mqtt.reconnect_min_s", lambda: cfg.mqtt.reconnect_min_s > 0, "must be > 0")
     check("mqtt.reconnect_max_s", lambda: cfg.mqtt.reconnect_max_s >= cfg.mqtt.reconnect_min_s,
-          "must be >= mqtt.reconnect_min_s")
+          "must be >= mqtt.reconnect_min_s", reads=("mqtt.reconnect_min_s",))
+    ca_file = getattr(cfg.mqtt, "ca_file", "")
+    check("mqtt.ca_file", lambda: not (cfg.mqtt.tls is True and ca_file) or Path(ca_file).exists(),
+          f"{ca_file} does not exist", reads=("mqtt.tls",))
+    check("mqtt.ca_file", lambda: not (cfg.mqtt.tls is True and ca_file) or Path(ca_file).is_file(),
+          f"{ca_file} is not a file", reads=("mqtt.tls",))
     check("auth.api_keys", lambda: cfg.auth.open or bool(cfg.auth.api_keys),
-          "give at least one key (or set auth.open = true for a demo)")
+          "give at least one key (or set auth.open = true for a demo)", reads=("auth.open",))
     seen: set[str] = set()
     for i, k in enumerate(cfg.auth.api_keys or ()):
         if not isinstance(k, ApiKey):
@@ -379,7 +469,8 @@ def _check_semantics(cfg: Any, problems: list[tuple[str, str]]) -> None:
         if key == "ingest.telemetry_topic":
             has_feature = any(n == "feature" for _, n in parsed.captures)
             check(key, ing.payload_format != "contract" or has_feature,
-                  "the contract payload format needs a {feature} level (or set ingest.payload_format = \"legacy\")")
+                  "the contract payload format needs a {feature} level (or set ingest.payload_format = \"legacy\")",
+                  reads=("ingest.payload_format",))
     check("ingest.max_payload_bytes", lambda: 256 <= ing.max_payload_bytes <= 16 * 2**20, "must be 256..16777216")
     check("ingest.max_samples", lambda: 1 <= ing.max_samples <= 100_000, "must be 1..100000")
     check("ingest.dead_letter_keep", lambda: ing.dead_letter_keep >= 1, "must be >= 1")
@@ -393,6 +484,46 @@ def _check_semantics(cfg: Any, problems: list[tuple[str, str]]) -> None:
         check(f"ingest.devices.{dev}.type", isinstance(m.type, str) and (not m.type or bool(TYPE_RE.match(m.type))),
               "must be lowercase letters, digits, _ or -")
     check("twin.flush_interval_s", lambda: 0 < cfg.twin.flush_interval_s <= 60, "must be > 0 and <= 60")
+    b = cfg.buffer
+    check("buffer.commit_interval_ms", lambda: 1 <= b.commit_interval_ms <= 10_000, "must be 1..10000")
+    check("buffer.commit_idle_ms", lambda: 0 <= b.commit_idle_ms <= b.commit_interval_ms,
+          "must be 0..buffer.commit_interval_ms", reads=("buffer.commit_interval_ms",))
+    check("buffer.commit_max_points", lambda: 100 <= b.commit_max_points <= 10_000_000, "must be 100..10000000")
+    for key in ("raw_retention_days", "rollup_1m_retention_days", "rollup_1h_retention_days"):
+        check(f"buffer.{key}", lambda: getattr(b, key) > 0, "must be > 0 days")
+    check("buffer.maintenance_interval_s", lambda: 0.05 <= b.maintenance_interval_s <= 3600, "must be 0.05..3600")
+    check("buffer.late_s", lambda: 0 <= b.late_s <= 86_400, "must be 0..86400")
+    check("buffer.disk_budget_mb", lambda: b.disk_budget_mb == 0 or b.disk_budget_mb >= 1,
+          "must be 0 (no budget) or >= 1")
+    check("buffer.checkpoint_mb", lambda: 1 <= b.checkpoint_mb <= 4096, "must be 1..4096")
+    check("buffer.memory_limit_mb", lambda: 64 <= b.memory_limit_mb <= 65536, "must be 64..65536")
+    for i, name in enumerate(b.context_keys or ()):
+        check(f"buffer.context_keys[{i}]", lambda: bool(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", name)),
+              "must be a property name")
+    for i, rule in enumerate(b.deadband or ()):
+        if not isinstance(rule, DeadbandRule):
+            continue
+        check(f"buffer.deadband[{i}].property",
+              lambda: bool(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.\[\]]{0,200}", rule.property)),
+              "must be a property path such as temperature or voltage.a")
+        check(f"buffer.deadband[{i}].absolute", lambda: rule.absolute >= 0, "must be >= 0")
+        check(f"buffer.deadband[{i}].percent", lambda: 0 <= rule.percent <= 100, "must be 0..100")
+        check(f"buffer.deadband[{i}].max_interval_s", lambda: rule.max_interval_s >= 0, "must be >= 0")
+        check(f"buffer.deadband[{i}]", lambda: rule.absolute > 0 or rule.percent > 0,
+              "give absolute or percent (> 0)",
+              reads=(f"buffer.deadband[{i}].absolute", f"buffer.deadband[{i}].percent"))
+    up = cfg.uplink
+    check("uplink.url", lambda: not up.url or bool(re.fullmatch(r"https?://[^\s/]+(/[^\s]*)?", up.url)),
+          "must be an http:// or https:// URL (or empty: no forwarding)")
+    check("uplink.token", lambda: not up.url or len(up.token) >= 16,
+          "give the gateway's token (at least 16 characters) when uplink.url is set", reads=("uplink.url",))
+    check("uplink.batch_points", lambda: 100 <= up.batch_points <= 1_000_000, "must be 100..1000000")
+    check("uplink.live_backlog_points", lambda: up.live_backlog_points >= up.batch_points,
+          "must be >= uplink.batch_points", reads=("uplink.batch_points",))
+    for key in ("interval_s", "things_interval_s", "timeout_s", "retry_min_s"):
+        check(f"uplink.{key}", lambda: 0 < getattr(up, key) <= 3600, "must be > 0 and <= 3600")
+    check("uplink.retry_max_s", lambda: up.retry_min_s <= up.retry_max_s <= 3600,
+          "must be uplink.retry_min_s..3600", reads=("uplink.retry_min_s",))
     check("ws.queue_size", lambda: cfg.ws.queue_size >= 1, "must be >= 1")
     check("ws.max_clients", lambda: cfg.ws.max_clients >= 1, "must be >= 1")
     check("ws.heartbeat_s", lambda: cfg.ws.heartbeat_s > 0, "must be > 0")

@@ -26,6 +26,41 @@ class GatewayMetrics:
         self.mqtt_reconnects = Counter(
             "egiz_mqtt_reconnects_total", "Broker (re)connection attempts that failed", registry=r
         )
+        self.buffer_points = Counter("egiz_buffer_points_total", "Points committed to the DuckDB buffer", registry=r)
+        self.buffer_commits = Counter("egiz_buffer_commits_total", "Group commits to the DuckDB buffer", registry=r)
+        self.buffer_commit_seconds = Histogram(
+            "egiz_buffer_commit_seconds", "Time of one group commit", registry=r,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+        )
+        self.buffer_commit_errors = Counter(
+            "egiz_buffer_commit_errors_total", "Group commits that failed (kept and retried)", registry=r
+        )
+        self.buffer_pending = Gauge("egiz_buffer_pending_points", "Points waiting for the next commit", registry=r)
+        self.buffer_deadband = Counter(
+            "egiz_buffer_deadband_skipped_total", "Points not stored raw because of a deadband", registry=r
+        )
+        self.buffer_refused = Counter(
+            "egiz_buffer_refused_points_total", "Points not stored because the disk budget is used up", registry=r
+        )
+        self.buffer_dropped = Counter(
+            "egiz_buffer_dropped_points_total", "Stored raw points removed", ["reason"], registry=r
+        )
+        self.buffer_unsent_dropped = Counter(
+            "egiz_buffer_dropped_unsent_points_total", "Removed raw points the uplink had not yet confirmed",
+            registry=r,
+        )
+        self.buffer_disk_bytes = Gauge("egiz_buffer_disk_used_bytes", "Bytes the data directory uses", registry=r)
+        self.buffer_disk_budget = Gauge("egiz_buffer_disk_budget_bytes", "The data directory's budget", registry=r)
+        self.buffer_rollup_rows = Counter("egiz_buffer_rollup_rows_total", "Roll-up rows written", registry=r)
+        self.uplink_batches = Counter("egiz_uplink_batches_total", "Uplink batch attempts by result", ["result"],
+                                      registry=r)
+        self.uplink_points = Counter("egiz_uplink_points_total", "Points the aggregator confirmed", registry=r)
+        self.uplink_bytes = Counter("egiz_uplink_bytes_total", "Bytes of confirmed batches", registry=r)
+        self.uplink_backlog_points = Gauge("egiz_uplink_backlog_points", "Points not yet confirmed", registry=r)
+        self.uplink_backlog_bytes = Gauge("egiz_uplink_backlog_bytes", "Estimated bytes not yet confirmed",
+                                          registry=r)
+        self.uplink_backlog_age = Gauge("egiz_uplink_backlog_age_seconds", "Age of the oldest unconfirmed point",
+                                        registry=r)
         self.commands = Counter("egiz_commands_total", "Commands sent to nodes", ["result"], registry=r)
         self.things = Gauge("egiz_twin_things", "Things in the registry", registry=r)
         self.twin_flush_errors = Gauge("egiz_twin_flush_errors", "Failed twin flushes since start", registry=r)

@@ -1,5 +1,5 @@
 """GatewayService: the composition root. Builds the parts in data-flow order, runs them, stops them
-in reverse on SIGTERM (ingest first, so nothing new arrives while the twin is flushed)."""
+in reverse on SIGTERM (ingest first, so nothing new arrives while the buffer and the twin are flushed)."""
 
 from __future__ import annotations
 
@@ -8,23 +8,30 @@ import logging
 import signal
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from gateway.api.app import Parts, build_app
 from gateway.api.auth import Authenticator
+from gateway.buffer.buffer import TelemetryBuffer
+from gateway.buffer.restore import restore_twin
 from gateway.bus import EventBus
 from gateway.config import GatewayConfig
 from gateway.ingest.deadletter import DeadLetterLog
 from gateway.ingest.mqtt import MqttIngest
+from gateway.ingest.sequence import SequenceTracker
 from gateway.metrics import GatewayMetrics
 from gateway.twin.registry import TwinRegistry
+
+if TYPE_CHECKING:
+    from cloud_sync.forwarder import Forwarder
 
 log = logging.getLogger(__name__)
 
 
 class GatewayService:
-    """One line gateway: registry → ingest → bus → API."""
+    """One line gateway: registry → buffer → ingest → bus → API."""
 
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
@@ -34,9 +41,17 @@ class GatewayService:
         self.registry = TwinRegistry(data / "registry.sqlite", self.bus,
                                      flush_interval_s=config.twin.flush_interval_s)
         self.dead_letters = DeadLetterLog(self.registry.sqlite, self.metrics, keep=config.ingest.dead_letter_keep)
-        self.ingest = MqttIngest(config, self.registry, self.dead_letters, self.metrics)
+        self.buffer = TelemetryBuffer(config, self.metrics, uplink=bool(config.uplink.url))
+        self.sequences = SequenceTracker(self.metrics)
+        self.ingest = MqttIngest(config, self.registry, self.dead_letters, self.metrics, self.buffer, self.sequences)
+        self.forwarder: Forwarder | None = None
+        if config.uplink.url:
+            from cloud_sync.forwarder import Forwarder
+
+            self.forwarder = Forwarder(config, self.buffer, self.registry, self.metrics)
         self.parts = Parts(config, self.registry, self.bus, self.ingest, self.dead_letters, self.metrics,
-                           Authenticator(config.auth.api_keys, open_access=config.auth.open), time.time())
+                           Authenticator(config.auth.api_keys, open_access=config.auth.open), time.time(),
+                           self.buffer)
         self.app = build_app(self.parts)
         self._runner: web.AppRunner | None = None
         self.http_port: int | None = None
@@ -49,7 +64,15 @@ class GatewayService:
         self.running = True
         await self.registry.start()
         await self.dead_letters.start()
+        await self.buffer.start()
+        self.sequences.load(self.buffer.marks)
+        restored = await restore_twin(self.buffer, self.registry, auto_register=cfg.ingest.auto_register,
+                                      line=cfg.gateway.line)
+        if restored:
+            log.info("live state restored from the buffer", extra={"things": restored})
         await self.ingest.start()
+        if self.forwarder is not None:
+            await self.forwarder.start()
         self._runner = web.AppRunner(self.app, handle_signals=False, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, cfg.http.host, cfg.http.port, reuse_address=True)
@@ -67,9 +90,12 @@ class GatewayService:
             return
         self.running = False
         await self.ingest.stop()
+        if self.forwarder is not None:
+            await self.forwarder.stop()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        await self.buffer.stop()
         await self.dead_letters.stop()
         await self.registry.stop()
         log.info("gateway stopped")

@@ -7,6 +7,7 @@ import json
 import time
 
 import aiohttp
+import pytest
 
 from tests.conftest import ADMIN_KEY, OPERATOR_KEY, VIEWER_KEY, GatewayFactory, wait_for
 
@@ -234,3 +235,32 @@ async def test_commands_round_trip(mosquitto, start_gateway: GatewayFactory) -> 
                                  {"desiredProperties": {"setpoint": 999}}, key=OPERATOR_KEY)
     assert status == 503 and body["error"] == "broker_unavailable"
     assert (await gw.get(f"/api/v1/things/{tid}"))[1]["features"]["thermal"]["properties"]["setpoint"] == 210.0
+
+
+async def test_bodies_and_filters_are_strict_json(mosquitto, start_gateway: GatewayFactory) -> None:
+    gw = await start_gateway(mosquitto)
+    tid = gw.thing_id("oven-009")
+    assert (await gw.send("POST", "/api/v1/things", {"id": tid, **OVEN}))[0] == 201
+    feature = f"/api/v1/things/{tid}/features/thermal"
+    deep = b"[" * 50_000 + b"]" * 50_000
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": "application/json"}
+    for method, path, raw in (
+        ("PUT", feature, b'{"properties": {"setpoint": NaN}}'),
+        ("PUT", feature, b'{"properties": {"temperature_zones": [1.0, -Infinity]}}'),
+        ("PUT", feature, b'{"properties": {"setpoint": 1e400}}'),
+        ("PUT", feature, b'{"desiredProperties": {"setpoint": Infinity}}'),
+        ("POST", "/api/v1/things", b'{"id": "%s-x", "type": "oven", "metadata": {"x": NaN}}' % tid.encode()),
+        ("POST", "/api/v1/query", b'{"filter": {"features.thermal.properties.setpoint": {"$lt": Infinity}}}'),
+        ("POST", "/api/v1/query", deep),
+        ("PUT", f"/api/v1/things/{tid}", deep),
+    ):
+        async with gw.http.request(method, gw.url + path, data=raw, headers=headers) as r:
+            body = await r.json()
+            assert r.status == 400, (method, path, raw[:60], body)
+            assert body["error"] == "invalid" and body["detail"], body
+    for flt in ('{"features.thermal.properties.setpoint": {"$gt": NaN}}', "[" * 1200):
+        status, body = await gw.get("/api/v1/things", params={"filter": flt})
+        assert status == 400 and body["error"] == "invalid", body
+    async with gw.http.get(f"{gw.url}/api/v1/things/{tid}", headers=headers) as r:
+        doc = json.loads(await r.text(), parse_constant=lambda c: pytest.fail(f"{c} in a response"))
+    assert doc["features"] == OVEN["features"] and doc["version"] == 1

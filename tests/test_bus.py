@@ -157,6 +157,26 @@ def test_disconnect_policy_marks_the_subscription_overflowed() -> None:
     assert received(sub) == [(OVEN.id, 0), (OVEN.id, 1)]  # the owner closes it; nothing is reordered
 
 
+@pytest.mark.parametrize("maxsize", [0, -1])
+@pytest.mark.parametrize("overflow", ["drop_oldest", "disconnect"])
+def test_a_subscription_needs_room_for_at_least_one_event(maxsize: int, overflow: Overflow) -> None:
+    bus = EventBus()
+    with pytest.raises(ValueError, match="at least one"):
+        bus.subscribe("nowhere", maxsize=maxsize, overflow=overflow)
+    assert bus.subscriber_count == 0  # nothing half-registered
+    bus.publish(changed(OVEN, 0))  # and publishing still works
+
+
+def test_a_subscription_of_one_event_keeps_the_newest() -> None:
+    bus = EventBus()
+    sub = bus.subscribe("tiny", maxsize=1)
+    sub.watch(everything=True)
+    for i in range(3):
+        bus.publish(changed(OVEN, i))
+    assert received(sub) == [(OVEN.id, 2)]
+    assert sub.dropped == 2
+
+
 def test_overflow_of_one_subscription_does_not_touch_another() -> None:
     bus = EventBus()
     slow = bus.subscribe("slow", maxsize=1)

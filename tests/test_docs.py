@@ -8,6 +8,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+import pytest
 import typer.main
 
 from gateway.cli import app
@@ -33,6 +34,14 @@ def test_every_config_key_is_documented() -> None:
     text = (DOCS / "config.md").read_text()
     missing = [k for k in config_keys(GatewayConfig) if f"`{k}`" not in text]
     assert not missing, f"undocumented config keys in docs/config.md: {missing}"
+
+
+def test_every_aggregator_config_key_is_documented() -> None:
+    from cloud_sync.config import AggregatorConfig
+
+    text = (DOCS / "aggregator.md").read_text()
+    missing = [k for k in config_keys(AggregatorConfig) if f"`{k}`" not in text]
+    assert not missing, f"undocumented aggregator keys in docs/aggregator.md: {missing}"
 
 
 def commands(group: Any, prefix: str = "egiz") -> list[tuple[str, Any]]:
@@ -75,3 +84,14 @@ def test_readme_gives_the_two_commands_ci_runs() -> None:
     assert "make demo" in first_screen and "make test" in first_screen
     ci = (ROOT / ".ci" / "run").read_text()
     assert ci.rstrip().splitlines()[-1].strip() == "make test"
+
+
+def test_the_fault_grammar_is_the_same_in_the_parser_and_the_docs() -> None:
+    from gateway.sim import FaultSpecError, parse_faults
+
+    with pytest.raises(FaultSpecError) as exc:
+        parse_faults("nonsense")
+    grammar = exc.value.reason.split()[1]
+    assert grammar.startswith("KIND:") and "=MAGNITUDE" in grammar
+    for page in ("cli.md", "sim.md"):
+        assert grammar in (DOCS / page).read_text(), page

@@ -86,8 +86,8 @@ async def test_broker_restart_mid_stream_loses_no_qos1_message(tmp_path: Path, s
         m = gw.service.metrics
         assert m.gaps._value.get() == 0, "a seq gap means a message was lost"
         for eid, _ in fleet_things(opts):
-            thing = gw.service.registry.get(gw.thing_id(eid))
-            assert thing is not None and thing.seq == stats.last_seq[eid]
+            newest = gw.service.sequences.newest(gw.thing_id(eid))
+            assert newest is not None and newest[1] == stats.last_seq[eid]
         assert m.mqtt_reconnects._value.get() >= 1
     finally:
         await broker.stop()
@@ -139,7 +139,8 @@ async def test_demo_command_runs_a_line_and_stops_cleanly(tmp_path: Path) -> Non
     port = find_free_port()
     proc = await asyncio.create_subprocess_exec(
         str(Path(sys.executable).with_name("egiz")), "demo", "--http-port", str(port), "--rate", "5",
-        "--data-dir", str(tmp_path / "demo"), "--duration", "60", stderr=asyncio.subprocess.PIPE)
+        "--aggregator-port", "0", "--data-dir", str(tmp_path / "demo"), "--duration", "60",
+        stderr=asyncio.subprocess.PIPE)
     try:
         async with aiohttp.ClientSession() as http:
             deadline = time.monotonic() + 30
@@ -161,6 +162,81 @@ async def test_demo_command_runs_a_line_and_stops_cleanly(tmp_path: Path) -> Non
     assert proc.returncode == 0, err.decode()[-2000:]
     assert f"http://127.0.0.1:{port}/api/v1/things" in err.decode()
     assert (tmp_path / "demo" / "gateway" / "registry.sqlite").exists()
+
+
+EGIZ = str(Path(sys.executable).with_name("egiz"))
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+async def test_demo_stops_by_itself_after_duration(tmp_path: Path) -> None:
+    _ensure_mosquitto()
+    mqtt_port = find_free_port()
+    proc = await asyncio.create_subprocess_exec(
+        EGIZ, "demo", "--http-port", "0", "--mqtt-port", str(mqtt_port), "--nodes", "2", "--rate", "5",
+        "--faults", "", "--duration", "2", "--data-dir", str(tmp_path / "demo"), stderr=asyncio.subprocess.PIPE)
+    started = time.monotonic()
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), 40)
+    finally:
+        if proc.returncode is None:  # it did not stop by itself
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert time.monotonic() - started < 40
+    assert (tmp_path / "demo" / "gateway" / "registry.sqlite").exists()
+    assert not _listening(mqtt_port), "the demo's broker is still running"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--http-port", "70000"], "http.port: must be a TCP port"),
+        (["--faults", "stuck:oven-999@10"], "--faults: fault 'stuck:oven-999@10+60': no node 'oven-999'"),
+    ],
+    ids=["http-port", "faults"],
+)
+def test_demo_with_invalid_options_exits_2_and_leaves_no_broker(tmp_path: Path, args: list[str],
+                                                                message: str) -> None:
+    import subprocess
+
+    _ensure_mosquitto()
+    mqtt_port = find_free_port()
+    result = subprocess.run([EGIZ, "demo", "--mqtt-port", str(mqtt_port), "--data-dir", str(tmp_path / "demo"),
+                             *args], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not _listening(mqtt_port), "a broker was started for a demo that cannot run"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--site", "bad/site"], "egiz: invalid options: --site: "),
+        (["--site", "x", "--port", "0"], "egiz: invalid options: --port: must be 1-65535"),
+        (["--site", "bad/site", "--port", "70000"], "--site: 1-64 characters"),
+        (["--site", "x", "--nodes", "3", "--faults", "drift:oven-007@5"],
+         "egiz: --faults: fault 'drift:oven-007@5+60': no node 'oven-007' in this fleet"),
+        (["--site", "x", "--faults", "drift:oven-001"], "egiz: --faults: fault 'drift:oven-001': expected KIND"),
+    ],
+    ids=["site", "port", "several", "fault-node", "fault-grammar"],
+)
+def test_sim_with_invalid_options_is_one_line_and_exit_2(args: list[str], message: str) -> None:
+    import subprocess
+
+    result = subprocess.run([EGIZ, "sim", "--duration", "1", *args], capture_output=True, text=True, timeout=60,
+                            check=False)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 async def test_embedded_broker_carries_a_line_when_mosquitto_is_missing(tmp_path: Path,

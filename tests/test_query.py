@@ -186,6 +186,44 @@ def test_true_never_equals_one(doc: Any, expected: list[str]) -> None:
     assert matching(doc) == expected
 
 
+PANEL = Thing(
+    id="izmir-bakery:panel-001",
+    type="panel",
+    metadata={"flags": [True, False, 1], "opts": {"on": True, "level": 1, "sub": {"ok": [True]}}, "count": 1},
+)
+
+
+@pytest.mark.parametrize(
+    ("doc", "expected"),
+    [
+        ({"metadata.flags": [True, False, 1]}, True),
+        ({"metadata.flags": [1, 0, 1]}, False),
+        ({"metadata.flags": [True, False, True]}, False),  # 1 at the end is not true
+        ({"metadata.flags": [1.0, 0.0, 1.0]}, False),
+        ({"metadata.flags": [True, False]}, False),
+        ({"metadata.flags[0]": 1}, False),
+        ({"metadata.flags[2]": True}, False),
+        ({"metadata.flags[2]": 1.0}, True),
+        ({"metadata.opts": {"on": True, "level": 1, "sub": {"ok": [True]}}}, True),
+        ({"metadata.opts": {"on": 1, "level": 1, "sub": {"ok": [True]}}}, False),
+        ({"metadata.opts": {"on": True, "level": True, "sub": {"ok": [True]}}}, False),
+        ({"metadata.opts": {"on": True, "level": 1, "sub": {"ok": [1]}}}, False),  # three levels down
+        ({"metadata.opts.sub": {"ok": [1]}}, False),
+        ({"metadata.opts.sub": {"ok": [True]}}, True),
+        ({"metadata.opts.sub.ok": [1.0]}, False),
+        ({"metadata.opts": {"$in": [{"on": 1, "level": 1, "sub": {"ok": [1]}}]}}, False),
+        ({"metadata.opts": {"$in": [{"on": True, "level": 1, "sub": {"ok": [True]}}]}}, True),
+        ({"metadata.flags": {"$ne": [1, 0, 1]}}, True),
+        ({"metadata.flags": {"$nin": [[1, 0, 1], [True, True, True]]}}, True),
+        ({"metadata.flags": {"$in": [[1, 0, 1], [True, False, 1]]}}, True),
+        ({"metadata.count": True}, False),
+        ({"metadata.count": {"$in": [[1], True]}}, False),
+    ],
+)
+def test_true_never_equals_one_at_any_depth(doc: Any, expected: bool) -> None:
+    assert ThingFilter.parse(doc).matches(PANEL) is expected
+
+
 # ------------------------------------------------------------------ missing paths
 
 
@@ -245,6 +283,11 @@ def test_invalid_filters_raise_invalid_with_a_clear_message(doc: Any, message: s
     with pytest.raises(Invalid) as exc:
         ThingFilter.parse(doc)
     assert message in exc.value.detail
+
+
+def test_an_index_with_a_trailing_newline_is_not_an_index() -> None:
+    assert matching({"features.thermal.temperature_zones[1]": 185.5}) == [OVEN]
+    assert matching({"features.thermal.temperature_zones[1]\n": 185.5}) == []
 
 
 def test_parse_keeps_the_source_for_echoing_back() -> None:

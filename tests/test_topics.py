@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.ingest.topics import LEVEL_CHARS, PLACEHOLDERS, TopicPattern
@@ -169,6 +169,7 @@ def patterns(draw: st.DrawFn) -> TopicPattern:
     return TopicPattern.parse("/".join(levels))
 
 
+@settings(max_examples=100, deadline=None)
 @given(patterns(), st.data())
 def test_match_of_build_gives_back_the_values(pattern: TopicPattern, data: st.DataObject) -> None:
     values = {name: data.draw(LEVEL, label=name) for _, name in pattern.captures}
@@ -176,6 +177,7 @@ def test_match_of_build_gives_back_the_values(pattern: TopicPattern, data: st.Da
     assert pattern.match(topic) == values
 
 
+@settings(max_examples=200, deadline=None)
 @given(st.text(max_size=200))
 def test_match_never_raises_and_only_captures_valid_levels(topic: str) -> None:
     result = TopicPattern.parse(CONTRACT).match(topic)

@@ -188,3 +188,58 @@ async def test_shutdown_closes_clients_with_going_away(mosquitto, start_gateway)
         msg = await ws.receive(timeout=5)
         assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 1001
         await stopping
+
+
+async def test_subscriptions_per_connection_are_capped_and_an_over_cap_subscribe_is_an_error(mosquitto,
+                                                                                              start_gateway):
+    gw = await start_gateway(mosquitto)
+    site = gw.site
+    ids = [f"{site}:oven-{i:04d}" for i in range(1000)]
+    async with aiohttp.ClientSession() as http, http.ws_connect(gw.url + "/api/v1/ws", headers=auth()) as ws:
+
+        async def reply(message: dict | str) -> dict:
+            await ws.send_str(message if isinstance(message, str) else json.dumps(message))
+            while (got := await ws.receive_json(timeout=5))["event"] == "Heartbeat":
+                pass
+            return got
+
+        assert (await reply({"action": "subscribe", "thingIds": ids[:600]}))["event"] == "Subscribed"
+        over = await reply({"action": "subscribe", "thingIds": [*ids[600:], f"{site}:extra-1"]})
+        assert over["event"] == "Error" and "1000" in over["detail"], over
+        assert (await reply({"action": "subscribe", "thingIds": ids[500:]}))["event"] == "Subscribed"
+        assert (await reply({"action": "subscribe", "thingId": ids[0]}))["event"] == "Subscribed"  # already watched
+        assert (await reply({"action": "subscribe", "thingId": f"{site}:extra-1"}))["event"] == "Error"
+
+        # The same filter many times counts once; 32 different ones are the limit.
+        for _ in range(40):
+            assert (await reply({"action": "subscribe", "filter": {"type": "press"}}))["event"] == "Subscribed"
+        for n in range(31):
+            ack = await reply({"action": "subscribe", "filter": {"metadata.n": n}})
+            assert ack["event"] == "Subscribed", (n, ack)
+        over = await reply({"action": "subscribe", "filter": {"metadata.n": 31}})
+        assert over["event"] == "Error" and "32" in over["detail"], over
+
+        # The socket stays open and only what was accepted is watched.
+        async with aiomqtt.Client(*mosquitto) as client:
+            for eid in ("extra-1", "oven-0999"):
+                await client.publish(f"openegiz/{site}/oven/{eid}/thermal/telemetry",
+                                     telemetry(1, {"t": 1.0}), qos=1)
+        seen = []
+        while not seen or seen[-1] != (f"{site}:oven-0999", "StateChanged"):
+            msg = await ws.receive_json(timeout=5)
+            if msg["event"] != "Heartbeat":
+                seen.append((msg["thingId"], msg["event"]))
+        assert seen == [(f"{site}:oven-0999", "ThingCreated"), (f"{site}:oven-0999", "StateChanged")]
+
+
+async def test_non_finite_numbers_and_deep_nesting_in_a_message_are_errors(mosquitto, start_gateway):
+    gw = await start_gateway(mosquitto)
+    async with aiohttp.ClientSession() as http, http.ws_connect(gw.url + "/api/v1/ws", headers=auth()) as ws:
+        for bad in ('{"action": "subscribe", "filter": {"features.thermal.properties.t": {"$gt": NaN}}}',
+                    '{"action": "subscribe", "filter": {"features.thermal.properties.t": {"$lt": 1e400}}}',
+                    "[" * 20_000 + "]" * 20_000):
+            await ws.send_str(bad)
+            reply = json.loads((await ws.receive(timeout=5)).data, parse_constant=lambda c: None)
+            assert reply["event"] == "Error" and reply["detail"], reply
+        await ws.send_json({"action": "subscribe"})
+        assert (await ws.receive_json(timeout=5))["event"] == "Subscribed"

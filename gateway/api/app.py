@@ -13,11 +13,13 @@ from aiohttp import web
 
 from gateway import __version__
 from gateway.api.auth import Authenticator, role_allows
+from gateway.buffer.buffer import TelemetryBuffer
 from gateway.bus import EventBus
 from gateway.config import GatewayConfig
 from gateway.errors import Conflict, EgizError, Invalid, NotFound
 from gateway.ingest.deadletter import DeadLetterLog
 from gateway.ingest.mqtt import MqttIngest
+from gateway.ingest.payload import loads_strict
 from gateway.metrics import GatewayMetrics
 from gateway.twin.registry import TwinRegistry
 
@@ -38,6 +40,7 @@ class Parts:
     metrics: GatewayMetrics
     auth: Authenticator
     started: float
+    buffer: TelemetryBuffer
 
 
 PARTS = web.AppKey("parts", Parts)
@@ -113,20 +116,30 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
 async def read_json(request: web.Request) -> Any:
     """The request body as JSON, or a 400 that says what is wrong."""
     try:
-        return await request.json()
-    except json.JSONDecodeError as exc:
-        raise Invalid(f"the body is not valid JSON: {exc}") from None
+        text = await request.text()
     except UnicodeDecodeError:
         raise Invalid("the body is not UTF-8") from None
+    return parse_json(text, "the body")
+
+
+def parse_json(text: str, what: str) -> Any:
+    """JSON from a client, strictly: NaN, Infinity and deep nesting are an Invalid (400), never a 500."""
+    try:
+        return loads_strict(text)
+    except RecursionError:
+        raise Invalid(f"{what} is nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, a non-finite number, an integer of thousands of digits
+        raise Invalid(f"{what} is not valid JSON: {str(exc)[:200]}") from None
 
 
 def build_app(parts: Parts) -> web.Application:
     """The app factory: routes from the api modules, one middleware, WebSocket cleanup on shutdown."""
-    from gateway.api import openapi, things, ws
+    from gateway.api import history, openapi, things, ws
 
     app = web.Application(middlewares=[middleware], client_max_size=MAX_BODY)
     app[PARTS] = parts
     things.add_routes(app)
+    history.add_routes(app)
     ws.add_routes(app)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
@@ -156,6 +169,11 @@ async def ready(request: web.Request) -> web.Response:
         warnings.append("auth.open is on: anyone can read and write (demo mode)")
     if parts.registry.flush_errors:
         warnings.append(f"{parts.registry.flush_errors} twin flushes to disk failed")
+    buf = parts.buffer
+    if buf.commit_failing:
+        warnings.append(f"buffer commits are failing ({buf.last_error}); messages are kept unacknowledged")
+    if buf.refusing:
+        warnings.append(f"disk budget used up ({buf.used_bytes} bytes): new points are not stored")
     ok = all(v == "ok" for v in checks.values())
     return web.json_response({"ready": ok, "checks": checks, "warnings": warnings,
                               "things": len(parts.registry)}, status=200 if ok else 503)
@@ -166,5 +184,6 @@ async def metrics(request: web.Request) -> web.Response:
     parts = request.app[PARTS]
     parts.metrics.things.set(len(parts.registry))
     parts.metrics.twin_flush_errors.set(parts.registry.flush_errors)
+    parts.metrics.buffer_pending.set(parts.buffer.pending_points)
     return web.Response(body=parts.metrics.render(), content_type="text/plain", charset="utf-8",
                         headers={"X-Content-Type-Options": "nosniff"})

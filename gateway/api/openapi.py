@@ -106,6 +106,29 @@ SPEC: dict[str, Any] = {
                                                             "desiredProperties": {"type": "object"},
                                                             "version": {"type": "integer"}}}}}}),
         },
+        "/api/v1/things/{id}/history": {
+            "get": _op("Stored history of one Thing: raw points or min/max/avg/count/last buckets (docs/api.md, "
+                       "'History')", "viewer",
+                       {"200": {"description": "unified history document, or CSV with format=csv",
+                                "content": {"application/json": {"schema": {"type": "object"}},
+                                            "text/csv": {"schema": {"type": "string"}}}}, **ERRORS},
+                       parameters=[ID,
+                                   {"name": "from", "in": "query", "schema": {"type": "string"},
+                                    "description": "ISO 8601 or epoch seconds; default: one hour before `to`"},
+                                   {"name": "to", "in": "query", "schema": {"type": "string"},
+                                    "description": "ISO 8601 or epoch seconds; default: now"},
+                                   {"name": "feature", "in": "query", "schema": {"type": "string"}},
+                                   {"name": "property", "in": "query", "schema": {"type": "string"},
+                                    "description": "a flattened path (voltage.a) or its base name (voltage)"},
+                                   {"name": "resolution", "in": "query",
+                                    "schema": {"type": "string", "default": "auto"},
+                                    "description": "raw, auto, or a bucket such as 10s, 1m, 1h, 1d"},
+                                   {"name": "format", "in": "query",
+                                    "schema": {"type": "string", "enum": ["json", "csv"], "default": "json"}},
+                                   {"name": "batch_id", "in": "query", "schema": {"type": "string"},
+                                    "description": "only times when the Thing carried this value; any key of "
+                                                   "buffer.context_keys works the same way"}]),
+        },
         "/api/v1/query": {
             "post": _op("Query Things with a filter", "viewer", {"200": _resp("a page", PAGE), **ERRORS},
                         requestBody={"required": True, "content": {"application/json": {

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from aiohttp import web
 
-from gateway.api.app import PARTS, error_body, read_json, requires
+from gateway.api.app import PARTS, error_body, parse_json, read_json, requires
 from gateway.errors import Invalid
 from gateway.ingest.mqtt import CommandNotSent
 from gateway.twin.model import Thing, check_name
@@ -79,10 +78,7 @@ async def list_things(request: web.Request) -> web.Response:
     offset = _int(q.get("offset"), "offset", 0, 0, 10**9)
     doc: dict[str, Any] = {}
     if "filter" in q:
-        try:
-            doc = json.loads(q["filter"])
-        except json.JSONDecodeError:
-            raise Invalid("filter must be a JSON object") from None
+        doc = parse_json(q["filter"], "filter")
         if not isinstance(doc, dict):
             raise Invalid("filter must be a JSON object")
     for key, value in q.items():

@@ -15,9 +15,9 @@ from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from gateway.api.app import PARTS, error_body, requires
+from gateway.api.app import PARTS, error_body, parse_json, requires
 from gateway.bus import Subscription, iso_utc
-from gateway.errors import EgizError
+from gateway.errors import EgizError, Invalid
 from gateway.twin.model import validate_thing_id
 from gateway.twin.query import ThingFilter
 
@@ -34,6 +34,9 @@ class OpenSockets:
 
 SOCKETS = web.AppKey("websockets", OpenSockets)
 MAX_CLIENT_MESSAGE = 64 * 1024
+# What one connection may watch: the bus checks every filter of every connection on each event.
+MAX_THING_IDS = 1000
+MAX_FILTERS = 32
 CLOSE_TIMEOUT_S = 2.0
 
 
@@ -128,9 +131,9 @@ async def _receive_loop(ws: web.WebSocketResponse, sub: Subscription, request: w
 def _command(sub: Subscription, text: str, registry: Any) -> list[dict[str, Any]]:
     """Apply one client message; returns the replies (an ack, and snapshots when asked for)."""
     try:
-        doc = json.loads(text)
-    except json.JSONDecodeError:
-        return [{"event": "Error", "detail": "messages must be JSON objects"}]
+        doc = parse_json(text, "the message")
+    except Invalid as exc:
+        return [{"event": "Error", "detail": exc.detail}]
     if not isinstance(doc, dict) or doc.get("action") not in ("subscribe", "unsubscribe"):
         return [{"event": "Error", "detail": 'action must be "subscribe" or "unsubscribe"'}]
     action = doc["action"]
@@ -138,9 +141,10 @@ def _command(sub: Subscription, text: str, registry: Any) -> list[dict[str, Any]
     if "thingId" in doc:
         ids.append(validate_thing_id(doc["thingId"]))
     if "thingIds" in doc:
-        if not isinstance(doc["thingIds"], list) or len(doc["thingIds"]) > 10_000:
-            return [{"event": "Error", "detail": "thingIds must be an array of at most 10000 ids"}]
+        if not isinstance(doc["thingIds"], list) or len(doc["thingIds"]) > MAX_THING_IDS:
+            return [{"event": "Error", "detail": f"thingIds must be an array of at most {MAX_THING_IDS} ids"}]
         ids.extend(validate_thing_id(t) for t in doc["thingIds"])
+    ids = list(dict.fromkeys(ids))
     flt = ThingFilter.parse(doc["filter"]) if "filter" in doc else None
     everything = not ids and flt is None
     ack: dict[str, Any] = {"event": "Subscribed" if action == "subscribe" else "Unsubscribed"}
@@ -153,7 +157,12 @@ def _command(sub: Subscription, text: str, registry: Any) -> list[dict[str, Any]
     if action == "unsubscribe":
         sub.unwatch(thing_ids=ids, predicates=flt is not None or everything, everything=everything)
         return [ack]
-    sub.watch(thing_ids=ids, predicate=flt, everything=everything)
+    over = _over_limits(sub, ids, flt)
+    if over:
+        return [{"event": "Error", "detail": f"{over}; nothing was subscribed (unsubscribe something first)"}]
+    # The same filter twice would only cost a second check per event.
+    known = flt is not None and any(getattr(f, "source", None) == flt.source for f in sub.filters)
+    sub.watch(thing_ids=ids, predicate=None if known else flt, everything=everything)
     out = [ack]
     if doc.get("snapshot") is True:
         things = [registry.get(t) for t in ids] if ids else registry.query(
@@ -162,3 +171,12 @@ def _command(sub: Subscription, text: str, registry: Any) -> list[dict[str, Any]
     return out
 
 
+def _over_limits(sub: Subscription, ids: list[str], flt: ThingFilter | None) -> str | None:
+    """Why this subscribe would take the connection over its limits, or None."""
+    n_ids = len(sub.thing_ids.union(ids))
+    if n_ids > MAX_THING_IDS:
+        return f"a connection can watch at most {MAX_THING_IDS} Thing ids; this would make {n_ids}"
+    if flt is not None and len(sub.filters) >= MAX_FILTERS and all(
+            getattr(f, "source", None) != flt.source for f in sub.filters):
+        return f"a connection can watch at most {MAX_FILTERS} filters"
+    return None

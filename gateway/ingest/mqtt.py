@@ -21,17 +21,12 @@ from typing import Any
 import aiomqtt
 import paho.mqtt.client as paho
 
+from gateway.buffer.buffer import TelemetryBuffer
 from gateway.config import GatewayConfig
 from gateway.errors import RejectedMessage
 from gateway.ingest.deadletter import DeadLetterLog
-from gateway.ingest.payload import (
-    Sample,
-    Telemetry,
-    count_points,
-    decode_json,
-    parse_status,
-    parse_telemetry,
-)
+from gateway.ingest.payload import count_points, decode_json, parse_status, parse_telemetry
+from gateway.ingest.sequence import SequenceTracker
 from gateway.ingest.topics import TopicPattern
 from gateway.metrics import GatewayMetrics
 from gateway.twin.model import THING_ID_RE, TYPE_RE, Thing
@@ -55,8 +50,10 @@ class MqttIngest:
     """Owns the broker connection; parses, validates, de-duplicates and applies telemetry."""
 
     def __init__(self, config: GatewayConfig, registry: TwinRegistry, dead_letters: DeadLetterLog,
-                 metrics: GatewayMetrics) -> None:
+                 metrics: GatewayMetrics, buffer: TelemetryBuffer, sequences: SequenceTracker) -> None:
         self._cfg = config
+        self._buffer = buffer
+        self._seq = sequences
         self._ing = config.ingest
         self._site = config.gateway.site
         self._registry = registry
@@ -80,7 +77,15 @@ class MqttIngest:
         self._task = asyncio.create_task(self._run(), name="mqtt-ingest")
 
     async def stop(self) -> None:
+        """Stop taking messages, commit and acknowledge what was taken, then disconnect."""
         self._stopping = True
+        paho_client = self._paho
+        if paho_client is not None:
+            paho_client.on_message = None  # later messages stay unacknowledged: the broker keeps them
+        try:
+            await self._buffer.flush()
+        except Exception:
+            log.exception("could not commit the last messages; the broker will redeliver them")
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -123,10 +128,11 @@ class MqttIngest:
         mq = self._cfg.mqtt
         attempt = 0
         while not self._stopping:
-            client = self._new_client()
+            connected_at: float | None = None
             try:
+                client = self._new_client()
                 async with client:
-                    attempt = 0
+                    connected_at = time.monotonic()
                     self._client = client
                     await client.subscribe(self.subscriptions)
                     self._m.mqtt_connected.set(1)
@@ -139,6 +145,10 @@ class MqttIngest:
                 self._m.mqtt_reconnects.inc()
                 if attempt == 0:
                     log.warning("broker connection lost or refused", extra={"error": str(exc)})
+            except Exception as exc:  # e.g. an unreadable CA file: keep trying, never die silently
+                self._m.mqtt_reconnects.inc()
+                if attempt == 0:
+                    log.error("cannot set up the broker connection", extra={"error": f"{type(exc).__name__}: {exc}"})
             finally:
                 self._client = None
                 self._paho = None
@@ -146,6 +156,9 @@ class MqttIngest:
                 self._m.mqtt_connected.set(0)
             if self._stopping:
                 break
+            # A session that stayed up a while starts the backoff afresh; a flapping one keeps growing it.
+            if connected_at is not None and time.monotonic() - connected_at >= mq.reconnect_max_s:
+                attempt = 0
             # Capped exponential backoff with full jitter, so a fleet does not reconnect in step.
             delay = min(mq.reconnect_max_s, mq.reconnect_min_s * 2**min(attempt, 16))
             attempt += 1
@@ -153,14 +166,14 @@ class MqttIngest:
 
     # ----------------------------------------------------------------- receive path
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
-        """paho's receive callback: apply, then acknowledge (PUBACK) — in that order."""
+        """paho's receive callback: apply now; acknowledge (PUBACK) once the buffer has committed it."""
         try:
             topic = message.topic
         except UnicodeDecodeError:
             topic = message._topic.decode("utf-8", "replace")
         self.handle(topic, message.payload, retain=message.retain)
         if message.qos > 0:
-            client.ack(message.mid, message.qos)
+            self._buffer.ack_later(client, message.mid, message.qos)
 
     def handle(self, topic: str, payload: Any, *, retain: bool = False) -> None:
         """Apply one message or dead-letter it; never raises."""
@@ -229,41 +242,17 @@ class MqttIngest:
             device_id=fields.get("device_id") or fields.get("equipment_id"),
         )
         thing = self._thing(ident)
-        fresh = self._sequence(thing, telemetry)
+        fresh, mark = self._seq.fresh(thing.id, telemetry)
         if not fresh:
             return
-        self._registry.apply_samples(thing, fresh, time.time())
+        now = time.time()
+        self._registry.apply_samples(thing, fresh, now)
+        self._buffer.add(thing.id, thing.type, fresh, now, mark)
         points = sum(count_points(s.properties) for s in fresh)
         self._m.accepted.inc()
         self._m.points.inc(points)
         self.accepted_messages += 1
         self.accepted_points += points
-
-    def _sequence(self, thing: Thing, telemetry: Telemetry) -> list[Sample]:
-        """Drop samples already seen in this boot; count the ones a seq gap says are missing."""
-        samples = list(telemetry.samples)
-        boot = telemetry.boot
-        if boot is None:
-            return samples
-        if thing.boot != boot:
-            if thing.boot is not None:
-                self._m.reboots.inc()
-            thing.boot = boot
-            thing.seq = None
-        last = thing.seq
-        fresh = []
-        accepted_here: int | None = None  # the older shape gives every feature of one message the same seq
-        for s in samples:
-            if s.seq is not None and s.seq != accepted_here:
-                if last is not None and s.seq <= last:
-                    self._m.duplicates.inc()
-                    continue
-                if last is not None and s.seq > last + 1:
-                    self._m.gaps.inc(s.seq - last - 1)
-                last = accepted_here = s.seq
-            fresh.append(s)
-        thing.seq = last
-        return fresh
 
     def _status(self, fields: dict[str, str], raw: bytes) -> None:
         if not raw:
@@ -286,7 +275,7 @@ class MqttIngest:
             raise RejectedMessage("wrong_type", "cmd/ack properties must be an object")
         detail = doc.get("detail")
         if not self._registry.apply_command_ack(doc["cmdId"], status, str(detail) if detail else None,
-                                                props, time.time()):
+                                                props, time.time(), thing_id=ident.thing_id):
             raise RejectedMessage("unknown_command", f"no pending command {doc['cmdId'][:64]!r} for {ident.thing_id}")
 
     # ----------------------------------------------------------------- commands out

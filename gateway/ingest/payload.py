@@ -19,7 +19,7 @@ from gateway.errors import RejectedMessage
 PropertyValue = float | int | str | bool | list[float] | dict[str, float]
 Properties = dict[str, PropertyValue]
 
-NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
 MIN_TS = 946_684_800.0  # 2000-01-01: anything earlier is a clock that was never set
 MAX_FUTURE_S = 86_400.0
 MAX_STRING = 256
@@ -63,12 +63,37 @@ def _reject(reason: str, detail: str) -> RejectedMessage:
     return RejectedMessage(reason, detail)
 
 
+def _not_finite(text: str) -> Any:
+    raise ValueError(f"{text[:40]} is not a finite number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value - value != 0.0:  # inf (1e400) or nan
+        raise ValueError(f"{text[:40]} is not a finite number")
+    return value
+
+
+_STRICT = json.JSONDecoder(parse_constant=_not_finite, parse_float=_finite_float)
+
+
+def loads_strict(text: str | bytes) -> Any:
+    """`json.loads` for outside input, except that NaN, Infinity and floats that overflow are errors.
+
+    Raises ValueError (JSONDecodeError, UnicodeDecodeError) or RecursionError for deep nesting.
+    Nothing non-finite gets in, so nothing non-finite is ever written out as JSON.
+    """
+    if isinstance(text, bytes | bytearray):
+        text = text.decode(json.detect_encoding(text), "surrogatepass")
+    return _STRICT.decode(text)
+
+
 def decode_json(raw: bytes, max_bytes: int) -> Any:
     """Size-check and decode; every failure becomes a RejectedMessage with a reason code."""
     if len(raw) > max_bytes:
         raise _reject("too_large", f"payload is {len(raw)} bytes, limit {max_bytes}")
     try:
-        return json.loads(raw)
+        return loads_strict(raw)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise _reject("malformed_json", f"not valid UTF-8 JSON: {str(exc)[:120]}") from None
 

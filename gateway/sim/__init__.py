@@ -1,6 +1,19 @@
-"""Fleet simulator: realistic food-line telemetry over MQTT, with labelled fault injection."""
+"""Fleet simulator: food-line nodes publishing realistic telemetry over MQTT, with labelled fault injection."""
 
-from gateway.sim.faults import FaultSpec, RandomFaults, parse_faults
+from gateway.sim.equipment import EQUIPMENT_TYPES
+from gateway.sim.faults import FaultSpec, FaultSpecError, RandomFaults, SimError, TruthRecord, parse_faults
 from gateway.sim.fleet import FleetOptions, FleetStats, fleet_things, run_fleet
 
-__all__ = ["FaultSpec", "FleetOptions", "FleetStats", "RandomFaults", "fleet_things", "parse_faults", "run_fleet"]
+__all__ = [
+    "EQUIPMENT_TYPES",
+    "FaultSpec",
+    "FaultSpecError",
+    "FleetOptions",
+    "FleetStats",
+    "RandomFaults",
+    "SimError",
+    "TruthRecord",
+    "fleet_things",
+    "parse_faults",
+    "run_fleet",
+]

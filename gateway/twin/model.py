@@ -13,9 +13,9 @@ from typing import Any
 from gateway.bus import iso_utc
 from gateway.errors import Invalid
 
-THING_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}:[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
-TYPE_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+THING_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}:[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
+TYPE_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}\Z")
 MAX_DOC_BYTES = 256 * 1024
 
 
@@ -44,7 +44,7 @@ class Relationship:
 
 @dataclass(slots=True)
 class Thing:
-    """A physical asset. `boot`/`seq` track its node's message sequence for duplicate detection."""
+    """A physical asset of the line (its node's message sequence is tracked by the ingest, not here)."""
 
     id: str
     type: str
@@ -54,8 +54,6 @@ class Thing:
     version: int = 1
     last_updated: float = 0.0
     created: float = 0.0
-    boot: str | None = None
-    seq: int | None = None
 
     @property
     def equipment_id(self) -> str:

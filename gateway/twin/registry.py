@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 import logging
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,16 +54,26 @@ class PendingCommand:
 
 
 def merge_patch(target: dict[str, Any], patch: dict[str, Any]) -> None:
-    """RFC 7386 JSON merge patch in place: objects merge, `null` removes, anything else replaces."""
+    """RFC 7386 JSON merge patch in place: objects merge, `null` removes, anything else replaces.
+
+    Only `target` itself changes in place: a nested object is replaced by a merged copy, because
+    events waiting in subscriber queues may share it and must keep the state they were made with.
+    """
     for key, value in patch.items():
         if value is None:
             target.pop(key, None)
         elif isinstance(value, dict):
-            if not isinstance(target.get(key), dict):
-                target[key] = {}
-            merge_patch(target[key], value)
+            current = target.get(key)
+            merged = dict(current) if isinstance(current, dict) else {}
+            merge_patch(merged, value)
+            target[key] = merged
         else:
             target[key] = value
+
+
+def _snapshot(thing: Thing) -> dict[str, Any]:
+    """The Thing's document with copies of its live dicts, for an event that may wait in a queue."""
+    return copy.deepcopy(thing.to_document())
 
 
 class TwinRegistry:
@@ -76,6 +87,7 @@ class TwinRegistry:
         self._dirty: set[str] = set()
         self._deleted: set[str] = set()
         self._commands: OrderedDict[str, PendingCommand] = OrderedDict()
+        self.deletions: deque[tuple[float, str]] = deque(maxlen=10_000)  # (when, id): for the uplink
         self._flush_lock = asyncio.Lock()
         self._flusher: asyncio.Task[None] | None = None
         self.flushes = 0
@@ -145,6 +157,14 @@ class TwinRegistry:
     def get(self, thing_id: str) -> Thing | None:
         return self._things.get(thing_id)
 
+    def changed_since(self, t: float) -> list[Thing]:
+        """Things whose state changed after `t` (by their `lastUpdated`)."""
+        return [thing for thing in self._things.values() if thing.last_updated > t]
+
+    def newest_update(self) -> float:
+        """The latest `lastUpdated` of any Thing (0 when there are none)."""
+        return max((t.last_updated for t in self._things.values()), default=0.0)
+
     def require(self, thing_id: str) -> Thing:
         thing = self._things.get(thing_id)
         if thing is None:
@@ -183,7 +203,7 @@ class TwinRegistry:
         self._dirty.add(thing.id)
         self._bus.publish(
             ThingLifecycle(thing.id, thing, kind="ThingCreated", version=thing.version,
-                           timestamp=thing.last_updated, document=thing.to_document())
+                           timestamp=thing.last_updated, document=_snapshot(thing))
         )
 
     async def replace(self, thing_id: str, doc: Any, *, expected_version: int | None) -> Thing:
@@ -210,7 +230,7 @@ class TwinRegistry:
         self._bump(thing, time.time())
         self._bus.publish(
             ThingLifecycle(thing.id, thing, kind="ThingUpdated", version=thing.version,
-                           timestamp=thing.last_updated, document=thing.to_document())
+                           timestamp=thing.last_updated, document=_snapshot(thing))
         )
         await self.flush()
         return thing
@@ -219,6 +239,7 @@ class TwinRegistry:
         thing = self.require(thing_id)
         self._check_version(thing, expected_version)
         del self._things[thing_id]
+        self.deletions.append((time.time(), thing_id))
         self._dirty.discard(thing_id)
         self._deleted.add(thing_id)
         self._bus.publish(
@@ -251,14 +272,18 @@ class TwinRegistry:
             merge_patch(f.desired, desired)
         now = time.time()
         self._bump(thing, now)
-        self._bus.publish(
-            StateChanged(thing.id, thing, feature=feature, properties=properties or {},
-                         desired=desired, version=thing.version, timestamp=now, source=source)
+        self._bus.publish(  # the event keeps its own copy of the patch, whoever holds the original
+            StateChanged(thing.id, thing, feature=feature, properties=copy.deepcopy(properties or {}),
+                         desired=copy.deepcopy(desired), version=thing.version, timestamp=now, source=source)
         )
         return thing
 
     def apply_samples(self, thing: Thing, samples: list[Sample], now: float) -> None:
-        """Telemetry: each property takes the newest value; one version step per message."""
+        """Telemetry: each property takes the newest value; one version step per message.
+
+        The event and the live state share the samples' values (a `voltage` object, a list) without
+        copying them: nothing changes those in place (`merge_patch` replaces nested objects).
+        """
         changed: dict[str, dict[str, Any]] = {}
         features = thing.features
         for s in samples:
@@ -278,6 +303,14 @@ class TwinRegistry:
         for feature, props in changed.items():
             publish(StateChanged(thing.id, thing, feature=feature, properties=props,
                                  version=thing.version, timestamp=now))
+
+    def restore(self, thing: Thing, feature: str, properties: dict[str, Any], stored_at: float) -> None:
+        """At start: values the buffer stored after this Thing was last written to the registry file."""
+        f = thing.features.get(feature)
+        if f is None:
+            f = thing.features[feature] = Feature()
+        f.properties.update(properties)
+        self._bump(thing, max(stored_at, thing.last_updated))
 
     def set_connectivity(self, thing: Thing, status: Status, now: float) -> bool:
         """Node status / Last Will → the `connectivity` feature; True when something changed."""
@@ -311,11 +344,16 @@ class TwinRegistry:
         return cmd
 
     def apply_command_ack(self, cmd_id: str, status: str, detail: str | None,
-                          properties: dict[str, Any] | None, now: float) -> bool:
-        """A node's `cmd/ack`: on success the desired values become reported ones."""
-        cmd = self._commands.pop(cmd_id, None)
-        if cmd is None:
+                          properties: dict[str, Any] | None, now: float, *, thing_id: str | None = None) -> bool:
+        """A node's `cmd/ack`: on success the desired values become reported ones.
+
+        `thing_id` is the Thing whose topic the ack came on; an ack for another Thing's command is
+        ignored and leaves that command pending, so one node cannot complete another's command.
+        """
+        cmd = self._commands.get(cmd_id)
+        if cmd is None or (thing_id is not None and thing_id != cmd.thing_id):
             return False
+        del self._commands[cmd_id]
         thing = self._things.get(cmd.thing_id)
         if thing is None:
             return False
@@ -360,14 +398,14 @@ def _load(db: sqlite_utils.Database) -> list[dict[str, Any]]:
     if THINGS not in db.table_names():
         db[THINGS].create(  # type: ignore[union-attr]
             {"id": str, "type": str, "metadata": str, "features": str, "relationships": str,
-             "version": int, "last_updated": float, "created": float, "boot": str, "seq": int},
+             "version": int, "last_updated": float, "created": float},
             pk="id",
         )
     return list(db[THINGS].rows)
 
 
 _COLUMNS = ("id", "type", "metadata", "features", "relationships", "version", "last_updated",
-            "created", "boot", "seq")
+            "created")
 _UPSERT = (
     f"INSERT INTO {THINGS} ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))}) "
     f"ON CONFLICT(id) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in _COLUMNS[1:])}"
@@ -397,8 +435,6 @@ def _to_row(t: Thing) -> dict[str, Any]:
         "version": t.version,
         "last_updated": t.last_updated,
         "created": t.created,
-        "boot": t.boot,
-        "seq": t.seq,
     }
 
 
@@ -412,6 +448,4 @@ def _from_row(row: dict[str, Any]) -> Thing:
         version=row["version"],
         last_updated=row["last_updated"] or 0.0,
         created=row["created"] or 0.0,
-        boot=row["boot"],
-        seq=row["seq"],
     )

@@ -1,0 +1,168 @@
+"""Uplink benchmark: prints one JSON line per figure (see DESIGN.md for the targets).
+
+Drain of a 1M-point backlog from a real gateway buffer through the forwarder to a real aggregator
+(DuckDB) over HTTP on loopback, bytes per point on the wire, and the aggregator's ingest rate with
+10 gateways sending at once, on DuckDB and (when reachable) on PostgreSQL.
+
+    python bench/sync.py [--points 1000000] [--pg postgresql://postgres@127.0.0.1/postgres]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+import pyarrow as pa
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cloud_sync.aggregator import Aggregator
+from cloud_sync.config import load_aggregator_config
+from cloud_sync.forwarder import Forwarder
+from cloud_sync.wire import POINTS, Batch, encode
+from gateway.buffer.buffer import TelemetryBuffer
+from gateway.bus import EventBus
+from gateway.config import GatewayConfig, load_config
+from gateway.ingest.payload import Sample
+from gateway.metrics import GatewayMetrics
+from gateway.twin.registry import TwinRegistry
+
+TOKEN = "bench-gateway-token-000000"
+KEY = "bench-admin-key-00000000000"
+T0 = 1_789_948_800.0
+
+
+def emit(figure: str, value: float, unit: str, target: str, **extra: Any) -> None:
+    print(json.dumps({"figure": figure, "value": round(value, 3), "unit": unit, "target": target, **extra}),
+          flush=True)
+
+
+def aggregator(tmp: Path, gateways: int, backend: str = "duckdb", dsn: str = "") -> Aggregator:
+    cfg = load_aggregator_config(None, environ={}, overrides={
+        "aggregator.data_dir": str(tmp / f"agg-{backend}"), "http.host": "127.0.0.1", "http.port": 0,
+        "aggregator.ingest_concurrency": 16, "auth.api_keys": [{"key": KEY, "role": "admin"}],
+        "storage.backend": backend, "storage.dsn": dsn,
+        "auth.gateway_tokens": [{"gateway": f"gw-{i}", "token": f"{TOKEN}{i:02d}", "site": "bench",
+                                 "line": f"line-{i}"} for i in range(gateways)],
+    })
+    return Aggregator(cfg)
+
+
+async def drain(tmp: Path, n: int) -> None:
+    agg = aggregator(tmp, 1)
+    await agg.start()
+    cfg = load_config(GatewayConfig, None, environ={}, overrides={
+        "gateway.site": "bench", "gateway.line": "line-0", "gateway.id": "gw-0", "gateway.data_dir": str(tmp / "gw"),
+        "auth.open": True, "buffer.disk_budget_mb": 0, "uplink.url": f"http://127.0.0.1:{agg.http_port}",
+        "uplink.token": f"{TOKEN}00", "uplink.order": "oldest_first", "uplink.batch_points": 100_000,
+        "uplink.live_backlog_points": 1_000_000_000,
+    })
+    metrics = GatewayMetrics()
+    buf = TelemetryBuffer(cfg, metrics, uplink=True)
+    await buf.start()
+    registry = TwinRegistry(tmp / "gw" / "registry.sqlite", EventBus())
+    await registry.start()
+    rng = np.random.default_rng(2)
+    # a line's backlog: 20 ovens x 5 properties at 1 Hz, values with two decimals
+    per = n // 100
+    for start in range(0, per, 2000):
+        for th in range(20):
+            vals = np.round(180 + th + rng.normal(0, 0.3, (2000, 5)), 2)
+            samples = [Sample("thermal", T0 + s, s + 1, {f"p{k}": float(vals[s - start, k]) for k in range(5)})
+                       for s in range(start, min(start + 2000, per))]
+            buf.add(f"bench:oven-{th:02d}", "oven", samples, T0 + start, None)
+        await buf.flush()
+    backlog = buf.committed_id
+    fwd = Forwarder(cfg, buf, registry, metrics)
+    await fwd.start()
+    await fwd.stop()  # only its HTTP session and state are needed: steps are driven here
+    fwd._http = aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}00"})
+    start = time.perf_counter()
+    while buf.synced_id < backlog:
+        await fwd.step()
+    elapsed = time.perf_counter() - start
+    sent = metrics.uplink_bytes._value.get()
+    emit("uplink_drain_1m_backlog", backlog / elapsed, "points/s", ">= 200000", points=backlog)
+    emit("uplink_bytes_per_point", sent / backlog, "bytes", "<= 6", points=backlog)
+    await fwd._http.close()
+    await buf.stop()
+    await registry.stop()
+    await agg.stop()
+
+
+def gateway_batches(i: int, batches: int, per_batch: int) -> list[bytes]:
+    rng = np.random.default_rng(i)
+    out = []
+    for b in range(batches):
+        series = np.tile(np.arange(50, dtype=np.int32), per_batch // 50)
+        ts = T0 + b * (per_batch // 50) + np.repeat(np.arange(per_batch // 50), 50).astype(float)
+        pts = pa.table({"series": series, "ts": ts, "recv": ts + 0.02, "seq": np.arange(per_batch) + b * per_batch,
+                        "value": np.round(rng.normal(180, 3, per_batch), 2), "text": pa.nulls(per_batch, pa.string())},
+                       schema=POINTS)
+        names = [(f"bench:m{i}-{k // 10}", "f", f"p{k % 10}") for k in range(50)]
+        out.append(encode(Batch(f"gw-{i}", b + 1, "bench", f"line-{i}", b * per_batch, (b + 1) * per_batch, names,
+                                pts)))
+    return out
+
+
+async def concurrent_ingest(tmp: Path, backend: str, dsn: str = "") -> None:
+    gateways, batches, per_batch = 10, 10, 20_000
+    agg = aggregator(tmp, gateways, backend, dsn)
+    await agg.start()
+    bodies = [gateway_batches(i, batches, per_batch) for i in range(gateways)]
+    url = f"http://127.0.0.1:{agg.http_port}/api/v1/ingest/batches"
+
+    async def one(i: int, http: aiohttp.ClientSession) -> None:
+        for body in bodies[i]:
+            while True:
+                async with http.post(url, data=body, headers={"Authorization": f"Bearer {TOKEN}{i:02d}"}) as r:
+                    if r.status == 200:
+                        break
+                await asyncio.sleep(0.01)
+
+    async with aiohttp.ClientSession() as http:
+        start = time.perf_counter()
+        await asyncio.gather(*(one(i, http) for i in range(gateways)))
+        elapsed = time.perf_counter() - start
+    total = gateways * batches * per_batch
+    emit(f"aggregator_ingest_10_gateways_{backend}", total / elapsed, "points/s", "reference", points=total)
+    await agg.stop()
+
+
+async def main(points: int, pg: str) -> None:
+    with tempfile.TemporaryDirectory(prefix="egiz-bench-sync-") as tmp:
+        await drain(Path(tmp), points)
+        await concurrent_ingest(Path(tmp), "duckdb")
+        if pg:
+            import psycopg
+
+            name = f"egiz_bench_{uuid.uuid4().hex[:8]}"
+            try:
+                with psycopg.connect(pg, autocommit=True) as conn:
+                    conn.execute(f"CREATE DATABASE {name}")
+            except psycopg.Error as exc:
+                print(json.dumps({"figure": "aggregator_ingest_10_gateways_postgres", "skipped": str(exc)[:120]}))
+                return
+            try:
+                await concurrent_ingest(Path(tmp), "postgres", pg.rsplit("/", 1)[0] + f"/{name}")
+            finally:
+                with psycopg.connect(pg, autocommit=True) as conn:
+                    conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--points", type=int, default=1_000_000)
+    ap.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432/postgres",
+                    help="an admin DSN to create a scratch database ('' to skip PostgreSQL)")
+    args = ap.parse_args()
+    asyncio.run(main(args.points, args.pg))

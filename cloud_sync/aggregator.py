@@ -1,0 +1,393 @@
+"""Aggregator: takes batches from every line gateway, stores them once, serves the multi-site API.
+
+`POST /api/v1/ingest/batches` (a gateway's token): each `(gateway_id, batch_seq)` is applied at most
+once, in order per gateway, completely or not at all; a gateway writes only its own site and line.
+The read API (API keys with roles, as on the gateway): sites with their health, gateways, Things
+across sites, history in the gateway's format, the most critical assets, a WebSocket of site
+summaries, `/health`, `/ready`, `/metrics`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from aiohttp import WSMsgType, web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from cloud_sync.config import AggregatorConfig, GatewayToken
+from cloud_sync.store import AggregatorStore, StoreError
+from cloud_sync.wire import Batch, WireError, decode
+from gateway import __version__
+from gateway.api.auth import Authenticator, role_allows
+from gateway.buffer.history import HistoryQuery, parse_resolution, parse_time, run_query
+from gateway.errors import Invalid, NotFound
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+MAX_LIMIT = 1000
+
+
+class AggregatorMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.batches = Counter("egiz_aggregator_batches_total", "Batches by result", ["result"], registry=r)
+        self.points = Counter("egiz_aggregator_points_total", "Points stored", registry=r)
+        self.bytes = Counter("egiz_aggregator_bytes_total", "Bytes of batches received", registry=r)
+        self.apply_seconds = Histogram("egiz_aggregator_apply_seconds", "Time to apply one batch", registry=r,
+                                       buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
+        self.gateways = Gauge("egiz_aggregator_gateways", "Gateways known", registry=r)
+        self.auth_failures = Counter("egiz_aggregator_auth_failures_total", "Refused requests", ["status"],
+                                     registry=r)
+
+
+def make_store(cfg: AggregatorConfig) -> AggregatorStore:
+    if cfg.storage.backend == "postgres":
+        from cloud_sync.store.pg import PgStore
+
+        return PgStore(cfg.storage.dsn, partition_days=cfg.storage.partition_days)
+    from cloud_sync.store.duck import DuckStore
+
+    return DuckStore(Path(cfg.aggregator.data_dir))
+
+
+class Aggregator:
+    """The central service: store + HTTP/WebSocket API."""
+
+    def __init__(self, config: AggregatorConfig) -> None:
+        self.config = config
+        self.metrics = AggregatorMetrics()
+        self.store = make_store(config)
+        self.auth = Authenticator(config.auth.api_keys, open_access=config.auth.open)
+        self._tokens = {hashlib.sha256(g.token.encode()).digest(): g for g in config.auth.gateway_tokens}
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="aggregator-writer")
+        self._readers = ThreadPoolExecutor(4, thread_name_prefix="aggregator-reader")
+        self._ingest_slots = asyncio.Semaphore(config.aggregator.ingest_concurrency)
+        self._runner: web.AppRunner | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._sockets: set[web.WebSocketResponse] = set()
+        self.http_port: int | None = None
+        self.started = time.time()
+        self.app = self._build_app()
+
+    async def write(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._writer, fn, *args)
+
+    async def read(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._readers, fn, *args)
+
+    # ----------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        await self.write(self.store.open)
+        self._runner = web.AppRunner(self.app, handle_signals=False, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.config.http.host, self.config.http.port, reuse_address=True)
+        await site.start()
+        sockets = getattr(site._server, "sockets", None) or []
+        self.http_port = sockets[0].getsockname()[1] if sockets else self.config.http.port
+        self._tasks = [asyncio.create_task(self._maintenance(), name="aggregator-maintenance"),
+                       asyncio.create_task(self._summaries(), name="aggregator-summaries")]
+        log.info("aggregator started", extra={"http_port": self.http_port, "backend": self.config.storage.backend})
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for ws in list(self._sockets):
+            await ws.close(code=1001, message=b"aggregator shutting down")
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        await self.write(self.store.close)
+        self._writer.shutdown(wait=True)
+        self._readers.shutdown(wait=True)
+        log.info("aggregator stopped")
+
+    async def run_until_signalled(self) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        try:
+            await stop.wait()
+        finally:
+            await self.stop()
+
+    async def _maintenance(self) -> None:
+        while True:
+            await asyncio.sleep(30)
+            try:
+                await self.write(self.store.maintain, time.time())
+            except Exception:
+                log.exception("aggregator maintenance failed; retrying next interval")
+
+    async def _summaries(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.aggregator.summary_interval_s)
+            if not self._sockets:
+                continue
+            try:
+                text = json.dumps({"event": "SiteSummaries", "sites": await self.site_summaries(),
+                                   "timestamp": time.time()})
+            except Exception:
+                log.exception("site summary failed")
+                continue
+            for ws in list(self._sockets):
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    await ws.send_str(text)
+
+    # ----------------------------------------------------------------- app
+    def _build_app(self) -> web.Application:
+        app = web.Application(middlewares=[self._middleware],
+                              client_max_size=int(self.config.aggregator.max_batch_mb * 2**20))
+        r = app.router
+        r.add_post("/api/v1/ingest/batches", self.ingest)
+        r.add_get("/api/v1/sites", self.sites)
+        r.add_get("/api/v1/gateways", self.list_gateways)
+        r.add_get("/api/v1/things", self.list_things)
+        r.add_get("/api/v1/things/{id}", self.get_thing)
+        r.add_get("/api/v1/things/{id}/history", self.history)
+        r.add_get("/api/v1/critical", self.critical)
+        r.add_get("/api/v1/ws", self.websocket)
+        r.add_get("/health", self.health)
+        r.add_get("/ready", self.ready)
+        r.add_get("/metrics", self.prometheus)
+        return app
+
+    PUBLIC = frozenset({"/health", "/ready", "/metrics", "/api/v1/ingest/batches"})
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            if request.path not in self.PUBLIC:
+                role = self.auth.role_for(request, allow_query_token=request.path == "/api/v1/ws")
+                if role is None:
+                    self.metrics.auth_failures.labels("401").inc()
+                    return _error(401, "unauthorized", "a valid Bearer API key is required")
+                if not role_allows(role, "viewer"):
+                    self.metrics.auth_failures.labels("403").inc()
+                    return _error(403, "forbidden", "this needs the viewer role")
+            resp: web.StreamResponse = await handler(request)
+            return resp
+        except web.HTTPException as exc:
+            if exc.status >= 400:
+                return _error(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
+            raise
+        except Invalid as exc:
+            return _error(400, "invalid", exc.detail)
+        except NotFound as exc:
+            return _error(404, "not_found", exc.detail)
+        except Exception:
+            log.exception("unhandled error", extra={"path": request.path})
+            return _error(500, "internal", "the aggregator hit an unexpected error; it is logged")
+
+    def _gateway_for(self, request: web.Request) -> GatewayToken | None:
+        header = request.headers.get("Authorization", "")
+        if header[:7].lower() != "bearer ":
+            return None
+        return self._tokens.get(hashlib.sha256(header[7:].strip().encode()).digest())
+
+    # ----------------------------------------------------------------- ingest
+    async def ingest(self, request: web.Request) -> web.Response:
+        """One batch from one gateway: applied once, in order, whole."""
+        gw = self._gateway_for(request)
+        if gw is None:
+            self.metrics.auth_failures.labels("401").inc()
+            return _error(401, "unauthorized", "a valid gateway token is required")
+        if self._ingest_slots.locked():
+            self.metrics.batches.labels("busy").inc()
+            return _error(503, "busy", "too many batches at once; retry", headers={"Retry-After": "1"})
+        async with self._ingest_slots:
+            body = await request.read()
+            self.metrics.bytes.inc(len(body))
+            try:
+                batch: Batch = await self.read(decode, body)
+            except WireError as exc:
+                self.metrics.batches.labels(f"refused_{exc.reason}").inc()
+                return _error(400, exc.reason, exc.detail)
+            problem = _foreign(batch, gw)
+            if problem:
+                self.metrics.batches.labels("refused_forbidden").inc()
+                self.metrics.auth_failures.labels("403").inc()
+                log.warning("a gateway tried to write what is not its own",
+                            extra={"token_of": gw.gateway, "detail": problem})
+                return _error(403, "forbidden", problem)
+            start = time.perf_counter()
+            try:
+                result = await self.write(self.store.apply, batch, time.time())
+            except StoreError as exc:
+                self.metrics.batches.labels("store_error").inc()
+                log.error("could not store a batch; the gateway will retry", extra={"error": str(exc)[:300]})
+                return _error(503, "store_unavailable", "the batch was not stored; retry",
+                              headers={"Retry-After": "2"})
+            self.metrics.apply_seconds.observe(time.perf_counter() - start)
+        self.metrics.batches.labels(result.status).inc()
+        if result.status == "out_of_order":
+            return _error(409, "out_of_order", f"expected batch {result.expected}", expected=result.expected)
+        self.metrics.points.inc(result.points)
+        return web.json_response({"status": result.status, "batch_seq": batch.batch_seq, "points": result.points})
+
+    # ----------------------------------------------------------------- reads
+    async def site_summaries(self) -> list[dict[str, Any]]:
+        gateways = await self.read(self.store.gateways)
+        self.metrics.gateways.set(len(gateways))
+        now = time.time()
+        sites: dict[str, dict[str, Any]] = {}
+        things, _total = await self.read(lambda: self.store.things(site=None, line=None, type_=None,
+                                                                    limit=100_000, offset=0))
+        for g in gateways:
+            s = sites.setdefault(g.site, {"site": g.site, "lines": {}, "nodes": {"online": 0, "offline": 0},
+                                          "anomalies": {"open": 0, "bySeverity": {}}, "uplinkLagS": 0.0})
+            online = now - g.last_seen <= self.config.aggregator.offline_after_s
+            s["lines"][g.line] = {"line": g.line, "gatewayId": g.gateway_id, "online": online,
+                                  "lastSeen": g.last_seen, "backlog": g.backlog, "lagS": round(g.lag_s, 3),
+                                  "clockOffsetS": round(g.clock_offset_s, 3), "points": g.points}
+            s["uplinkLagS"] = max(s["uplinkLagS"], round(g.lag_s + (now - g.last_seen if not online else 0), 3))
+        for t in things:
+            summary = sites.get(t["site"])
+            if summary is None:
+                continue
+            s = summary
+            state = t.get("features", {}).get("connectivity", {}).get("properties", {}).get("state")
+            if state in ("online", "offline"):
+                s["nodes"][state] += 1
+            status = t.get("features", {}).get("status", {}).get("properties", {})
+            if status.get("anomaly"):
+                s["anomalies"]["open"] += 1
+                sev = str(status.get("severity", "unknown"))
+                s["anomalies"]["bySeverity"][sev] = s["anomalies"]["bySeverity"].get(sev, 0) + 1
+        return [{**s, "lines": sorted(s["lines"].values(), key=lambda li: li["line"])}
+                for s in sorted(sites.values(), key=lambda s: s["site"])]
+
+    async def sites(self, request: web.Request) -> web.Response:
+        """Every site with its lines and health: nodes online, open anomalies by severity, uplink lag."""
+        return web.json_response({"items": await self.site_summaries()})
+
+    async def list_gateways(self, request: web.Request) -> web.Response:
+        rows = await self.read(self.store.gateways)
+        return web.json_response({"items": [
+            {"gatewayId": g.gateway_id, "site": g.site, "line": g.line, "lastSeq": g.last_seq,
+             "lastSeen": g.last_seen, "points": g.points, "backlog": g.backlog, "lagS": g.lag_s,
+             "clockOffsetS": g.clock_offset_s} for g in rows]})
+
+    async def list_things(self, request: web.Request) -> web.Response:
+        q = request.query
+        limit = _int(q.get("limit"), "limit", 100, 1, MAX_LIMIT)
+        offset = _int(q.get("offset"), "offset", 0, 0, 10**9)
+        items, total = await self.read(lambda: self.store.things(site=q.get("site"), line=q.get("line"),
+                                                                  type_=q.get("type"), limit=limit, offset=offset))
+        return web.json_response({"items": items, "total": total, "limit": limit, "offset": offset,
+                                  "nextOffset": offset + limit if offset + limit < total else None})
+
+    async def get_thing(self, request: web.Request) -> web.Response:
+        doc = await self.read(self.store.thing, request.match_info["id"])
+        if doc is None:
+            raise NotFound(f"no Thing {request.match_info['id']!r}")
+        return web.json_response(doc)
+
+    async def history(self, request: web.Request) -> web.Response:
+        """History across sites, in the gateway's format (docs/api.md, 'History')."""
+        thing_id = request.match_info["id"]
+        q = request.query
+        end = parse_time(q["to"], "to") if q.get("to") else time.time()
+        start = parse_time(q["from"], "from") if q.get("from") else end - 3600
+        if not start < end:
+            raise Invalid("from must be before to")
+        fmt = q.get("format", "json")
+        if fmt not in ("json", "csv"):
+            raise Invalid("format must be json or csv")
+        known = {"from", "to", "feature", "property", "resolution", "format"}
+        context = tuple(sorted((k, v) for k, v in q.items() if k not in known))
+        query = HistoryQuery(thing_id, start, end, q.get("feature") or None, q.get("property") or None,
+                             parse_resolution(q.get("resolution", "auto")), context, fmt)
+        if not self.store.series_of(thing_id):
+            raise NotFound(f"no history for {thing_id!r}")
+        body, content_type = await self.read(run_query, self.store, query)
+        return web.Response(text=body, content_type=content_type)
+
+    async def critical(self, request: web.Request) -> web.Response:
+        """The ten most critical assets across sites: open anomalies by score, then offline nodes."""
+        things, _ = await self.read(lambda: self.store.things(site=request.query.get("site"), line=None,
+                                                               type_=None, limit=100_000, offset=0))
+        ranked = []
+        for t in things:
+            f = t.get("features", {})
+            status = f.get("status", {}).get("properties", {})
+            offline = f.get("connectivity", {}).get("properties", {}).get("state") == "offline"
+            score = float(status.get("anomaly_score") or 0.0) if status.get("anomaly") else 0.0
+            if score or offline:
+                ranked.append((score, offline, t))
+        ranked.sort(key=lambda r: (-r[0], not r[1], r[2]["id"]))
+        return web.json_response({"items": [
+            {"thingId": t["id"], "site": t["site"], "line": t["line"], "type": t.get("type"), "score": score,
+             "offline": offline, "topFeatures": t.get("features", {}).get("status", {}).get("properties", {})
+             .get("top_features", [])} for score, offline, t in ranked[:10]]})
+
+    async def websocket(self, request: web.Request) -> web.WebSocketResponse:
+        """Site summaries every `aggregator.summary_interval_s`; the first right away."""
+        ws = web.WebSocketResponse(heartbeat=30)
+        await ws.prepare(request)
+        self._sockets.add(ws)
+        try:
+            await ws.send_str(json.dumps({"event": "SiteSummaries", "sites": await self.site_summaries(),
+                                          "timestamp": time.time()}))
+            async for msg in ws:
+                if msg.type == WSMsgType.ERROR:
+                    break
+        finally:
+            self._sockets.discard(ws)
+        return ws
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "version": __version__,
+                                  "uptime_s": round(time.time() - self.started, 3)})
+
+    async def ready(self, request: web.Request) -> web.Response:
+        try:
+            await self.read(self.store.point_count)
+        except Exception as exc:
+            return web.json_response({"ready": False, "checks": {"store": str(exc)[:200]}}, status=503)
+        return web.json_response({"ready": True, "checks": {"store": "ok"},
+                                  "backend": self.config.storage.backend})
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.metrics.registry), content_type="text/plain", charset="utf-8")
+
+
+def _foreign(batch: Batch, gw: GatewayToken) -> str:
+    """Why a batch is not this gateway's to write, or "" when it is."""
+    if batch.gateway_id != gw.gateway:
+        return f"this token belongs to gateway {gw.gateway}, not {batch.gateway_id}"
+    if (batch.site, batch.line) != (gw.site, gw.line):
+        return f"gateway {gw.gateway} writes {gw.site}/{gw.line} only"
+    prefix = f"{gw.site}:"
+    ids = [k[0] for k in batch.series] + [d["id"] for d in batch.things] + batch.deleted
+    bad = next((i for i in ids if not i.startswith(prefix)), None)
+    return f"Thing {bad[:80]!r} is not of site {gw.site}" if bad else ""
+
+
+def _error(status: int, error: str, detail: str, headers: dict[str, str] | None = None,
+           **extra: Any) -> web.Response:
+    return web.json_response({"error": error, "detail": detail, **extra}, status=status, headers=headers)
+
+
+def _int(value: str | None, name: str, default: int, lo: int, hi: int) -> int:
+    if not value:
+        return default
+    try:
+        n = int(value)
+    except ValueError:
+        raise Invalid(f"{name} must be an integer") from None
+    if not lo <= n <= hi:
+        raise Invalid(f"{name} must be between {lo} and {hi}")
+    return n

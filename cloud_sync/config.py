@@ -1,0 +1,116 @@
+"""The aggregator's typed configuration: same rules as the gateway's (TOML < `EGIZ_*` < flags)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from gateway.config import ApiKey, HttpSection, LogSection, load_config
+
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+GATEWAY_SECTIONS = frozenset({"gateway", "mqtt", "ingest", "twin", "ws", "buffer", "uplink"})
+
+
+@dataclass(frozen=True)
+class GatewayToken:
+    """What one gateway may write: its own site and line, with its own token."""
+
+    gateway: str
+    token: str
+    site: str
+    line: str
+
+    def __repr__(self) -> str:
+        return f"GatewayToken(gateway={self.gateway!r}, site={self.site!r}, line={self.line!r}, token=***)"
+
+
+@dataclass(frozen=True)
+class AggregatorSection:
+    data_dir: Path = Path("/var/lib/egiz-aggregator")
+    ingest_concurrency: int = 4  # batches applied at once; more get 503 with Retry-After
+    max_batch_mb: float = 64.0
+    summary_interval_s: float = 2.0  # WebSocket site summaries
+    offline_after_s: float = 60.0  # a gateway not heard from this long is shown offline
+
+
+@dataclass(frozen=True)
+class StorageSection:
+    backend: Literal["duckdb", "postgres"] = "duckdb"
+    dsn: str = ""  # postgres: e.g. "postgresql://egiz@db/egiz"
+    partition_days: int = 1  # postgres: one points partition per this many days
+
+    def __repr__(self) -> str:
+        return f"StorageSection(backend={self.backend!r}, dsn=***)"
+
+
+@dataclass(frozen=True)
+class AggregatorAuth:
+    api_keys: tuple[ApiKey, ...] = ()
+    open: bool = False  # demo only: every API request is admin (gateways still need their tokens)
+    gateway_tokens: tuple[GatewayToken, ...] = ()
+
+
+@dataclass(frozen=True)
+class AggregatorConfig:
+    """The whole aggregator configuration, frozen after validation."""
+
+    aggregator: AggregatorSection = field(default_factory=AggregatorSection)
+    http: HttpSection = field(default_factory=lambda: HttpSection(port=8090))
+    storage: StorageSection = field(default_factory=StorageSection)
+    auth: AggregatorAuth = field(default_factory=AggregatorAuth)
+    log: LogSection = field(default_factory=LogSection)
+
+
+def load_aggregator_config(path: Path | None = None, *, environ: Mapping[str, str] | None = None,
+                           overrides: Mapping[str, Any] | None = None) -> AggregatorConfig:
+    """Build the aggregator's config or raise ConfigError listing every problem."""
+    return load_config(AggregatorConfig, path, environ=environ, overrides=overrides, semantics=_check,
+                       foreign_sections=GATEWAY_SECTIONS)
+
+
+def _check(cfg: Any, problems: list[tuple[str, str]]) -> None:
+    if not isinstance(cfg, AggregatorConfig):
+        return
+    reported = {key for key, _ in problems}
+
+    def check(key: str, ok: Callable[[], bool], message: str) -> None:
+        if key in reported:
+            return
+        try:
+            good = ok()
+        except (TypeError, AttributeError, ValueError):
+            return
+        if not good:
+            problems.append((key, message))
+            reported.add(key)
+
+    a, st, auth = cfg.aggregator, cfg.storage, cfg.auth
+    check("aggregator.ingest_concurrency", lambda: 1 <= a.ingest_concurrency <= 64, "must be 1..64")
+    check("aggregator.max_batch_mb", lambda: 1 <= a.max_batch_mb <= 1024, "must be 1..1024")
+    check("aggregator.summary_interval_s", lambda: 0.1 <= a.summary_interval_s <= 3600, "must be 0.1..3600")
+    check("aggregator.offline_after_s", lambda: a.offline_after_s > 0, "must be > 0")
+    check("http.port", lambda: 0 <= cfg.http.port <= 65535, "must be a TCP port 0..65535 (0: any free port)")
+    check("storage.dsn", lambda: st.backend != "postgres" or st.dsn.startswith(("postgresql://", "postgres://")),
+          "give a postgresql:// DSN when storage.backend = \"postgres\"")
+    check("storage.partition_days", lambda: 1 <= st.partition_days <= 31, "must be 1..31")
+    check("auth.api_keys", lambda: auth.open or bool(auth.api_keys),
+          "give at least one key (or set auth.open = true for a demo)")
+    for i, k in enumerate(auth.api_keys or ()):
+        check(f"auth.api_keys[{i}].key", lambda: isinstance(k.key, str) and len(k.key) >= 16,
+              "must be at least 16 characters")
+    seen: set[str] = set()
+    for i, g in enumerate(auth.gateway_tokens or ()):
+        if not isinstance(g, GatewayToken):
+            continue
+        for part in ("gateway", "site", "line"):
+            check(f"auth.gateway_tokens[{i}].{part}", lambda: bool(NAME_RE.fullmatch(getattr(g, part))),
+                  "must be 1-63 chars of a-z, 0-9, '.', '_', '-'")
+        check(f"auth.gateway_tokens[{i}].token", lambda: len(g.token) >= 16,
+              "must be at least 16 characters")
+        check(f"auth.gateway_tokens[{i}].gateway", lambda: g.gateway not in seen,
+              "is listed twice")
+        seen.add(g.gateway)
+

@@ -1,0 +1,282 @@
+"""Forwarder: the gateway side of the uplink — outbox → batches → aggregator, exactly once in effect.
+
+Each batch has the next `batch_seq` and covers a range of outbox ids. The range and number are
+written to the buffer file *before* the batch is sent, so after a crash the same batch is sent again
+under the same number; the aggregator applies each `(gateway_id, batch_seq)` at most once and
+answers a repeat with "duplicate". The cursor moves only after the aggregator confirmed.
+
+With `order = "live_first"` and a large backlog the forwarder opens a live window at the head of
+the outbox: new points go first (dashboards stay current) and the old ones backfill behind them,
+one batch each turn. Points up to `low` are confirmed, as are those in `(live_from, live]`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import numpy as np
+import pyarrow as pa
+
+from cloud_sync.wire import Batch, encode
+from gateway.buffer.buffer import TelemetryBuffer
+from gateway.config import GatewayConfig
+from gateway.metrics import GatewayMetrics
+from gateway.twin.registry import TwinRegistry
+
+log = logging.getLogger(__name__)
+BYTES_PER_POINT_ON_DISK = 7.6  # measured (bench/buffer.py); backlog bytes are estimated from it
+INGEST_PATH = "/api/v1/ingest/batches"
+
+
+@dataclass
+class Plan:
+    seq: int
+    lo: int  # the batch covers outbox ids in (lo, hi]
+    hi: int
+    live: bool
+
+
+class RetryLater(Exception):
+    """The aggregator is unreachable or busy; `after` is its Retry-After, if it gave one."""
+
+    def __init__(self, detail: str, after: float | None = None) -> None:
+        super().__init__(detail)
+        self.after = after
+
+
+class Forwarder:
+    """Sends the buffer's outbox to the aggregator; started by the gateway service when `[uplink]` has a url."""
+
+    def __init__(self, config: GatewayConfig, buffer: TelemetryBuffer, registry: TwinRegistry,
+                 metrics: GatewayMetrics) -> None:
+        self._cfg = config
+        self._up = config.uplink
+        self._buffer = buffer
+        self._registry = registry
+        self._m = metrics
+        self._task: asyncio.Task[None] | None = None
+        self._http: aiohttp.ClientSession | None = None
+        self._wake = asyncio.Event()
+        self.batch_seq = 0
+        self.live_from = 0
+        self.live = 0
+        self._inflight: Plan | None = None
+        self._live_turn = False
+        self._things_sent_at = 0.0
+        self._deleted_sent_at = 0.0
+        self.last_error = ""
+        self.failing_since: float | None = None
+        self.last_success = 0.0
+
+    # ----------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        b = self._buffer
+        self.batch_seq = int(await b.get_state("uplink.batch_seq"))
+        self.live_from = int(await b.get_state("uplink.live_from"))
+        self.live = int(await b.get_state("uplink.live"))
+        seq = int(await b.get_state("uplink.inflight_seq"))
+        if seq > self.batch_seq:  # sent before a crash, not confirmed: send exactly that batch again
+            self._inflight = Plan(seq, int(await b.get_state("uplink.inflight_lo")),
+                                  int(await b.get_state("uplink.inflight_hi")),
+                                  bool(await b.get_state("uplink.inflight_live")))
+        self._http = aiohttp.ClientSession(
+            headers={"Authorization": f"Bearer {self._up.token}"},
+            timeout=aiohttp.ClientTimeout(total=self._up.timeout_s),
+        )
+        self._task = asyncio.create_task(self._run(), name="uplink-forwarder")
+        log.info("uplink forwarding", extra={"url": self._up.url, "batch_seq": self.batch_seq,
+                                             "cursor": b.synced_id, "order": self._up.order})
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+
+    # ----------------------------------------------------------------- loop
+    async def _run(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                sent = await self.step()
+            except RetryLater as exc:
+                attempt += 1
+                self._failed(str(exc))
+                delay = min(self._up.retry_max_s, self._up.retry_min_s * 2 ** min(attempt, 16))
+                delay = random.uniform(delay / 2, delay)
+                if exc.after is not None:
+                    delay = max(delay, min(exc.after, self._up.retry_max_s))
+                await asyncio.sleep(delay)
+                continue
+            except Exception as exc:  # a bug must not stop forwarding for good; logged, retried
+                attempt += 1
+                log.exception("uplink step failed")
+                self._failed(f"{type(exc).__name__}: {exc}")
+                await asyncio.sleep(min(self._up.retry_max_s, self._up.retry_min_s * 2 ** min(attempt, 16)))
+                continue
+            attempt = 0
+            if self.failing_since is not None:
+                log.warning("uplink works again", extra={"down_s": round(time.time() - self.failing_since, 1)})
+                self.failing_since = None
+            if not sent:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self._up.interval_s)
+                self._wake.clear()
+
+    def _failed(self, detail: str) -> None:
+        self._m.uplink_batches.labels("retry").inc()
+        if self.failing_since is None:
+            self.failing_since = time.time()
+            log.warning("uplink failing; points stay in the buffer and are retried", extra={"error": detail[:300]})
+        self.last_error = detail[:300]
+
+    async def step(self) -> bool:
+        """Send one batch if there is anything to send; True when something was sent."""
+        plan = self._inflight or self._plan()
+        now = time.time()
+        things_due = now - self._things_sent_at >= self._up.things_interval_s
+        if plan is None and not things_due:
+            await self._report_backlog()
+            return False
+        if plan is None:
+            if not self._registry.changed_since(self._things_sent_at) and not self._deleted_since():
+                self._things_sent_at = now
+                await self._report_backlog()
+                return False
+            hi = self._buffer.synced_id
+            plan = Plan(self.batch_seq + 1, hi, hi, False)
+        points = await self._buffer.read_outbox(self._up.batch_points, after=plan.lo, upto=plan.hi)
+        things, deleted = ([], []) if not things_due else self._thing_changes()
+        backlog = await self._backlog()
+        batch = self._batch(plan, points, things, deleted, backlog)
+        if self._inflight is None:
+            # The batch, and the live window it may have opened, are durable before anything is sent.
+            await self._buffer.set_state({"uplink.inflight_seq": plan.seq, "uplink.inflight_lo": plan.lo,
+                                          "uplink.inflight_hi": plan.hi, "uplink.inflight_live": float(plan.live),
+                                          "uplink.live_from": self.live_from, "uplink.live": self.live})
+            self._inflight = plan
+        body = await asyncio.get_running_loop().run_in_executor(None, encode, batch)
+        await self._send(plan, body, points.num_rows)
+        await self._confirmed(plan)
+        if things_due:
+            self._things_sent_at = now
+            self._deleted_sent_at = now
+        return True
+
+    def _plan(self) -> Plan | None:
+        up = self._up
+        low, head = self._buffer.synced_id, self._buffer.committed_id
+        if up.order == "live_first" and not self.live_from and head - low > up.live_backlog_points:
+            self.live_from = self.live = head - up.batch_points
+            log.info("uplink backlog large: newest points first, history backfills",
+                     extra={"backlog_points": head - low})
+        if self.live_from:
+            live = Plan(self.batch_seq + 1, self.live, min(self.live + up.batch_points, head), True)
+            backfill = Plan(self.batch_seq + 1, low, min(low + up.batch_points, self.live_from), False)
+            self._live_turn = not self._live_turn  # alternate, so a busy line cannot starve the backfill
+            if self.live < head and (self._live_turn or low >= self.live_from):
+                return live
+            return backfill
+        if low < head:
+            return Plan(self.batch_seq + 1, low, min(low + up.batch_points, head), False)
+        return None
+
+    def _batch(self, plan: Plan, points: pa.Table, things: list[dict[str, Any]], deleted: list[str],
+               backlog: dict[str, float]) -> Batch:
+        keys = self._buffer.series_keys
+        uniq, index = np.unique(points.column("series").to_numpy(), return_inverse=True)
+        names = [(k.thing_id, k.feature, k.path) for k, _type in (keys[int(sid)] for sid in uniq)]
+        table = pa.table({"series": pa.array(index.astype(np.int32), pa.int32()),
+                          **{c: points.column(c) for c in ("ts", "recv", "seq", "value", "text")}})
+        g = self._cfg.gateway
+        return Batch(g.id, plan.seq, g.site, g.line, plan.lo, plan.hi, names, table, things, deleted, backlog,
+                     time.time())
+
+    def _thing_changes(self) -> tuple[list[dict[str, Any]], list[str]]:
+        docs = [t.to_document() for t in self._registry.changed_since(self._things_sent_at)]
+        return docs, self._deleted_since()
+
+    def _deleted_since(self) -> list[str]:
+        return [tid for when, tid in self._registry.deletions if when > self._deleted_sent_at]
+
+    async def _send(self, plan: Plan, body: bytes, n_points: int) -> None:
+        assert self._http is not None
+        url = self._up.url.rstrip("/") + INGEST_PATH
+        try:
+            async with self._http.post(url, data=body, headers={"Content-Type": "application/vnd.apache.arrow.stream"}
+                                       ) as r:
+                doc = await r.json(content_type=None) if r.content_length != 0 else {}
+                if r.status == 200:
+                    self._m.uplink_batches.labels(doc.get("status", "applied")).inc()
+                    self._m.uplink_points.inc(n_points)
+                    self._m.uplink_bytes.inc(len(body))
+                    self.last_success = time.time()
+                    return
+                if r.status == 409 and isinstance(doc.get("expected"), int):
+                    # The aggregator lost batches it had confirmed (restored from a backup): continue
+                    # with its numbering; the points of this range are sent under the expected number.
+                    expected = int(doc["expected"])
+                    log.warning("aggregator expects another batch number; renumbering",
+                                extra={"sent": plan.seq, "expected": expected})
+                    self.batch_seq = expected - 1
+                    plan.seq = expected
+                    await self._buffer.set_state({"uplink.batch_seq": self.batch_seq,
+                                                  "uplink.inflight_seq": plan.seq})
+                    raise RetryLater("renumbered", after=0)
+                after = _retry_after(r.headers.get("Retry-After"))
+                detail = f"{r.status} {doc.get('error', '')}: {str(doc.get('detail', ''))[:200]}"
+                if r.status in (401, 403):
+                    log.error("the aggregator refuses this gateway's token", extra={"status": r.status})
+                elif r.status == 400:
+                    log.error("the aggregator refused a batch; it is kept and retried",
+                              extra={"batch_seq": plan.seq, "detail": detail})
+                raise RetryLater(detail, after)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise RetryLater(f"{type(exc).__name__}: {exc}") from None
+
+    async def _confirmed(self, plan: Plan) -> None:
+        state: dict[str, float] = {"uplink.batch_seq": plan.seq}
+        if plan.live:
+            self.live = plan.hi
+        elif self.live_from and plan.hi >= self.live_from:
+            await self._buffer.confirm_outbox(self.live)  # the gap is closed: one cursor again
+            self.live_from = self.live = 0
+        else:
+            await self._buffer.confirm_outbox(plan.hi)
+        state.update({"uplink.live_from": self.live_from, "uplink.live": self.live})
+        await self._buffer.set_state(state)
+        self.batch_seq = plan.seq
+        self._inflight = None
+        await self._report_backlog()
+
+    async def _backlog(self) -> dict[str, float]:
+        points = max(0, self._buffer.committed_id - self._buffer.synced_id - max(0, self.live - self.live_from))
+        oldest = await self._buffer.oldest_unsent_recv() if points else None
+        return {"points": float(points), "bytes": points * BYTES_PER_POINT_ON_DISK,
+                "age_s": max(0.0, time.time() - oldest) if oldest else 0.0}
+
+    async def _report_backlog(self) -> None:
+        b = await self._backlog()
+        self._m.uplink_backlog_points.set(b["points"])
+        self._m.uplink_backlog_bytes.set(b["bytes"])
+        self._m.uplink_backlog_age.set(b["age_s"])
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None

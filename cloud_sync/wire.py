@@ -1,0 +1,223 @@
+"""The uplink's wire format: one Arrow IPC stream (zstd) per batch, small enough for a cellular link.
+
+A batch carries points and, in the schema metadata, a JSON header (`gateway_id`, `batch_seq`, the
+id range of the points in the gateway's outbox, Thing documents, backlog figures). Points are
+sorted by series and time and sent as deltas: times as integer milliseconds, values as scaled
+integers when the scale is exact (sensor values have few decimals), sequence numbers as steps. zstd
+then turns the many small, repeated deltas into about 2-4 bytes per point. Decoding restores every
+value exactly, or refuses the batch with a reason.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+FORMAT = "egiz-batch/1"
+MAX_SCALE = 6  # up to six decimals are sent as exact integers
+MAX_POINTS = 2_000_000
+MAX_THINGS = 20_000
+MAX_HEADER = 64 * 2**20
+
+
+class WireError(ValueError):
+    """A batch that cannot be decoded or does not satisfy the format; `reason` is a short code."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class Batch:
+    """One uplink batch, decoded: a header and the points as columns."""
+
+    gateway_id: str
+    batch_seq: int
+    site: str
+    line: str
+    first_id: int
+    last_id: int
+    series: list[tuple[str, str, str]]  # (thing_id, feature, path) of each series index used by the points
+    points: pa.Table  # series (index into `series`), ts, recv, seq, value, text (see POINTS)
+    things: list[dict[str, Any]] = field(default_factory=list)  # Thing documents (newest state)
+    deleted: list[str] = field(default_factory=list)
+    backlog: dict[str, float] = field(default_factory=dict)  # points, bytes, age_s
+    sent_at: float = 0.0
+
+
+POINTS = pa.schema([
+    ("series", pa.int32()), ("ts", pa.float64()), ("recv", pa.float64()), ("seq", pa.int64()),
+    ("value", pa.float64()), ("text", pa.string()),
+])
+
+
+def _exact_scale(values: np.ndarray) -> int | None:
+    """The smallest k such that every value is an integer number of 10^-k, exactly; None if none."""
+    if len(values) == 0:
+        return 0
+    if not np.all(np.isfinite(values)) or np.max(np.abs(values)) > 1e12:
+        return None
+    for k in range(MAX_SCALE + 1):
+        scaled = np.round(values * 10**k)
+        if np.array_equal(scaled / 10**k, values):
+            return k
+    return None
+
+
+def _deltas(a: np.ndarray) -> np.ndarray:
+    """First differences (the first element stays absolute); rows are sorted by series and time, so
+    they are small except at the first row of each series. Decoding is one exact integer cumsum."""
+    return np.diff(a, prepend=np.zeros(1, a.dtype))
+
+
+def encode(batch: Batch) -> bytes:
+    """Batch → bytes (Arrow IPC stream, zstd)."""
+    t = batch.points
+    n = t.num_rows
+    series = t.column("series").to_numpy().astype(np.int32) if n else np.array([], np.int32)
+    ts = np.round(t.column("ts").to_numpy() * 1000).astype(np.int64)
+    order = np.lexsort((ts, series))
+    series, ts = series[order], ts[order]
+    take = pa.array(order)
+    recv = np.round(t.column("recv").to_numpy()[order] * 1000).astype(np.int64)
+    seq_col = t.column("seq").take(take)
+    seq_null = np.asarray(seq_col.is_null())
+    seq = np.asarray(seq_col.fill_null(0).to_numpy(), dtype=np.int64)
+    value_col = t.column("value").take(take)
+    is_num = ~np.asarray(value_col.is_null())
+    value = np.asarray(value_col.fill_null(0.0).to_numpy(), dtype=float)
+    scale = _exact_scale(value[is_num])
+    if scale is not None and n and np.max(np.abs(value[is_num]), initial=0) * 10**scale > 2**52:
+        scale = None  # beyond exact integers: send the doubles
+    columns: dict[str, Any] = {
+        "series_delta": pa.array(_deltas(series.astype(np.int64)), pa.int64()),
+        "ts_ms_delta": pa.array(_deltas(ts), pa.int64()),
+        "recv_lag_ms": pa.array(recv - ts, pa.int64()),
+        "seq_delta": pa.array(_deltas(seq), pa.int64()),
+        "seq_null": pa.array(seq_null, pa.bool_()),
+        "is_num": pa.array(is_num, pa.bool_()),
+        "text": t.column("text").take(take),
+    }
+    if scale is not None:
+        columns["value_scaled_delta"] = pa.array(_deltas(np.round(value * 10**scale).astype(np.int64)), pa.int64())
+    else:
+        columns["value"] = pa.array(value, pa.float64())
+    header = {
+        "format": FORMAT, "gateway_id": batch.gateway_id, "batch_seq": batch.batch_seq, "site": batch.site,
+        "line": batch.line, "first_id": batch.first_id, "last_id": batch.last_id, "scale": scale,
+        "series": [list(k) for k in batch.series],
+        "things": batch.things, "deleted": batch.deleted, "backlog": batch.backlog, "sent_at": batch.sent_at,
+    }
+    raw = json.dumps(header, allow_nan=False, separators=(",", ":")).encode()
+    packed = pa.compress(raw, codec="zstd", asbytes=True)
+    table = pa.table(columns).replace_schema_metadata({"egiz": packed, "egiz_size": str(len(raw))})
+    sink = pa.BufferOutputStream()
+    with ipc.new_stream(sink, table.schema, options=ipc.IpcWriteOptions(compression="zstd")) as w:
+        w.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def decode(data: bytes) -> Batch:
+    """Bytes → Batch, validating everything; raises WireError with a reason."""
+    try:
+        reader = ipc.open_stream(pa.BufferReader(data))
+        table = reader.read_all()
+    except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
+        raise WireError("malformed", f"not an Arrow IPC stream: {str(exc)[:160]}") from None
+    meta = table.schema.metadata or {}
+    try:
+        size = int(meta[b"egiz_size"])
+        if not 0 < size <= MAX_HEADER:
+            raise WireError("too_large", f"the batch header is {size} bytes, limit {MAX_HEADER}")
+        header = json.loads(pa.decompress(meta[b"egiz"], size, codec="zstd", asbytes=True),
+                            parse_constant=_no_constant)
+    except WireError:
+        raise
+    except (KeyError, ValueError, pa.ArrowInvalid, OSError):
+        raise WireError("malformed", "the batch header is missing or not zstd-compressed JSON") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise WireError("unsupported", f"format must be {FORMAT}")
+    for name, tp in (("gateway_id", str), ("site", str), ("line", str), ("batch_seq", int), ("first_id", int),
+                     ("last_id", int)):
+        if not isinstance(header.get(name), tp) or isinstance(header.get(name), bool):
+            raise WireError("bad_header", f"header field {name} must be a {tp.__name__}")
+    if header["batch_seq"] < 1:
+        raise WireError("bad_header", "batch_seq starts at 1")
+    things, deleted = header.get("things", []), header.get("deleted", [])
+    if not isinstance(things, list) or not all(isinstance(d, dict) and isinstance(d.get("id"), str) for d in things):
+        raise WireError("bad_header", "things must be a list of Thing documents")
+    if not isinstance(deleted, list) or not all(isinstance(d, str) for d in deleted):
+        raise WireError("bad_header", "deleted must be a list of Thing ids")
+    if len(things) + len(deleted) > MAX_THINGS:
+        raise WireError("too_large", f"more than {MAX_THINGS} Thing changes")
+    n = table.num_rows
+    if n > MAX_POINTS:
+        raise WireError("too_large", f"{n} points, limit {MAX_POINTS}")
+    scale = header.get("scale")
+    series = header.get("series")
+    if not isinstance(series, list) or not all(
+            isinstance(k, list) and len(k) == 3 and all(isinstance(x, str) for x in k) for k in series):
+        raise WireError("bad_header", "series must be a list of [thing_id, feature, path]")
+    need = {"series_delta", "ts_ms_delta", "recv_lag_ms", "seq_delta", "seq_null", "text", "is_num"}
+    need.add("value" if scale is None else "value_scaled_delta")
+    if not need <= set(table.column_names):
+        raise WireError("bad_columns", f"missing columns {sorted(need - set(table.column_names))}")
+    if scale is not None and (not isinstance(scale, int) or isinstance(scale, bool) or not 0 <= scale <= MAX_SCALE):
+        raise WireError("bad_header", "scale must be 0..6")
+    try:
+        sid = np.cumsum(_int_column(table, "series_delta"))
+        if n and (sid.min() < 0 or sid.max() >= len(series)):
+            raise WireError("bad_values", "a point refers to a series the header does not name")
+        ts_ms = np.cumsum(_int_column(table, "ts_ms_delta"))
+        recv_ms = ts_ms + _int_column(table, "recv_lag_ms")
+        seq = np.cumsum(_int_column(table, "seq_delta"))
+        is_num = np.asarray(table.column("is_num").to_numpy(zero_copy_only=False), dtype=bool)
+        seq_null = np.asarray(table.column("seq_null").to_numpy(zero_copy_only=False), dtype=bool)
+        if scale is None:
+            value = np.asarray(table.column("value").to_numpy(), dtype=float)
+        else:
+            value = np.cumsum(_int_column(table, "value_scaled_delta")) / 10**scale
+        text = table.column("text").cast(pa.string())
+    except WireError:
+        raise
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as exc:
+        raise WireError("bad_columns", f"a column has the wrong type: {str(exc)[:160]}") from None
+    if n and not np.all(np.isfinite(value[is_num])):
+        raise WireError("bad_values", "values must be finite")
+    if n and np.any(~is_num & np.asarray(text.is_null())):
+        raise WireError("bad_values", "a point has neither a number nor a text")
+    points = pa.table({
+        "series": pa.array(sid.astype(np.int32), pa.int32()),
+        "ts": pa.array(ts_ms / 1000.0, pa.float64()), "recv": pa.array(recv_ms / 1000.0, pa.float64()),
+        "seq": pa.array(seq, pa.int64(), mask=seq_null), "value": pa.array(value, pa.float64(), mask=~is_num),
+        "text": text,
+    }, schema=POINTS)
+    keys = [(k[0], k[1], k[2]) for k in series]
+    return Batch(header["gateway_id"], header["batch_seq"], header["site"], header["line"], header["first_id"],
+                 header["last_id"], keys, points, things, deleted, _backlog(header.get("backlog")),
+                 float(header.get("sent_at") or 0.0))
+
+
+def _int_column(table: pa.Table, name: str) -> np.ndarray:
+    col = table.column(name)
+    if not pa.types.is_integer(col.type) or col.null_count:
+        raise WireError("bad_columns", f"{name} must be integers without nulls")
+    return np.asarray(col.to_numpy(), dtype=np.int64)
+
+
+def _backlog(raw: Any) -> dict[str, float]:
+    if not isinstance(raw, dict):
+        return {}
+    return {k: float(v) for k, v in raw.items() if k in ("points", "bytes", "age_s")
+            and isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v)}
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")

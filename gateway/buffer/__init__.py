@@ -1,0 +1,1 @@
+"""The DuckDB telemetry buffer: the line's historian and the uplink's store-and-forward outbox."""

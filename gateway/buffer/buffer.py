@@ -1,0 +1,432 @@
+"""TelemetryBuffer: group commit into DuckDB, broker acknowledgements after commit, housekeeping.
+
+Ingest hands every accepted sample to `add()` and every received QoS 1 message to `ack_later()`.
+One writer task commits what is pending as one Arrow batch when the inflow pauses
+(`commit_idle_ms`), when the oldest pending point is `commit_interval_ms` old, or when
+`commit_max_points` are pending; only then are the messages of that batch acknowledged to the
+broker, in the order they arrived. A crash before the commit leaves them unacknowledged, so the
+broker redelivers them; a crash after the commit but before the acknowledgement makes the broker
+redeliver messages whose sequence marks are already stored, so they are dropped. Nothing
+acknowledged is lost and nothing is stored twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import pyarrow as pa
+
+from gateway.buffer.points import Deadband, PointBatch, SeriesKey, deadband_for, sample_points
+from gateway.buffer.store import ROLLUPS, BufferStore, Maintenance, OpenState, directory_bytes
+from gateway.config import GatewayConfig
+from gateway.ingest.payload import Sample
+from gateway.metrics import GatewayMetrics
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+LOW_WATER = 0.9  # after a drop, the data directory is brought to this share of its budget
+RESUME = 0.95  # reject_new stores again below this share
+OUTBOX = "uplink"
+
+
+class Ackable(Protocol):
+    """What the buffer needs of an MQTT client to acknowledge a message (paho's Client has it)."""
+
+    def ack(self, mid: int, qos: int) -> Any: ...
+    def is_connected(self) -> bool: ...
+
+
+class TelemetryBuffer:
+    """The DuckDB buffer of one gateway: historian, outbox, and the reason acks wait for a commit."""
+
+    def __init__(self, config: GatewayConfig, metrics: GatewayMetrics, *, uplink: bool = False) -> None:
+        self._cfg = config.buffer
+        self._m = metrics
+        self.data_dir = Path(config.gateway.data_dir)
+        self.store = BufferStore(self.data_dir / "buffer.duckdb", memory_limit_mb=self._cfg.memory_limit_mb,
+                                 checkpoint_mb=self._cfg.checkpoint_mb)
+        self._uplink = uplink
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="duckdb-writer")
+        self._readers = ThreadPoolExecutor(2, thread_name_prefix="duckdb-reader")
+        self._series: dict[tuple[str, str, str], int] = {}
+        self.series_keys: dict[int, tuple[SeriesKey, str]] = {}
+        self.numeric_series: set[int] = set()
+        self._deadbands: dict[int, Deadband] = {}
+        self._next_series = 1
+        self._next_id = 1
+        self._batch = PointBatch()
+        self._acks: list[tuple[Ackable, int, int]] = []
+        self._wake = asyncio.Event()
+        self._first_at = 0.0
+        self._arrivals = 0
+        self._commit_lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._opened = False
+        self.marks: list[tuple[str, str, int, float]] = []
+        self.used_bytes = 0
+        self.refusing = False  # the disk budget is used up and nothing may be removed: new points refused
+        self.commit_failing = False
+        self.commit_errors = 0
+        self.last_error = ""
+        self.synced_id = 0
+        self._made_room = False
+        self._committing = 0
+
+    # ----------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        """Open the file, learn series and sequence marks, start the writer and housekeeping."""
+        state: OpenState = await self._write(self.store.open)
+        self._opened = True
+        for sid, key, ttype, numeric in state.series:
+            self._remember_series(sid, key, ttype, numeric)
+        self._next_series = max(self.series_keys, default=0) + 1
+        self._next_id = state.next_id
+        self.marks = state.seq_marks
+        self.synced_id = int(await self._write(lambda: self.store.get_meta(f"outbox.{OUTBOX}")))
+        self._m.buffer_disk_budget.set(self._cfg.disk_budget_mb * 2**20)
+        await self._write(self._budget)  # a full disk is known before the first message
+        self._tasks = [asyncio.create_task(self._commit_loop(), name="buffer-commit"),
+                       asyncio.create_task(self._maintenance_loop(), name="buffer-maintenance")]
+        log.info("telemetry buffer opened", extra={"series": len(self.series_keys), "next_point_id": self._next_id,
+                                                   "path": str(self.store.path)})
+
+    async def stop(self) -> None:
+        """Commit what is pending (acknowledging it), then checkpoint and close the file."""
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        if self._opened:
+            try:
+                await self.flush()
+            except Exception:
+                log.exception("final buffer commit failed; the broker will redeliver what was not acknowledged")
+            await self._write(self.store.close)
+            self._opened = False
+        self._writer.shutdown(wait=True)
+        self._readers.shutdown(wait=True)
+
+    async def _write(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._writer, fn)
+
+    async def read(self, fn: Callable[[], T]) -> T:
+        """Run a blocking read against the store on a reader thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._readers, fn)
+
+    # ----------------------------------------------------------------- hot path (event loop)
+    def add(self, thing_id: str, thing_type: str, samples: Sequence[Sample], recv: float,
+            mark: tuple[str, int] | None) -> None:
+        """Queue the points of accepted samples, and the device's sequence mark, for the next commit."""
+        b = self._batch
+        if mark is not None:
+            b.seq_marks[(thing_id, mark[0])] = mark[1]
+        if self.refusing:
+            self._m.buffer_refused.inc(sum(1 for s in samples for _ in sample_points(s)))
+            return
+        series = self._series
+        deadbands = self._deadbands
+        for s in samples:
+            feature, ts, seq = s.feature, s.ts, s.seq
+            for path, num, text in sample_points(s):
+                sid = series.get((thing_id, feature, path))
+                if sid is None:
+                    sid = self._new_series(thing_id, thing_type, feature, path, num is not None)
+                if deadbands and num is not None:
+                    db = deadbands.get(sid)
+                    if db is not None and not db.keep(num, ts):
+                        self._m.buffer_deadband.inc()
+                        continue
+                b.series.append(sid)
+                b.ts.append(ts)
+                b.recv.append(recv)
+                b.seq.append(seq)
+                b.value.append(num)
+                b.text.append(text)
+        self._arrived()
+
+    def ack_later(self, client: Ackable, mid: int, qos: int) -> None:
+        """Acknowledge this message to the broker once everything received before it is committed."""
+        self._acks.append((client, mid, qos))
+        self._arrived()
+
+    def _arrived(self) -> None:
+        self._arrivals += 1
+        if not self._wake.is_set():
+            self._first_at = time.monotonic()
+            self._wake.set()
+
+    def _new_series(self, thing_id: str, thing_type: str, feature: str, path: str, numeric: bool) -> int:
+        sid = self._next_series
+        self._next_series += 1
+        key = SeriesKey(thing_id, feature, path)
+        self._remember_series(sid, key, thing_type, numeric)
+        self._batch.new_series.append((sid, key, thing_type, numeric))
+        return sid
+
+    def _remember_series(self, sid: int, key: SeriesKey, thing_type: str, numeric: bool) -> None:
+        self._series[(key.thing_id, key.feature, key.path)] = sid
+        self.series_keys[sid] = (key, thing_type)
+        if numeric:
+            self.numeric_series.add(sid)
+        if self._cfg.deadband:
+            db = deadband_for(self._cfg.deadband, thing_type, key)
+            if db is not None:
+                self._deadbands[sid] = db
+
+    @property
+    def pending_points(self) -> int:
+        """Points not yet committed (waiting, or in a commit that has not finished)."""
+        return len(self._batch) + self._committing
+
+    # ----------------------------------------------------------------- group commit
+    async def _commit_loop(self) -> None:
+        cfg = self._cfg
+        interval, idle = cfg.commit_interval_ms / 1000, cfg.commit_idle_ms / 1000
+        backoff = 0.5
+        while True:
+            await self._wake.wait()
+            while len(self._batch) < cfg.commit_max_points:
+                left = interval - (time.monotonic() - self._first_at)
+                if left <= 0:
+                    break
+                seen = self._arrivals
+                await asyncio.sleep(min(idle, left) if idle > 0 else 0)
+                if self._arrivals == seen:
+                    break  # the inflow paused: the broker may be waiting for our acknowledgements
+            try:
+                await self.flush()
+            except Exception as exc:
+                first = not self._made_room
+                self._made_room = True  # room is made once per failure episode, not on every retry
+                await self._write(functools.partial(self._recover, make_room=first))
+                if cfg.disk_policy == "reject_new" and _disk_error(exc):
+                    self._refuse_pending()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+            else:
+                backoff = 0.5
+                self._made_room = False
+
+    async def flush(self) -> None:
+        """Commit everything pending now and acknowledge its messages; on failure keep it for a retry."""
+        async with self._commit_lock:
+            batch, acks = self._batch, self._acks
+            self._batch, self._acks = PointBatch(), []
+            self._wake.clear()
+            if batch.series or batch.new_series or batch.seq_marks:
+                first_id = self._next_id
+                start = time.perf_counter()
+                self._committing = len(batch)
+                try:
+                    await self._write(lambda: self.store.commit(batch, first_id))
+                except Exception as exc:
+                    self._requeue(batch, acks)
+                    self._commit_failed(exc)
+                    raise
+                finally:
+                    self._committing = 0
+                self._next_id += len(batch)
+                self._m.buffer_commit_seconds.observe(time.perf_counter() - start)
+                self._m.buffer_commits.inc()
+                self._m.buffer_points.inc(len(batch))
+                if self.commit_failing:
+                    log.warning("buffer commits work again", extra={"failed_attempts": self.commit_errors})
+                    self.commit_failing = False
+            for client, mid, qos in acks:
+                if client.is_connected():  # after a reconnect the broker redelivers; marks drop the copies
+                    client.ack(mid, qos)
+
+    def _requeue(self, failed: PointBatch, acks: list[tuple[Ackable, int, int]]) -> None:
+        """Put a failed batch back in front of what arrived since, keeping arrival order."""
+        newer = self._batch
+        for name in ("series", "ts", "recv", "seq", "value", "text", "new_series"):
+            getattr(failed, name).extend(getattr(newer, name))
+        failed.seq_marks.update(newer.seq_marks)
+        self._batch = failed
+        self._acks = acks + self._acks
+        self._arrived()
+
+    def _refuse_pending(self) -> None:
+        """reject_new on a full disk: give up the pending points, keep sequence marks and acknowledgements."""
+        refused = len(self._batch)
+        if refused:
+            b = self._batch
+            for name in ("series", "ts", "recv", "seq", "value", "text"):
+                getattr(b, name).clear()
+            self._m.buffer_refused.inc(refused)
+            log.warning("disk full: pending points refused (reject_new)", extra={"points": refused})
+        self.refusing = True
+
+    def _commit_failed(self, exc: Exception) -> None:
+        self.commit_errors += 1
+        self._m.buffer_commit_errors.inc()
+        self.last_error = f"{type(exc).__name__}: {str(exc)[:200]}"
+        if not self.commit_failing:
+            log.error("buffer commit failed; points are kept and not acknowledged, retrying",
+                      extra={"error": self.last_error})
+        self.commit_failing = True
+
+    def _recover(self, make_room: bool) -> None:
+        """After a failed commit: make room by the disk policy; reopen the file if DuckDB gave up on it."""
+        try:
+            if make_room:
+                self._budget(force=True)
+            else:
+                self.store.con.execute("SELECT 1")
+        except Exception as exc:  # the file may be invalidated: reopen it
+            log.warning("reopening the buffer file after an error", extra={"error": str(exc)[:200]})
+            with contextlib.suppress(Exception):
+                self.store.close()
+            try:
+                self.store.open()
+            except Exception as again:
+                log.error("the buffer file cannot be reopened yet", extra={"error": str(again)[:200]})
+
+    # ----------------------------------------------------------------- housekeeping (writer thread)
+    async def _maintenance_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._cfg.maintenance_interval_s)
+            try:
+                await self.maintain()
+            except Exception:
+                log.exception("buffer maintenance failed; retrying next interval")
+
+    async def maintain(self, now: float | None = None) -> Maintenance:
+        """Roll up, apply retention, keep the disk budget: one pass (also callable by tests and the CLI)."""
+        result = await self._write(lambda: self._maintain(time.time() if now is None else now))
+        self._m.buffer_rollup_rows.inc(result.rolled)
+        return result
+
+    def _maintain(self, now: float) -> Maintenance:
+        cfg = self._cfg
+        rolled = self.store.rollup(now, cfg.late_s)
+        raw, rolled_deleted = self.store.retention(now, cfg.raw_retention_days,
+                                                   {"1m": cfg.rollup_1m_retention_days,
+                                                    "1h": cfg.rollup_1h_retention_days})
+        if raw:
+            self._m.buffer_dropped.labels("retention").inc(raw)
+        if raw or rolled_deleted:
+            self.store.checkpoint()
+        self._budget()
+        return Maintenance(rolled, raw, rolled_deleted)
+
+    def _budget(self, force: bool = False) -> None:
+        """Measure the data directory and apply the disk policy when it is over budget."""
+        budget = self._cfg.disk_budget_mb * 2**20
+        used = self._used()
+        if not force and (budget == 0 or used < budget * (RESUME if self.refusing else 1.0)):
+            if self.refusing:
+                log.warning("disk budget has room again; storing new points", extra={"used_bytes": used})
+            self.refusing = False
+            return
+        policy = self._cfg.disk_policy
+        if policy != "reject_new":
+            max_id = self.synced_id if (policy == "drop_oldest_synced" and self._uplink) else None
+            target = used - budget * LOW_WATER if budget else used * 0.05
+            total = self.store.point_count()
+            if total:
+                per_point = max(1.0, (used - self._other_bytes()) / total)
+                deleted, unsent = self.store.drop_oldest(math.ceil(target / per_point), max_id,
+                                                         synced_id=self.synced_id if self._uplink else None)
+                if deleted:
+                    self.store.checkpoint()
+                    self._m.buffer_dropped.labels(policy).inc(deleted)
+                    self._m.buffer_unsent_dropped.inc(unsent)
+                    log.warning("disk budget reached: removed the oldest raw points",
+                                extra={"policy": policy, "points": deleted, "used_bytes": used,
+                                       "budget_bytes": int(budget)})
+                    used = self._used()
+        over = bool(budget) and used >= budget
+        if over and not self.refusing:
+            log.warning("disk budget used up: new points are counted and not stored",
+                        extra={"policy": policy, "used_bytes": used, "budget_bytes": int(budget)})
+        self.refusing = over
+
+    def _used(self) -> int:
+        used = max(0, directory_bytes(self.data_dir) - self.store.duckdb_free_bytes())
+        self.used_bytes = used
+        self._m.buffer_disk_bytes.set(used)
+        return used
+
+    def _other_bytes(self) -> int:
+        """Bytes of the data directory that are not the buffer file (registry, models, ...)."""
+        buffer_files = {self.store.path.name, self.store.path.name + ".wal"}
+        total = 0
+        for p in self.data_dir.rglob("*"):
+            if p.is_file() and p.name not in buffer_files:
+                with contextlib.suppress(FileNotFoundError):
+                    total += p.stat().st_size
+        return total
+
+    # ----------------------------------------------------------------- outbox (for the uplink)
+    @property
+    def committed_id(self) -> int:
+        """The highest point id committed so far."""
+        return self._next_id - 1
+
+    async def read_outbox(self, limit: int = 50_000, *, after: int | None = None,
+                          upto: int | None = None) -> pa.Table:
+        """Unsent points in id order (id, series, ts, recv, seq, value, text) after the durable cursor
+        (or `after`), up to `upto`; series names are in `series_keys`."""
+        lo = self.synced_id if after is None else after
+        return await self.read(lambda: self.store.outbox(lo, limit, upto))
+
+    async def confirm_outbox(self, last_id: int) -> None:
+        """The aggregator has every point up to `last_id`: advance the durable cursor."""
+        if last_id <= self.synced_id:
+            return
+        await self._write(lambda: self.store.set_meta(f"outbox.{OUTBOX}", last_id))
+        self.synced_id = last_id
+
+    async def get_state(self, key: str, default: float = 0.0) -> float:
+        """A durable number kept in the buffer file (the uplink keeps its batch numbers here)."""
+        return await self._write(lambda: self.store.get_meta(key, default))
+
+    async def set_state(self, values: dict[str, float]) -> None:
+        def write() -> None:
+            for k, v in values.items():
+                self.store.set_meta(k, v)
+
+        await self._write(write)
+
+    async def oldest_unsent_recv(self) -> float | None:
+        after = self.synced_id
+        return await self.read(lambda: self.store.recv_of_first_after(after))
+
+    # ----------------------------------------------------------------- reads
+    def series_of(self, thing_id: str, feature: str | None = None, prop: str | None = None) -> list[int]:
+        """Series ids of a Thing, optionally of one feature and one property (exact path or base name)."""
+        from gateway.buffer.points import base_name
+
+        out = []
+        for (tid, f, path), sid in self._series.items():
+            if tid != thing_id or (feature is not None and f != feature):
+                continue
+            if prop is not None and prop not in (path, base_name(path)):
+                continue
+            out.append(sid)
+        return sorted(out)
+
+    async def read_points(self, thing_ids: list[str] | None, start: float, end: float) -> pa.Table:
+        """Stored points of some Things in `[start, end)` (thing_id, feature, path, ts, value, text)."""
+        return await self.read(lambda: self.store.points_of(thing_ids, start, end))
+
+    @property
+    def rollup_names(self) -> tuple[str, ...]:
+        return tuple(ROLLUPS)
+
+
+def _disk_error(exc: BaseException) -> bool:
+    """A write that failed for lack of space (or a file size limit), as DuckDB or the OS reports it."""
+    text = str(exc).lower()
+    return isinstance(exc, OSError) or "no space" in text or "too large" in text or "could not write" in text

@@ -1,0 +1,329 @@
+"""The DuckDB buffer on a real file: commit and ack, roll-ups against numpy, retention, disk budget,
+deadband, outbox cursor, and history through the HTTP API."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import numpy as np
+import pytest
+
+from gateway.buffer.buffer import TelemetryBuffer
+from gateway.config import GatewayConfig
+from gateway.ingest.payload import Sample
+from gateway.metrics import GatewayMetrics
+from tests.conftest import GatewayFactory, gateway_config, wait_for
+
+T0 = 1_789_999_200.0  # a fixed, minute- and hour-aligned epoch for the reference computations
+assert T0 % 3600 == 0
+
+
+class Acks:
+    """A stand-in MQTT client at the hardware edge: records which message ids were acknowledged."""
+
+    def __init__(self) -> None:
+        self.acked: list[int] = []
+        self.connected = True
+
+    def ack(self, mid: int, qos: int) -> None:
+        self.acked.append(mid)
+
+    def is_connected(self) -> bool:
+        return self.connected
+
+
+def config(tmp_path: Path, **overrides: Any) -> GatewayConfig:
+    return gateway_config(tmp_path, ("127.0.0.1", 1883), **{"gateway.data_dir": str(tmp_path / "data"), **overrides})
+
+
+async def open_buffer(cfg: GatewayConfig, *, uplink: bool = False) -> TelemetryBuffer:
+    buf = TelemetryBuffer(cfg, GatewayMetrics(), uplink=uplink)
+    await buf.start()
+    return buf
+
+
+def samples(values: list[float], times: list[float], feature: str = "thermal", prop: str = "temperature",
+            first_seq: int = 1) -> list[Sample]:
+    return [Sample(feature, t, first_seq + i, {prop: v}) for i, (v, t) in enumerate(zip(values, times, strict=True))]
+
+
+async def test_messages_are_acknowledged_only_after_their_points_are_committed(tmp_path: Path) -> None:
+    buf = await open_buffer(config(tmp_path, **{"buffer.commit_interval_ms": 5000, "buffer.commit_idle_ms": 5000}))
+    try:
+        client = Acks()
+        buf.add("s:oven-1", "oven", samples([1.0, 2.0], [T0, T0 + 1]), T0 + 2, ("b1", 2))
+        buf.ack_later(client, 7, 1)
+        await asyncio.sleep(0.2)
+        assert client.acked == []  # nothing committed yet, so nothing acknowledged
+        assert buf.store.point_count() == 0
+        await buf.flush()
+        assert client.acked == [7]
+        assert buf.store.point_count() == 2
+        # acknowledgements of a connection that is gone are not sent (the broker redelivers instead)
+        client.connected = False
+        buf.add("s:oven-1", "oven", samples([3.0], [T0 + 3], first_seq=3), T0 + 4, ("b1", 3))
+        buf.ack_later(client, 8, 1)
+        await buf.flush()
+        assert client.acked == [7]
+    finally:
+        await buf.stop()
+    # sequence marks are stored with the points: a restart knows what is already stored
+    buf = await open_buffer(config(tmp_path))
+    try:
+        assert ("s:oven-1", "b1", 3) in [(t, b, s) for t, b, s, _ in buf.marks]
+        assert buf.store.point_count() == 3
+    finally:
+        await buf.stop()
+
+
+async def test_group_commit_by_idle_gap_and_interval(tmp_path: Path) -> None:
+    buf = await open_buffer(config(tmp_path, **{"buffer.commit_interval_ms": 100, "buffer.commit_idle_ms": 2}))
+    try:
+        client = Acks()
+        start = time.monotonic()
+        buf.add("s:m", "mixer", samples([1.0], [T0]), T0, None)
+        buf.ack_later(client, 1, 1)
+        await wait_for(lambda: client.acked == [1], timeout=2, interval=0.001)
+        assert time.monotonic() - start < 0.1  # the inflow paused: committed without waiting the interval
+        # a steady inflow is committed at the latest after commit_interval_ms
+        stop = time.monotonic() + 0.35
+        mid = 2
+        while time.monotonic() < stop:
+            buf.add("s:m", "mixer", samples([float(mid)], [T0 + mid], first_seq=mid), T0, None)
+            buf.ack_later(client, mid, 1)
+            mid += 1
+            await asyncio.sleep(0.001)
+        await buf.flush()
+        assert client.acked == list(range(1, mid))
+        commits = buf._m.buffer_commits._value.get()
+        assert 3 <= commits < mid / 2, commits  # batched, not one commit per message
+    finally:
+        await buf.stop()
+
+
+def reference_buckets(ts: np.ndarray, vals: np.ndarray, width: int) -> dict[float, tuple[float, ...]]:
+    out = {}
+    buckets = np.floor(ts / width) * width
+    for b in np.unique(buckets):
+        sel = buckets == b
+        last = vals[sel][np.argmax(ts[sel])]
+        out[float(b)] = (vals[sel].min(), vals[sel].max(), vals[sel].mean(), int(sel.sum()), last)
+    return out
+
+
+async def test_rollups_match_numpy_including_late_points_and_survive_retention(tmp_path: Path) -> None:
+    cfg = config(tmp_path, **{"buffer.late_s": 60, "buffer.raw_retention_days": 1})
+    buf = await open_buffer(cfg)
+    rng = np.random.default_rng(7)
+    try:
+        ts = T0 + np.sort(rng.uniform(0, 3 * 3600, 4000))
+        vals = np.round(rng.normal(180, 5, len(ts)), 3)
+        # the first 3000 arrive in time order; 500 of the rest arrive late, after a roll-up pass
+        on_time = np.arange(3000)
+        buf.add("s:oven", "oven", samples(vals[on_time].tolist(), ts[on_time].tolist()), T0, None)
+        await buf.flush()
+        await buf.maintain(now=float(ts[2999]) + 300)
+        rest = np.arange(3000, 4000)
+        late = rng.permutation(rest)
+        buf.add("s:oven", "oven", samples(vals[late].tolist(), ts[late].tolist(), first_seq=3001), T0, None)
+        await buf.flush()
+        await buf.maintain(now=T0 + 4 * 3600)
+        sid = buf.series_of("s:oven")
+        for width in (60, 3600, 300):
+            got = buf.store.buckets(sid, T0, T0 + 4 * 3600, width)
+            ref = reference_buckets(ts, vals, width)
+            assert len(got["t"]) == len(ref)
+            for i, b in enumerate(got["t"].tolist()):
+                lo, hi, avg, n, last = ref[b]
+                assert got["min"][i] == pytest.approx(lo)
+                assert got["max"][i] == pytest.approx(hi)
+                assert got["avg"][i] == pytest.approx(avg)
+                assert int(got["count"][i]) == n
+                assert got["last"][i] == pytest.approx(last)
+        # raw retention (1 day) removes raw points; the roll-ups keep the buckets
+        await buf.maintain(now=T0 + 3 * 86400)
+        assert buf.store.point_count() == 0
+        got = buf.store.buckets(sid, T0, T0 + 4 * 3600, 3600)
+        assert int(got["count"].sum()) == 4000
+        # and roll-up retention removes those in turn
+        await buf.maintain(now=T0 + 400 * 86400)
+        assert len(buf.store.buckets(sid, T0, T0 + 4 * 3600, 60)["t"]) == 0
+        assert int(buf.store.buckets(sid, T0, T0 + 4 * 3600, 3600)["count"].sum()) == 4000
+    finally:
+        await buf.stop()
+
+
+async def fill(buf: TelemetryBuffer, n: int, *, start: int = 0, thing: str = "s:oven") -> None:
+    rng = np.random.default_rng(start)
+    for chunk in range(start, start + n, 20_000):
+        k = min(20_000, start + n - chunk)
+        ts = (T0 + np.arange(chunk, chunk + k)).tolist()
+        buf.add(thing, "oven", samples(rng.normal(0, 1, k).tolist(), ts, first_seq=chunk + 1), T0, None)
+        await buf.flush()
+
+
+@pytest.mark.parametrize("policy", ["drop_oldest", "drop_oldest_synced", "reject_new"])
+async def test_disk_budget_policies(tmp_path: Path, policy: str) -> None:
+    cfg = config(tmp_path, **{"buffer.disk_budget_mb": 6, "buffer.disk_policy": policy,
+                              "buffer.maintenance_interval_s": 3600})
+    buf = await open_buffer(cfg, uplink=True)
+    try:
+        total = 0
+        while buf.used_bytes < 6 * 2**20:
+            await fill(buf, 200_000, start=total)
+            total += 200_000
+            await buf.maintain(now=T0)
+            if buf.refusing or buf._m.buffer_dropped.labels(policy)._value.get():
+                break
+        assert total < 3_000_000, "the budget was never reached"
+        m = buf._m
+        if policy == "drop_oldest":
+            assert m.buffer_dropped.labels(policy)._value.get() > 0
+            assert buf.used_bytes < 6 * 2**20 and not buf.refusing
+            got = buf.store.raw(buf.series_of("s:oven"), 0, 2e9, 10_000_000)
+            assert got["ts"].max() == T0 + total - 1  # the newest are kept, the oldest removed
+            assert got["ts"].min() > T0
+            assert m.buffer_unsent_dropped._value.get() > 0  # nothing was confirmed by the uplink
+        elif policy == "drop_oldest_synced":
+            # nothing confirmed yet: nothing may be removed, so new points are refused (counted)
+            assert buf.refusing
+            before = m.buffer_refused._value.get()
+            await fill(buf, 1000, start=total)
+            assert m.buffer_refused._value.get() == before + 1000
+            # the uplink confirms half: exactly those may go, the unsent half stays
+            half = buf.store.high_id() // 2
+            await buf.confirm_outbox(half)
+            await buf.maintain(now=T0)
+            assert not buf.refusing
+            ids = buf.store.reader().execute("SELECT min(id), count(*) FROM points").fetchone()
+            assert ids[0] > 1 and ids[0] <= half + 1
+            assert m.buffer_unsent_dropped._value.get() == 0
+        else:
+            assert buf.refusing and m.buffer_dropped.labels(policy)._value.get() == 0
+            stored = buf.store.point_count()
+            await fill(buf, 1000, start=total)
+            assert buf.store.point_count() == stored
+            assert m.buffer_refused._value.get() >= 1000
+    finally:
+        await buf.stop()
+
+
+async def test_outbox_reads_in_order_and_its_cursor_is_durable(tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+    buf = await open_buffer(cfg, uplink=True)
+    try:
+        await fill(buf, 2500)
+        first = await buf.read_outbox(limit=1000)
+        assert first.num_rows == 1000
+        ids = first.column("id").to_pylist()
+        assert ids == sorted(ids) and len(set(ids)) == 1000
+        key, ttype = buf.series_keys[first.column("series")[0].as_py()]
+        assert (key.thing_id, key.path, ttype) == ("s:oven", "temperature", "oven")
+        await buf.confirm_outbox(ids[-1])
+    finally:
+        await buf.stop()
+    buf = await open_buffer(cfg, uplink=True)
+    try:
+        rest = await buf.read_outbox(limit=10_000)
+        assert rest.num_rows == 1500
+        assert rest.column("id")[0].as_py() == ids[-1] + 1
+    finally:
+        await buf.stop()
+
+
+async def test_deadband_limits_what_is_stored_but_never_what_the_twin_sees(mosquitto, start_gateway: GatewayFactory
+                                                                           ) -> None:
+    gw = await start_gateway(mosquitto, **{"buffer.deadband": [
+        {"type": "oven", "feature": "thermal", "property": "temperature", "absolute": 0.5, "max_interval_s": 0}]})
+    topic = f"openegiz/{gw.site}/oven/oven-1/thermal/telemetry"
+    values = [180.0, 180.2, 180.4, 180.6, 180.7, 181.2, 181.3, 175.0, 175.1]
+    now = time.time()
+    async with aiomqtt.Client(*mosquitto) as client:
+        for i, v in enumerate(values):
+            await client.publish(topic, json.dumps({"ts": now + i, "seq": i + 1, "boot": "b",
+                                                    "properties": {"temperature": v, "door": "closed"}}), qos=1)
+    await wait_for(lambda: gw.service.ingest.accepted_messages == len(values))
+    await gw.service.buffer.flush()
+    status, doc = await gw.get(f"/api/v1/things/{gw.thing_id('oven-1')}/history?resolution=raw&property=temperature"
+                               f"&from={now - 10}&to={now + 20}")
+    assert status == 200
+    (series,) = doc["series"]
+    assert series["points"]["value"] == [180.0, 180.6, 181.2, 175.0]
+    _, thing = await gw.get(f"/api/v1/things/{gw.thing_id('oven-1')}")
+    assert thing["features"]["thermal"]["properties"]["temperature"] == 175.1  # the twin saw every value
+    _, doc = await gw.get(f"/api/v1/things/{gw.thing_id('oven-1')}/history?resolution=raw&property=door"
+                          f"&from={now - 10}&to={now + 20}")
+    assert len(doc["series"][0]["points"]["value"]) == len(values)  # no rule: every value stored
+
+
+async def test_history_api_raw_buckets_csv_and_business_context(mosquitto, start_gateway: GatewayFactory) -> None:
+    gw = await start_gateway(mosquitto)
+    base = float(int(time.time() // 60 * 60)) - 600
+    topic = f"openegiz/{gw.site}/oven/oven-7/thermal/telemetry"
+    rows = []
+    async with aiomqtt.Client(*mosquitto) as client:
+        for i in range(300):  # 10 minutes at 0.5 Hz; batch B-1 for the first 4 minutes, then B-2
+            ts = base + 2 * i
+            batch = "B-1" if i < 120 else "B-2"
+            props = {"temperature": 150 + i % 17, "voltage": {"a": 230.0 + i % 3}, "batch_id": batch}
+            rows.append((ts, props))
+            await client.publish(topic, json.dumps({"ts": ts, "seq": i + 1, "boot": "b", "properties": props}), qos=1)
+    await wait_for(lambda: gw.service.ingest.accepted_messages == 300)
+    await gw.service.buffer.flush()
+    tid = gw.thing_id("oven-7")
+    url = f"/api/v1/things/{tid}/history?from={base}&to={base + 600}"
+    status, doc = await gw.get(url + "&resolution=raw&feature=thermal&property=voltage")
+    assert status == 200 and doc["resolution"] == "raw"
+    (volt,) = doc["series"]
+    assert volt["property"] == "voltage.a"
+    assert volt["points"]["t"] == [int(ts * 1000) for ts, _ in rows]
+    assert volt["points"]["value"] == [p["voltage"]["a"] for _, p in rows]
+    status, doc = await gw.get(url + "&resolution=1m&property=temperature")
+    temps = np.array([p["temperature"] for _, p in rows], dtype=float)
+    times = np.array([ts for ts, _ in rows])
+    ref = reference_buckets(times, temps, 60)
+    pts = doc["series"][0]["points"]
+    assert doc["bucketSeconds"] == 60 and len(pts["t"]) == len(ref) == 10
+    for i, t in enumerate(pts["t"]):
+        lo, hi, avg, n, last = ref[t / 1000]
+        assert (pts["min"][i], pts["max"][i], pts["count"][i], pts["last"][i]) == (lo, hi, n, last)
+        assert pts["avg"][i] == pytest.approx(avg)
+    # business context: only the times the oven carried batch B-2
+    status, doc = await gw.get(url + "&resolution=raw&property=temperature&batch_id=B-2")
+    assert status == 200 and doc["context"] == {"batch_id": "B-2"}
+    assert doc["series"][0]["points"]["t"] == [int(ts * 1000) for ts, p in rows if p["batch_id"] == "B-2"]
+    # CSV export
+    status, text = await gw.get(url + "&resolution=raw&property=temperature&format=csv")
+    table = list(csv.reader(io.StringIO(text)))
+    assert table[0] == ["time", "feature", "property", "value"] and len(table) == 301
+    assert table[1][1:] == ["thermal", "temperature", str(float(rows[0][1]["temperature"]))]
+    # auto keeps small answers raw
+    status, doc = await gw.get(url + "&property=temperature")
+    assert doc["resolution"] == "raw"
+    # clear errors
+    status, err = await gw.get(url + "&resolution=fortnight")
+    assert status == 400 and "resolution" in err["detail"]
+    status, err = await gw.get(url + "&shift=night")
+    assert status == 400 and "shift" in err["detail"]
+    status, _ = await gw.get("/api/v1/things/nope:nothing/history")
+    assert status == 404
+
+
+def test_buffer_config_problems_name_their_keys(tmp_path: Path) -> None:
+    from gateway.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        config(tmp_path, **{"buffer.disk_policy": "keep_everything", "buffer.commit_idle_ms": 500,
+                            "buffer.deadband": [{"property": "temperature"}, {"property": "bad name", "absolute": 1}],
+                            "buffer.context_keys": ["batch id"]})
+    keys = dict(err.value.problems)
+    assert set(keys) == {"buffer.disk_policy", "buffer.commit_idle_ms", "buffer.deadband[0]",
+                         "buffer.deadband[1].property", "buffer.context_keys[0]"}
+    assert "drop_oldest_synced" in keys["buffer.disk_policy"]

@@ -1,0 +1,244 @@
+"""Gateway → aggregator: exactly once in effect through outages, tokens that only write their own line,
+batches that are refused whole, clocks that are off."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import aiomqtt
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from cloud_sync.aggregator import Aggregator
+from cloud_sync.config import AggregatorConfig, load_aggregator_config
+from cloud_sync.wire import POINTS, Batch, encode
+from gateway.broker import find_free_port
+from tests.conftest import ADMIN_KEY, GatewayFactory, RunningGateway, auth, wait_for
+
+TOKEN = "gateway-token-0000000000001"
+OTHER_TOKEN = "gateway-token-0000000000002"
+
+
+def aggregator_config(tmp_path: Path, *tokens: tuple[str, str, str, str], port: int = 0,
+                      **overrides: Any) -> AggregatorConfig:
+    return load_aggregator_config(None, environ={}, overrides={
+        "aggregator.data_dir": str(tmp_path / "aggregator"), "http.host": "127.0.0.1", "http.port": port,
+        "auth.api_keys": [{"key": ADMIN_KEY, "role": "admin"}],
+        "auth.gateway_tokens": [{"gateway": g, "token": t, "site": s, "line": li} for g, t, s, li in tokens],
+        **overrides,
+    })
+
+
+AggregatorFactory = Callable[..., Awaitable[Aggregator]]
+
+
+@pytest.fixture
+async def start_aggregator() -> AsyncIterator[AggregatorFactory]:
+    running: list[Aggregator] = []
+
+    async def start(cfg: AggregatorConfig) -> Aggregator:
+        agg = Aggregator(cfg)
+        await agg.start()
+        running.append(agg)
+        return agg
+
+    yield start
+    for agg in running:
+        await agg.stop()
+
+
+def uplink(gw_site: str, port: int, **more: Any) -> dict[str, Any]:
+    return {"gateway.site": gw_site, "gateway.id": f"gw-{gw_site}", "uplink.url": f"http://127.0.0.1:{port}",
+            "uplink.token": TOKEN, "uplink.interval_s": 0.05, "uplink.things_interval_s": 0.2,
+            "uplink.retry_min_s": 0.05, "uplink.retry_max_s": 0.5, **more}
+
+
+async def publish(mosquitto: tuple[str, int], gw: RunningGateway, things: int, per_thing: int,
+                  first_seq: int = 1) -> None:
+    async with aiomqtt.Client(*mosquitto) as client:
+        for seq in range(first_seq, first_seq + per_thing):
+            for i in range(things):
+                topic = f"openegiz/{gw.site}/oven/oven-{i:02d}/thermal/telemetry"
+                payload = {"ts": time.time(), "seq": seq, "boot": "b", "properties": {
+                    "temperature": round(180 + seq * 0.01, 2), "zones": [1.5, 2.5], "door": "closed"}}
+                await client.publish(topic, json.dumps(payload), qos=1)
+
+
+def exact(agg: Aggregator, site: str, things: int, per_thing: int) -> bool:
+    for i in range(things):
+        seqs = agg.store.stored_seqs(f"{site}:oven-{i:02d}", "temperature")
+        if seqs != [(s, 1) for s in range(1, per_thing + 1)]:
+            return False
+    return True
+
+
+async def test_points_things_and_history_reach_the_aggregator_exactly_once(
+        tmp_path: Path, mosquitto, start_gateway: GatewayFactory, start_aggregator: AggregatorFactory) -> None:
+    from tests.conftest import unique_site
+
+    site = unique_site()
+    agg = await start_aggregator(aggregator_config(tmp_path, (f"gw-{site}", TOKEN, site, "line-a")))
+    gw = await start_gateway(mosquitto, **uplink(site, agg.http_port))
+    await publish(mosquitto, gw, things=3, per_thing=40)
+    await wait_for(lambda: exact(agg, site, 3, 40), timeout=20)
+    async with aiohttp.ClientSession(headers=auth()) as http:
+        base = f"http://127.0.0.1:{agg.http_port}"
+        await wait_for(lambda: agg.store.thing(f"{site}:oven-02") is not None, timeout=10)
+        async with http.get(f"{base}/api/v1/things?site={site}") as r:
+            page = await r.json()
+        assert page["total"] == 3 and page["items"][0]["line"] == "line-a"
+        tid = f"{site}:oven-01"
+        q = f"/api/v1/things/{tid}/history?resolution=raw&from={time.time() - 600}&to={time.time() + 60}"
+        async with http.get(base + q) as r:
+            central = await r.json()
+        _, local = await gw.get(q)
+        strip = ("thingId",)
+        assert {k: v for k, v in central.items() if k not in strip} == {k: v for k, v in local.items()
+                                                                           if k not in strip}
+        async with http.get(f"{base}/api/v1/sites") as r:
+            sites = (await r.json())["items"]
+        (mine,) = [s for s in sites if s["site"] == site]
+        assert mine["lines"][0]["gatewayId"] == f"gw-{site}" and mine["lines"][0]["online"]
+        async with http.get(f"{base}/api/v1/gateways") as r:
+            (g,) = [g for g in (await r.json())["items"] if g["site"] == site]
+        assert g["points"] == 3 * 40 * 4
+    m = gw.service.metrics
+    assert m.uplink_points._value.get() == 3 * 40 * 4
+
+
+async def test_an_outage_of_the_aggregator_drains_afterwards_without_loss_or_duplicates(
+        tmp_path: Path, mosquitto, start_gateway: GatewayFactory, start_aggregator: AggregatorFactory) -> None:
+    from tests.conftest import unique_site
+
+    site = unique_site()
+    port = find_free_port()
+    gw = await start_gateway(mosquitto, **uplink(site, port, **{"uplink.batch_points": 500,
+                                                                 "uplink.live_backlog_points": 1000}))
+    await publish(mosquitto, gw, things=4, per_thing=150)  # the aggregator is not there yet
+    await wait_for(lambda: gw.service.ingest.accepted_messages == 600)
+    await asyncio.sleep(0.5)
+    assert gw.service.forwarder is not None and gw.service.forwarder.failing_since is not None
+    agg = await start_aggregator(aggregator_config(tmp_path, (f"gw-{site}", TOKEN, site, "line-a"), port=port))
+    await publish(mosquitto, gw, things=4, per_thing=50, first_seq=151)  # live points while it backfills
+    await wait_for(lambda: exact(agg, site, 4, 200), timeout=30)
+    assert agg.store.point_count() == 4 * 200 * 4
+    m = gw.service.metrics
+    await wait_for(lambda: m.uplink_backlog_points._value.get() == 0, timeout=10)
+
+
+async def test_a_gateway_writes_only_its_own_site_and_line(tmp_path: Path,
+                                                           start_aggregator: AggregatorFactory) -> None:
+    agg = await start_aggregator(aggregator_config(tmp_path, ("gw-a", TOKEN, "site-a", "line-1"),
+                                                   ("gw-b", OTHER_TOKEN, "site-b", "line-1")))
+    url = f"http://127.0.0.1:{agg.http_port}/api/v1/ingest/batches"
+
+    def batch(gateway: str, site: str, line: str, thing: str, seq: int = 1) -> bytes:
+        pts = pa.table({"series": pa.array([0], pa.int32()), "ts": [1.7e9], "recv": [1.7e9], "seq": [1],
+                        "value": [1.0], "text": pa.nulls(1, pa.string())}, schema=POINTS)
+        return encode(Batch(gateway, seq, site, line, 0, 1, [(thing, "f", "p")], pts))
+
+    async with aiohttp.ClientSession() as http:
+        async def post(body: bytes, token: str | None) -> tuple[int, dict[str, Any]]:
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            async with http.post(url, data=body, headers=headers) as r:
+                return r.status, await r.json()
+
+        assert (await post(batch("gw-a", "site-a", "line-1", "site-a:x"), None))[0] == 401
+        assert (await post(batch("gw-a", "site-a", "line-1", "site-a:x"), "not-a-token-at-all"))[0] == 401
+        # another gateway's token, its gateway id, another site's Thing, another line: all refused
+        status, err = await post(batch("gw-a", "site-a", "line-1", "site-a:x"), OTHER_TOKEN)
+        assert status == 403 and "gw-b" in err["detail"]
+        assert (await post(batch("gw-a", "site-b", "line-1", "site-b:x"), TOKEN))[0] == 403
+        assert (await post(batch("gw-a", "site-a", "line-2", "site-a:x"), TOKEN))[0] == 403
+        assert (await post(batch("gw-a", "site-a", "line-1", "site-b:x"), TOKEN))[0] == 403
+        assert agg.store.point_count() == 0
+        # malformed and truncated batches are refused whole, with a reason
+        good = batch("gw-a", "site-a", "line-1", "site-a:x")
+        status, err = await post(good[: len(good) // 2], TOKEN)
+        assert status == 400 and err["error"] == "malformed"
+        assert (await post(b"{}", TOKEN))[0] == 400
+        # the real one: applied once; a repeat is a duplicate; a gap is out of order
+        assert await post(good, TOKEN) == (200, {"status": "applied", "batch_seq": 1, "points": 1})
+        assert (await post(good, TOKEN))[1]["status"] == "duplicate"
+        status, err = await post(batch("gw-a", "site-a", "line-1", "site-a:x", seq=3), TOKEN)
+        assert status == 409 and err["expected"] == 2
+        assert agg.store.point_count() == 1
+
+
+async def test_a_gateway_clock_minutes_off_keeps_device_and_receive_times(
+        tmp_path: Path, start_aggregator: AggregatorFactory) -> None:
+    agg = await start_aggregator(aggregator_config(tmp_path, ("gw-a", TOKEN, "site-a", "line-1")))
+    now = time.time()
+    skew = 300.0  # the gateway's clock is five minutes fast; the devices' NTP time is right
+    ts = now - np.arange(10)[::-1]
+    pts = pa.table({"series": pa.array([0] * 10, pa.int32()), "ts": ts, "recv": ts + skew + 0.01,
+                    "seq": np.arange(1, 11), "value": np.arange(10.0), "text": pa.nulls(10, pa.string())},
+                   schema=POINTS)
+    body = encode(Batch("gw-a", 1, "site-a", "line-1", 0, 10, [("site-a:m", "f", "v")], pts, sent_at=now + skew))
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"http://127.0.0.1:{agg.http_port}/api/v1/ingest/batches", data=body,
+                             headers={"Authorization": f"Bearer {TOKEN}"}) as r:
+            assert r.status == 200
+        base = f"http://127.0.0.1:{agg.http_port}"
+        async with http.get(f"{base}/api/v1/things/site-a:m/history?resolution=raw&from={now - 60}&to={now + 1}",
+                            headers=auth()) as r:
+            doc = await r.json()
+        assert doc["series"][0]["points"]["t"] == [round(t * 1000) for t in ts]
+        async with http.get(f"{base}/api/v1/gateways", headers=auth()) as r:
+            (g,) = (await r.json())["items"]
+        assert g["clockOffsetS"] == pytest.approx(-skew, abs=5)
+    raw = agg.store.raw(agg.store.series_of("site-a:m"), 0, 2e9, 100)
+    assert np.allclose(raw["ts"], ts)
+
+
+async def test_the_read_api_needs_a_key(tmp_path: Path, start_aggregator: AggregatorFactory) -> None:
+    agg = await start_aggregator(aggregator_config(tmp_path))
+    async with aiohttp.ClientSession() as http:
+        base = f"http://127.0.0.1:{agg.http_port}"
+        async with http.get(f"{base}/api/v1/sites") as r:
+            assert r.status == 401
+        async with http.get(f"{base}/api/v1/sites", headers={"Authorization": f"Bearer {TOKEN}"}) as r:
+            assert r.status == 401  # a gateway token is not an API key
+        async with http.get(f"{base}/health") as r:
+            assert r.status == 200
+        async with http.ws_connect(f"{base}/api/v1/ws?access_token={ADMIN_KEY}") as ws:
+            first = await ws.receive_json(timeout=5)
+            assert first["event"] == "SiteSummaries"
+
+
+async def test_the_demo_runs_two_sites_by_two_lines_into_one_aggregator(tmp_path: Path) -> None:
+    import sys
+
+    agg_port = find_free_port()
+    proc = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).with_name("egiz")), "demo", "--http-port", "0", "--aggregator-port", str(agg_port),
+        "--nodes", "3", "--rate", "5", "--faults", "", "--duration", "60", "--data-dir", str(tmp_path / "demo"),
+        stderr=asyncio.subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        async with aiohttp.ClientSession() as http:
+            while True:
+                assert proc.returncode is None, "the demo exited"
+                try:
+                    async with http.get(f"http://127.0.0.1:{agg_port}/api/v1/sites") as r:
+                        sites = (await r.json())["items"] if r.status == 200 else []
+                    async with http.get(f"http://127.0.0.1:{agg_port}/api/v1/things?limit=100") as r:
+                        total = (await r.json())["total"] if r.status == 200 else 0
+                except aiohttp.ClientError:
+                    sites, total = [], 0
+                if len(sites) == 2 and all(len(s["lines"]) == 2 for s in sites) and total == 12:
+                    break
+                assert time.monotonic() < deadline, f"the aggregator shows {sites} and {total} Things"
+                await asyncio.sleep(0.5)
+        assert {s["site"] for s in sites} == {"izmir-bakery", "ankara-bakery"}
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(2)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
