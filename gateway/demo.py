@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,7 @@ def demo_token(site: str, line: str) -> str:
 
 
 def demo_config(opts: DemoOptions, mqtt_port: int, *, site: str | None = None, line: str | None = None,
-                index: int = 0, aggregator_port: int | None = None) -> GatewayConfig:
+                index: int = 0, aggregator_port: int | None = None, http_port: int | None = None) -> GatewayConfig:
     """The gateway config of one demo line: open auth, auto-registration, forwarding to the aggregator."""
     site, line = site or opts.site, line or opts.line
     data = opts.data_dir / "gateway" if index == 0 else opts.data_dir / "gateways" / f"{site}-{line}"
@@ -80,7 +81,7 @@ def demo_config(opts: DemoOptions, mqtt_port: int, *, site: str | None = None, l
         "mqtt.host": "127.0.0.1",
         "mqtt.port": mqtt_port,
         "http.host": "127.0.0.1",
-        "http.port": opts.http_port + index if opts.http_port else 0,
+        "http.port": http_port if http_port is not None else (opts.http_port + index if opts.http_port else 0),
         "auth.open": True,
         "ingest.auto_register": True,
     }
@@ -95,9 +96,12 @@ def plan_lines(opts: DemoOptions, faults: tuple[FaultItem, ...], aggregator_port
     if not 1 <= opts.sites <= len(SITES) or not 1 <= opts.lines <= len(LINES):
         raise SimError(f"sites: 1-{len(SITES)} and lines: 1-{len(LINES)}")
     out = []
+    taken = {aggregator_port}
     for i, (site, line) in enumerate((s, li) for s in SITES[: opts.sites] for li in LINES[: opts.lines]):
-        mqtt_port = opts.mqtt_port if i == 0 and opts.mqtt_port else find_free_port()
-        config = demo_config(opts, mqtt_port, site=site, line=line, index=i, aggregator_port=aggregator_port)
+        http_port = _pick(opts.http_port + i if opts.http_port else 0, taken, keep=i == 0)
+        mqtt_port = _pick(opts.mqtt_port if i == 0 else 0, taken, keep=True)
+        config = demo_config(opts, mqtt_port, site=site, line=line, index=i, aggregator_port=aggregator_port,
+                             http_port=http_port)
         k = i % opts.lines
         fleet = FleetOptions(site=site, line=line, nodes=opts.nodes, rate_hz=opts.rate_hz, host="127.0.0.1",
                              port=mqtt_port, faults=faults if i == 0 else (), start_index=k * NODES_PER_LINE_STRIDE + 1,
@@ -105,6 +109,25 @@ def plan_lines(opts: DemoOptions, faults: tuple[FaultItem, ...], aggregator_port
                              duration_s=opts.duration_s, seed=i)
         out.append(DemoLine(i, site, line, mqtt_port, config, fleet))
     return out
+
+
+def _pick(preferred: int, taken: set[int], *, keep: bool) -> int:
+    """A port for one demo service: `preferred` when given (and, unless `keep`, still free), else a free
+    one; never one another service of this demo already has."""
+    port = preferred
+    while not port or port in taken or (not keep and not _free(port)):
+        port = find_free_port()
+    taken.add(port)
+    return port
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def aggregator_config(opts: DemoOptions, lines: list[DemoLine], port: int) -> Any:
