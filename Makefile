@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/buffer.py
 	$(BIN)/python bench/sync.py
+	$(BIN)/python bench/detect.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .egiz-demo

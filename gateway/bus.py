@@ -98,6 +98,25 @@ class ThingLifecycle(Event):
         return out
 
 
+@dataclass(slots=True, eq=False)
+class AnomalyEvent(Event):
+    """An anomaly of a Thing opened (AnomalyDetected), changed score, or changed state."""
+
+    kind: Literal["AnomalyDetected", "AnomalyUpdated", "AnomalyAcknowledged", "AnomalyResolved"] = "AnomalyDetected"
+    anomaly: dict[str, Any] = field(default_factory=dict)  # the anomaly's JSON document
+    timestamp: float = 0.0
+
+    def payload(self) -> dict[str, Any]:
+        a = self.anomaly
+        return {
+            "event": self.kind, "thingId": self.thing_id, "anomalyId": a.get("id"),
+            "anomalyType": a.get("anomalyType"), "severity": a.get("severity"), "state": a.get("state"),
+            "confidence": a.get("confidence"), "explanation": a.get("explanation"), "score": a.get("score"),
+            "topFeatures": a.get("topFeatures"), "falsePositive": a.get("falsePositive", False),
+            "timestamp": iso_utc(self.timestamp),
+        }
+
+
 Overflow = Literal["drop_oldest", "disconnect"]
 
 

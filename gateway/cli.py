@@ -121,6 +121,157 @@ def _masked(value: Any, key: str = "") -> Any:
     return value
 
 
+model_app = typer.Typer(help="Train, evaluate, list, activate and roll back anomaly models.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+DataDirOpt = Annotated[Path, typer.Option(help="the gateway's data directory (stopped, or a copy)")]
+ModelsDirOpt = Annotated[Path | None, typer.Option(help="model registry (default: DATA_DIR/models)")]
+
+
+def _times(start: str | None, end: str | None, default_span_s: float) -> tuple[float, float]:
+    import time
+
+    from gateway.buffer.history import parse_time
+    from gateway.errors import Invalid
+
+    try:
+        b = parse_time(end, "--to") if end else time.time()
+        a = parse_time(start, "--from") if start else b - default_span_s
+    except Invalid as exc:
+        fail(exc.detail)
+    if not a < b:
+        fail("--from must be before --to")
+    return a, b
+
+
+@model_app.command("train")
+def model_train(
+    data_dir: DataDirOpt,
+    types: Annotated[list[str] | None, typer.Option("--type", help="equipment type (repeat; default: every "
+                                                                   "type in the data)")] = None,
+    start: Annotated[str | None, typer.Option("--from", help="ISO 8601 or epoch (default: 7 days before --to)")]
+        = None,
+    end: Annotated[str | None, typer.Option("--to", help="ISO 8601 or epoch (default: now)")] = None,
+    models_dir: ModelsDirOpt = None,
+    truth: Annotated[Path | None, typer.Option(help="ground truth whose faults are left out, like anomalies")]
+        = None,
+    activate: Annotated[bool, typer.Option(help="make the new versions active (a running gateway picks them "
+                                                "up within detect.model_poll_s)")] = False,
+) -> None:
+    """Train ONNX models (autoencoder + Isolation Forest) per equipment type on normal stored history."""
+    from rich.console import Console
+
+    from gateway.detect.models import ModelError
+    from gateway.detect.offline import OfflineError, read_points, train_from_history
+
+    a, b = _times(start, end, 7 * 86400)
+    models = models_dir or data_dir / "models"
+    console = Console(stderr=True)
+    try:
+        wanted = types or sorted(set(read_points(data_dir, a, b).column("type").to_pylist()))
+        if not wanted:
+            fail("no stored history in that range")
+        for ttype in wanted:
+            with console.status(f"{ttype}: starting") as status:
+                def say(message: str, ttype: str = ttype) -> None:
+                    status.update(f"{ttype}: {message}")
+
+                directory = train_from_history(data_dir, ttype, a, b, models, truth=truth, activate=activate,
+                                               progress=say)
+            man = json.loads((directory / "model.json").read_text())
+            typer.echo(json.dumps({"type": ttype, "version": directory.name, "rows": man["data"]["rows"],
+                                   "features": len(man["features"]), "agreement": man["agreement"],
+                                   "active": activate, "path": str(directory)}))
+    except (OfflineError, ModelError) as exc:
+        fail(str(exc), code=1)
+
+
+@model_app.command("list")
+def model_list(data_dir: DataDirOpt, models_dir: ModelsDirOpt = None) -> None:
+    """Every model version per type; the active one is marked."""
+    from gateway.detect.models import ModelRegistry
+
+    reg = ModelRegistry(models_dir or data_dir / "models")
+    for ttype in reg.types():
+        for v in reg.versions(ttype):
+            mark = "*" if v.active else " "
+            extra = f"  ERROR {v.error}" if v.error else f"  rows {v.rows}  data {v.data_from} .. {v.data_to}"
+            typer.echo(f"{mark} {ttype:10} {v.version:40} {v.created:20} {v.hash}{extra}")
+
+
+@model_app.command("activate")
+def model_activate(data_dir: DataDirOpt, thing_type: Annotated[str, typer.Option("--type")],
+                   version: Annotated[str, typer.Option()], models_dir: ModelsDirOpt = None) -> None:
+    """Check a version completely and make it active; a refused one leaves the active version in force."""
+    from gateway.detect.models import ModelError, ModelRegistry
+
+    try:
+        ModelRegistry(models_dir or data_dir / "models").activate(thing_type, version)
+    except ModelError as exc:
+        fail(f"refused: {exc}", code=1)
+    typer.echo(f"{thing_type}: {version} is active")
+
+
+@model_app.command("rollback")
+def model_rollback(data_dir: DataDirOpt, thing_type: Annotated[str, typer.Option("--type")],
+                   models_dir: ModelsDirOpt = None) -> None:
+    """Back to the previous version of a type."""
+    from gateway.detect.models import ModelError, ModelRegistry
+
+    try:
+        bundle = ModelRegistry(models_dir or data_dir / "models").rollback(thing_type)
+    except ModelError as exc:
+        fail(str(exc), code=1)
+    typer.echo(f"{thing_type}: {bundle.version} is active")
+
+
+@model_app.command("eval")
+def model_eval(
+    data_dir: DataDirOpt,
+    truth: Annotated[Path, typer.Option(help="labelled ground truth (JSON lines: thing, fault, start, end)")],
+    start: Annotated[str | None, typer.Option("--from", help="default: the first fault minus an hour")] = None,
+    end: Annotated[str | None, typer.Option("--to", help="default: the last fault's end plus 5 minutes")] = None,
+    models_dir: ModelsDirOpt = None,
+    rules: Annotated[Path | None, typer.Option(help="rules file (default: the built-in rules)")] = None,
+    models: Annotated[bool, typer.Option(help="use the active models (--no-models: rules and statistics only)")]
+        = True,
+    as_json: Annotated[bool, typer.Option("--json", help="print the report as one JSON object")] = False,
+) -> None:
+    """Replay stored history through the detector and score it: precision, recall, F1, false-positive rate
+    and detection delay, overall and per fault kind."""
+    from gateway.detect.evaluate import TruthError, read_truth
+    from gateway.detect.offline import OfflineError, evaluate_history
+    from gateway.detect.rules import RulesError
+
+    try:
+        records = read_truth(truth)
+    except TruthError as exc:
+        fail(str(exc))
+    if not records and not (start and end):
+        fail(f"{truth} holds no faults; give --from and --to to measure false positives alone")
+    if start is None and records:
+        start = str(min(r.start for r in records) - 3600)
+    if end is None and records:
+        end = str(max(r.end for r in records) + 300)
+    a, b = _times(start, end, 3600)
+    try:
+        report, _anomalies, used = evaluate_history(data_dir, truth, a, b, models_dir or data_dir / "models",
+                                                   rules_file=rules, use_models=models)
+    except (OfflineError, RulesError) as exc:
+        fail(str(exc), code=1)
+    doc = {**report.to_json(), "models": used}
+    if as_json:
+        typer.echo(json.dumps(doc))
+        return
+    typer.echo(f"models: {', '.join(used) or 'none (rules and statistics only)'}")
+    typer.echo(f"precision {doc['precision']:.3f}  recall {doc['recall']:.3f}  F1 {doc['f1']:.3f}  "
+               f"false-positive rate {doc['false_positive_rate']:.4f} of {doc['normal_windows']} normal windows  "
+               f"median delay {doc['median_delay_s']} s")
+    typer.echo(f"{'fault':18} {'faults':>6} {'found':>6} {'recall':>7} {'median delay s':>15}")
+    for kind, row in doc["per_fault"].items():
+        typer.echo(f"{kind:18} {row['faults']:>6} {row['found']:>6} {row['recall']:>7.3f} "
+                   f"{row['median_delay_s'] if row['median_delay_s'] is not None else '-':>15}")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     sys.exit(app())
 
@@ -144,6 +295,10 @@ def sim(
     time_scale: Annotated[float, typer.Option(min=0.001, help="simulated seconds per real second")] = 1.0,
     types: Annotated[str, typer.Option(help="equipment types to cycle through, comma-separated")] =
         "oven,mixer,conveyor,proofer,cooler",
+    into: Annotated[Path | None, typer.Option(help="no broker: write --duration seconds of simulated history "
+                                              "straight into this gateway data directory, as fast as possible")] = None,
+    start: Annotated[str | None, typer.Option(help="with --into: when the history begins (ISO 8601 or epoch; "
+                                              "default: --duration before now)")] = None,
 ) -> None:
     """Simulate a line of ESP32 nodes publishing telemetry (with optional faults) until Ctrl-C."""
     from gateway.sim import FleetOptions, parse_faults
@@ -164,7 +319,35 @@ def sim(
                             types=kinds, time_scale=time_scale)
     except ValueError as exc:  # SimError: every bad option at once, or a fault naming no node of the fleet
         fail(_sim_options_problem(exc))
+    if into is not None:
+        _sim_into(into, opts, start)
+        return
     asyncio.run(_run_sim(opts))
+
+
+def _sim_into(into: Path, opts: Any, start: str | None) -> None:
+    import time
+
+    from rich.progress import Progress
+
+    from gateway.buffer.history import parse_time
+    from gateway.detect.offline import simulate_into
+    from gateway.errors import Invalid
+
+    if opts.duration_s is None:
+        fail("--into needs --duration (seconds of history to write)")
+    try:
+        begin = parse_time(start, "--start") if start else time.time() - opts.duration_s
+    except Invalid as exc:
+        fail(exc.detail)
+    with Progress(transient=True) as progress:
+        task = progress.add_task(f"simulating {opts.duration_s / 3600:.1f} h of {opts.nodes} nodes", total=1.0)
+        n = simulate_into(into, site=opts.site, line=opts.line, start=begin, duration_s=opts.duration_s,
+                          nodes=opts.nodes, rate_hz=opts.rate_hz, faults=opts.faults, seed=opts.seed or 0,
+                          truth_path=opts.truth_path, types=opts.types,
+                          progress=lambda share: progress.update(task, completed=share))
+    typer.echo(f"wrote {n} readings of {opts.nodes} nodes into {into}"
+               + (f"; fault ground truth in {opts.truth_path}" if opts.truth_path else ""))
 
 
 # FleetOptions names its fields; the user typed these flags.

@@ -27,7 +27,7 @@ ROLES = ("viewer", "operator", "admin")
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}\Z")
 TYPE_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}\Z")
 EQUIPMENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
-_SECRET_PART = re.compile(r"(?:^|_)(?:password|token|keys?|secret)(?:$|_)")
+_SECRET_PART = re.compile(r"(?:^|_)(?:password|token|keys?|secret|headers)(?:$|_)")
 
 
 @dataclass(frozen=True)
@@ -139,6 +139,39 @@ class BufferSection:
 
 
 @dataclass(frozen=True)
+class WebhookTarget:
+    """An HTTP endpoint that receives every anomaly at or above `min_severity` (POST, JSON, retried)."""
+
+    url: str
+    headers: Mapping[str, str] = field(default_factory=dict)  # e.g. an Authorization header; never logged
+    min_severity: Literal["info", "warning", "critical"] = "warning"
+
+    def __repr__(self) -> str:
+        return f"WebhookTarget(url={self.url!r}, headers=***, min_severity={self.min_severity!r})"
+
+
+@dataclass(frozen=True)
+class DetectSection:
+    """Anomaly detection on the gateway: rules, statistics, ONNX models, and where anomalies go."""
+
+    enabled: bool = True
+    rules_file: str = ""  # "": the built-in rules
+    tick_ms: float = 50.0  # readings are scored in micro-batches this often
+    enter_score: float = 0.5  # combined score that opens an anomaly
+    exit_score: float = 0.3  # below this for clear_s seconds: resolved
+    clear_s: float = 30.0
+    warmup_samples: int = 120  # readings before the statistics of a property may alert
+    learn_samples: int = 1800  # then, until a model calibrates them, readings that set the statistics' limits
+    z_limit: float = 6.0  # default statistics limits until a trained model calibrates them
+    ignore: tuple[str, ...] = ("*setpoint*",)  # properties that are commands, not measurements
+    models_dir: str = ""  # "": <gateway.data_dir>/models
+    model_poll_s: float = 5.0  # how often activation changes on disk are picked up
+    anomaly_keep_days: float = 365.0  # resolved anomalies are kept this long
+    mqtt_alerts: bool = False  # publish anomalies to openegiz/{site}/{type}/{equipment_id}/anomaly
+    webhooks: tuple[WebhookTarget, ...] = ()
+
+
+@dataclass(frozen=True)
 class WsSection:
     heartbeat_s: float = 30.0
     queue_size: int = 1024
@@ -182,6 +215,7 @@ class GatewayConfig:
     twin: TwinSection = field(default_factory=TwinSection)
     buffer: BufferSection = field(default_factory=BufferSection)
     uplink: UplinkSection = field(default_factory=UplinkSection)
+    detect: DetectSection = field(default_factory=DetectSection)
     ws: WsSection = field(default_factory=WsSection)
     log: LogSection = field(default_factory=LogSection)
 
@@ -191,6 +225,10 @@ class GatewayConfig:
 
     def thing_id(self, equipment_id: str) -> str:
         return f"{self.gateway.site}:{equipment_id}"
+
+    @property
+    def models_dir(self) -> Path:
+        return Path(self.detect.models_dir) if self.detect.models_dir else Path(self.gateway.data_dir) / "models"
 
 
 T = TypeVar("T")
@@ -354,7 +392,7 @@ _BAD = object()
 
 def _is_secret(key: str) -> bool:
     """Keys whose values never appear in a message: anything under auth, passwords, tokens, keys."""
-    if key == "auth" or key.startswith(("auth.", "auth[")):
+    if key == "auth" or key.startswith(("auth.", "auth[")) or ".headers" in key:
         return True
     last = re.sub(r"\[\d+\]", "", key.rsplit(".", 1)[-1])
     return bool(_SECRET_PART.search(last))
@@ -524,6 +562,30 @@ def _check_semantics(cfg: Any, problems: list[tuple[str, str]]) -> None:
         check(f"uplink.{key}", lambda: 0 < getattr(up, key) <= 3600, "must be > 0 and <= 3600")
     check("uplink.retry_max_s", lambda: up.retry_min_s <= up.retry_max_s <= 3600,
           "must be uplink.retry_min_s..3600", reads=("uplink.retry_min_s",))
+    det = cfg.detect
+    check("detect.tick_ms", lambda: 5 <= det.tick_ms <= 1000, "must be 5..1000 milliseconds")
+    check("detect.enter_score", lambda: 0 < det.enter_score <= 1, "must be > 0 and <= 1")
+    check("detect.exit_score", lambda: 0 <= det.exit_score < det.enter_score,
+          "must be >= 0 and below detect.enter_score", reads=("detect.enter_score",))
+    check("detect.clear_s", lambda: 0 <= det.clear_s <= 86400, "must be 0..86400 seconds")
+    check("detect.warmup_samples", lambda: 2 <= det.warmup_samples <= 100_000, "must be 2..100000")
+    check("detect.learn_samples", lambda: 0 <= det.learn_samples <= 10_000_000, "must be 0..10000000")
+    check("detect.z_limit", lambda: 1 <= det.z_limit <= 100, "must be 1..100")
+    check("detect.model_poll_s", lambda: 0.1 <= det.model_poll_s <= 3600, "must be 0.1..3600 seconds")
+    check("detect.anomaly_keep_days", lambda: det.anomaly_keep_days > 0, "must be > 0")
+    if isinstance(det.rules_file, str) and det.rules_file and "detect.rules_file" not in reported:
+        from gateway.detect.rules import RulesError, load_rules
+
+        try:
+            load_rules(Path(det.rules_file))
+        except RulesError as exc:
+            problems.append(("detect.rules_file", str(exc)))
+    for i, hook in enumerate(det.webhooks or ()):
+        if isinstance(hook, WebhookTarget):
+            url = hook.url
+            check(f"detect.webhooks[{i}].url",
+                  isinstance(url, str) and bool(re.fullmatch(r"https?://[^\s/]+(/[^\s]*)?", url)),
+                  "must be an http:// or https:// URL")
     check("ws.queue_size", lambda: cfg.ws.queue_size >= 1, "must be >= 1")
     check("ws.max_clients", lambda: cfg.ws.max_clients >= 1, "must be >= 1")
     check("ws.heartbeat_s", lambda: cfg.ws.heartbeat_s > 0, "must be > 0")

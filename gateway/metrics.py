@@ -61,6 +61,21 @@ class GatewayMetrics:
                                           registry=r)
         self.uplink_backlog_age = Gauge("egiz_uplink_backlog_age_seconds", "Age of the oldest unconfirmed point",
                                         registry=r)
+        self.detect_readings = Counter("egiz_detect_readings_total", "Feature readings the detector took", registry=r)
+        self.detect_rows = Counter("egiz_detect_rows_scored_total", "Feature rows scored by ONNX models", registry=r)
+        self.detect_tick_seconds = Histogram(
+            "egiz_detect_tick_seconds", "Time of one detector tick (rules, statistics, batched inference)",
+            registry=r, buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
+        )
+        self.detect_errors = Counter("egiz_detect_errors_total", "Detector ticks that failed", registry=r)
+        self.detect_model_loads = Counter("egiz_detect_model_loads_total", "Model versions put in use", ["type"],
+                                          registry=r)
+        self.detect_model_refused = Counter(
+            "egiz_detect_model_refused_total", "Model versions refused (corrupt or mismatched)", ["type"], registry=r
+        )
+        self.anomalies_opened = Counter("egiz_anomalies_opened_total", "Anomalies opened",
+                                        ["severity", "anomaly_type"], registry=r)
+        self.anomalies_active = Gauge("egiz_anomalies_active", "Anomalies open or acknowledged", registry=r)
         self.commands = Counter("egiz_commands_total", "Commands sent to nodes", ["result"], registry=r)
         self.things = Gauge("egiz_twin_things", "Things in the registry", registry=r)
         self.twin_flush_errors = Gauge("egiz_twin_flush_errors", "Failed twin flushes since start", registry=r)

@@ -18,6 +18,7 @@ from gateway.buffer.buffer import TelemetryBuffer
 from gateway.buffer.restore import restore_twin
 from gateway.bus import EventBus
 from gateway.config import GatewayConfig
+from gateway.detect.detector import AnomalyDetector
 from gateway.ingest.deadletter import DeadLetterLog
 from gateway.ingest.mqtt import MqttIngest
 from gateway.ingest.sequence import SequenceTracker
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 
 
 class GatewayService:
-    """One line gateway: registry → buffer → ingest → bus → API."""
+    """One line gateway: registry → buffer → detector → ingest → bus → API."""
 
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
@@ -44,6 +45,8 @@ class GatewayService:
         self.buffer = TelemetryBuffer(config, self.metrics, uplink=bool(config.uplink.url))
         self.sequences = SequenceTracker(self.metrics)
         self.ingest = MqttIngest(config, self.registry, self.dead_letters, self.metrics, self.buffer, self.sequences)
+        self.detector = AnomalyDetector(config, self.registry, self.bus, self.metrics) if config.detect.enabled \
+            else None
         self.forwarder: Forwarder | None = None
         if config.uplink.url:
             from cloud_sync.forwarder import Forwarder
@@ -51,7 +54,7 @@ class GatewayService:
             self.forwarder = Forwarder(config, self.buffer, self.registry, self.metrics)
         self.parts = Parts(config, self.registry, self.bus, self.ingest, self.dead_letters, self.metrics,
                            Authenticator(config.auth.api_keys, open_access=config.auth.open), time.time(),
-                           self.buffer)
+                           self.buffer, self.detector)
         self.app = build_app(self.parts)
         self._runner: web.AppRunner | None = None
         self.http_port: int | None = None
@@ -70,6 +73,8 @@ class GatewayService:
                                       line=cfg.gateway.line)
         if restored:
             log.info("live state restored from the buffer", extra={"things": restored})
+        if self.detector is not None:
+            await self.detector.start()  # before ingest: the first reading is already watched
         await self.ingest.start()
         if self.forwarder is not None:
             await self.forwarder.start()
@@ -95,6 +100,8 @@ class GatewayService:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self.detector is not None:
+            await self.detector.stop()
         await self.buffer.stop()
         await self.dead_letters.stop()
         await self.registry.stop()

@@ -16,6 +16,8 @@ from gateway.api.auth import Authenticator, role_allows
 from gateway.buffer.buffer import TelemetryBuffer
 from gateway.bus import EventBus
 from gateway.config import GatewayConfig
+from gateway.detect.detector import AnomalyDetector
+from gateway.detect.models import ModelError
 from gateway.errors import Conflict, EgizError, Invalid, NotFound
 from gateway.ingest.deadletter import DeadLetterLog
 from gateway.ingest.mqtt import MqttIngest
@@ -41,6 +43,7 @@ class Parts:
     auth: Authenticator
     started: float
     buffer: TelemetryBuffer
+    detector: AnomalyDetector | None = None
 
 
 PARTS = web.AppKey("parts", Parts)
@@ -60,7 +63,7 @@ def error_body(status: int, error: str, detail: str, **extra: Any) -> web.Respon
     return web.json_response({"error": error, "detail": detail, **extra}, status=status)
 
 
-STATUS_OF = {NotFound: 404, Conflict: 409, Invalid: 400}
+STATUS_OF: dict[type[EgizError], int] = {NotFound: 404, Conflict: 409, Invalid: 400, ModelError: 422}
 
 
 @web.middleware
@@ -134,12 +137,13 @@ def parse_json(text: str, what: str) -> Any:
 
 def build_app(parts: Parts) -> web.Application:
     """The app factory: routes from the api modules, one middleware, WebSocket cleanup on shutdown."""
-    from gateway.api import history, openapi, things, ws
+    from gateway.api import anomalies, history, openapi, things, ws
 
     app = web.Application(middlewares=[middleware], client_max_size=MAX_BODY)
     app[PARTS] = parts
     things.add_routes(app)
     history.add_routes(app)
+    anomalies.add_routes(app)
     ws.add_routes(app)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)

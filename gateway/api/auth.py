@@ -22,8 +22,17 @@ class Authenticator:
     """Maps a presented token to its role; keys are kept only as SHA-256 digests in memory."""
 
     def __init__(self, keys: Iterable[ApiKey], *, open_access: bool = False) -> None:
+        keys = list(keys)
         self._roles = {hashlib.sha256(k.key.encode()).digest(): k.role for k in keys}
+        self._names = {hashlib.sha256(k.key.encode()).digest(): k.name or f"{k.role} key" for k in keys}
         self.open = open_access
+
+    def caller(self, request: web.Request) -> str:
+        """Who is asking, for audit fields (acknowledged by ...): the key's name, never the key."""
+        header = request.headers.get("Authorization", "")
+        token = header[7:].strip() if header[:7].lower() == "bearer " else ""
+        name = self._names.get(hashlib.sha256(token.encode()).digest()) if token else None
+        return name or ("open access" if self.open else "unknown")
 
     def role_for(self, request: web.Request, *, allow_query_token: bool = False) -> str | None:
         """The caller's role, or None when no valid key was presented (and access is not open)."""

@@ -29,6 +29,7 @@ ERRORS = {
 }
 ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}, "example": "izmir-bakery:oven-001"}
 FEATURE = {"name": "feature", "in": "path", "required": True, "schema": {"type": "string"}}
+TYPE = {"name": "type", "in": "path", "required": True, "schema": {"type": "string"}, "example": "oven"}
 IF_MATCH = {"name": "If-Match", "in": "header", "required": False, "schema": {"type": "string"},
             "description": 'the version the write is based on, e.g. "7"; a stale one gives 409'}
 CONFLICT = {"409": _resp("version conflict or id exists", ERROR)}
@@ -129,6 +130,41 @@ SPEC: dict[str, Any] = {
                                     "description": "only times when the Thing carried this value; any key of "
                                                    "buffer.context_keys works the same way"}]),
         },
+        "/api/v1/anomalies": {
+            "get": _op("Anomalies, newest first (docs/api.md, 'Anomalies')", "viewer",
+                       {"200": _resp("a page of anomalies"), **ERRORS},
+                       parameters=[{"name": n, "in": "query", "schema": {"type": "string"}, "description": d}
+                                   for n, d in (("state", "open, acknowledged, resolved or active; comma-separated"),
+                                                ("thingId", "comma-separated"), ("severity", "info, warning, critical"),
+                                                ("from", "ISO 8601 or epoch"), ("to", "ISO 8601 or epoch"),
+                                                ("limit", "1..1000, default 100"), ("offset", "default 0"))]),
+        },
+        "/api/v1/anomalies/{id}": {"get": _op("One anomaly", "viewer", {"200": _resp("the anomaly"), **ERRORS},
+                                               parameters=[ID])},
+        "/api/v1/anomalies/{id}/ack": {
+            "post": _op("Acknowledge: someone investigates", "operator",
+                        {"200": _resp("the anomaly"), **ERRORS, **CONFLICT}, parameters=[ID]),
+        },
+        "/api/v1/anomalies/{id}/resolve": {
+            "post": _op("Resolve, optionally as a false positive (kept for retraining)", "operator",
+                        {"200": _resp("the anomaly"), **ERRORS}, parameters=[ID]),
+        },
+        "/api/v1/things/{id}/rul": {
+            "get": _op("Remaining useful life per health indicator, with an uncertainty band", "viewer",
+                       {"200": _resp("estimates"), **ERRORS}, parameters=[ID]),
+        },
+        "/api/v1/models": {"get": _op("Model versions per equipment type and the one in use", "viewer",
+                                      {"200": _resp("models"), **ERRORS})},
+        "/api/v1/models/{type}/activate": {
+            "post": _op("Check a version and use it now; refused (422) when corrupt or mismatched", "admin",
+                        {"200": _resp("activated"), "422": _resp("refused", ERROR), **ERRORS},
+                        parameters=[TYPE]),
+        },
+        "/api/v1/models/{type}/rollback": {
+            "post": _op("Back to the previous version", "admin", {"200": _resp("rolled back"),
+                                                                 "422": _resp("nothing to roll back to", ERROR),
+                                                                 **ERRORS}, parameters=[TYPE]),
+        },
         "/api/v1/query": {
             "post": _op("Query Things with a filter", "viewer", {"200": _resp("a page", PAGE), **ERRORS},
                         requestBody={"required": True, "content": {"application/json": {
@@ -140,8 +176,9 @@ SPEC: dict[str, Any] = {
                                    {"name": "reason", "in": "query", "schema": {"type": "string"}}]),
         },
         "/api/v1/ws": {
-            "get": _op("WebSocket: subscribe/unsubscribe by thingId, filter or everything; StateChanged "
-                       "events, Heartbeat every 30 s. Token as Bearer header or access_token query.",
+            "get": _op("WebSocket: subscribe/unsubscribe by thingId, filter or everything; StateChanged and "
+                       "AnomalyDetected/Updated/Acknowledged/Resolved events, Heartbeat every 30 s. Token as "
+                       "Bearer header or access_token query.",
                        "viewer", {"101": _resp("switching protocols"), **ERRORS}),
         },
         "/health": {"get": _op("Liveness", None, {"200": _resp("alive")})},

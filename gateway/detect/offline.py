@@ -1,0 +1,179 @@
+"""Offline work on a gateway's stored history: labelled simulated history, training, evaluation.
+
+These are what `egiz model train|eval` and `egiz sim --into` run. They read the gateway's DuckDB file
+read-only; DuckDB lets one process hold a file for writing, so point them at a stopped gateway's
+data directory or a copy of it (`cp -a`) — a running gateway's file is refused with that advice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from gateway.detect.anomalies import exclusions
+from gateway.detect.core import DetectorCore, DetectSettings
+from gateway.detect.evaluate import Detection, Report, Truth, read_truth, replay, score
+from gateway.detect.models import ModelBundle, ModelError, ModelRegistry
+from gateway.detect.rules import load_rules
+from gateway.detect.train import Interval, feature_rows, train_model
+from gateway.errors import EgizError
+
+BUFFER_FILE = "buffer.duckdb"
+WARMUP_S = 900.0  # evaluation starts the detector this long before the range, as a running gateway would be
+
+
+class OfflineError(EgizError, ValueError):
+    code = "offline_error"
+
+
+def read_points(data_dir: Path, start: float, end: float, thing_type: str | None = None) -> pa.Table:
+    """Numeric and text points of `[start, end)` (of one equipment type, or all), in time order."""
+    path = data_dir / BUFFER_FILE
+    if not path.exists():
+        raise OfflineError(f"no telemetry buffer at {path}", path=str(path))
+    try:
+        con = duckdb.connect(str(path), read_only=True)
+    except duckdb.IOException as exc:
+        raise OfflineError(f"{path} is in use ({exc}); stop the gateway or copy its data directory and point "
+                           "at the copy", path=str(path)) from None
+    try:
+        where = "AND s.type = $t" if thing_type else ""
+        params: dict[str, Any] = {"a": start, "b": end}
+        if thing_type:
+            params["t"] = thing_type
+        return con.sql(
+            "SELECT s.thing_id, s.type, s.feature, s.path, p.ts, p.value, p.text FROM points p JOIN series s "
+            f"ON p.series = s.id WHERE p.ts >= $a AND p.ts < $b {where} ORDER BY p.ts, p.id", params=params,
+        ).to_arrow_table()
+    finally:
+        con.close()
+
+
+def _anomaly_exclusions(data_dir: Path, start: float, end: float) -> list[Interval]:
+    path = data_dir / "anomalies.sqlite"
+    if not path.exists():
+        return []
+    import sqlite_utils
+
+    db = sqlite_utils.Database(sqlite3.connect(path))
+    try:
+        return exclusions(db, start, end)
+    finally:
+        db.conn.close()
+
+
+def train_from_history(data_dir: Path, thing_type: str, start: float, end: float, models_dir: Path, *,
+                       truth: Path | None = None, activate: bool = False, ignore: Sequence[str] = ("*setpoint*",),
+                       progress: Callable[[str], None] | None = None) -> Path:
+    """Train a version of `thing_type` on normal history in `[start, end)`; returns its directory."""
+    say = progress or (lambda _m: None)
+    say(f"reading {thing_type} history")
+    points = read_points(data_dir, start, end, thing_type)
+    if points.num_rows == 0:
+        raise OfflineError(f"no {thing_type!r} points between the given times in {data_dir}", type=thing_type)
+    excluded = _anomaly_exclusions(data_dir, start, end)
+    if truth is not None:
+        excluded += [(t.thing, t.start - 60.0, t.end + 120.0) for t in read_truth(truth)]
+    rows = feature_rows(points, ignore=ignore, exclude=excluded)
+    say(f"{len(rows.x)} rows x {len(rows.keys)} features from {len(set(rows.things.tolist()))} Things "
+        f"({len(excluded)} anomalous intervals left out)")
+    directory = train_model(rows, thing_type, models_dir, progress=say)
+    if activate:
+        ModelRegistry(models_dir).activate(thing_type, directory.name)
+    return directory
+
+
+def readings(points: pa.Table) -> Iterator[tuple[float, str, str, str, list[tuple[str, Any]]]]:
+    """Points back into readings: consecutive points of one Thing, feature and time form one."""
+    cols = [points.column(n).to_pylist() for n in ("ts", "thing_id", "type", "feature", "path", "value", "text")]
+    current: tuple[float, str, str] | None = None
+    ttype = ""
+    values: list[tuple[str, Any]] = []
+    for ts, thing, typ, feature, path, value, text in zip(*cols, strict=True):
+        key = (ts, thing, feature)
+        if key != current:
+            if current is not None:
+                yield current[0], current[1], ttype, current[2], values
+            current, ttype, values = key, typ, []
+        values.append((path, value if value is not None else text))
+    if current is not None:
+        yield current[0], current[1], ttype, current[2], values
+
+
+def evaluate_history(data_dir: Path, truth_path: Path, start: float, end: float, models_dir: Path, *,
+                     rules_file: Path | None = None, settings: DetectSettings | None = None,
+                     use_models: bool = True, window_s: float = 60.0) -> tuple[Report, list[Any], list[str]]:
+    """Replay stored history through the detector (rules, statistics, active models) and score it against
+    ground truth. Returns the report, the anomalies, and the model versions used."""
+    truth = [t for t in read_truth(truth_path) if t.end >= start and t.start <= end]
+    models: dict[str, ModelBundle] = {}
+    if use_models:
+        reg = ModelRegistry(models_dir)
+        for ttype in reg.types():
+            version = reg.active_version(ttype)
+            if version is not None:
+                try:
+                    models[ttype] = reg.load(ttype, version)
+                except ModelError as exc:
+                    raise OfflineError(f"the active {ttype} model is refused: {exc}") from None
+    core = DetectorCore(load_rules(rules_file), settings, models)
+    points = read_points(data_dir, start - WARMUP_S, end)
+    things = sorted(set(points.column("thing_id").to_pylist()))
+    anomalies = [a for a in replay(core, readings(points)) if start <= a.opened_at < end]
+    dets = [Detection(a.thing_id, a.opened_at, a.resolved_at if a.resolved_at is not None else end)
+            for a in anomalies]
+    report = score([Truth(t.thing, t.fault, t.start, t.end) for t in truth], dets, things=things, start=start,
+                   end=end, window_s=window_s)
+    return report, anomalies, [f"{b.type}:{b.version}" for b in models.values()]
+
+
+def simulate_into(data_dir: Path, *, site: str, line: str, start: float, duration_s: float, nodes: int,
+                  rate_hz: float, faults: tuple[Any, ...], seed: int, truth_path: Path | None,
+                  types: tuple[str, ...] | None = None, progress: Callable[[float], None] | None = None) -> int:
+    """Write simulated history straight into a gateway data directory (the same buffer a gateway keeps);
+    returns the number of readings written. The fault ground truth goes to `truth_path`."""
+    n, truth = asyncio.run(_simulate_into(data_dir, site, line, start, duration_s, nodes, rate_hz, faults, seed,
+                                          types, progress))
+    if truth_path is not None:
+        truth_path.parent.mkdir(parents=True, exist_ok=True)
+        truth_path.write_text("".join(t.to_json() + "\n" for t in truth), encoding="utf-8")
+    return n
+
+
+async def _simulate_into(data_dir: Path, site: str, line: str, start: float, duration_s: float, nodes: int,
+                         rate_hz: float, faults: tuple[Any, ...], seed: int, types: tuple[str, ...] | None,
+                         progress: Callable[[float], None] | None) -> tuple[int, list[Any]]:
+    from gateway.buffer.buffer import TelemetryBuffer
+    from gateway.config import GatewayConfig, load_config
+    from gateway.ingest.payload import Sample
+    from gateway.metrics import GatewayMetrics
+    from gateway.sim.trace import Trace
+
+    cfg = load_config(GatewayConfig, None, environ={}, overrides={
+        "gateway.site": site, "gateway.line": line, "gateway.id": f"sim-{site}-{line}",
+        "gateway.data_dir": str(data_dir), "auth.open": True, "buffer.disk_budget_mb": 0})
+    buffer = TelemetryBuffer(cfg, GatewayMetrics())
+    await buffer.start()
+    trace = Trace(site, start=start, duration_s=duration_s, nodes=nodes, rate_hz=rate_hz, faults=faults, seed=seed,
+                  types=types)
+    n = 0
+    seqs: dict[str, int] = {}
+    try:
+        for r in trace:
+            seq = seqs[r.thing_id] = seqs.get(r.thing_id, 0) + 1
+            buffer.add(r.thing_id, r.thing_type, [Sample(r.feature, r.ts, seq, r.properties)], r.ts, None)
+            n += 1
+            if n % 20_000 == 0:
+                await buffer.flush()
+                if progress is not None:
+                    progress((r.ts - start) / duration_s)
+        await buffer.flush()
+    finally:
+        await buffer.stop()
+    return n, trace.truth

@@ -1,0 +1,220 @@
+"""Training a model version from stored history (extra `train`: scikit-learn, skl2onnx, onnx).
+
+Feature rows are the Thing's live state at each reading — every numeric property of its type, the
+last value of each carried forward, as the detector sees it — built column-wise with numpy. Only
+normal periods train: the intervals of anomalies that operators did not mark as false positives
+(and of any ground-truth faults given) are cut out. The ONNX files are checked against scikit-learn
+on a sample before the version is written; a disagreement fails the training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from gateway.detect.models import AE_FILE, FORMAT, IF_FILE, MANIFEST, ModelError, file_sha256, model_hash
+from gateway.detect.rules import glob_match
+from gateway.detect.stats import PropertyStats, StatsSettings, group_of
+
+log = logging.getLogger(__name__)
+
+AGREEMENT_TOLERANCE = 1e-3  # ONNX runs in float32; scikit-learn in float64
+MAX_TRAIN_ROWS = 40_000
+Interval = tuple[str, float, float]  # thing id, start, end
+
+
+@dataclass(frozen=True)
+class FeatureRows:
+    keys: list[str]
+    x: np.ndarray  # (n, d)
+    ts: np.ndarray  # (n,)
+    things: np.ndarray  # (n,) thing ids
+
+
+def feature_rows(points: pa.Table, *, ignore: Sequence[str] = ("*setpoint*",), keys: list[str] | None = None,
+                 exclude: Sequence[Interval] = (), min_share: float = 0.9) -> FeatureRows:
+    """Rows of the live state of every Thing in `points` (columns thing_id, feature, path, ts, value)."""
+    cols = {name: points.column(name).to_numpy(zero_copy_only=False) for name in ("thing_id", "feature", "path",
+                                                                                   "ts", "value")}
+    value = cols["value"].astype(np.float64)
+    numeric = np.isfinite(value)
+    thing = cols["thing_id"][numeric]
+    key_col = np.char.add(np.char.add(cols["feature"][numeric].astype(str), "/"), cols["path"][numeric].astype(str))
+    ts, value = cols["ts"][numeric].astype(np.float64), value[numeric]
+    things = sorted(set(thing.tolist()))
+    if keys is None:
+        seen: dict[str, int] = {}
+        for tid in things:
+            for k in set(key_col[thing == tid].tolist()):
+                seen[k] = seen.get(k, 0) + 1
+        keys = sorted(k for k, n in seen.items() if n >= min_share * len(things)
+                      and not any(glob_match(p, k.split("/", 1)[1]) for p in ignore))
+    out_x, out_ts, out_th = [], [], []
+    for tid in things:
+        mask = thing == tid
+        t_ts, t_key, t_val = ts[mask], key_col[mask], value[mask]
+        grid = np.unique(t_ts)
+        block = np.full((len(grid), len(keys)), np.nan)
+        for j, k in enumerate(keys):
+            m = t_key == k
+            if not m.any():
+                continue
+            order = np.argsort(t_ts[m], kind="stable")
+            k_ts, k_val = t_ts[m][order], t_val[m][order]
+            idx = np.searchsorted(k_ts, grid, side="right") - 1
+            block[:, j] = np.where(idx >= 0, k_val[np.clip(idx, 0, None)], np.nan)
+        keep = np.isfinite(block).all(axis=1)
+        for ex_tid, a, b in exclude:
+            if ex_tid == tid:
+                keep &= ~((grid >= a) & (grid <= b))
+        out_x.append(block[keep])
+        out_ts.append(grid[keep])
+        out_th.append(np.full(int(keep.sum()), tid, dtype=object))
+    if not out_x:
+        return FeatureRows(keys, np.empty((0, len(keys))), np.empty(0), np.empty(0, dtype=object))
+    return FeatureRows(keys, np.concatenate(out_x), np.concatenate(out_ts), np.concatenate(out_th))
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _threshold(scores: np.ndarray) -> tuple[float, float]:
+    """(threshold, median) from scores of held-out normal rows: half the spread above the worst."""
+    med = float(np.median(scores))
+    worst = float(np.max(scores))
+    return worst + 0.5 * (worst - med), med
+
+
+def calibrate_statistics(rows: FeatureRows, settings: StatsSettings | None = None,
+                         margin: float = 1.25) -> tuple[list[float], list[float], dict[str, float]]:
+    """Limits of the statistics tier from normal history (after warm-up), with a margin and never tighter
+    than half the defaults: per property the worst |z| and chart deviation, per group of sister
+    properties (zones, phases) the worst joint z."""
+    s = settings or StatsSettings()
+    d = len(rows.keys)
+    worst_z, worst_c = np.zeros(d), np.zeros(d)
+    members: dict[str, list[int]] = {}
+    for j, key in enumerate(rows.keys):
+        g = group_of(key)
+        if g is not None:
+            members.setdefault(g, []).append(j)
+    groups = {g: np.array(js) for g, js in members.items() if len(js) > 1}
+    worst_g = dict.fromkeys(groups, 0.0)
+    for tid in sorted(set(rows.things.tolist())):
+        mask = rows.things == tid
+        block = rows.x[mask][np.argsort(rows.ts[mask], kind="stable")]
+        props = [PropertyStats() for _ in range(d)]
+        zs = np.zeros((len(block), d))
+        for i, row in enumerate(block.tolist()):
+            for j, x in enumerate(row):
+                z, c = props[j].update(x, s)
+                zs[i, j] = z
+                if abs(c) > worst_c[j]:
+                    worst_c[j] = abs(c)
+        worst_z = np.maximum(worst_z, np.abs(zs).max(axis=0, initial=0.0))
+        for g, js in groups.items():
+            joint = np.abs(zs[:, js].sum(axis=1)) / np.sqrt(len(js))
+            worst_g[g] = max(worst_g[g], float(joint.max(initial=0.0)))
+    z_lim = np.maximum(worst_z * margin, s.z_limit / 2)
+    c_lim = np.maximum(worst_c * margin, 0.5)
+    g_lim = {g: round(max(w * margin, s.z_limit / 2), 3) for g, w in worst_g.items()}
+    return z_lim.round(3).tolist(), c_lim.round(3).tolist(), g_lim
+
+
+def train_model(rows: FeatureRows, thing_type: str, out_root: Path, *, seed: int = 0,
+                progress: Callable[[str], None] | None = None) -> Path:
+    """Train, export, check and write one version under `out_root/{type}/{version}/`; returns its directory."""
+    import onnxruntime as ort
+    from onnx import numpy_helper
+    from skl2onnx import to_onnx
+    from skl2onnx.common.data_types import FloatTensorType
+    from sklearn.ensemble import IsolationForest
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.neural_network import MLPRegressor
+
+    say = progress or (lambda _msg: None)
+    n, d = rows.x.shape
+    if n < 200:
+        raise ModelError(f"only {n} rows of normal {thing_type!r} data; training needs at least 200", type=thing_type)
+    mean = rows.x.mean(axis=0)
+    std = rows.x.std(axis=0)
+    usable = std > 1e-9 * np.maximum(1.0, np.abs(mean))
+    if not usable.all():  # a constant column carries no information and would divide by zero
+        rows = FeatureRows([k for k, u in zip(rows.keys, usable, strict=True) if u], rows.x[:, usable], rows.ts,
+                           rows.things)
+        mean, std = mean[usable], std[usable]
+        n, d = rows.x.shape
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n)[: min(n, MAX_TRAIN_ROWS + MAX_TRAIN_ROWS // 4)]
+    split = int(len(order) * 0.8)
+    xs = ((rows.x - mean) / std).astype(np.float32)
+    train, hold = xs[order[:split]], xs[order[split:]]
+    say(f"training the autoencoder on {len(train)} rows x {d} features")
+    hidden = max(8, 2 * d)
+    ae = MLPRegressor(hidden_layer_sizes=(hidden, max(2, d // 2), hidden), activation="tanh", max_iter=300,
+                      early_stopping=True, random_state=seed, tol=1e-5, n_iter_no_change=15)
+    with warnings.catch_warnings():  # hitting max_iter is expected; the residuals below say how well it fits
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        ae.fit(train, train)
+    resid = ae.predict(hold) - hold
+    resid_std = np.maximum(resid.std(axis=0), 1e-3)
+    ae_scores = np.sqrt(np.mean((resid / resid_std) ** 2, axis=1))
+    say(f"training the Isolation Forest on {len(train)} rows")
+    forest = IsolationForest(n_estimators=100, max_samples=256, random_state=seed).fit(train)
+    if_scores = -forest.decision_function(hold)
+    say("calibrating the statistics on the same history")
+    z_limits, chart_limits, group_limits = calibrate_statistics(rows)
+    version = f"{thing_type}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}-{rng.integers(1 << 24):06x}"
+    meta = {"egiz.type": thing_type, "egiz.version": version, "egiz.features": json.dumps(rows.keys)}
+    ae_onnx = to_onnx(ae, train[:1], target_opset=17, final_types=[("reconstruction", FloatTensorType([None, d]))])
+    for init in ae_onnx.graph.initializer:  # skl2onnx reshapes regressor output to one column; we have d
+        if init.name == "shape_tensor":
+            init.CopyFrom(numpy_helper.from_array(np.array([-1, d], dtype=np.int64), "shape_tensor"))
+    if_onnx = to_onnx(forest, train[:1], target_opset={"": 17, "ai.onnx.ml": 3})
+    for model in (ae_onnx, if_onnx):
+        for k, v in meta.items():
+            model.metadata_props.add(key=k, value=v)
+    sample = hold[: min(1000, len(hold))]
+    ae_sess = ort.InferenceSession(ae_onnx.SerializeToString(), providers=["CPUExecutionProvider"])
+    if_sess = ort.InferenceSession(if_onnx.SerializeToString(), providers=["CPUExecutionProvider"])
+    ae_diff = float(np.abs(ae_sess.run(None, {ae_sess.get_inputs()[0].name: sample})[0].reshape(sample.shape)
+                           - ae.predict(sample)).max())
+    if_diff = float(np.abs(if_sess.run(None, {if_sess.get_inputs()[0].name: sample})[1].ravel()
+                           - forest.decision_function(sample)).max())
+    if max(ae_diff, if_diff) > AGREEMENT_TOLERANCE:
+        raise ModelError(f"ONNX and scikit-learn disagree (autoencoder {ae_diff:.2e}, forest {if_diff:.2e})",
+                         type=thing_type)
+    directory = out_root / thing_type / version
+    directory.mkdir(parents=True)
+    (directory / AE_FILE).write_bytes(ae_onnx.SerializeToString())
+    (directory / IF_FILE).write_bytes(if_onnx.SerializeToString())
+    ae_thr, ae_med = _threshold(ae_scores)
+    if_thr, if_med = _threshold(if_scores)
+    manifest: dict[str, Any] = {
+        "format": FORMAT, "type": thing_type, "version": version, "created": _iso(time.time()),
+        "data": {"from": _iso(float(rows.ts.min())), "to": _iso(float(rows.ts.max())), "rows": int(n),
+                 "things": sorted(set(rows.things.tolist()))},
+        "features": rows.keys, "scaling": {"mean": mean.tolist(), "std": std.tolist()},
+        "statistics": {"z_limit": z_limits, "chart_limit": chart_limits, "groups": group_limits},
+        "autoencoder": {"file": AE_FILE, "sha256": file_sha256(directory / AE_FILE),
+                        "residual_std": resid_std.astype(float).tolist(), "threshold": ae_thr, "median": ae_med},
+        "isolation_forest": {"file": IF_FILE, "sha256": file_sha256(directory / IF_FILE), "threshold": if_thr,
+                             "median": if_med},
+        "agreement": {"autoencoder_max_abs_diff": ae_diff, "isolation_forest_max_abs_diff": if_diff,
+                      "rows": len(sample)},
+    }
+    manifest["hash"] = model_hash(manifest)
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    log.info("model trained", extra={"type": thing_type, "version": version, "rows": n, "features": d})
+    return directory
