@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from cloud_sync.config import AggregatorConfig, GatewayToken
 from cloud_sync.store import AggregatorStore, StoreError
-from cloud_sync.wire import Batch, WireError, decode
+from cloud_sync.wire import ANOMALY_STATES, Batch, WireError, decode
 from gateway import __version__
 from gateway.api.auth import Authenticator, role_allows
 from gateway.buffer.history import HistoryQuery, parse_resolution, parse_time, run_query
@@ -152,19 +152,24 @@ class Aggregator:
                               client_max_size=int(self.config.aggregator.max_batch_mb * 2**20))
         r = app.router
         r.add_post("/api/v1/ingest/batches", self.ingest)
+        r.add_get("/api/v1/ingest/actions", self.pending_actions)
         r.add_get("/api/v1/sites", self.sites)
         r.add_get("/api/v1/gateways", self.list_gateways)
         r.add_get("/api/v1/things", self.list_things)
         r.add_get("/api/v1/things/{id}", self.get_thing)
         r.add_get("/api/v1/things/{id}/history", self.history)
         r.add_get("/api/v1/critical", self.critical)
+        r.add_get("/api/v1/anomalies", self.list_anomalies)
+        r.add_get("/api/v1/anomalies/{id}", self.get_anomaly)
+        r.add_post("/api/v1/anomalies/{id}/ack", self.anomaly_action)
+        r.add_post("/api/v1/anomalies/{id}/resolve", self.anomaly_action)
         r.add_get("/api/v1/ws", self.websocket)
         r.add_get("/health", self.health)
         r.add_get("/ready", self.ready)
         r.add_get("/metrics", self.prometheus)
         return app
 
-    PUBLIC = frozenset({"/health", "/ready", "/metrics", "/api/v1/ingest/batches"})
+    PUBLIC = frozenset({"/health", "/ready", "/metrics", "/api/v1/ingest/batches", "/api/v1/ingest/actions"})
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
@@ -174,9 +179,10 @@ class Aggregator:
                 if role is None:
                     self.metrics.auth_failures.labels("401").inc()
                     return _error(401, "unauthorized", "a valid Bearer API key is required")
-                if not role_allows(role, "viewer"):
+                need = "operator" if request.method == "POST" else "viewer"
+                if not role_allows(role, need):
                     self.metrics.auth_failures.labels("403").inc()
-                    return _error(403, "forbidden", "this needs the viewer role")
+                    return _error(403, "forbidden", f"this needs the {need} role; the key has {role}")
             resp: web.StreamResponse = await handler(request)
             return resp
         except web.HTTPException as exc:
@@ -235,7 +241,27 @@ class Aggregator:
         if result.status == "out_of_order":
             return _error(409, "out_of_order", f"expected batch {result.expected}", expected=result.expected)
         self.metrics.points.inc(result.points)
-        return web.json_response({"status": result.status, "batch_seq": batch.batch_seq, "points": result.points})
+        if result.status == "applied" and batch.anomalies:
+            await self._broadcast([{"event": "Anomaly", "anomaly": {**a, "site": batch.site, "line": batch.line,
+                                                                      "gatewayId": batch.gateway_id}}
+                                   for a in batch.anomalies])
+        actions = await self.write(self.store.actions_for, gw.gateway)
+        return web.json_response({"status": result.status, "batch_seq": batch.batch_seq, "points": result.points,
+                                  "actions": actions})
+
+    async def pending_actions(self, request: web.Request) -> web.Response:
+        """Operators' actions waiting for the calling gateway (gateway token), for a gateway with nothing to send."""
+        gw = self._gateway_for(request)
+        if gw is None:
+            self.metrics.auth_failures.labels("401").inc()
+            return _error(401, "unauthorized", "a valid gateway token is required")
+        return web.json_response({"actions": await self.write(self.store.actions_for, gw.gateway)})
+
+    async def _broadcast(self, events: list[dict[str, Any]]) -> None:
+        for text in (json.dumps(e) for e in events):
+            for ws in list(self._sockets):
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    await ws.send_str(text)
 
     # ----------------------------------------------------------------- reads
     async def site_summaries(self) -> list[dict[str, Any]]:
@@ -333,8 +359,58 @@ class Aggregator:
              "offline": offline, "topFeatures": t.get("features", {}).get("status", {}).get("properties", {})
              .get("top_features", [])} for score, offline, t in ranked[:10]]})
 
+    async def list_anomalies(self, request: web.Request) -> web.Response:
+        """Anomalies across sites, newest first; `state=active` means open or acknowledged."""
+        q = request.query
+        unknown = sorted(set(q) - {"site", "state", "severity", "thingId", "limit", "offset"})
+        if unknown:
+            raise Invalid(f"unknown parameter(s) {', '.join(unknown)}")
+        states = [s for s in q.get("state", "").split(",") if s]
+        if "active" in states:
+            states = sorted((set(states) - {"active"}) | {"open", "acknowledged"})
+        bad = [s for s in states if s not in ANOMALY_STATES]
+        if bad:
+            raise Invalid(f"state: unknown {', '.join(bad)}")
+        limit = _int(q.get("limit"), "limit", 100, 1, 1000)
+        offset = _int(q.get("offset"), "offset", 0, 0, 10**9)
+        items, total = await self.read(lambda: self.store.anomalies(
+            site=q.get("site") or None, states=states, severities=[s for s in q.get("severity", "").split(",") if s],
+            thing_ids=[s for s in q.get("thingId", "").split(",") if s], limit=limit, offset=offset))
+        return web.json_response({"items": items, "total": total, "limit": limit, "offset": offset})
+
+    async def get_anomaly(self, request: web.Request) -> web.Response:
+        doc = await self.read(self.store.anomaly, request.match_info["id"])
+        if doc is None:
+            raise NotFound(f"no anomaly {request.match_info['id']!r}")
+        return web.json_response(doc)
+
+    async def anomaly_action(self, request: web.Request) -> web.Response:
+        """Acknowledge or resolve centrally: queued for the anomaly's gateway, which owns it and applies it
+        with its next batch (202); the anomaly shows the action as `pending` until then."""
+        anomaly_id = request.match_info["id"]
+        action = "ack" if request.path.endswith("/ack") else "resolve"
+        body: Any = {}
+        if request.can_read_body:
+            try:
+                body = json.loads(await request.text())
+            except ValueError:
+                raise Invalid("the body is not valid JSON") from None
+        if not isinstance(body, dict) or set(body) - {"note", "falsePositive"} \
+                or not isinstance(body.get("note", ""), str) or not isinstance(body.get("falsePositive", False), bool):
+            raise Invalid('the body may hold "note" (string) and "falsePositive" (bool) only')
+        doc = await self.read(self.store.anomaly, anomaly_id)
+        if doc is None:
+            raise NotFound(f"no anomaly {anomaly_id!r}")
+        if doc["state"] == "resolved":
+            return _error(409, "anomaly_state", f"anomaly {anomaly_id} is already resolved")
+        await self.write(self.store.add_action, doc["gatewayId"], anomaly_id, action, {
+            "anomalyId": anomaly_id, "action": action, "by": self.auth.caller(request),
+            "note": body.get("note", "")[:2000], "falsePositive": bool(body.get("falsePositive", False))})
+        return web.json_response({**doc, "pending": sorted({*doc.get("pending", []), action})}, status=202)
+
     async def websocket(self, request: web.Request) -> web.WebSocketResponse:
-        """Site summaries every `aggregator.summary_interval_s`; the first right away."""
+        """Site summaries every `aggregator.summary_interval_s` (the first right away), and every anomaly
+        change as it arrives (`{"event": "Anomaly", "anomaly": {...}}`)."""
         ws = web.WebSocketResponse(heartbeat=30)
         await ws.prepare(request)
         self._sockets.add(ws)
@@ -371,7 +447,8 @@ def _foreign(batch: Batch, gw: GatewayToken) -> str:
     if (batch.site, batch.line) != (gw.site, gw.line):
         return f"gateway {gw.gateway} writes {gw.site}/{gw.line} only"
     prefix = f"{gw.site}:"
-    ids = [k[0] for k in batch.series] + [d["id"] for d in batch.things] + batch.deleted
+    ids = [k[0] for k in batch.series] + [d["id"] for d in batch.things] + batch.deleted \
+        + [a["thingId"] for a in batch.anomalies]
     bad = next((i for i in ids if not i.startswith(prefix)), None)
     return f"Thing {bad[:80]!r} is not of site {gw.site}" if bad else ""
 

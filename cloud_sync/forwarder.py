@@ -27,11 +27,14 @@ import pyarrow as pa
 from cloud_sync.wire import Batch, encode
 from gateway.buffer.buffer import TelemetryBuffer
 from gateway.config import GatewayConfig
+from gateway.detect.detector import AnomalyDetector
+from gateway.errors import Conflict, NotFound
 from gateway.metrics import GatewayMetrics
 from gateway.twin.registry import TwinRegistry
 
 log = logging.getLogger(__name__)
 BYTES_PER_POINT_ON_DISK = 7.6  # measured (bench/buffer.py); backlog bytes are estimated from it
+ACTIONS_PATH = "/api/v1/ingest/actions"
 INGEST_PATH = "/api/v1/ingest/batches"
 
 
@@ -55,7 +58,7 @@ class Forwarder:
     """Sends the buffer's outbox to the aggregator; started by the gateway service when `[uplink]` has a url."""
 
     def __init__(self, config: GatewayConfig, buffer: TelemetryBuffer, registry: TwinRegistry,
-                 metrics: GatewayMetrics) -> None:
+                 metrics: GatewayMetrics, detector: AnomalyDetector | None = None) -> None:
         self._cfg = config
         self._up = config.uplink
         self._buffer = buffer
@@ -71,6 +74,8 @@ class Forwarder:
         self._live_turn = False
         self._things_sent_at = 0.0
         self._deleted_sent_at = 0.0
+        self._detector = detector
+        self._anomalies_sent_at = 0.0  # updated_at of the newest anomaly change the aggregator confirmed
         self.last_error = ""
         self.failing_since: float | None = None
         self.last_success = 0.0
@@ -149,10 +154,16 @@ class Forwarder:
         if plan is None and not things_due:
             await self._report_backlog()
             return False
+        anomalies, anomalies_upto = [], self._anomalies_sent_at
+        if things_due and self._detector is not None:
+            changed, anomalies_upto = await self._detector.log.changed_since(self._anomalies_sent_at)
+            anomalies = [a.to_json() for a in changed]
         if plan is None:
-            if not self._registry.changed_since(self._things_sent_at) and not self._deleted_since():
+            if not anomalies and not self._registry.changed_since(self._things_sent_at) \
+                    and not self._deleted_since():
                 self._things_sent_at = now
                 await self._report_backlog()
+                await self._poll_actions()
                 return False
             hi = self._buffer.synced_id
             plan = Plan(self.batch_seq + 1, hi, hi, False)
@@ -160,6 +171,7 @@ class Forwarder:
         things, deleted = ([], []) if not things_due else self._thing_changes()
         backlog = await self._backlog()
         batch = self._batch(plan, points, things, deleted, backlog)
+        batch.anomalies = anomalies
         if self._inflight is None:
             # The batch, and the live window it may have opened, are durable before anything is sent.
             await self._buffer.set_state({"uplink.inflight_seq": plan.seq, "uplink.inflight_lo": plan.lo,
@@ -167,12 +179,44 @@ class Forwarder:
                                           "uplink.live_from": self.live_from, "uplink.live": self.live})
             self._inflight = plan
         body = await asyncio.get_running_loop().run_in_executor(None, encode, batch)
-        await self._send(plan, body, points.num_rows)
+        actions = await self._send(plan, body, points.num_rows)
         await self._confirmed(plan)
         if things_due:
             self._things_sent_at = now
             self._deleted_sent_at = now
+            self._anomalies_sent_at = anomalies_upto
+        await self._apply_actions(actions)
         return True
+
+    async def _poll_actions(self) -> None:
+        """A quiet gateway still asks for operators' actions (every `uplink.things_interval_s`)."""
+        if self._detector is None or self._http is None:
+            return
+        try:
+            async with self._http.get(self._up.url.rstrip("/") + ACTIONS_PATH) as r:
+                doc = await r.json(content_type=None) if r.status == 200 else {}
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            log.debug("could not ask for central actions", extra={"error": str(exc)[:200]})
+            return
+        actions = doc.get("actions") if isinstance(doc, dict) else None
+        if isinstance(actions, list):
+            await self._apply_actions([a for a in actions if isinstance(a, dict)])
+
+    async def _apply_actions(self, actions: list[dict[str, Any]]) -> None:
+        """Operators' acknowledgements and resolutions made centrally, applied here where anomalies live;
+        the new state goes back up with the next batch. Repeats (a lost response) are harmless."""
+        if self._detector is None:
+            return
+        for act in actions:
+            try:
+                anomaly_id, by = str(act["anomalyId"]), f"{act.get('by') or 'central'} (central)"
+                if act.get("action") == "ack":
+                    await self._detector.acknowledge(anomaly_id, by, str(act.get("note") or ""))
+                elif act.get("action") == "resolve":
+                    await self._detector.resolve(anomaly_id, by, str(act.get("note") or ""),
+                                                 bool(act.get("falsePositive")))
+            except (KeyError, TypeError, NotFound, Conflict) as exc:
+                log.info("central action not applied", extra={"action": str(act)[:200], "reason": str(exc)})
 
     def _plan(self) -> Plan | None:
         up = self._up
@@ -210,7 +254,8 @@ class Forwarder:
     def _deleted_since(self) -> list[str]:
         return [tid for when, tid in self._registry.deletions if when > self._deleted_sent_at]
 
-    async def _send(self, plan: Plan, body: bytes, n_points: int) -> None:
+    async def _send(self, plan: Plan, body: bytes, n_points: int) -> list[dict[str, Any]]:
+        """POST one batch; returns the operators' actions the aggregator hands back (see `_apply_actions`)."""
         assert self._http is not None
         url = self._up.url.rstrip("/") + INGEST_PATH
         try:
@@ -222,7 +267,8 @@ class Forwarder:
                     self._m.uplink_points.inc(n_points)
                     self._m.uplink_bytes.inc(len(body))
                     self.last_success = time.time()
-                    return
+                    actions = doc.get("actions") if isinstance(doc, dict) else None
+                    return [a for a in actions if isinstance(a, dict)] if isinstance(actions, list) else []
                 if r.status == 409 and isinstance(doc.get("expected"), int):
                     # The aggregator lost batches it had confirmed (restored from a backup): continue
                     # with its numbering; the points of this range are sent under the expected number.

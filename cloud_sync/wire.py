@@ -50,6 +50,7 @@ class Batch:
     deleted: list[str] = field(default_factory=list)
     backlog: dict[str, float] = field(default_factory=dict)  # points, bytes, age_s
     sent_at: float = 0.0
+    anomalies: list[dict[str, Any]] = field(default_factory=list)  # anomaly documents changed since the last batch
 
 
 POINTS = pa.schema([
@@ -114,6 +115,7 @@ def encode(batch: Batch) -> bytes:
         "line": batch.line, "first_id": batch.first_id, "last_id": batch.last_id, "scale": scale,
         "series": [list(k) for k in batch.series],
         "things": batch.things, "deleted": batch.deleted, "backlog": batch.backlog, "sent_at": batch.sent_at,
+        "anomalies": batch.anomalies,
     }
     raw = json.dumps(header, allow_nan=False, separators=(",", ":")).encode()
     packed = pa.compress(raw, codec="zstd", asbytes=True)
@@ -157,6 +159,10 @@ def decode(data: bytes) -> Batch:
         raise WireError("bad_header", "deleted must be a list of Thing ids")
     if len(things) + len(deleted) > MAX_THINGS:
         raise WireError("too_large", f"more than {MAX_THINGS} Thing changes")
+    anomalies = header.get("anomalies", [])
+    if not isinstance(anomalies, list) or len(anomalies) > MAX_THINGS or not all(_is_anomaly(a) for a in anomalies):
+        raise WireError("bad_header", "anomalies must be a list of anomaly documents (id, thingId, state, "
+                                      "severity, openedAt)")
     n = table.num_rows
     if n > MAX_POINTS:
         raise WireError("too_large", f"{n} points, limit {MAX_POINTS}")
@@ -202,7 +208,16 @@ def decode(data: bytes) -> Batch:
     keys = [(k[0], k[1], k[2]) for k in series]
     return Batch(header["gateway_id"], header["batch_seq"], header["site"], header["line"], header["first_id"],
                  header["last_id"], keys, points, things, deleted, _backlog(header.get("backlog")),
-                 float(header.get("sent_at") or 0.0))
+                 float(header.get("sent_at") or 0.0), anomalies)
+
+
+ANOMALY_STATES = frozenset({"open", "acknowledged", "resolved"})
+
+
+def _is_anomaly(doc: Any) -> bool:
+    return (isinstance(doc, dict) and isinstance(doc.get("id"), str) and 0 < len(doc["id"]) <= 64
+            and isinstance(doc.get("thingId"), str) and doc.get("state") in ANOMALY_STATES
+            and isinstance(doc.get("severity"), str) and isinstance(doc.get("openedAt"), str))
 
 
 def _int_column(table: pa.Table, name: str) -> np.ndarray:

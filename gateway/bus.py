@@ -62,6 +62,9 @@ class StateChanged(Event):
     version: int = 0
     timestamp: float = 0.0
     source: str = "telemetry"
+    # telemetry: every sample of this feature in the message, (device ts, properties), in order — what
+    # the detector scores one by one (the twin keeps only the newest)
+    samples: tuple[tuple[float, dict[str, Any]], ...] = ()
 
     def payload(self) -> dict[str, Any]:
         out: dict[str, Any] = {

@@ -156,13 +156,21 @@ def model_train(
         = None,
     activate: Annotated[bool, typer.Option(help="make the new versions active (a running gateway picks them "
                                                 "up within detect.model_poll_s)")] = False,
+    ignore: Annotated[list[str] | None, typer.Option(help="properties left out of the models, as the gateway's "
+                                                          "detect.ignore (repeat; default *setpoint*)")] = None,
 ) -> None:
     """Train ONNX models (autoencoder + Isolation Forest) per equipment type on normal stored history."""
     from rich.console import Console
 
+    from gateway.detect.evaluate import TruthError
     from gateway.detect.models import ModelError
     from gateway.detect.offline import OfflineError, read_points, train_from_history
 
+    try:
+        import skl2onnx  # noqa: F401
+        import sklearn  # noqa: F401  (the `train` extra)
+    except ImportError:
+        fail("training needs the train extra: pip install 'openegiz[train]'", code=1)
     a, b = _times(start, end, 7 * 86400)
     models = models_dir or data_dir / "models"
     console = Console(stderr=True)
@@ -176,13 +184,15 @@ def model_train(
                     status.update(f"{ttype}: {message}")
 
                 directory = train_from_history(data_dir, ttype, a, b, models, truth=truth, activate=activate,
-                                               progress=say)
+                                               progress=say, ignore=tuple(ignore or ("*setpoint*",)))
             man = json.loads((directory / "model.json").read_text())
             typer.echo(json.dumps({"type": ttype, "version": directory.name, "rows": man["data"]["rows"],
                                    "features": len(man["features"]), "agreement": man["agreement"],
                                    "active": activate, "path": str(directory)}))
-    except (OfflineError, ModelError) as exc:
+    except (OfflineError, ModelError, TruthError) as exc:
         fail(str(exc), code=1)
+    except OSError as exc:
+        fail(f"cannot write the model: {exc}", code=1)
 
 
 @model_app.command("list")
@@ -340,12 +350,21 @@ def _sim_into(into: Path, opts: Any, start: str | None) -> None:
         begin = parse_time(start, "--start") if start else time.time() - opts.duration_s
     except Invalid as exc:
         fail(exc.detail)
-    with Progress(transient=True) as progress:
-        task = progress.add_task(f"simulating {opts.duration_s / 3600:.1f} h of {opts.nodes} nodes", total=1.0)
-        n = simulate_into(into, site=opts.site, line=opts.line, start=begin, duration_s=opts.duration_s,
-                          nodes=opts.nodes, rate_hz=opts.rate_hz, faults=opts.faults, seed=opts.seed or 0,
-                          truth_path=opts.truth_path, types=opts.types,
-                          progress=lambda share: progress.update(task, completed=share))
+    import duckdb
+
+    if into.exists() and not into.is_dir():
+        fail(f"--into: {into} is a file, not a data directory")
+    try:
+        with Progress(transient=True) as progress:
+            task = progress.add_task(f"simulating {opts.duration_s / 3600:.1f} h of {opts.nodes} nodes", total=1.0)
+            n = simulate_into(into, site=opts.site, line=opts.line, start=begin, duration_s=opts.duration_s,
+                              nodes=opts.nodes, rate_hz=opts.rate_hz, faults=opts.faults, seed=opts.seed or 0,
+                              truth_path=opts.truth_path, types=opts.types,
+                              progress=lambda share: progress.update(task, completed=share))
+    except duckdb.IOException as exc:
+        fail(f"--into: {into} is in use ({str(exc)[:160]}); stop the gateway that holds it", code=1)
+    except OSError as exc:
+        fail(f"--into: {exc}", code=1)
     typer.echo(f"wrote {n} readings of {opts.nodes} nodes into {into}"
                + (f"; fault ground truth in {opts.truth_path}" if opts.truth_path else ""))
 

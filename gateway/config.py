@@ -439,6 +439,18 @@ def _echo(key: str, raw: str) -> str:
     return "" if _is_secret(key) else f", got {raw!r}"
 
 
+def _http_url(value: Any) -> bool:
+    from yarl import URL
+
+    if not isinstance(value, str) or not re.fullmatch(r"https?://[^\s/]+(/[^\s]*)?", value):
+        return False
+    try:
+        u = URL(value)
+        return bool(u.host) and u.port is not None and 0 < u.port < 65536
+    except ValueError:
+        return False
+
+
 def _check_semantics(cfg: Any, problems: list[tuple[str, str]]) -> None:
     """Checks that need more than a type: ranges, names, patterns, cross-key rules.
 
@@ -582,10 +594,8 @@ def _check_semantics(cfg: Any, problems: list[tuple[str, str]]) -> None:
             problems.append(("detect.rules_file", str(exc)))
     for i, hook in enumerate(det.webhooks or ()):
         if isinstance(hook, WebhookTarget):
-            url = hook.url
-            check(f"detect.webhooks[{i}].url",
-                  isinstance(url, str) and bool(re.fullmatch(r"https?://[^\s/]+(/[^\s]*)?", url)),
-                  "must be an http:// or https:// URL")
+            check(f"detect.webhooks[{i}].url", _http_url(hook.url), "must be an http:// or https:// URL "
+                  "with a host and a valid port")
     check("ws.queue_size", lambda: cfg.ws.queue_size >= 1, "must be >= 1")
     check("ws.max_clients", lambda: cfg.ws.max_clients >= 1, "must be >= 1")
     check("ws.heartbeat_s", lambda: cfg.ws.heartbeat_s > 0, "must be > 0")

@@ -51,7 +51,7 @@ class GatewayService:
         if config.uplink.url:
             from cloud_sync.forwarder import Forwarder
 
-            self.forwarder = Forwarder(config, self.buffer, self.registry, self.metrics)
+            self.forwarder = Forwarder(config, self.buffer, self.registry, self.metrics, self.detector)
         self.parts = Parts(config, self.registry, self.bus, self.ingest, self.dead_letters, self.metrics,
                            Authenticator(config.auth.api_keys, open_access=config.auth.open), time.time(),
                            self.buffer, self.detector)

@@ -66,7 +66,7 @@ async def test_anomaly_reaches_websocket_status_api_and_webhook_then_operator_fl
     rules.write_text(RULES)
     runner, url, got, keys = await _webhook(fail_first=2)
     try:
-        gw = await start_gateway(mosquitto, **{"detect.rules_file": str(rules),
+        gw = await start_gateway(mosquitto, **{"detect.enabled": True, "detect.rules_file": str(rules),
                                                "detect.webhooks": [{"url": url, "headers": {"X-Token": "s3cret"},
                                                                     "min_severity": "warning"}],
                                                "detect.clear_s": 2.0})
@@ -131,6 +131,50 @@ async def test_anomaly_reaches_websocket_status_api_and_webhook_then_operator_fl
         await runner.cleanup()
 
 
+async def test_every_sample_of_a_batched_message_is_scored(mosquitto: tuple[str, int],
+                                                           start_gateway: GatewayFactory, tmp_path: Path) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES)
+    gw = await start_gateway(mosquitto, **{"detect.enabled": True, "detect.rules_file": str(rules),
+                                           "detect.tick_ms": 1000})
+    now = time.time()
+    zones = [200.0, 201.0, 300.0, 202.0, 201.5]  # only the third sample is too hot; the twin keeps the last
+    samples = [{"ts": now - 5 + i, "seq": i + 1, "properties": {"temperature_zones": [190.0, z, 190.0]}}
+               for i, z in enumerate(zones)]
+    async with aiomqtt.Client(*mosquitto) as mqtt:
+        await mqtt.publish(f"openegiz/{gw.site}/oven/oven-002/thermal/telemetry",
+                           json.dumps({"boot": "b", "samples": samples}), qos=1)
+    await wait_for(lambda: gw.service.registry.get(gw.thing_id("oven-002")) is not None, timeout=5)
+    # stopping finishes the last tick and persists what it found (tick_ms is long on purpose)
+    await gw.service.stop()
+    db = sqlite_utils.Database(sqlite3.connect(Path(gw.config.gateway.data_dir) / "anomalies.sqlite"))
+    rows = list(db.query("SELECT thing_id, opened_at, explanation FROM anomalies"))
+    assert len(rows) == 1 and rows[0]["thing_id"] == gw.thing_id("oven-002")
+    assert rows[0]["opened_at"] == pytest.approx(now - 3, abs=0.01)  # at the device time of that sample
+    assert "300.0 °C" in rows[0]["explanation"]
+
+
+async def test_deleting_a_thing_resolves_its_anomaly(mosquitto: tuple[str, int], start_gateway: GatewayFactory,
+                                                     tmp_path: Path) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES)
+    gw = await start_gateway(mosquitto, **{"detect.enabled": True, "detect.rules_file": str(rules)})
+    async with aiomqtt.Client(*mosquitto) as mqtt:
+        await mqtt.publish(f"openegiz/{gw.site}/oven/oven-003/thermal/telemetry", json.dumps(
+            {"ts": time.time(), "seq": 1, "boot": "b", "properties": {"temperature_zones": [190.0, 290.0, 190.0]}}),
+            qos=1)
+    await wait_for(lambda: gw.service.detector is not None
+                   and gw.service.detector.core.active(gw.thing_id("oven-003")) is not None, timeout=5)
+    assert (await gw.send("DELETE", f"/api/v1/things/{gw.thing_id('oven-003')}"))[0] == 204
+    for _ in range(100):
+        _, page = await gw.get("/api/v1/anomalies?state=resolved")
+        if page["total"] == 1:
+            break
+        await asyncio.sleep(0.05)
+    assert page["items"][0]["resolvedBy"] == "thing deleted"
+    assert (await gw.get("/api/v1/anomalies?state=active"))[1]["total"] == 0
+
+
 async def _next(ws: aiohttp.ClientWebSocketResponse, event: str, timeout: float = 5.0) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
@@ -163,7 +207,8 @@ async def test_models_hot_swap_refuse_and_roll_back_in_a_running_gateway(
     models = tmp_path / "models"
     shutil.copytree(src, models)
     ModelRegistry(models).activate("press", v1)
-    gw = await start_gateway(mosquitto, **{"detect.models_dir": str(models), "detect.model_poll_s": 0.2})
+    gw = await start_gateway(mosquitto, **{"detect.enabled": True, "detect.models_dir": str(models),
+                                           "detect.model_poll_s": 0.2})
 
     async def active() -> str | None:
         status, doc = await gw.get("/api/v1/models")
@@ -206,7 +251,7 @@ async def test_remaining_useful_life_from_a_rising_indicator(mosquitto: tuple[st
                                                               tmp_path: Path) -> None:
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES)
-    gw = await start_gateway(mosquitto, **{"detect.rules_file": str(rules)})
+    gw = await start_gateway(mosquitto, **{"detect.enabled": True, "detect.rules_file": str(rules)})
     now = time.time()
     # the last 3 hours, one reading a minute: zone 2 climbs 5 °C an hour from 200 °C (limit 250)
     samples = [{"ts": now - 10800 + 60 * i, "seq": i + 1,

@@ -464,12 +464,15 @@ async def test_time_scale_speeds_up_the_daily_cycle(mosquitto: Broker) -> None:
 
 async def test_a_seed_reproduces_the_readings_but_never_the_boot(mosquitto: Broker) -> None:
     async def readings(seed: int) -> tuple[dict[tuple[str, str, int], Any], FleetStats]:
-        site = unique_site()
-        opts = FleetOptions(site=site, nodes=3, rate_hz=20, duration_s=0.6, seed=seed, host=mosquitto[0],
-                            port=mosquitto[1], clock_start=local_epoch(10), context_every_s=0.2)
-        async with spy(mosquitto, f"openegiz/{site}/+/+/+/telemetry") as seen:
-            stats = await run_fleet(opts)
-        assert stats.late_ticks == 0, "the machine was too busy to sample on time"
+        for _attempt in range(3):  # a run that missed a tick (a busy machine) samples other moments: run again
+            site = unique_site()
+            opts = FleetOptions(site=site, nodes=3, rate_hz=20, duration_s=0.6, seed=seed, host=mosquitto[0],
+                                port=mosquitto[1], clock_start=local_epoch(10), context_every_s=0.2)
+            async with spy(mosquitto, f"openegiz/{site}/+/+/+/telemetry") as seen:
+                stats = await run_fleet(opts)
+            if stats.late_ticks == 0:
+                break
+        assert stats.late_ticks == 0, "the machine was too busy to sample on time, three times"
         return {(s.parts[3], s.parts[4], s.doc["seq"]): s.doc["properties"] for s in seen}, stats
 
     (a, stats_a), (b, stats_b), (c, _) = [await readings(seed) for seed in (42, 42, 43)]

@@ -147,7 +147,8 @@ async def test_a_400_is_not_retried_and_is_logged_once_without_secrets(
     assert (sink.sent, sink.retries, sink.failed) == (1, 0, 1)
     refusals = [r for r in caplog.records if getattr(r, "status", None) == 400]
     assert len(refusals) == 1 and refusals[0].levelno == logging.WARNING
-    assert getattr(refusals[0], "url", None) == receiver.url and getattr(refusals[0], "event_id", None) == "e1"
+    assert getattr(refusals[0], "url", None) == receiver.url.rsplit("/", 1)[0] + "/…"  # no path: it may hold a key
+    assert getattr(refusals[0], "event_id", None) == "e1"
     logged = " ".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records)
     assert TOKEN not in logged and QUERY_SECRET not in logged
 

@@ -165,7 +165,7 @@ async def test_a_gateway_writes_only_its_own_site_and_line(tmp_path: Path,
         assert status == 400 and err["error"] == "malformed"
         assert (await post(b"{}", TOKEN))[0] == 400
         # the real one: applied once; a repeat is a duplicate; a gap is out of order
-        assert await post(good, TOKEN) == (200, {"status": "applied", "batch_seq": 1, "points": 1})
+        assert await post(good, TOKEN) == (200, {"status": "applied", "batch_seq": 1, "points": 1, "actions": []})
         assert (await post(good, TOKEN))[1]["status"] == "duplicate"
         status, err = await post(batch("gw-a", "site-a", "line-1", "site-a:x", seq=3), TOKEN)
         assert status == 409 and err["expected"] == 2

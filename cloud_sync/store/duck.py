@@ -15,6 +15,7 @@ from typing import Any
 import pyarrow as pa
 
 from cloud_sync.store import Applied, GatewayRow, StoreError
+from cloud_sync.store.anomalies import AnomalySql
 from cloud_sync.wire import Batch
 from gateway.buffer.points import SeriesKey, base_name
 from gateway.buffer.store import BufferStore
@@ -25,6 +26,9 @@ _SCHEMA = [
     "CREATE TABLE IF NOT EXISTS things (id VARCHAR PRIMARY KEY, site VARCHAR, line VARCHAR, gateway_id VARCHAR, "
     "type VARCHAR, version BIGINT, last_updated DOUBLE, doc VARCHAR, deleted BOOLEAN)",
 ]
+
+
+ANOMALIES = AnomalySql("?")
 
 
 class DuckStore(BufferStore):
@@ -45,7 +49,7 @@ class DuckStore(BufferStore):
 
     def open(self) -> None:  # type: ignore[override]
         state = super().open()
-        for stmt in _SCHEMA:
+        for stmt in _SCHEMA + ANOMALIES.schema():
             self.con.execute(stmt)
         for sid, key, ttype, numeric in state.series:
             self._remember(sid, key, ttype, numeric)
@@ -123,6 +127,8 @@ class DuckStore(BufferStore):
                     con.unregister("egiz_docs")
             if batch.deleted:
                 con.execute("UPDATE things SET deleted = true WHERE id IN (SELECT unnest(?))", [batch.deleted])
+            if batch.anomalies:
+                ANOMALIES.apply(con.execute, batch.anomalies, batch.site, batch.line, batch.gateway_id)
             newest = float(pts.column("recv").to_numpy().max()) if n else None
             lag = max(0.0, batch.sent_at - newest) if newest is not None else 0.0
             offset = received_at - batch.sent_at if batch.sent_at else 0.0
@@ -167,6 +173,22 @@ class DuckStore(BufferStore):
         return sorted(sid for (tid, f, path), sid in list(self._series.items())
                       if tid == thing_id and (feature is None or f == feature)
                       and (prop is None or prop in (path, base_name(path))))
+
+    def anomalies(self, *, site: str | None, states: list[str], severities: list[str], thing_ids: list[str],
+                  limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
+        return ANOMALIES.query(self.reader().execute, site=site, states=states, severities=severities,
+                               thing_ids=thing_ids, limit=limit, offset=offset)
+
+    def anomaly(self, anomaly_id: str) -> dict[str, Any] | None:
+        return ANOMALIES.get(self.reader().execute, anomaly_id)
+
+    def add_action(self, gateway_id: str, anomaly_id: str, action: str, doc: dict[str, Any]) -> None:
+        with self._lock:
+            ANOMALIES.add_action(self.con.execute, gateway_id, anomaly_id, action, doc)
+
+    def actions_for(self, gateway_id: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return ANOMALIES.actions_for(self.con.execute, gateway_id)
 
     def maintain(self, now: float) -> int:
         with self._lock:

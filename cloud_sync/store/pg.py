@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from cloud_sync.store import Applied, GatewayRow, StoreError
+from cloud_sync.store.anomalies import AnomalySql
 from cloud_sync.wire import Batch
 from gateway.buffer.points import SeriesKey, base_name
 
@@ -36,6 +37,7 @@ _SCHEMA = [
     "CREATE TABLE IF NOT EXISTS egiz_things (id text PRIMARY KEY, site text, line text, gateway_id text, type text, "
     "version bigint, last_updated double precision, doc jsonb, deleted boolean NOT NULL DEFAULT false)",
 ]
+ANOMALIES = AnomalySql("%s", prefix="egiz_")
 _LOCK_SCHEMA = 7_310_001
 _LOCK_PARTITION = 7_310_002
 
@@ -72,7 +74,7 @@ class PgStore:
         conn = self._conn()
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", [_LOCK_SCHEMA])  # replicas start together
-            for stmt in _SCHEMA:
+            for stmt in _SCHEMA + ANOMALIES.schema():
                 conn.execute(stmt)
         self._load_series(conn, None)
 
@@ -138,6 +140,8 @@ class PgStore:
                  time.time(), json.dumps(d, allow_nan=False)])
         if batch.deleted:
             conn.execute("UPDATE egiz_things SET deleted = true WHERE id = ANY(%s)", [batch.deleted])
+        if batch.anomalies:
+            ANOMALIES.apply(conn.execute, batch.anomalies, batch.site, batch.line, batch.gateway_id)
         newest = float(pts.column("recv").to_numpy().max()) if n else None
         lag = max(0.0, batch.sent_at - newest) if newest is not None else 0.0
         conn.execute("UPDATE egiz_gateways SET site = %s, line = %s, last_seq = %s, last_seen = %s, "
@@ -210,6 +214,24 @@ class PgStore:
         return sorted(sid for (tid, f, path), sid in list(self._series.items())
                       if tid == thing_id and (feature is None or f == feature)
                       and (prop is None or prop in (path, base_name(path))))
+
+    def anomalies(self, *, site: str | None, states: list[str], severities: list[str], thing_ids: list[str],
+                  limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
+        return ANOMALIES.query(self._conn().execute, site=site, states=states, severities=severities,
+                               thing_ids=thing_ids, limit=limit, offset=offset)
+
+    def anomaly(self, anomaly_id: str) -> dict[str, Any] | None:
+        return ANOMALIES.get(self._conn().execute, anomaly_id)
+
+    def add_action(self, gateway_id: str, anomaly_id: str, action: str, doc: dict[str, Any]) -> None:
+        conn = self._conn()
+        with conn.transaction():
+            ANOMALIES.add_action(conn.execute, gateway_id, anomaly_id, action, doc)
+
+    def actions_for(self, gateway_id: str) -> list[dict[str, Any]]:
+        conn = self._conn()
+        with conn.transaction():
+            return ANOMALIES.actions_for(conn.execute, gateway_id)
 
     def maintain(self, now: float) -> int:
         return 0  # buckets are computed from raw points (partition pruning keeps them fast)

@@ -151,7 +151,7 @@ async def rul(request: web.Request) -> web.Response:
         if sid not in buffer.numeric_series:
             continue
         values = {p: v for p, v in _flat(thing.features.get(key.feature)).items()}
-        for rule in det.core.rules.book.for_path(thing.type, key.feature, key.path):
+        for rule in det.core.rules.book.matching(thing.type, key.feature, key.path):
             if rule.kind != "threshold":
                 continue
             bound = rule.above or rule.below

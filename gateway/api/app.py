@@ -63,7 +63,7 @@ def error_body(status: int, error: str, detail: str, **extra: Any) -> web.Respon
     return web.json_response({"error": error, "detail": detail, **extra}, status=status)
 
 
-STATUS_OF: dict[type[EgizError], int] = {NotFound: 404, Conflict: 409, Invalid: 400, ModelError: 422}
+STATUS_OF: dict[type[EgizError], int] = {NotFound: 404, Conflict: 409, Invalid: 400, ModelError: 422}  # first match
 
 
 @web.middleware

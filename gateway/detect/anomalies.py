@@ -24,7 +24,7 @@ _COLUMNS = {
     "score": float, "peak_score": float, "confidence": float, "explanation": str, "top_features": str,
     "opened_at": float, "last_seen_at": float, "resolved_at": float, "acknowledged_at": float,
     "acknowledged_by": str, "resolved_by": str, "note": str, "false_positive": int, "tiers": str, "context": str,
-    "model_version": str,
+    "model_version": str, "updated_at": float,
 }
 
 
@@ -36,7 +36,7 @@ def _row(a: Anomaly) -> dict[str, Any]:
         "opened_at": a.opened_at, "last_seen_at": a.last_seen_at, "resolved_at": a.resolved_at,
         "acknowledged_at": a.acknowledged_at, "acknowledged_by": a.acknowledged_by, "resolved_by": a.resolved_by,
         "note": a.note, "false_positive": int(a.false_positive), "tiers": json.dumps(a.tiers),
-        "context": json.dumps(a.context), "model_version": a.model_version,
+        "context": json.dumps(a.context), "model_version": a.model_version, "updated_at": time.time(),
     }
 
 
@@ -55,6 +55,7 @@ def ensure_table(db: sqlite_utils.Database) -> None:
         db[TABLE].create(_COLUMNS, pk="id")  # type: ignore[union-attr]
         db[TABLE].create_index(["state"])  # type: ignore[union-attr]
         db[TABLE].create_index(["thing_id", "opened_at"])  # type: ignore[union-attr]
+        db[TABLE].create_index(["updated_at"])  # type: ignore[union-attr]
 
 
 def exclusions(db: sqlite_utils.Database, start: float, end: float) -> list[tuple[str, float, float]]:
@@ -119,6 +120,16 @@ class AnomalyLog:
             rows = db.query(f"SELECT * FROM {TABLE} WHERE {clause} ORDER BY opened_at DESC LIMIT ? OFFSET ?",
                             [*params, limit, offset])
             return [from_row(r) for r in rows], int(total)
+
+        return await self._db.call(run)
+
+    async def changed_since(self, since: float, limit: int = 1000) -> tuple[list[Anomaly], float]:
+        """Anomalies written after `since` (oldest change first) and the newest write time among them:
+        what the uplink still has to send."""
+        def run(db: sqlite_utils.Database) -> tuple[list[Anomaly], float]:
+            rows = list(db.query(f"SELECT * FROM {TABLE} WHERE updated_at > ? ORDER BY updated_at LIMIT ?",
+                                 [since, limit]))
+            return [from_row(r) for r in rows], max((float(r["updated_at"]) for r in rows), default=since)
 
         return await self._db.call(run)
 

@@ -10,6 +10,7 @@ so what is evaluated is what runs.
 
 from __future__ import annotations
 
+import copy
 import math
 import uuid
 from collections.abc import Callable, Iterable
@@ -89,7 +90,7 @@ class Transition:
     anomaly: Anomaly
 
 
-@dataclass
+@dataclass(slots=True)
 class _Thing:
     type: str
     values: dict[str, float] = field(default_factory=dict)
@@ -103,6 +104,7 @@ class _Thing:
     published_at: float = 0.0
     published_score: float = 0.0
     forest: float = 0.0  # the latest Isolation Forest score (refreshed every forest_every_s)
+    hit_ts: float = 0.0  # device time of the strongest rule or statistics evidence since the last tick
 
 
 @dataclass(frozen=True)
@@ -159,7 +161,7 @@ class DetectorCore:
         t.ts = max(t.ts, ts)
         for hit in self.rules.check(thing_id, thing_type, feature, ts, numeric):
             if t.rule is None or hit.score > t.rule.score:
-                t.rule = hit
+                t.rule, t.hit_ts = hit, ts
         stats = self.stats
         groups: dict[str, list[tuple[str, float, float, float]]] | None = None
         for path, x in numeric.items():
@@ -168,8 +170,8 @@ class DetectorCore:
             if self._ignore(path):
                 continue
             sh, z, usual = stats.update(thing_id, key, x, thing_type)
-            if sh is not None:
-                self._keep(t, sh)
+            if sh is not None and self._keep(t, sh) and t.rule is None:
+                t.hit_ts = ts
             g = group_of(key)
             if g is not None and z:
                 if groups is None:
@@ -179,15 +181,17 @@ class DetectorCore:
             for g, members in groups.items():
                 if len(members) > 1:
                     gh = stats.group(thing_type, g, members)
-                    if gh is not None:
-                        self._keep(t, gh)
+                    if gh is not None and self._keep(t, gh) and t.rule is None:
+                        t.hit_ts = ts
         self._dirty.add(thing_id)
 
     @staticmethod
-    def _keep(t: _Thing, hit: StatHit) -> None:
+    def _keep(t: _Thing, hit: StatHit) -> bool:
         old = t.stats.get(hit.key)
         if old is None or hit.score > old.score:
             t.stats[hit.key] = hit
+            return True
+        return False
 
     def set_model(self, bundle: ModelBundle) -> None:
         """Use `bundle` for its type from the next tick on (hot swap): its scores and its statistics limits."""
@@ -196,11 +200,17 @@ class DetectorCore:
         if bundle.stat_limits is not None:
             self.stats.calibrate(bundle.type, bundle.features, *bundle.stat_limits, bundle.group_limits)
 
-    def forget(self, thing_id: str) -> None:
-        self._things.pop(thing_id, None)
+    def forget(self, thing_id: str) -> Anomaly | None:
+        """A deleted Thing: its state goes; its active anomaly, if any, is returned for resolving."""
+        t = self._things.pop(thing_id, None)
         self._dirty.discard(thing_id)
         self.rules.forget(thing_id)
         self.stats.forget(thing_id)
+        return t.anomaly if t is not None else None
+
+    def active_snapshot(self) -> list[Anomaly]:
+        """Copies of every active anomaly (for persisting their latest score and last-seen time)."""
+        return [copy.copy(t.anomaly) for t in self._things.values() if t.anomaly is not None]
 
     # ----------------------------------------------------------------- operators
     def active(self, thing_id: str) -> Anomaly | None:
@@ -275,8 +285,8 @@ class DetectorCore:
                 t = self._things[tid]
                 i = model_rows.get(tid)
                 scored = self._combine(t, bundle if i is not None else None, scores, i, x)
-                t.rule, t.stats = None, {}
                 tr = self._hysteresis(tid, t, scored, new_id, bundle.version if bundle and i is not None else None)
+                t.rule, t.stats, t.hit_ts = None, {}, 0.0
                 if tr is not None:
                     out.append(tr)
         return out
@@ -352,8 +362,9 @@ class DetectorCore:
             if s.score < cfg.enter:
                 return None
             text, kind, severity, top = s.explain()
+            at = t.hit_ts if t.hit_ts and kind != "multivariate_pattern" else now  # when the evidence came
             a = Anomaly(new_id(), tid, t.type, kind, severity, "open", s.score, s.score, s.confidence,
-                        text, top, now, now, s.tiers, dict(t.context), model_version)
+                        text, top, at, now, s.tiers, dict(t.context), model_version)
             t.anomaly, t.clear_since = a, None
             t.published_at, t.published_score = now, s.score
             return Transition("opened", a)

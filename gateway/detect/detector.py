@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
+import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -71,15 +73,23 @@ class AnomalyDetector:
             self.sinks.append((WebhookSink(hook.url, headers=dict(hook.headers)), _SEVERITY_RANK[hook.min_severity]))
         if d.mqtt_alerts:
             m = config.mqtt
+            tls = ssl.create_default_context(cafile=m.ca_file or None) if m.tls else None
             self.sinks.append((MqttAlertSink(m.host, m.port, username=m.username or None, password=m.password or None,
-                                             client_id=f"{config.mqtt_client_id}-alerts"), 0))
+                                             client_id=f"{config.mqtt_client_id}-alerts", tls_context=tls), 0))
         self.last_tick_s = 0.0
+        self.in_use: dict[str, ModelBundle] = {}  # the loop's copy of what the core uses, for the API
 
     # ----------------------------------------------------------------- lifecycle
     async def start(self) -> None:
         await self.log.start()
+        orphans = []
         for a in await self.log.active():
-            self.core.adopt(a)
+            if self._registry.get(a.thing_id) is None:  # its Thing was deleted while the gateway was down
+                a.state, a.resolved_at, a.resolved_by = "resolved", time.time(), "thing deleted"
+                orphans.append(a)
+            else:
+                self.core.adopt(a)
+        await self.log.save(orphans)
         self._m.anomalies_active.set(len(await self.log.active()))
         await self.poll_models()
         self._sub.watch(everything=True)
@@ -89,18 +99,26 @@ class AnomalyDetector:
                        asyncio.create_task(self._housekeeping(), name="detector-models")]
         log.info("anomaly detector started", extra={"rules": len(self.core.rules.book.rules),
                                                     "rules_source": self.core.rules.book.source,
-                                                    "models": sorted(self.core.models)})
+                                                    "models": sorted(self.in_use)})
 
     async def stop(self) -> None:
+        """Finish what arrived (a last tick), persist every active anomaly, then close."""
         for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        try:
+            events = self._sub.drain(MAX_DRAIN)
+            if events:
+                await self._publish(await self._call(self._process, events))
+            await self.log.save(await self._call(self.core.active_snapshot))
+        except Exception:  # still close the files; what was lost is logged
+            log.exception("final detector tick failed")
         self._sub.close()
         for sink, _ in self.sinks:
             await sink.stop()
-        self._worker.shutdown(wait=True)
+        await asyncio.to_thread(self._worker.shutdown, True)
         await self.log.stop()
 
     async def _call(self, fn: Any, *args: Any) -> Any:
@@ -124,19 +142,26 @@ class AnomalyDetector:
             await asyncio.sleep(max(0.0, period - (time.monotonic() - started)) if events else period)
 
     def _process(self, events: list[Any]) -> list[Transition]:
-        """On the worker thread: readings into the core, then one tick."""
+        """On the worker thread: readings into the core, then one tick. Every sample of a batched
+        message is scored at its device time; the transitions carry copies, safe on the loop."""
         core = self.core
         n = 0
+        out: list[Transition] = []
         for ev in events:
             if isinstance(ev, StateChanged):
                 if ev.source != "telemetry" or ev.thing is None:
                     continue
-                core.add(ev.thing_id, ev.thing.type, ev.feature, ev.timestamp, flatten(ev.properties))
-                n += 1
+                ttype = ev.thing.type
+                for ts, props in ev.samples or ((ev.timestamp, ev.properties),):
+                    core.add(ev.thing_id, ttype, ev.feature, ts, flatten(props))
+                    n += 1
             elif isinstance(ev, ThingLifecycle) and ev.kind == "ThingDeleted":
-                core.forget(ev.thing_id)
+                gone = core.forget(ev.thing_id)
+                if gone is not None:
+                    gone.state, gone.resolved_at, gone.resolved_by = "resolved", time.time(), "thing deleted"
+                    out.append(Transition("resolved", gone))
         rows = core.rows_scored
-        out = core.tick()
+        out += [Transition(t.kind, copy.copy(t.anomaly)) for t in core.tick()]
         self._m.detect_readings.inc(n)
         self._m.detect_rows.inc(core.rows_scored - rows)
         return out
@@ -160,7 +185,10 @@ class AnomalyDetector:
     def _announce(self, kind: str, a: Anomaly, doc: dict[str, Any], now: float) -> None:
         thing = self._registry.get(a.thing_id)
         self._bus.publish(AnomalyEvent(a.thing_id, thing, kind=kind, anomaly=doc, timestamp=now))  # type: ignore[arg-type]
-        if thing is not None:
+        status_of = thing.features.get(STATUS_FEATURE) if thing is not None else None
+        current = status_of.properties.get("anomaly_id") if status_of is not None else None
+        # the status shows the Thing's current anomaly: a late label on an old one must not clear it
+        if thing is not None and (a.state != "resolved" or current in (None, a.id)):
             active = a.state != "resolved"
             status = {"anomaly": active, "anomaly_score": round(a.score, 3) if active else 0.0,
                       "top_features": [f"{f['feature']}/{f['property']}" for f in a.top_features] if active else [],
@@ -179,7 +207,9 @@ class AnomalyDetector:
     async def acknowledge(self, anomaly_id: str, by: str, note: str = "") -> Anomaly:
         now = time.time()
         a = await self._call(self.core.acknowledge, anomaly_id, by, note, now)
-        if a is None:
+        if a is not None:
+            a = copy.copy(a)
+        else:
             stored = await self.log.get(anomaly_id)
             if stored is None:
                 raise AnomalyNotFound(f"no anomaly {anomaly_id!r}", anomaly_id=anomaly_id)
@@ -196,7 +226,9 @@ class AnomalyDetector:
         """An operator closes an anomaly, optionally as a false positive (kept, labelled, for retraining)."""
         now = time.time()
         a = await self._call(self.core.close, anomaly_id, by, note, false_positive, now)
-        if a is None:
+        if a is not None:
+            a = copy.copy(a)
+        else:
             stored = await self.log.get(anomaly_id)
             if stored is None:
                 raise AnomalyNotFound(f"no anomaly {anomaly_id!r}", anomaly_id=anomaly_id)
@@ -212,13 +244,19 @@ class AnomalyDetector:
 
     # ----------------------------------------------------------------- models
     async def _housekeeping(self) -> None:
+        """Model activations on disk, active anomalies' latest score and last-seen time, pruning."""
         last_prune = 0.0
         while True:
             await asyncio.sleep(self.config.detect.model_poll_s)
-            await self.poll_models()
-            if time.monotonic() - last_prune > 3600:
-                last_prune = time.monotonic()
-                await self.log.prune(self.config.detect.anomaly_keep_days)
+            try:
+                await self.poll_models()
+                await self.log.save(await self._call(self.core.active_snapshot))
+                if time.monotonic() - last_prune > 3600:
+                    last_prune = time.monotonic()
+                    await self.log.prune(self.config.detect.anomaly_keep_days)
+            except Exception:  # never let housekeeping die: models would stop being picked up
+                log.exception("detector housekeeping failed; retrying")
+                self._m.detect_errors.inc()
 
     async def poll_models(self) -> None:
         """Load every type whose activation changed on disk; a refused model leaves the previous in force."""
@@ -228,7 +266,7 @@ class AnomalyDetector:
                 continue
             self._stamps[ttype] = stamp
             version = self.models.active_version(ttype)
-            current = self.core.models.get(ttype)
+            current = self.in_use.get(ttype)
             if version is None or (current is not None and current.version == version):
                 continue
             try:
@@ -254,6 +292,7 @@ class AnomalyDetector:
 
     async def _use(self, bundle: ModelBundle) -> None:
         await self._call(self.core.set_model, bundle)
+        self.in_use[bundle.type] = bundle
         self._stamps[bundle.type] = self.models.pointer_stamp(bundle.type)
         self.model_errors.pop(bundle.type, None)
         self._m.detect_model_loads.labels(bundle.type).inc()
@@ -261,8 +300,8 @@ class AnomalyDetector:
 
     def model_status(self) -> list[dict[str, Any]]:
         out = []
-        for ttype in sorted(set(self.models.types()) | set(self.core.models)):
-            bundle = self.core.models.get(ttype)
+        for ttype in sorted(set(self.models.types()) | set(self.in_use)):
+            bundle = self.in_use.get(ttype)
             out.append({"type": ttype, "active": bundle.version if bundle else None,
                         "hash": bundle.sha if bundle else None, "features": bundle.features if bundle else [],
                         "configured": self.models.active_version(ttype), "error": self.model_errors.get(ttype)})

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from gateway.errors import EgizError
+from gateway.errors import Conflict, EgizError, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,14 @@ class ModelError(EgizError, ValueError):
     """A model that cannot be used: missing, corrupt (hash, ONNX) or mismatched (type, features)."""
 
     code = "model_refused"
+
+
+class ModelNotFound(ModelError, NotFound):
+    code = "model_not_found"
+
+
+class NoEarlierModel(ModelError, Conflict):
+    code = "no_earlier_model"
 
 
 def normalise(raw: np.ndarray, threshold: float, median: float) -> np.ndarray:
@@ -77,6 +85,15 @@ class ModelBundle:
     """One loaded, checked model version of one equipment type."""
 
     def __init__(self, directory: Path, expected_type: str | None = None) -> None:
+        try:
+            self._load(directory, expected_type)
+        except ModelError:
+            raise
+        except Exception as exc:  # any other shape of broken file is refused the same way, never a crash
+            raise ModelError(f"{directory}: not a usable model ({type(exc).__name__}: {str(exc)[:200]})",
+                             path=str(directory)) from None
+
+    def _load(self, directory: Path, expected_type: str | None) -> None:
         self.directory = directory
         man_path = directory / MANIFEST
         try:
@@ -240,10 +257,10 @@ class ModelRegistry:
 
     def load(self, thing_type: str, version: str) -> ModelBundle:
         if not _TYPE.fullmatch(thing_type) or not _VERSION.fullmatch(version):
-            raise ModelError(f"no model {thing_type}/{version}", type=thing_type, version=version)
+            raise ModelNotFound(f"no model {thing_type}/{version}", type=thing_type, version=version)
         d = self.root / thing_type / version
         if not d.is_dir():
-            raise ModelError(f"no model version {version!r} for {thing_type!r}", type=thing_type, version=version)
+            raise ModelNotFound(f"no model version {version!r} for {thing_type!r}", type=thing_type, version=version)
         return ModelBundle(d, thing_type)
 
     def activate(self, thing_type: str, version: str) -> ModelBundle:
@@ -260,6 +277,8 @@ class ModelRegistry:
 
     def rollback(self, thing_type: str) -> ModelBundle:
         """Back to the newest earlier version that still loads; the refused ones are skipped and named."""
+        if not _TYPE.fullmatch(thing_type):
+            raise ModelNotFound(f"no models of {thing_type!r}", type=thing_type)
         ptr = self._pointer(thing_type)
         history = [v for v in ptr.get("history", []) if isinstance(v, str)]
         refused = []
@@ -274,7 +293,7 @@ class ModelRegistry:
             log.info("model rolled back", extra={"type": thing_type, "version": version})
             return bundle
         why = f" ({'; '.join(refused)})" if refused else ""
-        raise ModelError(f"no earlier model of {thing_type!r} to roll back to{why}", type=thing_type)
+        raise NoEarlierModel(f"no earlier model of {thing_type!r} to roll back to{why}", type=thing_type)
 
     def _write_pointer(self, thing_type: str, doc: dict[str, Any]) -> None:
         path = self.root / thing_type / ACTIVE

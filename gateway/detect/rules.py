@@ -101,7 +101,7 @@ class RuleHit:
         return SEVERITY_SCORE[self.rule.severity]
 
 
-@dataclass
+@dataclass(slots=True)
 class _State:
     """Per (Thing, rule, property): what the rule remembers between readings."""
 
@@ -119,7 +119,12 @@ class RuleBook:
     source: str = "built-in"
     _index: dict[tuple[str, str, str], tuple[Rule, ...]] = field(default_factory=dict)
 
+    def matching(self, thing_type: str, feature: str, path: str) -> tuple[Rule, ...]:
+        """The rules of one property without touching the cache (safe from any thread)."""
+        return tuple(r for r in self.rules if r.applies(thing_type, feature, path))
+
     def for_path(self, thing_type: str, feature: str, path: str) -> tuple[Rule, ...]:
+        """The rules of one property, cached (the detector's thread only)."""
         key = (thing_type, feature, path)
         found = self._index.get(key)
         if found is None:

@@ -452,9 +452,11 @@ def _label(event: Any) -> str:
 
 
 def _safe_url(url: str) -> str:
-    """The URL without user info, query or fragment, which may carry credentials."""
+    """Scheme, host and port only: user info, query and even the path may carry credentials
+    (chat webhooks put their token in the path)."""
     try:
-        return str(URL(url).with_user(None).with_query(None).with_fragment(None))
+        u = URL(url)
+        return f"{u.scheme}://{u.host}:{u.port}/…" if u.host else "<invalid url>"
     except ValueError:
         return "<invalid url>"
 

@@ -301,8 +301,9 @@ class TwinRegistry:
         self._dirty.add(thing.id)
         publish = self._bus.publish
         for feature, props in changed.items():
+            readings = tuple((s.ts, s.properties) for s in samples if s.feature == feature)
             publish(StateChanged(thing.id, thing, feature=feature, properties=props,
-                                 version=thing.version, timestamp=now))
+                                 version=thing.version, timestamp=now, samples=readings))
 
     def restore(self, thing: Thing, feature: str, properties: dict[str, Any], stored_at: float) -> None:
         """At start: values the buffer stored after this Thing was last written to the registry file."""

@@ -1,0 +1,109 @@
+"""Anomalies across sites, and operators' actions on them waiting for their gateway — the same SQL for
+both backends (DuckDB and PostgreSQL differ only in the parameter placeholder).
+
+Gateways own their anomalies: each batch carries the documents that changed, applied in the batch's
+transaction (newest state wins, by id). An acknowledgement or resolution made centrally is queued here
+and handed to the gateway in its next ingest response; once a batch shows the anomaly in that state,
+the action is done and removed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any
+
+Execute = Callable[[str, Sequence[Any]], Any]  # returns a cursor with fetchall/fetchone
+ACTION_TTL_S = 86400.0  # an action for a gateway that never comes back is dropped after a day
+
+
+class AnomalySql:
+    def __init__(self, placeholder: str, prefix: str = "") -> None:
+        self.p = placeholder
+        self.anomalies = f"{prefix}anomalies"
+        self.actions = f"{prefix}anomaly_actions"
+
+    def schema(self) -> list[str]:
+        return [
+            f"CREATE TABLE IF NOT EXISTS {self.anomalies} (id VARCHAR PRIMARY KEY, site VARCHAR, line VARCHAR, "
+            "gateway_id VARCHAR, thing_id VARCHAR, state VARCHAR, severity VARCHAR, opened_at DOUBLE PRECISION, "
+            "score DOUBLE PRECISION, doc VARCHAR)",
+            f"CREATE TABLE IF NOT EXISTS {self.actions} (gateway_id VARCHAR, anomaly_id VARCHAR, action VARCHAR, "
+            "doc VARCHAR, created DOUBLE PRECISION)",
+        ]
+
+    def apply(self, execute: Execute, docs: list[dict[str, Any]], site: str, line: str, gateway_id: str) -> None:
+        """Inside the batch's transaction: the newest state of each anomaly; actions it fulfils removed."""
+        p = self.p
+        for d in docs:
+            execute(f"DELETE FROM {self.anomalies} WHERE id = {p}", [d["id"]])
+            execute(f"INSERT INTO {self.anomalies} VALUES ({', '.join([p] * 10)})",
+                    [d["id"], site, line, gateway_id, d["thingId"], d["state"], d["severity"], _epoch(d["openedAt"]),
+                     float(d.get("score") or 0.0), json.dumps(d, allow_nan=False)])
+            done = ("ack", "resolve") if d["state"] == "resolved" else ("ack",) if d["state"] != "open" else ()
+            for action in done:
+                execute(f"DELETE FROM {self.actions} WHERE anomaly_id = {p} AND action = {p}", [d["id"], action])
+
+    def query(self, execute: Execute, *, site: str | None, states: Sequence[str], severities: Sequence[str],
+              thing_ids: Sequence[str], limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
+        p = self.p
+        where, params = ["1 = 1"], []  # type: list[str], list[Any]
+        if site:
+            where.append(f"site = {p}")
+            params.append(site)
+        for col, values in (("state", states), ("severity", severities), ("thing_id", thing_ids)):
+            if values:
+                where.append(f"{col} IN ({', '.join([p] * len(values))})")
+                params.extend(values)
+        cond = " AND ".join(where)
+        total = execute(f"SELECT count(*) FROM {self.anomalies} WHERE {cond}", params).fetchone()
+        rows = execute(f"SELECT doc, site, line, gateway_id, id FROM {self.anomalies} WHERE {cond} "
+                       f"ORDER BY opened_at DESC, id LIMIT {p} OFFSET {p}", [*params, limit, offset]).fetchall()
+        pending = self._pending(execute, [r[4] for r in rows])
+        return [_doc(r[0], r[1], r[2], r[3], pending.get(r[4], [])) for r in rows], int(total[0]) if total else 0
+
+    def get(self, execute: Execute, anomaly_id: str) -> dict[str, Any] | None:
+        row = execute(f"SELECT doc, site, line, gateway_id FROM {self.anomalies} WHERE id = {self.p}",
+                      [anomaly_id]).fetchone()
+        if row is None:
+            return None
+        return _doc(row[0], row[1], row[2], row[3], self._pending(execute, [anomaly_id]).get(anomaly_id, []))
+
+    def add_action(self, execute: Execute, gateway_id: str, anomaly_id: str, action: str,
+                   doc: dict[str, Any]) -> None:
+        p = self.p
+        execute(f"DELETE FROM {self.actions} WHERE anomaly_id = {p} AND action = {p}", [anomaly_id, action])
+        execute(f"INSERT INTO {self.actions} VALUES ({p}, {p}, {p}, {p}, {p})",
+                [gateway_id, anomaly_id, action, json.dumps(doc), time.time()])
+
+    def actions_for(self, execute: Execute, gateway_id: str) -> list[dict[str, Any]]:
+        p = self.p
+        execute(f"DELETE FROM {self.actions} WHERE created < {p}", [time.time() - ACTION_TTL_S])
+        rows = execute(f"SELECT doc FROM {self.actions} WHERE gateway_id = {p} ORDER BY created",
+                       [gateway_id]).fetchall()
+        return [json.loads(r[0]) for r in rows]
+
+    def _pending(self, execute: Execute, ids: list[str]) -> dict[str, list[str]]:
+        if not ids:
+            return {}
+        rows = execute(f"SELECT anomaly_id, action FROM {self.actions} WHERE anomaly_id IN "
+                       f"({', '.join([self.p] * len(ids))})", ids).fetchall()
+        out: dict[str, list[str]] = {}
+        for anomaly_id, action in rows:
+            out.setdefault(anomaly_id, []).append(action)
+        return out
+
+
+def _doc(doc: str, site: str, line: str, gateway_id: str, pending: list[str]) -> dict[str, Any]:
+    d: dict[str, Any] = json.loads(doc)
+    d.update(site=site, line=line, gatewayId=gateway_id, pending=sorted(pending))
+    return d
+
+
+def _epoch(iso: str) -> float:
+    try:
+        return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return 0.0
