@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import re
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +30,7 @@ from cloud_sync.wire import ANOMALY_STATES, Batch, WireError, decode
 from gateway import __version__
 from gateway.api.auth import Authenticator, role_allows
 from gateway.buffer.history import HistoryQuery, parse_resolution, parse_time, run_query
+from gateway.detect.models import ModelRegistry, file_sha256
 from gateway.errors import Invalid, NotFound
 
 log = logging.getLogger(__name__)
@@ -74,8 +76,10 @@ class Aggregator:
         self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._sockets: set[web.WebSocketResponse] = set()
+        self._lines: dict[web.WebSocketResponse, set[str]] = {}  # socket -> "site/line" it follows ("*": all)
         self.http_port: int | None = None
         self.started = time.time()
+        self.models = ModelRegistry(Path(config.aggregator.data_dir) / "models")  # what gateways fetch
         self.app = self._build_app()
 
     async def write(self, fn: Any, *args: Any) -> Any:
@@ -159,6 +163,9 @@ class Aggregator:
         r.add_get("/api/v1/things/{id}", self.get_thing)
         r.add_get("/api/v1/things/{id}/history", self.history)
         r.add_get("/api/v1/critical", self.critical)
+        r.add_get("/api/v1/models", self.list_models)
+        r.add_get("/api/v1/models/active", self.active_models)
+        r.add_get("/api/v1/models/{type}/{version}/{file}", self.model_file)
         r.add_get("/api/v1/anomalies", self.list_anomalies)
         r.add_get("/api/v1/anomalies/{id}", self.get_anomaly)
         r.add_post("/api/v1/anomalies/{id}/ack", self.anomaly_action)
@@ -169,12 +176,13 @@ class Aggregator:
         r.add_get("/metrics", self.prometheus)
         return app
 
-    PUBLIC = frozenset({"/health", "/ready", "/metrics", "/api/v1/ingest/batches", "/api/v1/ingest/actions"})
+    PUBLIC = frozenset({"/health", "/ready", "/metrics", "/api/v1/ingest/batches", "/api/v1/ingest/actions",
+                        "/api/v1/models/active"})  # these check a gateway token (or an API key) themselves
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
         try:
-            if request.path not in self.PUBLIC:
+            if request.path not in self.PUBLIC and not _model_file(request.path):
                 role = self.auth.role_for(request, allow_query_token=request.path == "/api/v1/ws")
                 if role is None:
                     self.metrics.auth_failures.labels("401").inc()
@@ -241,10 +249,16 @@ class Aggregator:
         if result.status == "out_of_order":
             return _error(409, "out_of_order", f"expected batch {result.expected}", expected=result.expected)
         self.metrics.points.inc(result.points)
-        if result.status == "applied" and batch.anomalies:
-            await self._broadcast([{"event": "Anomaly", "anomaly": {**a, "site": batch.site, "line": batch.line,
-                                                                      "gatewayId": batch.gateway_id}}
-                                   for a in batch.anomalies])
+        if result.status == "applied" and (batch.anomalies or batch.things):
+            sent = round(time.time() * 1000, 1)  # lets a viewer measure how long an event took to reach it
+            events = [{"event": "Anomaly", "sentAt": sent, "anomaly": {**a, "site": batch.site, "line": batch.line,
+                                                                       "gatewayId": batch.gateway_id}}
+                      for a in batch.anomalies]
+            await self._broadcast(events)
+            if batch.things:
+                await self._broadcast([{"event": "Things", "sentAt": sent, "site": batch.site, "line": batch.line,
+                                        "things": [{**t, "site": batch.site, "line": batch.line}
+                                                   for t in batch.things]}], line=f"{batch.site}/{batch.line}")
         actions = await self.write(self.store.actions_for, gw.gateway)
         return web.json_response({"status": result.status, "batch_seq": batch.batch_seq, "points": result.points,
                                   "actions": actions})
@@ -257,9 +271,12 @@ class Aggregator:
             return _error(401, "unauthorized", "a valid gateway token is required")
         return web.json_response({"actions": await self.write(self.store.actions_for, gw.gateway)})
 
-    async def _broadcast(self, events: list[dict[str, Any]]) -> None:
+    async def _broadcast(self, events: list[dict[str, Any]], line: str | None = None) -> None:
+        """To every socket; with `line` ("site/line"), only to those that subscribed to that line."""
         for text in (json.dumps(e) for e in events):
             for ws in list(self._sockets):
+                if line is not None and not ({line, "*"} & self._lines.get(ws, set())):
+                    continue
                 with contextlib.suppress(ConnectionError, RuntimeError):
                     await ws.send_str(text)
 
@@ -359,6 +376,49 @@ class Aggregator:
              "offline": offline, "topFeatures": t.get("features", {}).get("status", {}).get("properties", {})
              .get("top_features", [])} for score, offline, t in ranked[:10]]})
 
+    # ----------------------------------------------------------------- models from the centre
+    def _gateway_or_viewer(self, request: web.Request) -> bool:
+        if self._gateway_for(request) is not None:
+            return True
+        role = self.auth.role_for(request)
+        return role is not None and role_allows(role, "viewer")
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        """The aggregator's model registry: every version per type, the published (active) one marked."""
+        reg = self.models
+        return web.json_response({"types": [
+            {"type": tt, "active": reg.active_version(tt), "versions": [v.__dict__ for v in reg.versions(tt)]}
+            for tt in reg.types()]})
+
+    async def active_models(self, request: web.Request) -> web.Response:
+        """What gateways fetch: the active version of each type and each file's SHA-256."""
+        if not self._gateway_or_viewer(request):
+            return _error(401, "unauthorized", "a gateway token or an API key is required")
+        out: dict[str, Any] = {}
+        for tt in self.models.types():
+            version = self.models.active_version(tt)
+            if version is None:
+                continue
+            d = self.models.root / tt / version
+            try:
+                files = {name: await asyncio.to_thread(file_sha256, d / name) for name in MODEL_FILES}
+            except OSError:
+                log.warning("an active model version is missing files", extra={"type": tt, "version": version})
+                continue
+            out[tt] = {"version": version, "files": files}
+        return web.json_response({"models": out})
+
+    async def model_file(self, request: web.Request) -> web.StreamResponse:
+        if not self._gateway_or_viewer(request):
+            return _error(401, "unauthorized", "a gateway token or an API key is required")
+        m = request.match_info
+        if not (_SAFE_NAME.fullmatch(m["type"]) and _SAFE_NAME.fullmatch(m["version"]) and m["file"] in MODEL_FILES):
+            raise NotFound("no such model file")
+        path = self.models.root / m["type"] / m["version"] / m["file"]
+        if not path.is_file():
+            raise NotFound("no such model file")
+        return web.FileResponse(path)
+
     async def list_anomalies(self, request: web.Request) -> web.Response:
         """Anomalies across sites, newest first; `state=active` means open or acknowledged."""
         q = request.query
@@ -409,9 +469,11 @@ class Aggregator:
         return web.json_response({**doc, "pending": sorted({*doc.get("pending", []), action})}, status=202)
 
     async def websocket(self, request: web.Request) -> web.WebSocketResponse:
-        """Site summaries every `aggregator.summary_interval_s` (the first right away), and every anomaly
-        change as it arrives (`{"event": "Anomaly", "anomaly": {...}}`)."""
-        ws = web.WebSocketResponse(heartbeat=30)
+        """Site summaries every `aggregator.summary_interval_s` (the first right away), every anomaly
+        change as it arrives (`{"event": "Anomaly", "anomaly": {...}}`), and the Thing documents of the
+        lines a client follows (`{"action": "subscribe", "lines": ["site/line", ...]}`, `"*"` for all) as
+        each batch brings them (`{"event": "Things", ...}`)."""
+        ws = web.WebSocketResponse(heartbeat=30, max_msg_size=64 * 1024)
         await ws.prepare(request)
         self._sockets.add(ws)
         try:
@@ -420,9 +482,30 @@ class Aggregator:
             async for msg in ws:
                 if msg.type == WSMsgType.ERROR:
                     break
+                if msg.type == WSMsgType.TEXT:
+                    await self._ws_command(ws, msg.data)
         finally:
             self._sockets.discard(ws)
+            self._lines.pop(ws, None)
         return ws
+
+    async def _ws_command(self, ws: web.WebSocketResponse, text: str) -> None:
+        try:
+            cmd = json.loads(text)
+        except ValueError:
+            cmd = None
+        lines = cmd.get("lines") if isinstance(cmd, dict) else None
+        if not (isinstance(cmd, dict) and cmd.get("action") in ("subscribe", "unsubscribe") and isinstance(lines, list)
+                and len(lines) <= 1000 and all(isinstance(li, str) and len(li) <= 200 for li in lines)):
+            await ws.send_str(json.dumps({"event": "Error", "error": "invalid", "detail":
+                                          'send {"action": "subscribe"|"unsubscribe", "lines": ["site/line", ...]}'}))
+            return
+        mine = self._lines.setdefault(ws, set())
+        if cmd["action"] == "subscribe":
+            mine.update(lines)
+        else:
+            mine.difference_update(lines)
+        await ws.send_str(json.dumps({"event": "Subscribed", "lines": sorted(mine)}))
 
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "version": __version__,
@@ -438,6 +521,15 @@ class Aggregator:
 
     async def prometheus(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(self.metrics.registry), content_type="text/plain", charset="utf-8")
+
+
+MODEL_FILES = ("model.json", "autoencoder.onnx", "isolation_forest.onnx")
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+
+
+def _model_file(path: str) -> bool:
+    parts = path.split("/")
+    return len(parts) == 7 and path.startswith("/api/v1/models/") and parts[6] in MODEL_FILES
 
 
 def _foreign(batch: Batch, gw: GatewayToken) -> str:

@@ -145,9 +145,13 @@ def _times(start: str | None, end: str | None, default_span_s: float) -> tuple[f
 
 @model_app.command("train")
 def model_train(
-    data_dir: DataDirOpt,
+    data_dir: Annotated[Path | None, typer.Option(help="a gateway's (or DuckDB aggregator's) data directory, "
+                                                       "stopped or copied")] = None,
+    source_url: Annotated[str | None, typer.Option(help="or: a running gateway or aggregator to read history "
+                                                        "from over its API (across every line there)")] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="EGIZ_API_KEY", help="viewer key for --source-url")] = None,
     types: Annotated[list[str] | None, typer.Option("--type", help="equipment type (repeat; default: every "
-                                                                   "type in the data)")] = None,
+                                                                   "type in the data directory)")] = None,
     start: Annotated[str | None, typer.Option("--from", help="ISO 8601 or epoch (default: 7 days before --to)")]
         = None,
     end: Annotated[str | None, typer.Option("--to", help="ISO 8601 or epoch (default: now)")] = None,
@@ -171,11 +175,16 @@ def model_train(
         import sklearn  # noqa: F401  (the `train` extra)
     except ImportError:
         fail("training needs the train extra: pip install 'openegiz[train]'", code=1)
+    if (data_dir is None) == (source_url is None):
+        fail("give either --data-dir or --source-url")
+    if source_url is not None and not (types and api_key and models_dir):
+        fail("--source-url needs --type, --api-key (or EGIZ_API_KEY) and --models-dir")
     a, b = _times(start, end, 7 * 86400)
-    models = models_dir or data_dir / "models"
+    models = models_dir or (data_dir or Path(".")) / "models"
+    source = (source_url, api_key or "") if source_url is not None else None
     console = Console(stderr=True)
     try:
-        wanted = types or sorted(set(read_points(data_dir, a, b).column("type").to_pylist()))
+        wanted = types or sorted(set(read_points(data_dir or Path("."), a, b).column("type").to_pylist()))
         if not wanted:
             fail("no stored history in that range")
         for ttype in wanted:
@@ -184,7 +193,7 @@ def model_train(
                     status.update(f"{ttype}: {message}")
 
                 directory = train_from_history(data_dir, ttype, a, b, models, truth=truth, activate=activate,
-                                               progress=say, ignore=tuple(ignore or ("*setpoint*",)))
+                                               progress=say, ignore=tuple(ignore or ("*setpoint*",)), source=source)
             man = json.loads((directory / "model.json").read_text())
             typer.echo(json.dumps({"type": ttype, "version": directory.name, "rows": man["data"]["rows"],
                                    "features": len(man["features"]), "agreement": man["agreement"],

@@ -192,6 +192,7 @@ class UplinkSection:
     timeout_s: float = 30.0
     retry_min_s: float = 0.5
     retry_max_s: float = 60.0
+    models_interval_s: float = 60.0  # how often to ask the aggregator for model versions; 0: never
 
     def __repr__(self) -> str:
         return f"UplinkSection(url={self.url!r}, order={self.order!r}, token=***)"
@@ -572,6 +573,8 @@ def _check_semantics(cfg: Any, problems: list[tuple[str, str]]) -> None:
           "must be >= uplink.batch_points", reads=("uplink.batch_points",))
     for key in ("interval_s", "things_interval_s", "timeout_s", "retry_min_s"):
         check(f"uplink.{key}", lambda: 0 < getattr(up, key) <= 3600, "must be > 0 and <= 3600")
+    check("uplink.models_interval_s", lambda: up.models_interval_s == 0 or 0.1 <= up.models_interval_s <= 86400,
+          "must be 0 (never) or 0.1..86400 seconds")
     check("uplink.retry_max_s", lambda: up.retry_min_s <= up.retry_max_s <= 3600,
           "must be uplink.retry_min_s..3600", reads=("uplink.retry_min_s",))
     det = cfg.detect

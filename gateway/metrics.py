@@ -76,6 +76,8 @@ class GatewayMetrics:
         self.anomalies_opened = Counter("egiz_anomalies_opened_total", "Anomalies opened",
                                         ["severity", "anomaly_type"], registry=r)
         self.anomalies_active = Gauge("egiz_anomalies_active", "Anomalies open or acknowledged", registry=r)
+        self.uplink_models = Counter("egiz_uplink_models_total", "Central model versions by result", ["result"],
+                                     registry=r)
         self.commands = Counter("egiz_commands_total", "Commands sent to nodes", ["result"], registry=r)
         self.things = Gauge("egiz_twin_things", "Things in the registry", registry=r)
         self.twin_flush_errors = Gauge("egiz_twin_flush_errors", "Failed twin flushes since start", registry=r)

@@ -27,6 +27,7 @@ from gateway.twin.registry import TwinRegistry
 
 if TYPE_CHECKING:
     from cloud_sync.forwarder import Forwarder
+    from cloud_sync.models import ModelFetcher
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,11 @@ class GatewayService:
             from cloud_sync.forwarder import Forwarder
 
             self.forwarder = Forwarder(config, self.buffer, self.registry, self.metrics, self.detector)
+        self.model_fetcher: ModelFetcher | None = None
+        if config.uplink.url and config.uplink.models_interval_s and self.detector is not None:
+            from cloud_sync.models import ModelFetcher
+
+            self.model_fetcher = ModelFetcher(config, self.detector, self.metrics)
         self.parts = Parts(config, self.registry, self.bus, self.ingest, self.dead_letters, self.metrics,
                            Authenticator(config.auth.api_keys, open_access=config.auth.open), time.time(),
                            self.buffer, self.detector)
@@ -78,6 +84,8 @@ class GatewayService:
         await self.ingest.start()
         if self.forwarder is not None:
             await self.forwarder.start()
+        if self.model_fetcher is not None:
+            await self.model_fetcher.start()
         self._runner = web.AppRunner(self.app, handle_signals=False, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, cfg.http.host, cfg.http.port, reuse_address=True)
@@ -95,6 +103,8 @@ class GatewayService:
             return
         self.running = False
         await self.ingest.stop()
+        if self.model_fetcher is not None:
+            await self.model_fetcher.stop()
         if self.forwarder is not None:
             await self.forwarder.stop()
         if self._runner is not None:

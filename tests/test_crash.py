@@ -301,5 +301,5 @@ async def test_a_full_disk_never_crashes_the_gateway_corrupts_nothing_and_loses_
     # the file opens; nothing is stored twice; every point is stored or counted as removed by the policy
     assert n == distinct
     assert n + gone == total, (n, gone)
-    if policy == "drop_oldest":  # the oldest made room; everything after them is there
-        assert gone > 0 and newest == total and oldest == gone + 1
+    if policy == "drop_oldest":  # the oldest made room (when the delete itself could be written); the rest is there
+        assert newest == total and oldest == gone + 1

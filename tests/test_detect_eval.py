@@ -10,6 +10,8 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
+
 EGIZ = str(Path(sys.executable).with_name("egiz"))
 START = datetime(2026, 11, 20, 4, 0, tzinfo=UTC).timestamp()  # night shift ends, production ramps up
 TRAIN_S = 2 * 3600
@@ -32,6 +34,7 @@ def egiz(*args: str) -> str:
     return done.stdout
 
 
+@pytest.mark.timeout(900)  # three CLI runs over 4 h of a 10-node line: a few minutes on two cores
 def test_detector_finds_injected_faults_with_few_false_alarms(tmp_path: Path) -> None:
     data, truth = tmp_path / "data", tmp_path / "truth.jsonl"
     egiz("sim", "--site", "lab", "--into", str(data), "--start", str(START), "--duration", str(TRAIN_S + EVAL_S),

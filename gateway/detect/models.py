@@ -171,8 +171,8 @@ class ModelBundle:
 
     def score(self, x: np.ndarray, forest: np.ndarray | None = None) -> ModelScores:
         """Score raw feature rows (n, d) in one run of each session. `forest`: normalised forest scores to
-        reuse instead of running the forest (its ONNX graph costs about a millisecond per run, whatever
-        the batch size, so the detector refreshes it less often than the autoencoder)."""
+        reuse instead of running the forest (versions exported by skl2onnx cost about 2 ms per forest
+        run, whatever the batch size, so the detector refreshes the forest less often)."""
         xs = self.scale(x)
         recon = self.ae.run(None, {self.ae.get_inputs()[0].name: xs})[0].reshape(xs.shape)
         z = (recon.astype(np.float64) - xs) / self.resid_std

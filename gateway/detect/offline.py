@@ -25,6 +25,7 @@ from gateway.detect.train import Interval, feature_rows, train_model
 from gateway.errors import EgizError
 
 BUFFER_FILE = "buffer.duckdb"
+AGGREGATOR_FILE = "aggregator.duckdb"
 WARMUP_S = 900.0  # evaluation starts the detector this long before the range, as a running gateway would be
 
 
@@ -33,8 +34,11 @@ class OfflineError(EgizError, ValueError):
 
 
 def read_points(data_dir: Path, start: float, end: float, thing_type: str | None = None) -> pa.Table:
-    """Numeric and text points of `[start, end)` (of one equipment type, or all), in time order."""
+    """Numeric and text points of `[start, end)` (of one equipment type, or all), in time order — from a
+    gateway's buffer, or a DuckDB aggregator's store (the same tables, every line)."""
     path = data_dir / BUFFER_FILE
+    if not path.exists() and (data_dir / AGGREGATOR_FILE).exists():
+        path = data_dir / AGGREGATOR_FILE
     if not path.exists():
         raise OfflineError(f"no telemetry buffer at {path}", path=str(path))
     try:
@@ -68,16 +72,24 @@ def _anomaly_exclusions(data_dir: Path, start: float, end: float) -> list[Interv
         db.conn.close()
 
 
-def train_from_history(data_dir: Path, thing_type: str, start: float, end: float, models_dir: Path, *,
+def train_from_history(data_dir: Path | None, thing_type: str, start: float, end: float, models_dir: Path, *,
                        truth: Path | None = None, activate: bool = False, ignore: Sequence[str] = ("*setpoint*",),
-                       progress: Callable[[str], None] | None = None) -> Path:
-    """Train a version of `thing_type` on normal history in `[start, end)`; returns its directory."""
+                       progress: Callable[[str], None] | None = None, source: tuple[str, str] | None = None) -> Path:
+    """Train a version of `thing_type` on normal history in `[start, end)`, from a data directory or from a
+    running gateway's or aggregator's API (`source` = (url, api key)); returns the version's directory."""
     say = progress or (lambda _m: None)
     say(f"reading {thing_type} history")
-    points = read_points(data_dir, start, end, thing_type)
+    remote: list[Interval] = []
+    if source is not None:
+        points = fetch_points(source[0], source[1], thing_type, start, end, progress=say, excluded=remote)
+        where = source[0]
+    else:
+        assert data_dir is not None
+        points = read_points(data_dir, start, end, thing_type)
+        where = str(data_dir)
     if points.num_rows == 0:
-        raise OfflineError(f"no {thing_type!r} points between the given times in {data_dir}", type=thing_type)
-    excluded = _anomaly_exclusions(data_dir, start, end)
+        raise OfflineError(f"no {thing_type!r} points between the given times in {where}", type=thing_type)
+    excluded = _anomaly_exclusions(data_dir, start, end) if data_dir is not None else remote
     if truth is not None:
         excluded += [(t.thing, t.start - 60.0, t.end + 120.0) for t in read_truth(truth)]
     rows = feature_rows(points, ignore=ignore, exclude=excluded)
@@ -177,3 +189,84 @@ async def _simulate_into(data_dir: Path, site: str, line: str, start: float, dur
     finally:
         await buffer.stop()
     return n, trace.truth
+
+
+
+def fetch_points(url: str, api_key: str, thing_type: str, start: float, end: float, *,
+                 chunk_s: float = 3600.0, progress: Callable[[str], None] | None = None,
+                 excluded: list[Interval] | None = None) -> pa.Table:
+    """The same columns as `read_points`, from a running gateway's or aggregator's history API (raw
+    points, an hour per request): train on a live line, or across every line of a type centrally.
+    The intervals of its anomalies (not false positives) are appended to `excluded`."""
+    return asyncio.run(_fetch_points(url.rstrip("/"), api_key, thing_type, start, end, chunk_s, progress,
+                                     excluded if excluded is not None else []))
+
+
+def _iso_epoch(value: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+async def _fetch_points(base: str, key: str, thing_type: str, start: float, end: float, chunk_s: float,
+                        progress: Callable[[str], None] | None, excluded: list[Interval]) -> pa.Table:
+    import aiohttp
+
+    cols: dict[str, list[Any]] = {k: [] for k in ("thing_id", "type", "feature", "path", "ts", "value", "text")}
+    headers = {"Authorization": f"Bearer {key}"}
+
+    async def get(session: aiohttp.ClientSession, path: str, params: dict[str, str]) -> Any:
+        async with session.get(base + path, params=params) as r:
+            if r.status != 200:
+                raise OfflineError(f"{base}{path}: HTTP {r.status}: {(await r.text())[:200]}")
+            return await r.json()
+
+    try:
+        async with aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=120)) as session:
+            things: list[str] = []
+            offset = 0
+            while True:
+                page = await get(session, "/api/v1/things", {"type": thing_type, "limit": "1000",
+                                                             "offset": str(offset)})
+                items = page.get("items", [])
+                things += [t["id"] for t in items]
+                offset += len(items)
+                if not items or offset >= int(page.get("total", 0)):
+                    break
+            offset = 0
+            while True:  # anomalies that were not false positives are left out, as from a data directory
+                page = await get(session, "/api/v1/anomalies", {"limit": "1000", "offset": str(offset)})
+                items = page.get("items", [])
+                for a in items:
+                    if a.get("thingType") == thing_type and not a.get("falsePositive"):
+                        excluded.append((str(a["thingId"]), _iso_epoch(a["openedAt"]) - 60.0,
+                                         _iso_epoch(a.get("resolvedAt") or a["lastSeenAt"]) + 60.0))
+                offset += len(items)
+                if not items or offset >= int(page.get("total", 0)):
+                    break
+            for n, thing in enumerate(things, 1):
+                if progress is not None:
+                    progress(f"fetching {thing} ({n}/{len(things)})")
+                a = start
+                while a < end:
+                    b = min(end, a + chunk_s)
+                    doc = await get(session, f"/api/v1/things/{thing}/history",
+                                    {"from": repr(a), "to": repr(b), "resolution": "raw"})
+                    for s in doc.get("series", []):
+                        pts = s.get("points", {})
+                        for t_ms, v in zip(pts.get("t", []), pts.get("value", []), strict=True):
+                            num = isinstance(v, int | float) and not isinstance(v, bool)
+                            cols["thing_id"].append(thing)
+                            cols["type"].append(thing_type)
+                            cols["feature"].append(s["feature"])
+                            cols["path"].append(s["property"])
+                            cols["ts"].append(t_ms / 1000.0)
+                            cols["value"].append(float(v) if num else None)
+                            cols["text"].append(None if num else str(v))
+                    a = b
+    except aiohttp.ClientError as exc:
+        raise OfflineError(f"cannot read history from {base}: {exc}") from None
+    table = pa.table({**{k: cols[k] for k in ("thing_id", "type", "feature", "path")},
+                      "ts": pa.array(cols["ts"], pa.float64()), "value": pa.array(cols["value"], pa.float64()),
+                      "text": pa.array(cols["text"], pa.string())})
+    return table.sort_by([("ts", "ascending")])
