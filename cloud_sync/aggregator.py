@@ -28,6 +28,7 @@ from cloud_sync.config import AggregatorConfig, GatewayToken
 from cloud_sync.store import AggregatorStore, StoreError
 from cloud_sync.wire import ANOMALY_STATES, Batch, WireError, decode
 from gateway import __version__
+from gateway.api.app import int_param
 from gateway.api.auth import Authenticator, role_allows
 from gateway.buffer.history import HistoryQuery, parse_resolution, parse_time, run_query
 from gateway.detect.models import ModelRegistry, file_sha256
@@ -325,8 +326,8 @@ class Aggregator:
 
     async def list_things(self, request: web.Request) -> web.Response:
         q = request.query
-        limit = _int(q.get("limit"), "limit", 100, 1, MAX_LIMIT)
-        offset = _int(q.get("offset"), "offset", 0, 0, 10**9)
+        limit = int_param(q.get("limit"), "limit", 100, 1, MAX_LIMIT)
+        offset = int_param(q.get("offset"), "offset", 0, 0, 10**9)
         items, total = await self.read(lambda: self.store.things(site=q.get("site"), line=q.get("line"),
                                                                   type_=q.get("type"), limit=limit, offset=offset))
         return web.json_response({"items": items, "total": total, "limit": limit, "offset": offset,
@@ -431,8 +432,8 @@ class Aggregator:
         bad = [s for s in states if s not in ANOMALY_STATES]
         if bad:
             raise Invalid(f"state: unknown {', '.join(bad)}")
-        limit = _int(q.get("limit"), "limit", 100, 1, 1000)
-        offset = _int(q.get("offset"), "offset", 0, 0, 10**9)
+        limit = int_param(q.get("limit"), "limit", 100, 1, 1000)
+        offset = int_param(q.get("offset"), "offset", 0, 0, 10**9)
         items, total = await self.read(lambda: self.store.anomalies(
             site=q.get("site") or None, states=states, severities=[s for s in q.get("severity", "").split(",") if s],
             thing_ids=[s for s in q.get("thingId", "").split(",") if s], limit=limit, offset=offset))
@@ -550,13 +551,3 @@ def _error(status: int, error: str, detail: str, headers: dict[str, str] | None 
     return web.json_response({"error": error, "detail": detail, **extra}, status=status, headers=headers)
 
 
-def _int(value: str | None, name: str, default: int, lo: int, hi: int) -> int:
-    if not value:
-        return default
-    try:
-        n = int(value)
-    except ValueError:
-        raise Invalid(f"{name} must be an integer") from None
-    if not lo <= n <= hi:
-        raise Invalid(f"{name} must be between {lo} and {hi}")
-    return n

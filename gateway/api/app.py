@@ -116,6 +116,19 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
         parts.metrics.http_latency.observe(time.perf_counter() - start)
 
 
+def int_param(value: str | None, name: str, default: int, lo: int, hi: int) -> int:
+    """An integer query parameter within [lo, hi]; absent or empty gives `default`, anything else a 400."""
+    if value is None or value == "":
+        return default
+    try:
+        n = int(value)
+    except ValueError:
+        raise Invalid(f"{name} must be an integer") from None
+    if not lo <= n <= hi:
+        raise Invalid(f"{name} must be between {lo} and {hi}")
+    return n
+
+
 async def read_json(request: web.Request) -> Any:
     """The request body as JSON, or a 400 that says what is wrong."""
     try:

@@ -6,7 +6,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.api.app import PARTS, error_body, parse_json, read_json, requires
+from gateway.api.app import PARTS, error_body, int_param, parse_json, read_json, requires
 from gateway.errors import Invalid
 from gateway.ingest.mqtt import CommandNotSent
 from gateway.twin.model import Thing, check_name
@@ -27,18 +27,6 @@ def add_routes(app: web.Application) -> None:
     r.add_put("/api/v1/things/{id}/features/{feature}", put_feature)
     r.add_post("/api/v1/query", query)
     r.add_get("/api/v1/deadletters", dead_letters)
-
-
-def _int(value: str | None, name: str, default: int, lo: int, hi: int) -> int:
-    if value is None or value == "":
-        return default
-    try:
-        n = int(value)
-    except ValueError:
-        raise Invalid(f"{name} must be an integer") from None
-    if not lo <= n <= hi:
-        raise Invalid(f"{name} must be between {lo} and {hi}")
-    return n
 
 
 def _expected_version(request: web.Request, body: Any = None) -> int | None:
@@ -74,8 +62,8 @@ def _page(request: web.Request, flt: ThingFilter, limit: int, offset: int) -> di
 async def list_things(request: web.Request) -> web.Response:
     """Things, paginated; `type=`, `metadata.<k>=` shortcuts and `filter=<JSON>` narrow the list."""
     q = request.query
-    limit = _int(q.get("limit"), "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
-    offset = _int(q.get("offset"), "offset", 0, 0, 10**9)
+    limit = int_param(q.get("limit"), "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
+    offset = int_param(q.get("offset"), "offset", 0, 0, 10**9)
     doc: dict[str, Any] = {}
     if "filter" in q:
         doc = parse_json(q["filter"], "filter")
@@ -189,6 +177,6 @@ async def put_feature(request: web.Request) -> web.Response:
 @requires("viewer")
 async def dead_letters(request: web.Request) -> web.Response:
     """The newest rejected MQTT messages with their reasons (for diagnosing a misbehaving node)."""
-    limit = _int(request.query.get("limit"), "limit", 100, 1, 1000)
+    limit = int_param(request.query.get("limit"), "limit", 100, 1, 1000)
     rows = await request.app[PARTS].dead_letters.recent(limit, request.query.get("reason"))
     return web.json_response({"items": rows, "total": request.app[PARTS].dead_letters.total})
