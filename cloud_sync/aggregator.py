@@ -28,6 +28,7 @@ from cloud_sync.config import AggregatorConfig, GatewayToken
 from cloud_sync.store import AggregatorStore, StoreError
 from cloud_sync.wire import ANOMALY_STATES, Batch, WireError, decode
 from gateway import __version__
+from gateway.api import viewer
 from gateway.api.app import int_param
 from gateway.api.auth import Authenticator, role_allows
 from gateway.buffer.history import HistoryQuery, parse_resolution, parse_time, run_query
@@ -175,6 +176,7 @@ class Aggregator:
         r.add_get("/health", self.health)
         r.add_get("/ready", self.ready)
         r.add_get("/metrics", self.prometheus)
+        viewer.add_routes(app, self.layout)
         return app
 
     PUBLIC = frozenset({"/health", "/ready", "/metrics", "/api/v1/ingest/batches", "/api/v1/ingest/actions",
@@ -183,7 +185,7 @@ class Aggregator:
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
         try:
-            if request.path not in self.PUBLIC and not _model_file(request.path):
+            if request.path not in self.PUBLIC and not _model_file(request.path) and not _viewer_file(request.path):
                 role = self.auth.role_for(request, allow_query_token=request.path == "/api/v1/ws")
                 if role is None:
                     self.metrics.auth_failures.labels("401").inc()
@@ -420,6 +422,10 @@ class Aggregator:
             raise NotFound("no such model file")
         return web.FileResponse(path)
 
+    async def layout(self, request: web.Request) -> web.Response:
+        """Floor layouts of every line (`layout.json` in the data directory), or an empty one."""
+        return web.json_response(await asyncio.to_thread(viewer.read_layout, Path(self.config.aggregator.data_dir)))
+
     async def list_anomalies(self, request: web.Request) -> web.Response:
         """Anomalies across sites, newest first; `state=active` means open or acknowledged."""
         q = request.query
@@ -526,6 +532,10 @@ class Aggregator:
 
 MODEL_FILES = ("model.json", "autoencoder.onnx", "isolation_forest.onnx")
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+
+
+def _viewer_file(path: str) -> bool:
+    return path == "/" or path.startswith("/viewer/")
 
 
 def _model_file(path: str) -> bool:

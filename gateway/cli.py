@@ -16,11 +16,13 @@ import typer
 
 from gateway.config import AGGREGATOR_SECTIONS, GatewayConfig, load_config
 from gateway.errors import ConfigError
+from images.cli import image_app
 
 app = typer.Typer(help="OpenEgiz Edge: digital twins for food production lines.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
 gateway_app = typer.Typer(help="Run or check a line gateway.", no_args_is_help=True)
 app.add_typer(gateway_app, name="gateway")
+app.add_typer(image_app, name="image")
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="TOML config file", exists=False)]
 
@@ -60,6 +62,25 @@ def gateway_run(
         asyncio.run(GatewayService(cfg).run_until_signalled())
     except (OSError, sqlite3.DatabaseError) as exc:  # port in use, unreadable data dir, corrupt file
         fail(f"cannot start the gateway: {exc}", code=1)
+
+
+@gateway_app.command("broker-files")
+def gateway_broker_files(config: ConfigOpt) -> None:
+    """Write Mosquitto's password and ACL files (the gateway's user and every approved node) before the
+    broker first starts; a running gateway rewrites them itself whenever a node is approved or rejected."""
+    from gateway.provision import NodeStore, ProvisionError, write_broker_files
+
+    cfg = load_gateway_config(config, {})
+    store = NodeStore(Path(cfg.gateway.data_dir) / "nodes.sqlite")
+    try:
+        nodes = store.all()
+        write_broker_files(cfg, nodes)
+    except ProvisionError as exc:
+        fail(str(exc), code=1)
+    finally:
+        store.close()
+    approved = sum(n.state == "approved" for n in nodes)
+    typer.echo(f"wrote {cfg.password_file} and {cfg.acl_file}: the gateway's user and {approved} approved node(s)")
 
 
 @gateway_app.command("check")
@@ -318,6 +339,11 @@ def sim(
                                               "straight into this gateway data directory, as fast as possible")] = None,
     start: Annotated[str | None, typer.Option(help="with --into: when the history begins (ISO 8601 or epoch; "
                                               "default: --duration before now)")] = None,
+    provision: Annotated[bool, typer.Option(help="like real nodes: advertise on the network, wait until the "
+                                            "gateway approves each node, then publish with its own credentials "
+                                            "to the broker the gateway names")] = False,
+    advertise_address: Annotated[str, typer.Option(help="with --provision: the address to advertise and serve "
+                                                   "on ('': this host's first address)")] = "",
 ) -> None:
     """Simulate a line of ESP32 nodes publishing telemetry (with optional faults) until Ctrl-C."""
     from gateway.sim import FleetOptions, parse_faults
@@ -341,7 +367,7 @@ def sim(
     if into is not None:
         _sim_into(into, opts, start)
         return
-    asyncio.run(_run_sim(opts))
+    asyncio.run(_run_sim(opts, provision=provision, advertise_address=advertise_address))
 
 
 def _sim_into(into: Path, opts: Any, start: str | None) -> None:
@@ -399,7 +425,7 @@ def _sim_options_problem(exc: ValueError) -> str:
     return "invalid options: " + "; ".join(named)
 
 
-async def _run_sim(opts: Any) -> None:
+async def _run_sim(opts: Any, *, provision: bool = False, advertise_address: str = "") -> None:
     import signal
 
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -410,6 +436,20 @@ async def _run_sim(opts: Any) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    nodes = None
+    if provision:
+        from gateway.sim import fleet_things
+        from gateway.sim.provisioning import SimulatedNodes
+
+        nodes = SimulatedNodes(fleet_things(opts), address=advertise_address)
+        try:
+            opts = await _provision_fleet(nodes, opts, stop)
+        except BaseException:
+            await nodes.stop()
+            raise
+        if opts is None:
+            await nodes.stop()
+            return
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   transient=False) as progress:
         task = progress.add_task("starting", total=None)
@@ -423,7 +463,31 @@ async def _run_sim(opts: Any) -> None:
             stats = await run_fleet(opts, stop=stop, on_progress=report)
         except ValueError as exc:
             fail(str(exc))
+        finally:
+            if nodes is not None:  # provisioned nodes stay on the network while they run, like real ones
+                await nodes.stop()
         report(stats)
+
+
+async def _provision_fleet(nodes: Any, opts: Any, stop: asyncio.Event) -> Any:
+    """Advertise the fleet's nodes and wait for the gateway to provision all of them (None: stopped first)."""
+    await nodes.start()
+    typer.echo(f"{len(nodes.things)} nodes advertised on {nodes.address}; approve them on the gateway "
+               f"(egiz nodes approve ID): {', '.join(nodes.pending)}", err=True)
+    waiting = asyncio.ensure_future(nodes.wait())
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+    if not waiting.done():
+        waiting.cancel()
+        return None
+    got = waiting.result()
+    first = next(iter(got.values()))
+    typer.echo(f"all nodes provisioned: broker {first.host}:{first.port}, site {first.site}", err=True)
+    return dataclasses.replace(opts, site=first.site, host=first.host, port=first.port,
+                               credentials={eid: (p.username, p.password) for eid, p in got.items()})
 
 
 @app.command("demo")
@@ -458,3 +522,110 @@ def demo(
         fail(_sim_options_problem(exc))
     except OSError as exc:
         fail(f"cannot start the demo: {exc}", code=1)
+
+
+nodes_app = typer.Typer(help="List, approve and reject the nodes a gateway has discovered.", no_args_is_help=True)
+app.add_typer(nodes_app, name="nodes")
+UrlOpt = Annotated[str, typer.Option(help="the gateway's URL (default: from --config, else http://127.0.0.1:8080)")]
+KeyOpt = Annotated[str, typer.Option(envvar="EGIZ_API_KEY", help="an admin API key (default: from --config)")]
+NodeConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="the gateway's TOML config")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
+
+
+def _gateway_call(method: str, path: str, url: str, api_key: str, config: Path | None) -> Any:
+    """One request to a running gateway's REST API, as an admin; errors become one line and exit 1."""
+    import urllib.error
+    import urllib.request
+
+    if config is not None:
+        cfg = load_gateway_config(config, {})
+        host = "127.0.0.1" if cfg.http.host in ("0.0.0.0", "::", "") else cfg.http.host
+        url = url or f"http://{host}:{cfg.http.port}"
+        api_key = api_key or next((k.key for k in cfg.auth.api_keys if k.role == "admin"), "")
+    req = urllib.request.Request((url or "http://127.0.0.1:8080").rstrip("/") + path, method=method,
+                                 data=b"{}" if method == "POST" else None,
+                                 headers={"Content-Type": "application/json",
+                                          **({"Authorization": f"Bearer {api_key}"} if api_key else {})})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            detail = json.loads(exc.read()).get("detail", exc.reason)
+        except ValueError:
+            detail = exc.reason
+        fail(f"{method} {path}: {exc.code} {detail}", code=1)
+    except OSError as exc:
+        fail(f"cannot reach the gateway: {exc}", code=1)
+
+
+def _print_nodes(items: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("id", "type", "state", "address", "firmware", "mac", "last seen", "credentials")
+    for n in items:
+        creds = "delivered" if n["credentialsDelivered"] else (n["deliveryError"] or "-")
+        table.add_row(n["id"], n["type"], n["state"], f"{n['address']}:{n['port']}", n["fw"], n["mac"],
+                      n["lastSeen"] or "-", creds if n["state"] == "approved" else "-")
+    Console().print(table)
+
+
+@nodes_app.command("list")
+def nodes_list(url: UrlOpt = "", api_key: KeyOpt = "", config: NodeConfigOpt = None,
+               state: Annotated[str, typer.Option(help="pending, approved or rejected")] = "",
+               as_json: JsonOpt = False) -> None:
+    """The nodes the gateway has seen on the network, pending ones first."""
+    doc = _gateway_call("GET", "/api/v1/nodes" + (f"?state={state}" if state else ""), url, api_key, config)
+    items = sorted(doc["items"], key=lambda n: (n["state"] != "pending", n["id"]))
+    if as_json:
+        typer.echo(json.dumps(items, indent=2))
+    else:
+        _print_nodes(items)
+
+
+@nodes_app.command("approve")
+def nodes_approve(node_id: Annotated[str, typer.Argument(help="the node's id, e.g. oven-001")],
+                  url: UrlOpt = "", api_key: KeyOpt = "", config: NodeConfigOpt = None) -> None:
+    """Create the node's Thing and MQTT user and hand it its credentials."""
+    n = _gateway_call("POST", f"/api/v1/nodes/{node_id}/approve", url, api_key, config)
+    delivered = "credentials delivered" if n["credentialsDelivered"] else \
+        f"credentials not delivered yet ({n['deliveryError']}); retried when the node announces itself"
+    typer.echo(f"{n['id']} approved as {n['thingId']}, MQTT user {n['username']}; {delivered}")
+
+
+@nodes_app.command("reject")
+def nodes_reject(node_id: Annotated[str, typer.Argument(help="the node's id")],
+                 url: UrlOpt = "", api_key: KeyOpt = "", config: NodeConfigOpt = None) -> None:
+    """Refuse the node; any MQTT user it had is removed from the broker."""
+    n = _gateway_call("POST", f"/api/v1/nodes/{node_id}/reject", url, api_key, config)
+    typer.echo(f"{n['id']} rejected")
+
+
+@app.command("discover")
+def discover(seconds: Annotated[float, typer.Option(min=0.5, max=600, help="how long to listen")] = 3.0,
+             as_json: JsonOpt = False) -> None:
+    """List the gateways, their brokers and the nodes announcing themselves on this network (mDNS)."""
+    from gateway.discovery import discover as run_discovery
+
+    found = asyncio.run(run_discovery(seconds))
+    if as_json:
+        typer.echo(json.dumps({k: [a.to_json() for a in v] for k, v in found.items()}, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    gateways = Table("gateway", "site", "line", "version", "address", title="Gateways")
+    for a in found["gateways"]:
+        gateways.add_row(a.txt.get("gateway", a.name), a.txt.get("site", ""), a.txt.get("line", ""),
+                         a.txt.get("version", ""), f"{a.address}:{a.port}")
+    brokers = Table("broker", "address", title="MQTT brokers")
+    for a in found["brokers"]:
+        brokers.add_row(a.name.split(".")[0], f"{a.address}:{a.port}")
+    nodes = Table("node", "type", "firmware", "mac", "address", title="Nodes")
+    for a in found["nodes"]:
+        nodes.add_row(a.txt.get("id", a.name), a.txt.get("type", ""), a.txt.get("fw", ""), a.txt.get("mac", ""),
+                      f"{a.address}:{a.port}")
+    for t in (gateways, brokers, nodes):
+        console.print(t)

@@ -199,6 +199,29 @@ class UplinkSection:
 
 
 @dataclass(frozen=True)
+class DiscoverySection:
+    """Zeroconf: advertise this gateway and its broker, and list the nodes that announce themselves."""
+
+    enabled: bool = False  # advertising on a network is the site's decision; the shipped image turns it on
+    address: str = ""  # the address to advertise; "": every address of this host
+    broker_host: str = ""  # where nodes reach the broker; "": this host (mqtt.host if it is not loopback)
+    broker_port: int = 0  # 0: mqtt.port
+    provision_timeout_s: float = 10.0  # handing credentials to a node
+    node_stale_s: float = 600.0  # a pending node not heard of for this long is dropped from the list
+
+
+@dataclass(frozen=True)
+class BrokerSection:
+    """The Mosquitto files the gateway keeps: one user and one ACL entry per approved node."""
+
+    password_file: str = ""  # "": <data_dir>/mosquitto/passwords
+    acl_file: str = ""  # "": <data_dir>/mosquitto/acl
+    # How Mosquitto learns of a change: "" (something else watches the files, e.g. a systemd path
+    # unit), "pidfile:PATH" (SIGHUP to that process), or "command:ARGS" (run it).
+    reload: str = ""
+
+
+@dataclass(frozen=True)
 class LogSection:
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "text"] = "auto"
@@ -218,6 +241,8 @@ class GatewayConfig:
     uplink: UplinkSection = field(default_factory=UplinkSection)
     detect: DetectSection = field(default_factory=DetectSection)
     ws: WsSection = field(default_factory=WsSection)
+    discovery: DiscoverySection = field(default_factory=DiscoverySection)
+    broker: BrokerSection = field(default_factory=BrokerSection)
     log: LogSection = field(default_factory=LogSection)
 
     @property
@@ -230,6 +255,14 @@ class GatewayConfig:
     @property
     def models_dir(self) -> Path:
         return Path(self.detect.models_dir) if self.detect.models_dir else Path(self.gateway.data_dir) / "models"
+
+    @property
+    def password_file(self) -> Path:
+        return Path(self.broker.password_file or Path(self.gateway.data_dir) / "mosquitto" / "passwords")
+
+    @property
+    def acl_file(self) -> Path:
+        return Path(self.broker.acl_file or Path(self.gateway.data_dir) / "mosquitto" / "acl")
 
 
 T = TypeVar("T")
@@ -522,6 +555,12 @@ def _check_semantics(cfg: Any, problems: list[tuple[str, str]]) -> None:
             check(key, ing.payload_format != "contract" or has_feature,
                   "the contract payload format needs a {feature} level (or set ingest.payload_format = \"legacy\")",
                   reads=("ingest.payload_format",))
+    check("discovery.broker_port", lambda: 0 <= cfg.discovery.broker_port <= 65535,
+          "must be a TCP port 1..65535 (0: mqtt.port)")
+    check("discovery.provision_timeout_s", lambda: cfg.discovery.provision_timeout_s > 0, "must be > 0")
+    check("discovery.node_stale_s", lambda: cfg.discovery.node_stale_s > 0, "must be > 0")
+    check("broker.reload", lambda: re.fullmatch(r"((pidfile|command):.+)?", cfg.broker.reload) is not None,
+          'must be "", "pidfile:PATH" or "command:ARGS"')
     check("ingest.max_payload_bytes", lambda: 256 <= ing.max_payload_bytes <= 16 * 2**20, "must be 256..16777216")
     check("ingest.max_samples", lambda: 1 <= ing.max_samples <= 100_000, "must be 1..100000")
     check("ingest.dead_letter_keep", lambda: ing.dead_letter_keep >= 1, "must be >= 1")

@@ -87,7 +87,8 @@ def demo_config(opts: DemoOptions, mqtt_port: int, *, site: str | None = None, l
     }
     if aggregator_port:
         overrides.update({"uplink.url": f"http://127.0.0.1:{aggregator_port}",
-                          "uplink.token": demo_token(site, line)})
+                          "uplink.token": demo_token(site, line),
+                          "uplink.things_interval_s": 1.0})  # the central 3D view follows within a second
     return load_config(GatewayConfig, None, environ={}, overrides=overrides)
 
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from gateway import systemd
 from gateway.api.app import Parts, build_app
 from gateway.api.auth import Authenticator
 from gateway.buffer.buffer import TelemetryBuffer
@@ -23,11 +24,13 @@ from gateway.ingest.deadletter import DeadLetterLog
 from gateway.ingest.mqtt import MqttIngest
 from gateway.ingest.sequence import SequenceTracker
 from gateway.metrics import GatewayMetrics
+from gateway.provision import Provisioner
 from gateway.twin.registry import TwinRegistry
 
 if TYPE_CHECKING:
     from cloud_sync.forwarder import Forwarder
     from cloud_sync.models import ModelFetcher
+    from gateway.discovery import GatewayDiscovery
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +61,13 @@ class GatewayService:
             from cloud_sync.models import ModelFetcher
 
             self.model_fetcher = ModelFetcher(config, self.detector, self.metrics)
+        self.provisioner: Provisioner | None = None
+        if config.discovery.enabled:
+            self.provisioner = Provisioner(config, self.registry)
+        self.discovery: GatewayDiscovery | None = None
         self.parts = Parts(config, self.registry, self.bus, self.ingest, self.dead_letters, self.metrics,
                            Authenticator(config.auth.api_keys, open_access=config.auth.open), time.time(),
-                           self.buffer, self.detector)
+                           self.buffer, self.detector, self.provisioner)
         self.app = build_app(self.parts)
         self._runner: web.AppRunner | None = None
         self.http_port: int | None = None
@@ -93,6 +100,12 @@ class GatewayService:
         server = site._server
         sockets = getattr(server, "sockets", None) or []
         self.http_port = sockets[0].getsockname()[1] if sockets else cfg.http.port
+        if self.provisioner is not None:
+            from gateway.discovery import GatewayDiscovery
+
+            await self.provisioner.start()
+            self.discovery = GatewayDiscovery(cfg, self.provisioner, self.http_port)
+            await self.discovery.start()
         log.info("gateway started", extra={"site": cfg.gateway.site, "line": cfg.gateway.line,
                                            "gateway_id": cfg.gateway.id, "http_port": self.http_port,
                                            "things": len(self.registry)})
@@ -102,6 +115,9 @@ class GatewayService:
         if not self.running:
             return
         self.running = False
+        if self.discovery is not None:
+            await self.discovery.stop()
+            self.discovery = None
         await self.ingest.stop()
         if self.model_fetcher is not None:
             await self.model_fetcher.stop()
@@ -114,6 +130,8 @@ class GatewayService:
             await self.detector.stop()
         await self.buffer.stop()
         await self.dead_letters.stop()
+        if self.provisioner is not None:
+            await self.provisioner.stop()
         await self.registry.stop()
         log.info("gateway stopped")
 
@@ -128,8 +146,14 @@ class GatewayService:
         except BaseException:
             await self.stop()  # undo what did start (broker session, files) before reporting
             raise
+        systemd.notify("READY=1")
+        interval = systemd.watchdog_interval_s()
+        pinger = asyncio.create_task(systemd.watchdog_loop(interval)) if interval else None
         try:
             await stop.wait()
         finally:
             log.info("shutting down")
+            systemd.notify("STOPPING=1")
+            if pinger is not None:
+                pinger.cancel()
             await self.stop()

@@ -1,10 +1,14 @@
-"""`egiz gateway run` as a real process: starts, serves, and stops gracefully on SIGTERM."""
+"""`egiz gateway run` as a real process: starts, serves, tells systemd it is ready and alive, and stops
+gracefully on SIGTERM."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -36,10 +40,23 @@ api_keys = [{{ key = "{ADMIN_KEY}", role = "admin" }}]
 [ingest]
 auto_register = true
 """)
+    # systemd's notify socket, as a unit with Type=notify and WatchdogSec= would provide it
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    notify.setblocking(False)
+    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "200000"}
     proc = await asyncio.create_subprocess_exec(
         str(Path(sys.executable).with_name("egiz")), "gateway", "run", "--config", str(cfg),
-        "--http-port", str(port), stderr=asyncio.subprocess.PIPE)
+        "--http-port", str(port), stderr=asyncio.subprocess.PIPE, env=env)
     url = f"http://127.0.0.1:{port}"
+    notes: list[str] = []
+
+    def received() -> list[str]:
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                notes.append(notify.recv(256).decode())
+        return notes
+
     try:
         async with aiohttp.ClientSession() as http:
             deadline = time.monotonic() + 15
@@ -61,10 +78,16 @@ auto_register = true
                         break
                 await asyncio.sleep(0.05)
             assert r.status == 200
+            await asyncio.sleep(0.5)
+            assert received()[0] == "READY=1", notes
+            assert received().count("WATCHDOG=1") >= 3, notes  # every 0.1 s, half the watchdog period
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = await asyncio.wait_for(proc.communicate(), 20)
+        received()
+        notify.close()
     assert proc.returncode == 0, err.decode()[-2000:]
+    assert "STOPPING=1" in notes
     lines = [json.loads(line) for line in err.decode().splitlines() if line.startswith("{")]
     assert [x["msg"] for x in lines][-1] == "gateway stopped"  # structured logs, graceful end
     assert ADMIN_KEY not in err.decode()  # no secrets in logs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -23,6 +24,7 @@ from gateway.ingest.deadletter import DeadLetterLog
 from gateway.ingest.mqtt import MqttIngest
 from gateway.ingest.payload import loads_strict
 from gateway.metrics import GatewayMetrics
+from gateway.provision import Provisioner, ProvisionError
 from gateway.twin.registry import TwinRegistry
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,7 @@ class Parts:
     started: float
     buffer: TelemetryBuffer
     detector: AnomalyDetector | None = None
+    provisioner: Provisioner | None = None
 
 
 PARTS = web.AppKey("parts", Parts)
@@ -63,7 +66,8 @@ def error_body(status: int, error: str, detail: str, **extra: Any) -> web.Respon
     return web.json_response({"error": error, "detail": detail, **extra}, status=status)
 
 
-STATUS_OF: dict[type[EgizError], int] = {NotFound: 404, Conflict: 409, Invalid: 400, ModelError: 422}  # first match
+STATUS_OF: dict[type[EgizError], int] = {NotFound: 404, Conflict: 409, Invalid: 400, ModelError: 422,
+                                          ProvisionError: 503}  # first match
 
 
 @web.middleware
@@ -150,19 +154,32 @@ def parse_json(text: str, what: str) -> Any:
 
 def build_app(parts: Parts) -> web.Application:
     """The app factory: routes from the api modules, one middleware, WebSocket cleanup on shutdown."""
-    from gateway.api import anomalies, history, openapi, things, ws
+    from gateway.api import anomalies, history, nodes, openapi, things, viewer, ws
 
     app = web.Application(middlewares=[middleware], client_max_size=MAX_BODY)
     app[PARTS] = parts
     things.add_routes(app)
     history.add_routes(app)
     anomalies.add_routes(app)
+    nodes.add_routes(app)
     ws.add_routes(app)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/v1/openapi.json", openapi.handler)
+    viewer.add_routes(app, layout, mark=requires(None))
     return app
+
+
+@requires("viewer")
+async def layout(request: web.Request) -> web.Response:
+    """The floor layout of this gateway's line (`layout.json` in the data directory, or an empty one),
+    with the site and line it serves, so the viewer knows where it is."""
+    from gateway.api.viewer import read_layout
+
+    gw = request.app[PARTS].config.gateway
+    doc = await asyncio.to_thread(read_layout, gw.data_dir)
+    return web.json_response({**doc, "site": gw.site, "line": gw.line, "gatewayId": gw.id})
 
 
 @requires(None)

@@ -267,8 +267,11 @@ class OvenModel(EquipmentModel):
 
     def _apply_specific(self, fault: ActiveFault, out: Readings, ramp: float) -> None:
         if fault.kind == "overtemperature":
-            for i, share in enumerate((0.8, 1.0, 0.9)):  # the failed controller heats every zone
-                _bend(out["thermal"], f"temperature_zones[{i}]", _add(fault.magnitude * ramp * share))
+            # The failed controller heats every zone past the setpoint, whatever the line is doing:
+            # an oven kept at standby (night, changeover) overshoots as surely as one in production.
+            for i, share in enumerate((0.8, 1.0, 0.9)):
+                below = max(0.0, self.setpoint - self._zones[i]) if self._zones else 0.0
+                _bend(out["thermal"], f"temperature_zones[{i}]", _add((below + fault.magnitude * share) * ramp))
         elif fault.kind == "phase_imbalance":
             e = out["electrical"]
             volts, amps, pf = e["voltage"], e["current"], e["power_factor"]

@@ -20,7 +20,7 @@ import socket
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,6 +70,8 @@ class FleetOptions:
     ring_size: int = 1000  # unconfirmed messages each node keeps; the oldest is dropped when full
     clock_start: float | None = None  # epoch of the simulated clock at start; None: now
     drain_timeout_s: float = 10.0  # at stop, how long to keep trying to deliver what is unconfirmed
+    # equipment id -> (user name, password) each node was given when provisioned; others use username/password
+    credentials: Mapping[str, tuple[str, str]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         problems = []
@@ -204,8 +206,10 @@ class _Link:
     def __init__(self, options: FleetOptions, stats: FleetStats, client_id: str, window: int, rng: random.Random,
                  *, will: aiomqtt.Will | None = None, subscriptions: tuple[str, ...] = (),
                  on_connect: Callable[[], list[tuple[str, str]]] | None = None,
-                 on_message: Callable[[str, bytes], None] | None = None) -> None:
+                 on_message: Callable[[str, bytes], None] | None = None,
+                 credentials: tuple[str, str] | None = None) -> None:
         self.options = options
+        self.credentials = credentials
         self.stats = stats
         self.client_id = client_id
         self.window = window
@@ -310,7 +314,8 @@ class _Link:
 
     async def _connect_and_send(self) -> None:
         o = self.options
-        client = aiomqtt.Client(o.host, o.port, username=o.username, password=o.password,
+        username, password = self.credentials or (o.username, o.password)
+        client = aiomqtt.Client(o.host, o.port, username=username, password=password,
                                 identifier=self.client_id, will=self.will, keepalive=15, timeout=10,
                                 max_inflight_messages=self.window, max_queued_incoming_messages=1000)
         client.pending_calls_threshold = self.window + 16  # our window is deliberate, not a leak
@@ -606,7 +611,8 @@ class _Fleet:
             link = _Link(options, self.stats, f"sim-{options.site}-{node.equipment_id}", PER_NODE_WINDOW, jitter,
                          will=aiomqtt.Will(will_topic, will_payload, qos=1, retain=True),
                          subscriptions=(f"{node.base}/cmd",),
-                         on_connect=node.on_connect, on_message=node.on_message)
+                         on_connect=node.on_connect, on_message=node.on_message,
+                         credentials=options.credentials.get(node.equipment_id))
             node.attach(link)
             self.links.append(link)
 

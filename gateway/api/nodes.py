@@ -1,0 +1,47 @@
+"""Node provisioning over REST (admin): the nodes discovery has seen, and approving or rejecting them."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.api.app import PARTS, Parts, requires
+from gateway.errors import NotFound
+from gateway.provision import Provisioner, check_node_id
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/api/v1/nodes", list_nodes)
+    app.router.add_post("/api/v1/nodes/{id}/approve", approve)
+    app.router.add_post("/api/v1/nodes/{id}/reject", reject)
+
+
+def _provisioner(parts: Parts) -> Provisioner:
+    if parts.provisioner is None:
+        raise NotFound("node discovery is switched off on this gateway (discovery.enabled = false)")
+    return parts.provisioner
+
+
+@requires("admin")
+async def list_nodes(request: web.Request) -> web.Response:
+    """Every node seen: pending (waiting for approval), approved or rejected."""
+    parts = request.app[PARTS]
+    prov = _provisioner(parts)
+    state = request.query.get("state", "")
+    items = [n.to_json(parts.config.gateway.site) for n in prov.nodes() if not state or n.state == state]
+    return web.json_response({"items": items, "total": len(items)})
+
+
+@requires("admin")
+async def approve(request: web.Request) -> web.Response:
+    """Create the node's Thing and MQTT user, update the broker, hand the credentials to the node."""
+    parts = request.app[PARTS]
+    node = await _provisioner(parts).approve(check_node_id(request.match_info["id"]))
+    return web.json_response(node.to_json(parts.config.gateway.site))
+
+
+@requires("admin")
+async def reject(request: web.Request) -> web.Response:
+    """Refuse the node: no MQTT user (any it had is removed); it stays listed as rejected."""
+    parts = request.app[PARTS]
+    node = await _provisioner(parts).reject(check_node_id(request.match_info["id"]))
+    return web.json_response(node.to_json(parts.config.gateway.site))

@@ -1,0 +1,39 @@
+"""systemd's notify protocol, without a dependency: READY=1 once the gateway serves, STOPPING=1 on the
+way out, and WATCHDOG=1 pings from the event loop, so a hung loop gets the service restarted."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+
+
+def notify(message: str) -> bool:
+    """Send one notification to systemd; False when not started by systemd (no NOTIFY_SOCKET)."""
+    address = os.environ.get("NOTIFY_SOCKET", "")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]  # abstract namespace
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        try:
+            s.sendto(message.encode(), address)
+        except OSError:
+            return False
+    return True
+
+
+def watchdog_interval_s() -> float | None:
+    """Half the watchdog period systemd asked for (WatchdogSec=), or None when there is none."""
+    usec = os.environ.get("WATCHDOG_USEC", "")
+    pid = os.environ.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 2e6
+
+
+async def watchdog_loop(interval_s: float) -> None:
+    """Ping systemd while the event loop runs; if it hangs, the pings stop and systemd restarts us."""
+    while True:
+        notify("WATCHDOG=1")
+        await asyncio.sleep(interval_s)
