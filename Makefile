@@ -19,7 +19,7 @@ test: $(STAMP)
 	$(BIN)/pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check gateway cloud_sync tests bench
+	$(BIN)/ruff check gateway cloud_sync tests bench images
 	$(BIN)/mypy
 
 bench: $(STAMP)
@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/buffer.py
 	$(BIN)/python bench/sync.py
 	$(BIN)/python bench/detect.py
+	$(BIN)/python bench/viewer.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .egiz-demo

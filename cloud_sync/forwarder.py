@@ -1,9 +1,10 @@
 """Forwarder: the gateway side of the uplink — outbox → batches → aggregator, exactly once in effect.
 
 Each batch has the next `batch_seq` and covers a range of outbox ids. The range and number are
-written to the buffer file *before* the batch is sent, so after a crash the same batch is sent again
-under the same number; the aggregator applies each `(gateway_id, batch_seq)` at most once and
-answers a repeat with "duplicate". The cursor moves only after the aggregator confirmed.
+written to the buffer file, in one transaction, *before* the batch is sent, so after a crash the
+same batch is sent again under the same number; the aggregator applies each `(gateway_id,
+batch_seq)` at most once and answers a repeat with "duplicate". The cursor moves only after the
+aggregator confirmed, in one transaction with the batch number.
 
 With `order = "live_first"` and a large backlog the forwarder opens a live window at the head of
 the outbox: new points go first (dashboards stay current) and the old ones backfill behind them,
@@ -292,16 +293,18 @@ class Forwarder:
             raise RetryLater(f"{type(exc).__name__}: {exc}") from None
 
     async def _confirmed(self, plan: Plan) -> None:
-        state: dict[str, float] = {"uplink.batch_seq": plan.seq}
+        """The cursor, the batch number and the live window move in one transaction: a crash between
+        them would send a confirmed range again under a new number, which the aggregator would apply."""
+        cursor, live_from, live = self._buffer.synced_id, self.live_from, self.live
         if plan.live:
-            self.live = plan.hi
-        elif self.live_from and plan.hi >= self.live_from:
-            await self._buffer.confirm_outbox(self.live)  # the gap is closed: one cursor again
-            self.live_from = self.live = 0
+            live = plan.hi
+        elif live_from and plan.hi >= live_from:
+            cursor, live_from, live = live, 0, 0  # the gap is closed: one cursor again
         else:
-            await self._buffer.confirm_outbox(plan.hi)
-        state.update({"uplink.live_from": self.live_from, "uplink.live": self.live})
-        await self._buffer.set_state(state)
+            cursor = plan.hi
+        await self._buffer.confirm_outbox(cursor, {"uplink.batch_seq": plan.seq, "uplink.live_from": live_from,
+                                                   "uplink.live": live})
+        self.live_from, self.live = live_from, live
         self.batch_seq = plan.seq
         self._inflight = None
         await self._report_backlog()

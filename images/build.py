@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,12 +145,14 @@ def build(arch: str, out: Path, *, version: str, step: Step, keep_raw: bool = Fa
     rootfs, wheels = work / "rootfs", work / "wheelhouse"
 
     step(STEPS[0])
-    make_rootfs(rootfs, arch, mirror)
-    step(STEPS[1])
-    try:
-        build_wheelhouse(wheels, arch, PYTHON, extras=())
-    except WheelhouseError as exc:
-        raise ImageError(f"wheelhouse: {exc}") from None
+    with ThreadPoolExecutor(1) as pool:  # the wheels are fetched while mmdebstrap works
+        wheelhouse = pool.submit(build_wheelhouse, wheels, arch, PYTHON, extras=())
+        make_rootfs(rootfs, arch, mirror)
+        step(STEPS[1])
+        try:
+            wheelhouse.result()
+        except WheelhouseError as exc:
+            raise ImageError(f"wheelhouse: {exc}") from None
     step(STEPS[2])
     apply_roles(rootfs, wheels, version)
     step(STEPS[3])

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+import duckdb
 import numpy as np
 import pytest
 
@@ -226,7 +227,10 @@ async def test_outbox_reads_in_order_and_its_cursor_is_durable(tmp_path: Path) -
         assert ids == sorted(ids) and len(set(ids)) == 1000
         key, ttype = buf.series_keys[first.column("series")[0].as_py()]
         assert (key.thing_id, key.path, ttype) == ("s:oven", "temperature", "oven")
-        await buf.confirm_outbox(ids[-1])
+        await buf.confirm_outbox(ids[-1], {"uplink.batch_seq": 7, "uplink.live": 0})
+        # several numbers are one transaction: a failure part-way keeps none of them
+        with pytest.raises(duckdb.Error):
+            await buf.set_state({"uplink.batch_seq": 8, "uplink.live": "not a number"})  # type: ignore[dict-item]
     finally:
         await buf.stop()
     buf = await open_buffer(cfg, uplink=True)
@@ -234,6 +238,7 @@ async def test_outbox_reads_in_order_and_its_cursor_is_durable(tmp_path: Path) -
         rest = await buf.read_outbox(limit=10_000)
         assert rest.num_rows == 1500
         assert rest.column("id")[0].as_py() == ids[-1] + 1
+        assert await buf.get_state("uplink.batch_seq") == 7  # moved with the cursor, not by the failed write
     finally:
         await buf.stop()
 

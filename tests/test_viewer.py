@@ -28,7 +28,8 @@ CHROMIUM = os.environ.get("EGIZ_CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--use-angle=swiftshader", "--enable-unsafe-swiftshader", "--ignore-gpu-blocklist"]
 SHOTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "viewer"
 SITE, LINE, OVEN = "izmir-bakery", "line-a", "izmir-bakery:oven-001"
-FAULT_AT = 30  # seconds after the fleet starts
+FAULT_AT = 30  # seconds after the fleet starts; 60 °C over the setpoint at the end of its 60 s ramp, so the
+# "zone above setpoint + 20" rule fires about 20 s in
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -75,7 +76,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     log = (tmp / "demo.log").open("wb")
     proc = subprocess.Popen([EGIZ, "demo", "--data-dir", str(tmp / "demo"), "--sites", "2", "--lines", "1",
                              "--nodes", "6", "--rate", "2", "--aggregator-port", str(agg_port),
-                             "--http-port", str(http_port), "--faults", f"overtemperature:oven-001@{FAULT_AT}+900"],
+                             "--http-port", str(http_port), "--faults", f"overtemperature:oven-001@{FAULT_AT}+900=60"],
                             stdout=log, stderr=log)
     agg = f"http://127.0.0.1:{agg_port}"
     try:

@@ -338,13 +338,13 @@ class TelemetryBuffer:
                 per_point = max(1.0, (used - self._other_bytes()) / total)
                 deleted, unsent = self.store.drop_oldest(math.ceil(target / per_point), max_id,
                                                          synced_id=self.synced_id if self._uplink else None)
-                if deleted:
-                    self.store.checkpoint()
+                if deleted:  # counted before the checkpoint, which a full disk can fail: the delete stands
                     self._m.buffer_dropped.labels(policy).inc(deleted)
                     self._m.buffer_unsent_dropped.inc(unsent)
                     log.warning("disk budget reached: removed the oldest raw points",
                                 extra={"policy": policy, "points": deleted, "used_bytes": used,
                                        "budget_bytes": int(budget)})
+                    self.store.checkpoint()
                     used = self._used()
         over = bool(budget) and used >= budget
         if over and not self.refusing:
@@ -381,23 +381,23 @@ class TelemetryBuffer:
         lo = self.synced_id if after is None else after
         return await self.read(lambda: self.store.outbox(lo, limit, upto))
 
-    async def confirm_outbox(self, last_id: int) -> None:
-        """The aggregator has every point up to `last_id`: advance the durable cursor."""
-        if last_id <= self.synced_id:
-            return
-        await self._write(lambda: self.store.set_meta(f"outbox.{OUTBOX}", last_id))
-        self.synced_id = last_id
+    async def confirm_outbox(self, last_id: int, state: dict[str, float] | None = None) -> None:
+        """The aggregator has every point up to `last_id`: advance the durable cursor, together with
+        `state` (see `set_state`) in the same transaction."""
+        values = dict(state or {})
+        if last_id > self.synced_id:
+            values[f"outbox.{OUTBOX}"] = last_id
+        await self._write(lambda: self.store.set_metas(values))
+        self.synced_id = max(self.synced_id, last_id)
 
     async def get_state(self, key: str, default: float = 0.0) -> float:
         """A durable number kept in the buffer file (the uplink keeps its batch numbers here)."""
         return await self._write(lambda: self.store.get_meta(key, default))
 
     async def set_state(self, values: dict[str, float]) -> None:
-        def write() -> None:
-            for k, v in values.items():
-                self.store.set_meta(k, v)
-
-        await self._write(write)
+        """Durable numbers, all written in one transaction: after a crash, all of them or none."""
+        values = dict(values)
+        await self._write(lambda: self.store.set_metas(values))
 
     async def oldest_unsent_recv(self) -> float | None:
         after = self.synced_id

@@ -176,6 +176,13 @@ class BufferStore:
     def set_meta(self, key: str, num: float) -> None:
         self.con.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", [key, num])
 
+    def set_metas(self, values: dict[str, float]) -> None:
+        """Several numbers in one statement, so one transaction: a crash keeps all of them or none."""
+        if values:
+            rows = ", ".join("(?, ?)" for _ in values)
+            self.con.execute(f"INSERT OR REPLACE INTO meta VALUES {rows}",
+                             [x for kv in values.items() for x in kv])
+
     def get_meta(self, key: str, default: float = 0.0, cur: duckdb.DuckDBPyConnection | None = None) -> float:
         row = (cur or self.con).execute("SELECT num FROM meta WHERE key = ?", [key]).fetchone()
         return float(row[0]) if row else default
