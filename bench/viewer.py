@@ -11,23 +11,27 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
-from playwright.sync_api import sync_playwright
+from playwright.sync_api import Page, sync_playwright
 
 from gateway.broker import find_free_port
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--use-angle=swiftshader", "--enable-unsafe-swiftshader", "--ignore-gpu-blocklist"]
 EGIZ = str(Path(sys.executable).with_name("egiz"))
+VIEWER = Path(__file__).resolve().parent.parent / "viewer"
 
 
 def emit(figure: str, value: float, unit: str, target: str, **extra: object) -> None:
@@ -40,6 +44,40 @@ def main() -> None:
     ap.add_argument("--hz", type=float, default=10)
     ap.add_argument("--seconds", type=float, default=10)
     args = ap.parse_args()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 720})
+        frames(page, args.machines, args.hz, args.seconds)
+        ws_delays(page, args.seconds)
+        browser.close()
+
+
+class QuietFiles(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def frames(page: Page, machines: int, hz: float, seconds: float) -> None:
+    """The 3D view alone: its page served as static files, nothing else busy on this machine."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietFiles, directory=str(VIEWER)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        page.goto(f"http://127.0.0.1:{server.server_address[1]}/bench.html?machines={machines}&hz={hz}")
+        page.wait_for_function("window.bench && window.bench.stats().frames > 10", timeout=60000)
+        page.wait_for_timeout(2000)  # warm-up
+        a = page.evaluate("window.bench.stats()")
+        t0 = time.perf_counter()
+        page.wait_for_timeout(seconds * 1000)
+        b = page.evaluate("window.bench.stats()")
+        el = time.perf_counter() - t0
+    finally:
+        server.shutdown()
+    emit("viewer_3d_fps", (b["rendered"] - a["rendered"]) / el, "frames/s", ">= 55", machines=machines,
+         update_hz=hz, draw_calls=b.get("drawCalls"), updates_per_s=round((b["updates"] - a["updates"]) / el))
+
+
+def ws_delays(page: Page, seconds: float) -> None:
+    """A running demo's events, from the aggregator's WebSocket to the line view's scene."""
     with tempfile.TemporaryDirectory(prefix="egiz-bench-") as tmp:
         agg, http = find_free_port(), find_free_port()
         demo = subprocess.Popen([EGIZ, "demo", "--data-dir", f"{tmp}/demo", "--sites", "1", "--lines", "1",
@@ -55,33 +93,17 @@ def main() -> None:
                 except OSError:
                     pass
                 time.sleep(0.1)
-            with sync_playwright() as p:
-                browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-                page = browser.new_page(viewport={"width": 1280, "height": 720})
-                page.goto(f"{base}/viewer/bench.html?machines={args.machines}&hz={args.hz}")
-                page.wait_for_function("window.bench && window.bench.stats().frames > 10", timeout=60000)
-                page.wait_for_timeout(2000)  # warm-up
-                a = page.evaluate("window.bench.stats()")
-                t0 = time.perf_counter()
-                page.wait_for_timeout(args.seconds * 1000)
-                b = page.evaluate("window.bench.stats()")
-                el = time.perf_counter() - t0
-                emit("viewer_3d_fps", (b["rendered"] - a["rendered"]) / el, "frames/s", ">= 55", machines=args.machines,
-                     update_hz=args.hz, draw_calls=b.get("drawCalls"),
-                     updates_per_s=round((b["updates"] - a["updates"]) / el))
-                page.goto(f"{base}/viewer/#/line/izmir-bakery/line-a")
-                page.wait_for_selector("#machine-states li", state="attached", timeout=30000)
-                page.wait_for_timeout(args.seconds * 1000)
-                delays = np.array(page.evaluate("window.egiz.live.delays"), dtype=float)
+            page.goto(f"{base}/viewer/#/line/izmir-bakery/line-a")
+            page.wait_for_selector("#machine-states li", state="attached", timeout=30000)
+            page.wait_for_timeout(seconds * 1000)
+            delays = np.array(page.evaluate("window.egiz.live.delays"), dtype=float)
+            for q in (50, 99):
                 if len(delays):
-                    for q in (50, 99):
-                        emit(f"ws_event_to_scene_p{q}", float(np.percentile(delays, q)), "ms", "reference",
-                             samples=len(delays))
-                browser.close()
+                    emit(f"ws_event_to_scene_p{q}", float(np.percentile(delays, q)), "ms", "reference",
+                         samples=len(delays))
         finally:
             demo.send_signal(signal.SIGTERM)
             demo.wait(30)
-
 
 if __name__ == "__main__":
     main()
