@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from cloud_sync.config import AggregatorConfig, GatewayToken
 from cloud_sync.store import AggregatorStore, StoreError
 from cloud_sync.wire import ANOMALY_STATES, Batch, WireError, decode
-from gateway import __version__
+from gateway import __version__, systemd
 from gateway.api import viewer
 from gateway.api.app import int_param
 from gateway.api.auth import Authenticator, role_allows
@@ -119,13 +119,15 @@ class Aggregator:
         log.info("aggregator stopped")
 
     async def run_until_signalled(self) -> None:
+        """Run until SIGTERM or SIGINT (telling systemd when it serves and that it is alive), then stop."""
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await self.start()
         try:
-            await stop.wait()
+            async with systemd.serving():
+                await stop.wait()
         finally:
             await self.stop()
 

@@ -146,14 +146,9 @@ class GatewayService:
         except BaseException:
             await self.stop()  # undo what did start (broker session, files) before reporting
             raise
-        systemd.notify("READY=1")
-        interval = systemd.watchdog_interval_s()
-        pinger = asyncio.create_task(systemd.watchdog_loop(interval)) if interval else None
         try:
-            await stop.wait()
+            async with systemd.serving():
+                await stop.wait()
+                log.info("shutting down")
         finally:
-            log.info("shutting down")
-            systemd.notify("STOPPING=1")
-            if pinger is not None:
-                pinger.cancel()
             await self.stop()

@@ -1,11 +1,14 @@
-"""systemd's notify protocol, without a dependency: READY=1 once the gateway serves, STOPPING=1 on the
-way out, and WATCHDOG=1 pings from the event loop, so a hung loop gets the service restarted."""
+"""systemd's notify protocol, without a dependency: READY=1 once a service (gateway or aggregator)
+serves, STOPPING=1 on the way out, and WATCHDOG=1 pings from the event loop, so a hung loop gets the
+service restarted."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
+from collections.abc import AsyncIterator
 
 
 def notify(message: str) -> bool:
@@ -37,3 +40,17 @@ async def watchdog_loop(interval_s: float) -> None:
     while True:
         notify("WATCHDOG=1")
         await asyncio.sleep(interval_s)
+
+
+@contextlib.asynccontextmanager
+async def serving() -> AsyncIterator[None]:
+    """READY=1 on entry, watchdog pings (when systemd asked for them) inside, STOPPING=1 on the way out."""
+    notify("READY=1")
+    interval = watchdog_interval_s()
+    pinger = asyncio.create_task(watchdog_loop(interval)) if interval else None
+    try:
+        yield
+    finally:
+        notify("STOPPING=1")
+        if pinger is not None:
+            pinger.cancel()

@@ -1,5 +1,5 @@
-"""`egiz gateway run` as a real process: starts, serves, tells systemd it is ready and alive, and stops
-gracefully on SIGTERM."""
+"""`egiz gateway run` and `egiz aggregator run` as real processes: they start, serve, tell systemd they
+are ready and alive, and stop gracefully on SIGTERM."""
 
 from __future__ import annotations
 
@@ -18,6 +18,45 @@ import aiomqtt
 
 from gateway.broker import find_free_port
 from tests.conftest import ADMIN_KEY, auth, unique_site
+
+EGIZ = str(Path(sys.executable).with_name("egiz"))
+
+
+class SystemdNotify:
+    """systemd's notify socket, as a unit with Type=notify and WatchdogSec= provides it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.setblocking(False)
+        self.notes: list[str] = []
+
+    def env(self, watchdog_usec: int = 200_000) -> dict[str, str]:
+        return {**os.environ, "NOTIFY_SOCKET": str(self.path), "WATCHDOG_USEC": str(watchdog_usec)}
+
+    def received(self) -> list[str]:
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                self.notes.append(self.sock.recv(256).decode())
+        return self.notes
+
+    def close(self) -> None:
+        self.received()
+        self.sock.close()
+
+
+async def until_ready(http: aiohttp.ClientSession, url: str, what: str) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            async with http.get(url + "/ready") as r:
+                if r.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        assert time.monotonic() < deadline, f"the {what} never became ready"
+        await asyncio.sleep(0.05)
 
 
 async def test_gateway_process_serves_and_stops_on_sigterm(mosquitto, tmp_path: Path) -> None:
@@ -40,35 +79,14 @@ api_keys = [{{ key = "{ADMIN_KEY}", role = "admin" }}]
 [ingest]
 auto_register = true
 """)
-    # systemd's notify socket, as a unit with Type=notify and WatchdogSec= would provide it
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(str(tmp_path / "notify.sock"))
-    notify.setblocking(False)
-    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "200000"}
+    notify = SystemdNotify(tmp_path / "notify.sock")
     proc = await asyncio.create_subprocess_exec(
-        str(Path(sys.executable).with_name("egiz")), "gateway", "run", "--config", str(cfg),
-        "--http-port", str(port), stderr=asyncio.subprocess.PIPE, env=env)
+        EGIZ, "gateway", "run", "--config", str(cfg), "--http-port", str(port), stderr=asyncio.subprocess.PIPE,
+        env=notify.env())
     url = f"http://127.0.0.1:{port}"
-    notes: list[str] = []
-
-    def received() -> list[str]:
-        with contextlib.suppress(BlockingIOError):
-            while True:
-                notes.append(notify.recv(256).decode())
-        return notes
-
     try:
         async with aiohttp.ClientSession() as http:
-            deadline = time.monotonic() + 15
-            while True:
-                try:
-                    async with http.get(url + "/ready") as r:
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                assert time.monotonic() < deadline, "gateway never became ready"
-                await asyncio.sleep(0.05)
+            await until_ready(http, url, "gateway")
             async with aiomqtt.Client(*mosquitto) as client:
                 await client.publish(f"openegiz/{site}/oven/oven-001/thermal/telemetry", json.dumps(
                     {"ts": time.time(), "seq": 1, "boot": "b", "properties": {"setpoint": 185.0}}), qos=1)
@@ -79,19 +97,48 @@ auto_register = true
                 await asyncio.sleep(0.05)
             assert r.status == 200
             await asyncio.sleep(0.5)
-            assert received()[0] == "READY=1", notes
-            assert received().count("WATCHDOG=1") >= 3, notes  # every 0.1 s, half the watchdog period
+            assert notify.received()[0] == "READY=1", notify.notes
+            assert notify.received().count("WATCHDOG=1") >= 3, notify.notes  # every 0.1 s, half the period
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = await asyncio.wait_for(proc.communicate(), 20)
-        received()
         notify.close()
     assert proc.returncode == 0, err.decode()[-2000:]
-    assert "STOPPING=1" in notes
+    assert notify.notes[-1] == "STOPPING=1"
     lines = [json.loads(line) for line in err.decode().splitlines() if line.startswith("{")]
     assert [x["msg"] for x in lines][-1] == "gateway stopped"  # structured logs, graceful end
     assert ADMIN_KEY not in err.decode()  # no secrets in logs
     assert (tmp_path / "data" / "registry.sqlite").exists()
+
+
+async def test_aggregator_process_tells_systemd_it_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
+    port = find_free_port()
+    cfg = tmp_path / "aggregator.toml"
+    cfg.write_text(f"""
+[aggregator]
+data_dir = "{tmp_path / 'aggregator'}"
+[http]
+host = "127.0.0.1"
+port = {port}
+[auth]
+api_keys = [{{ key = "{ADMIN_KEY}", role = "admin" }}]
+""")
+    notify = SystemdNotify(tmp_path / "notify.sock")
+    proc = await asyncio.create_subprocess_exec(EGIZ, "aggregator", "run", "--config", str(cfg),
+                                                stderr=asyncio.subprocess.PIPE, env=notify.env())
+    try:
+        async with aiohttp.ClientSession() as http:
+            await until_ready(http, f"http://127.0.0.1:{port}", "aggregator")
+        await asyncio.sleep(0.5)
+        assert notify.received()[0] == "READY=1", notify.notes
+        assert notify.received().count("WATCHDOG=1") >= 3, notify.notes
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 20)
+        notify.close()
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert notify.notes[-1] == "STOPPING=1"
+    assert ADMIN_KEY not in err.decode()
 
 
 async def test_port_in_use_is_one_line_and_exit_1(mosquitto, tmp_path: Path) -> None:
@@ -112,9 +159,8 @@ port = {port}
 [auth]
 open = true
 """)
-        proc = await asyncio.create_subprocess_exec(
-            str(Path(sys.executable).with_name("egiz")), "gateway", "run", "--config", str(cfg),
-            stderr=asyncio.subprocess.PIPE)
+        proc = await asyncio.create_subprocess_exec(EGIZ, "gateway", "run", "--config", str(cfg),
+                                                    stderr=asyncio.subprocess.PIPE)
         _, err = await asyncio.wait_for(proc.communicate(), 20)
     assert proc.returncode == 1
     assert "egiz: cannot start the gateway" in err.decode()
