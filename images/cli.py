@@ -12,7 +12,7 @@ image_app = typer.Typer(help="Build the gateway's SD-card image.", no_args_is_he
 
 @image_app.command("build")
 def image_build(
-    arch: Annotated[str, typer.Option(help="arm64 (Raspberry Pi 4) or amd64 (PCs, virtual machines)")] = "arm64",
+    arch: Annotated[str, typer.Option(help="arm64 (Raspberry Pi 3, 4, 400, CM4) or amd64 (PCs, VMs)")] = "arm64",
     out: Annotated[Path, typer.Option(help="where the image, its SHA-256 and its manifest go")] = Path("dist/image"),
     keep_raw: Annotated[bool, typer.Option(help="also keep the uncompressed .img")] = False,
     mirror: Annotated[str, typer.Option(help="Debian mirror")] = "http://deb.debian.org/debian",
