@@ -18,6 +18,7 @@ import aiomqtt
 
 from gateway.broker import find_free_port
 from tests.conftest import ADMIN_KEY, auth, unique_site
+from tests.test_sync_chaos import aggregator_toml
 
 EGIZ = str(Path(sys.executable).with_name("egiz"))
 
@@ -113,16 +114,7 @@ auto_register = true
 
 async def test_aggregator_process_tells_systemd_it_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
     port = find_free_port()
-    cfg = tmp_path / "aggregator.toml"
-    cfg.write_text(f"""
-[aggregator]
-data_dir = "{tmp_path / 'aggregator'}"
-[http]
-host = "127.0.0.1"
-port = {port}
-[auth]
-api_keys = [{{ key = "{ADMIN_KEY}", role = "admin" }}]
-""")
+    cfg = aggregator_toml(tmp_path, port, unique_site())
     notify = SystemdNotify(tmp_path / "notify.sock")
     proc = await asyncio.create_subprocess_exec(EGIZ, "aggregator", "run", "--config", str(cfg),
                                                 stderr=asyncio.subprocess.PIPE, env=notify.env())

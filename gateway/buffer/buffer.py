@@ -387,7 +387,8 @@ class TelemetryBuffer:
         values = dict(state or {})
         if last_id > self.synced_id:
             values[f"outbox.{OUTBOX}"] = last_id
-        await self._write(lambda: self.store.set_metas(values))
+        if values:
+            await self._write(lambda: self.store.set_metas(values))
         self.synced_id = max(self.synced_id, last_id)
 
     async def get_state(self, key: str, default: float = 0.0) -> float:
