@@ -24,9 +24,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gateway.buffer.buffer import TelemetryBuffer
-from gateway.buffer.history import HistoryQuery, run_query
+from gateway.common.history import HistoryQuery, run_query
+from gateway.common.readings import Sample
 from gateway.config import GatewayConfig, load_config
-from gateway.ingest.payload import Sample
 from gateway.metrics import GatewayMetrics
 
 DAY = 86_400
@@ -87,7 +87,7 @@ async def main(series: int, quick: bool) -> None:
             times, body = [], ""
             for _ in range(runs):
                 t = time.perf_counter()
-                body, _ct = run_query(buf, q)
+                body, _ct = run_query(buf, buf.store, q)
                 times.append((time.perf_counter() - t) * 1000)
             doc = json.loads(body)
             n = sum(len(s["points"]["t"]) for s in doc["series"])

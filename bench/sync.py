@@ -27,14 +27,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cloud_sync.aggregator import Aggregator
 from cloud_sync.config import load_aggregator_config
-from cloud_sync.forwarder import Forwarder
-from cloud_sync.wire import POINTS, Batch, encode
 from gateway.buffer.buffer import TelemetryBuffer
 from gateway.bus import EventBus
+from gateway.common.readings import Sample
+from gateway.common.wire import POINTS, Batch, encode
 from gateway.config import GatewayConfig, load_config
-from gateway.ingest.payload import Sample
 from gateway.metrics import GatewayMetrics
 from gateway.twin.registry import TwinRegistry
+from gateway.uplink.forwarder import Forwarder
 
 TOKEN = "bench-gateway-token-000000"
 KEY = "bench-admin-key-00000000000"

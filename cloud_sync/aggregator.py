@@ -26,14 +26,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from cloud_sync.config import AggregatorConfig, GatewayToken
 from cloud_sync.store import AggregatorStore, StoreError
-from cloud_sync.wire import ANOMALY_STATES, Batch, WireError, decode
-from gateway import __version__, systemd
-from gateway.api import viewer
-from gateway.api.app import int_param
-from gateway.api.auth import Authenticator, role_allows
-from gateway.buffer.history import HistoryQuery, parse_resolution, parse_time, run_query
+from gateway import __version__
+from gateway.common import systemd, viewer
+from gateway.common.auth import Authenticator, role_allows
+from gateway.common.errors import Invalid, NotFound
+from gateway.common.history import parse_history_request, run_query
+from gateway.common.http import error_body, error_middleware, int_param, parse_json, read_json, requires
+from gateway.common.wire import ANOMALY_STATES, Batch, WireError, decode
 from gateway.detect.models import ModelRegistry, file_sha256
-from gateway.errors import Invalid, NotFound
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -51,6 +51,14 @@ class AggregatorMetrics:
         self.gateways = Gauge("egiz_aggregator_gateways", "Gateways known", registry=r)
         self.auth_failures = Counter("egiz_aggregator_auth_failures_total", "Refused requests", ["status"],
                                      registry=r)
+        self.http_requests = Counter("egiz_aggregator_http_requests_total", "HTTP requests", ["method", "status"],
+                                     registry=r)
+
+    def refused(self, status: int) -> None:
+        self.auth_failures.labels(str(status)).inc()
+
+    def observed(self, method: str, status: int, seconds: float) -> None:
+        self.http_requests.labels(method, str(status)).inc()
 
 
 def make_store(cfg: AggregatorConfig) -> AggregatorStore:
@@ -156,59 +164,34 @@ class Aggregator:
 
     # ----------------------------------------------------------------- app
     def _build_app(self) -> web.Application:
-        app = web.Application(middlewares=[self._middleware],
-                              client_max_size=int(self.config.aggregator.max_batch_mb * 2**20))
-        r = app.router
-        r.add_post("/api/v1/ingest/batches", self.ingest)
-        r.add_get("/api/v1/ingest/actions", self.pending_actions)
-        r.add_get("/api/v1/sites", self.sites)
-        r.add_get("/api/v1/gateways", self.list_gateways)
-        r.add_get("/api/v1/things", self.list_things)
-        r.add_get("/api/v1/things/{id}", self.get_thing)
-        r.add_get("/api/v1/things/{id}/history", self.history)
-        r.add_get("/api/v1/critical", self.critical)
-        r.add_get("/api/v1/models", self.list_models)
-        r.add_get("/api/v1/models/active", self.active_models)
-        r.add_get("/api/v1/models/{type}/{version}/{file}", self.model_file)
-        r.add_get("/api/v1/anomalies", self.list_anomalies)
-        r.add_get("/api/v1/anomalies/{id}", self.get_anomaly)
-        r.add_post("/api/v1/anomalies/{id}/ack", self.anomaly_action)
-        r.add_post("/api/v1/anomalies/{id}/resolve", self.anomaly_action)
-        r.add_get("/api/v1/ws", self.websocket)
-        r.add_get("/health", self.health)
-        r.add_get("/ready", self.ready)
-        r.add_get("/metrics", self.prometheus)
-        viewer.add_routes(app, self.layout)
+        """Routes with the least role each needs; `None`: the handler checks a gateway token itself."""
+        mw = error_middleware(self.auth, self.metrics, service="aggregator")
+        app = web.Application(middlewares=[mw], client_max_size=int(self.config.aggregator.max_batch_mb * 2**20))
+        routes: list[tuple[str, str, Any, str | None]] = [
+            ("POST", "/api/v1/ingest/batches", self.ingest, None),
+            ("GET", "/api/v1/ingest/actions", self.pending_actions, None),
+            ("GET", "/api/v1/sites", self.sites, "viewer"),
+            ("GET", "/api/v1/gateways", self.list_gateways, "viewer"),
+            ("GET", "/api/v1/things", self.list_things, "viewer"),
+            ("GET", "/api/v1/things/{id}", self.get_thing, "viewer"),
+            ("GET", "/api/v1/things/{id}/history", self.history, "viewer"),
+            ("GET", "/api/v1/critical", self.critical, "viewer"),
+            ("GET", "/api/v1/models", self.list_models, "viewer"),
+            ("GET", "/api/v1/models/active", self.active_models, None),
+            ("GET", "/api/v1/models/{type}/{version}/{file}", self.model_file, None),
+            ("GET", "/api/v1/anomalies", self.list_anomalies, "viewer"),
+            ("GET", "/api/v1/anomalies/{id}", self.get_anomaly, "viewer"),
+            ("POST", "/api/v1/anomalies/{id}/ack", self.anomaly_action, "operator"),
+            ("POST", "/api/v1/anomalies/{id}/resolve", self.anomaly_action, "operator"),
+            ("GET", "/api/v1/ws", self.websocket, "viewer"),
+            ("GET", "/health", self.health, None),
+            ("GET", "/ready", self.ready, None),
+            ("GET", "/metrics", self.prometheus, None),
+        ]
+        for method, path, handler, role in routes:
+            app.router.add_route(method, path, requires(role)(handler))
+        viewer.add_routes(app, requires("viewer")(self.layout), mark=requires(None))
         return app
-
-    PUBLIC = frozenset({"/health", "/ready", "/metrics", "/api/v1/ingest/batches", "/api/v1/ingest/actions",
-                        "/api/v1/models/active"})  # these check a gateway token (or an API key) themselves
-
-    @web.middleware
-    async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        try:
-            if request.path not in self.PUBLIC and not _model_file(request.path) and not _viewer_file(request.path):
-                role = self.auth.role_for(request, allow_query_token=request.path == "/api/v1/ws")
-                if role is None:
-                    self.metrics.auth_failures.labels("401").inc()
-                    return _error(401, "unauthorized", "a valid Bearer API key is required")
-                need = "operator" if request.method == "POST" else "viewer"
-                if not role_allows(role, need):
-                    self.metrics.auth_failures.labels("403").inc()
-                    return _error(403, "forbidden", f"this needs the {need} role; the key has {role}")
-            resp: web.StreamResponse = await handler(request)
-            return resp
-        except web.HTTPException as exc:
-            if exc.status >= 400:
-                return _error(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
-            raise
-        except Invalid as exc:
-            return _error(400, "invalid", exc.detail)
-        except NotFound as exc:
-            return _error(404, "not_found", exc.detail)
-        except Exception:
-            log.exception("unhandled error", extra={"path": request.path})
-            return _error(500, "internal", "the aggregator hit an unexpected error; it is logged")
 
     def _gateway_for(self, request: web.Request) -> GatewayToken | None:
         header = request.headers.get("Authorization", "")
@@ -221,11 +204,11 @@ class Aggregator:
         """One batch from one gateway: applied once, in order, whole."""
         gw = self._gateway_for(request)
         if gw is None:
-            self.metrics.auth_failures.labels("401").inc()
-            return _error(401, "unauthorized", "a valid gateway token is required")
+            self.metrics.refused(401)
+            return error_body(401, "unauthorized", "a valid gateway token is required")
         if self._ingest_slots.locked():
             self.metrics.batches.labels("busy").inc()
-            return _error(503, "busy", "too many batches at once; retry", headers={"Retry-After": "1"})
+            return error_body(503, "busy", "too many batches at once; retry", headers={"Retry-After": "1"})
         async with self._ingest_slots:
             body = await request.read()
             self.metrics.bytes.inc(len(body))
@@ -233,26 +216,26 @@ class Aggregator:
                 batch: Batch = await self.read(decode, body)
             except WireError as exc:
                 self.metrics.batches.labels(f"refused_{exc.reason}").inc()
-                return _error(400, exc.reason, exc.detail)
+                return error_body(400, exc.reason, exc.detail)
             problem = _foreign(batch, gw)
             if problem:
                 self.metrics.batches.labels("refused_forbidden").inc()
-                self.metrics.auth_failures.labels("403").inc()
+                self.metrics.refused(403)
                 log.warning("a gateway tried to write what is not its own",
                             extra={"token_of": gw.gateway, "detail": problem})
-                return _error(403, "forbidden", problem)
+                return error_body(403, "forbidden", problem)
             start = time.perf_counter()
             try:
                 result = await self.write(self.store.apply, batch, time.time())
             except StoreError as exc:
                 self.metrics.batches.labels("store_error").inc()
                 log.error("could not store a batch; the gateway will retry", extra={"error": str(exc)[:300]})
-                return _error(503, "store_unavailable", "the batch was not stored; retry",
+                return error_body(503, "store_unavailable", "the batch was not stored; retry",
                               headers={"Retry-After": "2"})
             self.metrics.apply_seconds.observe(time.perf_counter() - start)
         self.metrics.batches.labels(result.status).inc()
         if result.status == "out_of_order":
-            return _error(409, "out_of_order", f"expected batch {result.expected}", expected=result.expected)
+            return error_body(409, "out_of_order", f"expected batch {result.expected}", expected=result.expected)
         self.metrics.points.inc(result.points)
         if result.status == "applied" and (batch.anomalies or batch.things):
             sent = round(time.time() * 1000, 1)  # lets a viewer measure how long an event took to reach it
@@ -272,8 +255,8 @@ class Aggregator:
         """Operators' actions waiting for the calling gateway (gateway token), for a gateway with nothing to send."""
         gw = self._gateway_for(request)
         if gw is None:
-            self.metrics.auth_failures.labels("401").inc()
-            return _error(401, "unauthorized", "a valid gateway token is required")
+            self.metrics.refused(401)
+            return error_body(401, "unauthorized", "a valid gateway token is required")
         return web.json_response({"actions": await self.write(self.store.actions_for, gw.gateway)})
 
     async def _broadcast(self, events: list[dict[str, Any]], line: str | None = None) -> None:
@@ -346,21 +329,18 @@ class Aggregator:
     async def history(self, request: web.Request) -> web.Response:
         """History across sites, in the gateway's format (docs/api.md, 'History')."""
         thing_id = request.match_info["id"]
-        q = request.query
-        end = parse_time(q["to"], "to") if q.get("to") else time.time()
-        start = parse_time(q["from"], "from") if q.get("from") else end - 3600
-        if not start < end:
-            raise Invalid("from must be before to")
-        fmt = q.get("format", "json")
-        if fmt not in ("json", "csv"):
-            raise Invalid("format must be json or csv")
-        known = {"from", "to", "feature", "property", "resolution", "format"}
-        context = tuple(sorted((k, v) for k, v in q.items() if k not in known))
-        query = HistoryQuery(thing_id, start, end, q.get("feature") or None, q.get("property") or None,
-                             parse_resolution(q.get("resolution", "auto")), context, fmt)
-        if not self.store.series_of(thing_id):
-            raise NotFound(f"no history for {thing_id!r}")
-        body, content_type = await self.read(run_query, self.store, query)
+        params, now = dict(request.query), time.time()
+
+        def answer() -> tuple[str, str]:  # on a reader thread: every store call blocks
+            store = self.store
+            series = store.series_of(thing_id)
+            if not series:
+                raise NotFound(f"no history for {thing_id!r}", thing_id=thing_id)
+            # context filters: the text properties this Thing has (the gateways' buffer.context_keys)
+            context_keys = {store.series_keys[s][0].path for s in series if s not in store.numeric_series}
+            return run_query(store, store, parse_history_request(thing_id, params, context_keys, now))
+
+        body, content_type = await self.read(answer)
         return web.Response(text=body, content_type=content_type)
 
     async def critical(self, request: web.Request) -> web.Response:
@@ -398,7 +378,7 @@ class Aggregator:
     async def active_models(self, request: web.Request) -> web.Response:
         """What gateways fetch: the active version of each type and each file's SHA-256."""
         if not self._gateway_or_viewer(request):
-            return _error(401, "unauthorized", "a gateway token or an API key is required")
+            return error_body(401, "unauthorized", "a gateway token or an API key is required")
         out: dict[str, Any] = {}
         for tt in self.models.types():
             version = self.models.active_version(tt)
@@ -415,7 +395,7 @@ class Aggregator:
 
     async def model_file(self, request: web.Request) -> web.StreamResponse:
         if not self._gateway_or_viewer(request):
-            return _error(401, "unauthorized", "a gateway token or an API key is required")
+            return error_body(401, "unauthorized", "a gateway token or an API key is required")
         m = request.match_info
         if not (_SAFE_NAME.fullmatch(m["type"]) and _SAFE_NAME.fullmatch(m["version"]) and m["file"] in MODEL_FILES):
             raise NotFound("no such model file")
@@ -458,12 +438,7 @@ class Aggregator:
         with its next batch (202); the anomaly shows the action as `pending` until then."""
         anomaly_id = request.match_info["id"]
         action = "ack" if request.path.endswith("/ack") else "resolve"
-        body: Any = {}
-        if request.can_read_body:
-            try:
-                body = json.loads(await request.text())
-            except ValueError:
-                raise Invalid("the body is not valid JSON") from None
+        body = await read_json(request, empty={})
         if not isinstance(body, dict) or set(body) - {"note", "falsePositive"} \
                 or not isinstance(body.get("note", ""), str) or not isinstance(body.get("falsePositive", False), bool):
             raise Invalid('the body may hold "note" (string) and "falsePositive" (bool) only')
@@ -471,7 +446,7 @@ class Aggregator:
         if doc is None:
             raise NotFound(f"no anomaly {anomaly_id!r}")
         if doc["state"] == "resolved":
-            return _error(409, "anomaly_state", f"anomaly {anomaly_id} is already resolved")
+            return error_body(409, "anomaly_state", f"anomaly {anomaly_id} is already resolved")
         await self.write(self.store.add_action, doc["gatewayId"], anomaly_id, action, {
             "anomalyId": anomaly_id, "action": action, "by": self.auth.caller(request),
             "note": body.get("note", "")[:2000], "falsePositive": bool(body.get("falsePositive", False))})
@@ -500,8 +475,8 @@ class Aggregator:
 
     async def _ws_command(self, ws: web.WebSocketResponse, text: str) -> None:
         try:
-            cmd = json.loads(text)
-        except ValueError:
+            cmd = parse_json(text, "the message")
+        except Invalid:
             cmd = None
         lines = cmd.get("lines") if isinstance(cmd, dict) else None
         if not (isinstance(cmd, dict) and cmd.get("action") in ("subscribe", "unsubscribe") and isinstance(lines, list)
@@ -536,15 +511,6 @@ MODEL_FILES = ("model.json", "autoencoder.onnx", "isolation_forest.onnx")
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 
 
-def _viewer_file(path: str) -> bool:
-    return path == "/" or path.startswith("/viewer/")
-
-
-def _model_file(path: str) -> bool:
-    parts = path.split("/")
-    return len(parts) == 7 and path.startswith("/api/v1/models/") and parts[6] in MODEL_FILES
-
-
 def _foreign(batch: Batch, gw: GatewayToken) -> str:
     """Why a batch is not this gateway's to write, or "" when it is."""
     if batch.gateway_id != gw.gateway:
@@ -558,8 +524,5 @@ def _foreign(batch: Batch, gw: GatewayToken) -> str:
     return f"Thing {bad[:80]!r} is not of site {gw.site}" if bad else ""
 
 
-def _error(status: int, error: str, detail: str, headers: dict[str, str] | None = None,
-           **extra: Any) -> web.Response:
-    return web.json_response({"error": error, "detail": detail, **extra}, status=status, headers=headers)
 
 

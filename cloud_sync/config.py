@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from gateway.config import ApiKey, HttpSection, LogSection, load_config
+from gateway.common.names import SITE_RE as NAME_RE
+from gateway.common.settings import ApiKey, HttpSection, LogSection, load_config
 
-NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 GATEWAY_SECTIONS = frozenset({"gateway", "mqtt", "ingest", "twin", "ws", "buffer", "uplink"})
 
 

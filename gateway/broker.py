@@ -32,7 +32,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Literal, Self
 
-from gateway.errors import EgizError
+from gateway.common.errors import EgizError
 
 log = logging.getLogger(__name__)
 

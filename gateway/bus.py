@@ -13,15 +13,11 @@ import json
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
+from gateway.common.timefmt import iso_utc
+
 log = logging.getLogger(__name__)
-
-
-def iso_utc(ts: float) -> str:
-    """ISO 8601 UTC with milliseconds, the timestamp format of every API."""
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class Matchable(Protocol):

@@ -14,8 +14,8 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
+from gateway.common.errors import ConfigError
 from gateway.config import AGGREGATOR_SECTIONS, GatewayConfig, load_config
-from gateway.errors import ConfigError
 from images.cli import image_app
 
 app = typer.Typer(help="OpenEgiz Edge: digital twins for food production lines.", no_args_is_help=True,
@@ -54,7 +54,7 @@ def gateway_run(
         "http.port": http_port, "mqtt.host": mqtt_host, "mqtt.port": mqtt_port,
         "gateway.data_dir": str(data_dir) if data_dir else None,
     })
-    from gateway.logs import setup_logging
+    from gateway.common.logs import setup_logging
     from gateway.service import GatewayService
 
     setup_logging(cfg.log.level, cfg.log.format)
@@ -113,7 +113,7 @@ def aggregator_run(
     cfg = load_aggregator(config, {"http.port": http_port,
                                    "aggregator.data_dir": str(data_dir) if data_dir else None})
     from cloud_sync.aggregator import Aggregator
-    from gateway.logs import setup_logging
+    from gateway.common.logs import setup_logging
 
     setup_logging(cfg.log.level, cfg.log.format)
     try:
@@ -151,8 +151,8 @@ ModelsDirOpt = Annotated[Path | None, typer.Option(help="model registry (default
 def _times(start: str | None, end: str | None, default_span_s: float) -> tuple[float, float]:
     import time
 
-    from gateway.buffer.history import parse_time
-    from gateway.errors import Invalid
+    from gateway.common.errors import Invalid
+    from gateway.common.history import parse_time
 
     try:
         b = parse_time(end, "--to") if end else time.time()
@@ -375,9 +375,9 @@ def _sim_into(into: Path, opts: Any, start: str | None) -> None:
 
     from rich.progress import Progress
 
-    from gateway.buffer.history import parse_time
+    from gateway.common.errors import Invalid
+    from gateway.common.history import parse_time
     from gateway.detect.offline import simulate_into
-    from gateway.errors import Invalid
 
     if opts.duration_s is None:
         fail("--into needs --duration (seconds of history to write)")
@@ -504,8 +504,8 @@ def demo(
     duration: Annotated[float | None, typer.Option(min=1, help="stop after this many seconds")] = None,
 ) -> None:
     """Run two sites x two lines (broker, gateway, simulated fleet each) and an aggregator; print the URLs."""
+    from gateway.common.logs import setup_logging
     from gateway.demo import DemoOptions, run_demo
-    from gateway.logs import setup_logging
 
     setup_logging("warning", "text")
     base = DemoOptions()

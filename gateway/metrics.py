@@ -97,5 +97,12 @@ class GatewayMetrics:
         )
         self.auth_failures = Counter("egiz_auth_failures_total", "Requests refused by auth", ["status"], registry=r)
 
+    def refused(self, status: int) -> None:
+        self.auth_failures.labels(str(status)).inc()
+
+    def observed(self, method: str, status: int, seconds: float) -> None:
+        self.http_requests.labels(method, str(status)).inc()
+        self.http_latency.observe(seconds)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

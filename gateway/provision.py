@@ -26,14 +26,15 @@ from typing import Any
 import aiohttp
 
 from gateway.broker import hash_password
+from gateway.common.errors import Conflict, EgizError, Invalid, NotFound
+from gateway.common.names import TYPE_RE
+from gateway.common.timefmt import iso_seconds
 from gateway.config import GatewayConfig
-from gateway.errors import Conflict, EgizError, Invalid, NotFound
 from gateway.twin.registry import TwinRegistry
 
 log = logging.getLogger(__name__)
 
 NODE_ID_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}\Z")  # an equipment id: a topic level and part of a user name
-TYPE_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}\Z")
 STATES = ("pending", "approved", "rejected")
 
 
@@ -71,7 +72,7 @@ class Node:
 
 
 def _iso(t: float) -> str | None:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t)) if t else None
+    return iso_seconds(t) if t else None
 
 
 _COLUMNS = tuple(Node.__dataclass_fields__)

@@ -12,12 +12,13 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from gateway import systemd
-from gateway.api.app import Parts, build_app
-from gateway.api.auth import Authenticator
+from gateway.api.app import build_app
+from gateway.api.parts import Parts
 from gateway.buffer.buffer import TelemetryBuffer
 from gateway.buffer.restore import restore_twin
 from gateway.bus import EventBus
+from gateway.common import systemd
+from gateway.common.auth import Authenticator
 from gateway.config import GatewayConfig
 from gateway.detect.detector import AnomalyDetector
 from gateway.ingest.deadletter import DeadLetterLog
@@ -28,9 +29,9 @@ from gateway.provision import Provisioner
 from gateway.twin.registry import TwinRegistry
 
 if TYPE_CHECKING:
-    from cloud_sync.forwarder import Forwarder
-    from cloud_sync.models import ModelFetcher
     from gateway.discovery import GatewayDiscovery
+    from gateway.uplink.forwarder import Forwarder
+    from gateway.uplink.models import ModelFetcher
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +54,12 @@ class GatewayService:
             else None
         self.forwarder: Forwarder | None = None
         if config.uplink.url:
-            from cloud_sync.forwarder import Forwarder
+            from gateway.uplink.forwarder import Forwarder
 
             self.forwarder = Forwarder(config, self.buffer, self.registry, self.metrics, self.detector)
         self.model_fetcher: ModelFetcher | None = None
         if config.uplink.url and config.uplink.models_interval_s and self.detector is not None:
-            from cloud_sync.models import ModelFetcher
+            from gateway.uplink.models import ModelFetcher
 
             self.model_fetcher = ModelFetcher(config, self.detector, self.metrics)
         self.provisioner: Provisioner | None = None

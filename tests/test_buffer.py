@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from gateway.buffer.buffer import TelemetryBuffer
+from gateway.common.readings import Sample
 from gateway.config import GatewayConfig
-from gateway.ingest.payload import Sample
 from gateway.metrics import GatewayMetrics
 from tests.conftest import GatewayFactory, gateway_config, wait_for
 
@@ -322,7 +322,7 @@ async def test_history_api_raw_buckets_csv_and_business_context(mosquitto, start
 
 
 def test_buffer_config_problems_name_their_keys(tmp_path: Path) -> None:
-    from gateway.errors import ConfigError
+    from gateway.common.errors import ConfigError
 
     with pytest.raises(ConfigError) as err:
         config(tmp_path, **{"buffer.disk_policy": "keep_everything", "buffer.commit_idle_ms": 500,

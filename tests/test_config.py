@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
+from gateway.common.errors import ConfigError
 from gateway.config import ApiKey, DeviceMapping, GatewayConfig, load_config
-from gateway.errors import ConfigError
 
 ADMIN_KEY = "cfg-test-admin-key-0001"
 MINIMAL = f"""

@@ -11,24 +11,24 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.errors import RejectedMessage
+from gateway.common.errors import RejectedMessage
+from gateway.common.names import NAME_RE
+from gateway.common.readings import Properties, Sample, Status, Telemetry, count_points
+from gateway.common.series import flatten as flatten_paths
 from gateway.ingest.payload import (
     MAX_ARRAY,
     MAX_FUTURE_S,
     MAX_PROPERTIES,
     MAX_STRING,
     MIN_TS,
-    NAME_RE,
-    Properties,
-    Sample,
-    Status,
-    Telemetry,
-    count_points,
     decode_json,
-    flatten,
     parse_status,
     parse_telemetry,
 )
+
+
+def flatten(properties: Properties) -> list[tuple[str, object]]:
+    return list(flatten_paths(properties))
 
 NOW = 1_750_000_000.0  # a fixed "now" so timestamp limits are deterministic
 TS = NOW - 5.0

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from gateway.errors import Invalid
+from gateway.common.errors import Invalid
 from gateway.twin.model import Feature, Thing
 from gateway.twin.query import OPERATORS, ThingFilter
 

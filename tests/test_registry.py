@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from gateway.bus import EventBus, Subscription
-from gateway.errors import Invalid
-from gateway.ingest.payload import Sample
+from gateway.common.errors import Invalid
+from gateway.common.readings import Sample
 from gateway.twin.model import check_name, thing_from_document, validate_thing_id
 from gateway.twin.registry import TwinRegistry
 

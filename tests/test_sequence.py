@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.ingest.payload import Sample, Telemetry
+from gateway.common.readings import Sample, Telemetry
 from gateway.ingest.sequence import MAX_BOOTS, SequenceTracker
 from gateway.metrics import GatewayMetrics
 

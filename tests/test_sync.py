@@ -18,8 +18,8 @@ import pytest
 
 from cloud_sync.aggregator import Aggregator
 from cloud_sync.config import AggregatorConfig, load_aggregator_config
-from cloud_sync.wire import POINTS, Batch, encode
 from gateway.broker import find_free_port
+from gateway.common.wire import POINTS, Batch, encode
 from tests.conftest import ADMIN_KEY, GatewayFactory, RunningGateway, auth, wait_for
 
 TOKEN = "gateway-token-0000000000001"

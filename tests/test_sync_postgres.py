@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from cloud_sync.wire import POINTS, Batch, encode
+from gateway.common.wire import POINTS, Batch, encode
 from tests.conftest import GatewayFactory, need_service, unique_site, wait_for
 from tests.test_sync import TOKEN, AggregatorFactory, aggregator_config, exact, publish, start_aggregator, uplink
 

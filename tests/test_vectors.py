@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 
 from gateway.bus import iso_utc
+from gateway.common.series import flatten
 from gateway.config import IngestSection
-from gateway.ingest.payload import flatten, parse_status, parse_telemetry
+from gateway.ingest.payload import parse_status, parse_telemetry
 from gateway.ingest.topics import TopicPattern
 from gateway.service import GatewayService
 from tests.conftest import gateway_config

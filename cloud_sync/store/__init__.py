@@ -1,7 +1,7 @@
 """The aggregator's storage: one interface, DuckDB (default, one machine) and PostgreSQL (replicas).
 
 Both keep the gateway's point layout (series + points), so the history answer is built by the same
-code on the gateway and on the aggregator (`gateway.buffer.history`).
+code on the gateway and on the aggregator (`gateway.common.history`).
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from cloud_sync.wire import Batch
-from gateway.buffer.points import SeriesKey
+from gateway.common.series import SeriesKey
+from gateway.common.wire import Batch
 
 
 @dataclass(frozen=True)

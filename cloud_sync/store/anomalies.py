@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from datetime import datetime
 from typing import Any
+
+from gateway.common.timefmt import parse_iso
 
 Execute = Callable[[str, Sequence[Any]], Any]  # returns a cursor with fetchall/fetchone
 ACTION_TTL_S = 86400.0  # an action for a gateway that never comes back is dropped after a day
@@ -104,6 +105,6 @@ def _doc(doc: str, site: str, line: str, gateway_id: str, pending: list[str]) ->
 
 def _epoch(iso: str) -> float:
     try:
-        return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+        return parse_iso(iso)
     except ValueError:
         return 0.0

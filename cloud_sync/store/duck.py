@@ -16,9 +16,10 @@ import pyarrow as pa
 
 from cloud_sync.store import Applied, GatewayRow, StoreError
 from cloud_sync.store.anomalies import AnomalySql
-from cloud_sync.wire import Batch
-from gateway.buffer.points import SeriesKey, base_name
 from gateway.buffer.store import BufferStore
+from gateway.common.series import SeriesKey, base_name
+from gateway.common.timefmt import parse_iso
+from gateway.common.wire import Batch
 
 _SCHEMA = [
     "CREATE TABLE IF NOT EXISTS gateways (gateway_id VARCHAR PRIMARY KEY, site VARCHAR, line VARCHAR, "
@@ -42,10 +43,6 @@ class DuckStore(BufferStore):
         self._next_series = 1
         self._next_id = 1
         self._lock = threading.Lock()  # writes are serialized (one transaction at a time)
-
-    @property
-    def store(self) -> DuckStore:
-        return self
 
     def open(self) -> None:  # type: ignore[override]
         state = super().open()
@@ -217,11 +214,9 @@ def _doc(doc: str, site: str, line: str, gateway_id: str) -> dict[str, Any]:
 
 
 def _epoch(iso: Any) -> float:
-    from datetime import datetime
-
     if not isinstance(iso, str):
         return 0.0
     try:
-        return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+        return parse_iso(iso)
     except ValueError:
         return time.time()

@@ -22,8 +22,8 @@ import pyarrow.csv as pacsv
 
 from cloud_sync.store import Applied, GatewayRow, StoreError
 from cloud_sync.store.anomalies import AnomalySql
-from cloud_sync.wire import Batch
-from gateway.buffer.points import SeriesKey, base_name
+from gateway.common.series import SeriesKey, base_name
+from gateway.common.wire import Batch
 
 _SCHEMA = [
     "CREATE TABLE IF NOT EXISTS egiz_gateways (gateway_id text PRIMARY KEY, site text NOT NULL, line text NOT NULL, "
@@ -54,10 +54,6 @@ class PgStore:
         self.numeric_series: set[int] = set()
         self.series_keys: dict[int, tuple[SeriesKey, str]] = {}
         self._series: dict[tuple[str, str, str], int] = {}
-
-    @property
-    def store(self) -> PgStore:
-        return self
 
     def _conn(self) -> psycopg.Connection[Any]:
         conn = getattr(self._local, "conn", None)

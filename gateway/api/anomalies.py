@@ -14,12 +14,13 @@ from typing import Any
 import numpy as np
 from aiohttp import web
 
-from gateway.api.app import PARTS, Parts, read_json, requires
-from gateway.buffer.history import parse_time
+from gateway.api.parts import PARTS, Parts
+from gateway.common.errors import Invalid, NotFound
+from gateway.common.history import parse_time
+from gateway.common.http import read_json, requires
 from gateway.detect.detector import AnomalyDetector
 from gateway.detect.explain import label
 from gateway.detect.rul import estimate_rul
-from gateway.errors import Invalid, NotFound
 
 MAX_LIMIT = 1000
 RUL_WINDOW_S = 24 * 3600.0
@@ -176,7 +177,7 @@ async def rul(request: web.Request) -> web.Response:
 
 
 def _flat(feature: Any) -> dict[str, float]:
-    from gateway.buffer.points import flatten
+    from gateway.common.series import flatten
 
     if feature is None:
         return {}

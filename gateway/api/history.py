@@ -6,12 +6,10 @@ import time
 
 from aiohttp import web
 
-from gateway.api.app import PARTS, requires
-from gateway.buffer.history import HistoryQuery, parse_resolution, parse_time, run_query
-from gateway.errors import Invalid, NotFound
-
-DEFAULT_SPAN_S = 3600.0
-KNOWN = {"from", "to", "feature", "property", "resolution", "format"}
+from gateway.api.parts import PARTS
+from gateway.common.errors import NotFound
+from gateway.common.history import parse_history_request, run_query
+from gateway.common.http import requires
 
 
 def add_routes(app: web.Application) -> None:
@@ -26,27 +24,10 @@ async def history(request: web.Request) -> web.Response:
     buffer = parts.buffer
     if parts.registry.get(thing_id) is None and not buffer.series_of(thing_id):
         raise NotFound(f"no Thing {thing_id!r} and no history for it", thing_id=thing_id)
-    q = request.query
-    context_keys = set(parts.config.buffer.context_keys)
-    unknown = sorted(set(q) - KNOWN - context_keys)
-    if unknown:
-        raise Invalid(f"unknown parameter(s) {', '.join(unknown)}; context filters: "
-                      f"{', '.join(sorted(context_keys)) or 'none configured (buffer.context_keys)'}")
-    end = parse_time(q["to"], "to") if q.get("to") else time.time()
-    start = parse_time(q["from"], "from") if q.get("from") else end - DEFAULT_SPAN_S
-    if not start < end:
-        raise Invalid("from must be before to")
-    fmt = q.get("format", "json")
-    if fmt not in ("json", "csv"):
-        raise Invalid("format must be json or csv")
-    query = HistoryQuery(
-        thing_id=thing_id, start=start, end=end, feature=q.get("feature") or None, prop=q.get("property") or None,
-        resolution=parse_resolution(q.get("resolution", "auto")),
-        context=tuple(sorted((k, q[k]) for k in context_keys if k in q)), format=fmt,
-    )
-    body, content_type = await buffer.read(lambda: run_query(buffer, query))
+    query = parse_history_request(thing_id, request.query, parts.config.buffer.context_keys, time.time())
+    body, content_type = await buffer.read(lambda: run_query(buffer, buffer.store, query))
     headers = {}
-    if fmt == "csv":
+    if query.format == "csv":
         safe = thing_id.replace(":", "_")
         headers["Content-Disposition"] = f'attachment; filename="{safe}-history.csv"'
     return web.Response(text=body, content_type=content_type, headers=headers)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.api.app import PARTS, Parts, requires
-from gateway.errors import NotFound
+from gateway.api.parts import PARTS, Parts
+from gateway.common.errors import NotFound
+from gateway.common.http import requires
 from gateway.provision import Provisioner, check_node_id
 
 

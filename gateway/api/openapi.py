@@ -7,7 +7,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway import __version__
-from gateway.api.app import requires
+from gateway.common.http import requires
 
 ERROR = {"$ref": "#/components/schemas/Error"}
 THING = {"$ref": "#/components/schemas/Thing"}

@@ -6,8 +6,9 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.api.app import PARTS, error_body, int_param, parse_json, read_json, requires
-from gateway.errors import Invalid
+from gateway.api.parts import PARTS
+from gateway.common.errors import Invalid
+from gateway.common.http import error_body, int_param, parse_json, read_json, requires
 from gateway.ingest.mqtt import CommandNotSent
 from gateway.twin.model import Thing, check_name
 from gateway.twin.query import ThingFilter

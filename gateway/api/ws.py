@@ -15,9 +15,11 @@ from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from gateway.api.app import PARTS, error_body, parse_json, requires
-from gateway.bus import Subscription, iso_utc
-from gateway.errors import EgizError, Invalid
+from gateway.api.parts import PARTS
+from gateway.bus import Subscription
+from gateway.common.errors import EgizError, Invalid
+from gateway.common.http import error_body, parse_json, requires
+from gateway.common.timefmt import iso_utc
 from gateway.twin.model import validate_thing_id
 from gateway.twin.query import ThingFilter
 

@@ -25,10 +25,11 @@ from typing import Any, Protocol, TypeVar
 
 import pyarrow as pa
 
-from gateway.buffer.points import Deadband, PointBatch, SeriesKey, deadband_for, sample_points
+from gateway.buffer.points import Deadband, PointBatch, deadband_for, sample_points
 from gateway.buffer.store import ROLLUPS, BufferStore, Maintenance, OpenState, directory_bytes
+from gateway.common.readings import Sample
+from gateway.common.series import SeriesKey
 from gateway.config import GatewayConfig
-from gateway.ingest.payload import Sample
 from gateway.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
@@ -407,7 +408,7 @@ class TelemetryBuffer:
     # ----------------------------------------------------------------- reads
     def series_of(self, thing_id: str, feature: str | None = None, prop: str | None = None) -> list[int]:
         """Series ids of a Thing, optionally of one feature and one property (exact path or base name)."""
-        from gateway.buffer.points import base_name
+        from gateway.common.series import base_name
 
         out = []
         for (tid, f, path), sid in self._series.items():

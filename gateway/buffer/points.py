@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import pyarrow as pa
 
+from gateway.common.readings import Sample
+from gateway.common.series import SeriesKey, base_name, flatten
 from gateway.config import DeadbandRule
-from gateway.ingest.payload import Sample
 
 POINT_SCHEMA = pa.schema([
     ("id", pa.int64()),
@@ -25,34 +25,6 @@ POINT_SCHEMA = pa.schema([
     ("value", pa.float64()),
     ("text", pa.string()),
 ])
-
-
-def flatten(properties: dict[str, Any]) -> Iterator[tuple[str, Any]]:
-    """`{"voltage": {"a": 1}, "zones": [1, 2]}` → `("voltage.a", 1), ("zones[0]", 1), ("zones[1]", 2)`."""
-    for name, value in properties.items():
-        if isinstance(value, dict):
-            for k, v in value.items():
-                yield f"{name}.{k}", v
-        elif isinstance(value, list):
-            for i, v in enumerate(value):
-                yield f"{name}[{i}]", v
-        else:
-            yield name, value
-
-
-def base_name(path: str) -> str:
-    """The property a flattened path belongs to: `voltage.a` → `voltage`, `zones[1]` → `zones`."""
-    for i, ch in enumerate(path):
-        if ch in ".[":
-            return path[:i]
-    return path
-
-
-@dataclass(frozen=True, slots=True)
-class SeriesKey:
-    thing_id: str
-    feature: str
-    path: str
 
 
 class Deadband:

@@ -22,7 +22,8 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from gateway.buffer.points import PointBatch, SeriesKey
+from gateway.buffer.points import PointBatch
+from gateway.common.series import SeriesKey
 
 log = logging.getLogger(__name__)
 

@@ -68,7 +68,7 @@ class Anomaly:
     false_positive: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        from gateway.bus import iso_utc
+        from gateway.common.timefmt import iso_utc
 
         return {
             "id": self.id, "thingId": self.thing_id, "thingType": self.thing_type, "anomalyType": self.anomaly_type,

@@ -19,8 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from gateway.buffer.points import flatten
 from gateway.bus import AnomalyEvent, EventBus, StateChanged, ThingLifecycle
+from gateway.common.errors import Conflict, NotFound
+from gateway.common.series import flatten
 from gateway.config import GatewayConfig
 from gateway.detect.anomalies import AnomalyLog
 from gateway.detect.core import Anomaly, DetectorCore, DetectSettings, Transition
@@ -28,7 +29,6 @@ from gateway.detect.models import ModelBundle, ModelError, ModelRegistry
 from gateway.detect.rules import load_rules
 from gateway.detect.sinks import AnomalySink, MqttAlertSink, WebhookSink
 from gateway.detect.stats import StatsSettings
-from gateway.errors import Conflict, NotFound
 from gateway.metrics import GatewayMetrics
 from gateway.twin.registry import TwinRegistry
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from gateway.errors import EgizError
+from gateway.common.errors import EgizError
 
 NOT_SCORED = frozenset({"dropout"})
 

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from gateway.errors import Conflict, EgizError, NotFound
+from gateway.common.errors import Conflict, EgizError, NotFound
 
 log = logging.getLogger(__name__)
 

@@ -16,13 +16,14 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
+from gateway.common.errors import EgizError
+from gateway.common.timefmt import parse_iso
 from gateway.detect.anomalies import exclusions
 from gateway.detect.core import DetectorCore, DetectSettings
 from gateway.detect.evaluate import Detection, Report, Truth, read_truth, replay, score
 from gateway.detect.models import ModelBundle, ModelError, ModelRegistry
 from gateway.detect.rules import load_rules
 from gateway.detect.train import Interval, feature_rows, train_model
-from gateway.errors import EgizError
 
 BUFFER_FILE = "buffer.duckdb"
 AGGREGATOR_FILE = "aggregator.duckdb"
@@ -162,8 +163,8 @@ async def _simulate_into(data_dir: Path, site: str, line: str, start: float, dur
                          rate_hz: float, faults: tuple[Any, ...], seed: int, types: tuple[str, ...] | None,
                          progress: Callable[[float], None] | None) -> tuple[int, list[Any]]:
     from gateway.buffer.buffer import TelemetryBuffer
+    from gateway.common.readings import Sample
     from gateway.config import GatewayConfig, load_config
-    from gateway.ingest.payload import Sample
     from gateway.metrics import GatewayMetrics
     from gateway.sim.trace import Trace
 
@@ -202,12 +203,6 @@ def fetch_points(url: str, api_key: str, thing_type: str, start: float, end: flo
                                      excluded if excluded is not None else []))
 
 
-def _iso_epoch(value: str) -> float:
-    from datetime import datetime
-
-    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-
-
 async def _fetch_points(base: str, key: str, thing_type: str, start: float, end: float, chunk_s: float,
                         progress: Callable[[str], None] | None, excluded: list[Interval]) -> pa.Table:
     import aiohttp
@@ -239,8 +234,8 @@ async def _fetch_points(base: str, key: str, thing_type: str, start: float, end:
                 items = page.get("items", [])
                 for a in items:
                     if a.get("thingType") == thing_type and not a.get("falsePositive"):
-                        excluded.append((str(a["thingId"]), _iso_epoch(a["openedAt"]) - 60.0,
-                                         _iso_epoch(a.get("resolvedAt") or a["lastSeenAt"]) + 60.0))
+                        excluded.append((str(a["thingId"]), parse_iso(a["openedAt"]) - 60.0,
+                                         parse_iso(a.get("resolvedAt") or a["lastSeenAt"]) + 60.0))
                 offset += len(items)
                 if not items or offset >= int(page.get("total", 0)):
                     break

@@ -17,8 +17,8 @@ from typing import Any, Literal
 
 import yaml
 
+from gateway.common.errors import EgizError
 from gateway.detect.explain import amount, label
-from gateway.errors import EgizError
 
 Severity = Literal["info", "warning", "critical"]
 SEVERITIES: tuple[Severity, ...] = ("info", "warning", "critical")

@@ -25,7 +25,7 @@ import aiomqtt
 from yarl import URL
 
 from gateway import __version__
-from gateway.twin.model import THING_ID_RE, TYPE_RE
+from gateway.common.names import THING_ID_RE, TYPE_RE
 
 log = logging.getLogger(__name__)
 

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from gateway.common.timefmt import iso_seconds
 from gateway.detect.models import AE_FILE, FORMAT, IF_FILE, MANIFEST, ModelError, file_sha256, model_hash
 from gateway.detect.rules import glob_match
 from gateway.detect.stats import PropertyStats, StatsSettings, group_of
@@ -83,10 +84,6 @@ def feature_rows(points: pa.Table, *, ignore: Sequence[str] = ("*setpoint*",), k
     if not out_x:
         return FeatureRows(keys, np.empty((0, len(keys))), np.empty(0), np.empty(0, dtype=object))
     return FeatureRows(keys, np.concatenate(out_x), np.concatenate(out_ts), np.concatenate(out_th))
-
-
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _threshold(scores: np.ndarray) -> tuple[float, float]:
@@ -203,8 +200,8 @@ def train_model(rows: FeatureRows, thing_type: str, out_root: Path, *, seed: int
     ae_thr, ae_med = _threshold(ae_scores)
     if_thr, if_med = _threshold(if_scores)
     manifest: dict[str, Any] = {
-        "format": FORMAT, "type": thing_type, "version": version, "created": _iso(time.time()),
-        "data": {"from": _iso(float(rows.ts.min())), "to": _iso(float(rows.ts.max())), "rows": int(n),
+        "format": FORMAT, "type": thing_type, "version": version, "created": iso_seconds(time.time()),
+        "data": {"from": iso_seconds(float(rows.ts.min())), "to": iso_seconds(float(rows.ts.max())), "rows": int(n),
                  "things": sorted(set(rows.things.tolist()))},
         "features": rows.keys, "scaling": {"mean": mean.tolist(), "std": std.tolist()},
         "statistics": {"z_limit": z_limits, "chart_limit": chart_limits, "groups": group_limits},

@@ -22,14 +22,16 @@ import aiomqtt
 import paho.mqtt.client as paho
 
 from gateway.buffer.buffer import TelemetryBuffer
+from gateway.common.errors import RejectedMessage
+from gateway.common.names import THING_ID_RE, TYPE_RE
+from gateway.common.readings import count_points
 from gateway.config import GatewayConfig
-from gateway.errors import RejectedMessage
 from gateway.ingest.deadletter import DeadLetterLog
-from gateway.ingest.payload import count_points, decode_json, parse_status, parse_telemetry
+from gateway.ingest.payload import decode_json, parse_status, parse_telemetry
 from gateway.ingest.sequence import SequenceTracker
 from gateway.ingest.topics import TopicPattern
 from gateway.metrics import GatewayMetrics
-from gateway.twin.model import THING_ID_RE, TYPE_RE, Thing
+from gateway.twin.model import Thing
 from gateway.twin.registry import TwinRegistry
 
 log = logging.getLogger(__name__)

@@ -7,19 +7,14 @@ shape. A message is accepted whole or rejected whole with a reason (transactiona
 
 from __future__ import annotations
 
-import json
 import math
-import re
 import time
-from dataclasses import dataclass
 from typing import Any, Literal
 
-from gateway.errors import RejectedMessage
+from gateway.common.errors import RejectedMessage
+from gateway.common.names import NAME_RE
+from gateway.common.readings import Properties, Sample, Status, Telemetry, loads_strict
 
-PropertyValue = float | int | str | bool | list[float] | dict[str, float]
-Properties = dict[str, PropertyValue]
-
-NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
 MIN_TS = 946_684_800.0  # 2000-01-01: anything earlier is a clock that was never set
 MAX_FUTURE_S = 86_400.0
 MAX_STRING = 256
@@ -28,64 +23,8 @@ MAX_PROPERTIES = 256
 LEGACY_RESERVED = frozenset({"device_id", "timestamp", "ts", "seq", "boot"})
 
 
-@dataclass(frozen=True, slots=True)
-class Sample:
-    """One reading of one feature: its device time, sequence number and properties."""
-
-    feature: str
-    ts: float
-    seq: int | None
-    properties: Properties
-
-
-@dataclass(frozen=True, slots=True)
-class Telemetry:
-    """Everything one MQTT message carried, in device order."""
-
-    boot: str | None
-    samples: tuple[Sample, ...]
-
-    @property
-    def point_count(self) -> int:
-        return sum(count_points(s.properties) for s in self.samples)
-
-
-@dataclass(frozen=True, slots=True)
-class Status:
-    """A node's retained status / Last Will."""
-
-    state: Literal["online", "offline"]
-    fw: str | None
-    ts: float | None
-
-
 def _reject(reason: str, detail: str) -> RejectedMessage:
     return RejectedMessage(reason, detail)
-
-
-def _not_finite(text: str) -> Any:
-    raise ValueError(f"{text[:40]} is not a finite number")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if value - value != 0.0:  # inf (1e400) or nan
-        raise ValueError(f"{text[:40]} is not a finite number")
-    return value
-
-
-_STRICT = json.JSONDecoder(parse_constant=_not_finite, parse_float=_finite_float)
-
-
-def loads_strict(text: str | bytes) -> Any:
-    """`json.loads` for outside input, except that NaN, Infinity and floats that overflow are errors.
-
-    Raises ValueError (JSONDecodeError, UnicodeDecodeError) or RecursionError for deep nesting.
-    Nothing non-finite gets in, so nothing non-finite is ever written out as JSON.
-    """
-    if isinstance(text, bytes | bytearray):
-        text = text.decode(json.detect_encoding(text), "surrogatepass")
-    return _STRICT.decode(text)
 
 
 def decode_json(raw: bytes, max_bytes: int) -> Any:
@@ -259,27 +198,6 @@ def _properties(props: dict[str, Any], where: str) -> Properties:
             out[name] = value
         else:
             raise _reject("wrong_type", f"{where}{name} has an unsupported value {value!r:.40}")
-    return out
-
-
-def count_points(props: Properties) -> int:
-    """How many stored points (flattened paths) these properties make."""
-    n = 0
-    for v in props.values():
-        n += len(v) if isinstance(v, list | dict) else 1
-    return n
-
-
-def flatten(props: Properties) -> list[tuple[str, float | int | str | bool]]:
-    """Flattened paths as stored: `voltage.a`, `temperature_zones[1]`."""
-    out: list[tuple[str, float | int | str | bool]] = []
-    for name, v in props.items():
-        if isinstance(v, list):
-            out.extend((f"{name}[{i}]", x) for i, x in enumerate(v))
-        elif isinstance(v, dict):
-            out.extend((f"{name}.{k}", x) for k, x in v.items())
-        else:
-            out.append((name, v))
     return out
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from gateway.ingest.payload import Sample, Telemetry
+from gateway.common.readings import Sample, Telemetry
 from gateway.metrics import GatewayMetrics
 
 MAX_BOOTS = 4

@@ -22,7 +22,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 
-from gateway.errors import EgizError
+from gateway.common.errors import EgizError
 from gateway.sim.equipment import ActiveFault, fault_target
 
 KINDS = ("drift", "spike", "stuck", "phase_imbalance", "overtemperature", "dropout")

@@ -6,16 +6,13 @@ Live state is kept in these objects in memory; `to_document()` gives the JSON of
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.bus import iso_utc
-from gateway.errors import Invalid
+from gateway.common.errors import Invalid
+from gateway.common.names import NAME_RE, THING_ID_RE, TYPE_RE
+from gateway.common.timefmt import iso_utc
 
-THING_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}:[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
-NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
-TYPE_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}\Z")
 MAX_DOC_BYTES = 256 * 1024
 
 

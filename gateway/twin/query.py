@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.errors import Invalid
+from gateway.common.errors import Invalid
 from gateway.twin.model import Thing
 
 _MISSING = object()

@@ -22,9 +22,10 @@ from typing import Any
 
 import sqlite_utils
 
-from gateway.bus import EventBus, StateChanged, ThingLifecycle, iso_utc
-from gateway.errors import Conflict, Invalid, NotFound
-from gateway.ingest.payload import Sample, Status
+from gateway.bus import EventBus, StateChanged, ThingLifecycle
+from gateway.common.errors import Conflict, Invalid, NotFound
+from gateway.common.readings import Sample, Status
+from gateway.common.timefmt import iso_utc
 from gateway.sqlite import SqliteWorker
 from gateway.twin.model import (
     Feature,

@@ -18,14 +18,15 @@ import csv
 import io
 import json
 import re
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from gateway.buffer.buffer import TelemetryBuffer
-from gateway.errors import Invalid
+from gateway.common.errors import Invalid
+from gateway.common.series import SeriesKey
+from gateway.common.timefmt import iso_utc, parse_iso
 
 AUTO_RAW_MAX = 5000  # resolution=auto answers raw up to this many points
 AUTO_BUCKETS = 1500  # ... and otherwise picks the smallest nice bucket giving at most this many per series
@@ -33,6 +34,29 @@ MAX_RAW = 200_000  # a raw answer larger than this must use buckets or a shorter
 NICE = (1, 5, 10, 30, 60, 300, 900, 1800, 3600, 6 * 3600, 86400, 7 * 86400)
 _DURATION = re.compile(r"(\d+)(s|m|h|d)")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class SeriesIndex(Protocol):
+    """Which series a Thing has: the gateway's buffer and both central stores keep one."""
+
+    numeric_series: Collection[int]
+    series_keys: Mapping[int, tuple[SeriesKey, str]]
+
+    def series_of(self, thing_id: str, feature: str | None = None, prop: str | None = None) -> list[int]: ...
+
+
+class PointReader(Protocol):
+    """The four point reads a history answer is built from; columnar results (numpy arrays)."""
+
+    def raw(self, series: list[int], start: float, end: float, limit: int, *,
+            text: bool = True) -> dict[str, np.ndarray]: ...
+    def count(self, series: list[int], start: float, end: float) -> int: ...
+    def buckets(self, series: list[int], start: float, end: float, width: float) -> dict[str, np.ndarray]: ...
+    def context_points(self, series: list[int], start: float, end: float) -> dict[str, np.ndarray]: ...
+
+
+HISTORY_PARAMS = frozenset({"from", "to", "feature", "property", "resolution", "format"})
+DEFAULT_SPAN_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -49,6 +73,31 @@ class HistoryQuery:
     format: str = "json"
 
 
+def parse_history_request(thing_id: str, query: Mapping[str, str], context_keys: Collection[str],
+                          now: float) -> HistoryQuery:
+    """The query parameters of `GET /api/v1/things/{id}/history`, the same on every service.
+
+    Parameters other than the known ones are context filters (`?batch_id=B-17`) when `context_keys`
+    has them, and a 400 naming them otherwise.
+    """
+    unknown = sorted(set(query) - HISTORY_PARAMS - set(context_keys))
+    if unknown:
+        raise Invalid(f"unknown parameter(s) {', '.join(unknown)}; context filters here: "
+                      f"{', '.join(sorted(context_keys)) or 'none'}")
+    end = parse_time(query["to"], "to") if query.get("to") else now
+    start = parse_time(query["from"], "from") if query.get("from") else end - DEFAULT_SPAN_S
+    if not start < end:
+        raise Invalid("from must be before to")
+    fmt = query.get("format", "json")
+    if fmt not in ("json", "csv"):
+        raise Invalid("format must be json or csv")
+    return HistoryQuery(
+        thing_id=thing_id, start=start, end=end, feature=query.get("feature") or None,
+        prop=query.get("property") or None, resolution=parse_resolution(query.get("resolution", "auto")),
+        context=tuple(sorted((k, query[k]) for k in context_keys if k in query)), format=fmt,
+    )
+
+
 def parse_time(value: str, name: str) -> float:
     """ISO 8601 (with zone, or UTC when none) or epoch seconds."""
     try:
@@ -56,12 +105,9 @@ def parse_time(value: str, name: str) -> float:
     except ValueError:
         pass
     try:
-        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        return parse_iso(value)
     except ValueError:
         raise Invalid(f"{name} must be an ISO 8601 time or epoch seconds, got {value[:40]!r}") from None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    return dt.timestamp()
 
 
 def parse_resolution(value: str) -> str:
@@ -79,15 +125,10 @@ def bucket_seconds(resolution: str) -> int:
     return int(m[1]) * _UNIT[m[2]]
 
 
-def iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def run_query(buffer: TelemetryBuffer, q: HistoryQuery) -> tuple[str, str]:
-    """Answer a query: (body, content type)."""
+def run_query(buffer: SeriesIndex, store: PointReader, q: HistoryQuery) -> tuple[str, str]:
+    """Answer a query: (body, content type). `buffer` names the series, `store` reads their points."""
     series = buffer.series_of(q.thing_id, q.feature, q.prop)
-    store = buffer.store
-    intervals = _context_intervals(buffer, q) if q.context else None
+    intervals = _context_intervals(buffer, store, q) if q.context else None
     resolution = q.resolution
     if resolution == "auto":
         n = store.count(series, q.start, q.end) if series else 0
@@ -120,8 +161,8 @@ def run_query(buffer: TelemetryBuffer, q: HistoryQuery) -> tuple[str, str]:
             out = _bucket_series(buffer, _bucket_raw(_filter_raw(raw, intervals), width))
     doc = {
         "thingId": q.thing_id,
-        "from": iso(q.start),
-        "to": iso(q.end),
+        "from": iso_utc(q.start),
+        "to": iso_utc(q.end),
         "resolution": resolution if width is None else f"{width}s",
         "bucketSeconds": width,
         "context": dict(q.context) or None,
@@ -132,11 +173,11 @@ def run_query(buffer: TelemetryBuffer, q: HistoryQuery) -> tuple[str, str]:
     return json.dumps(doc, allow_nan=False, separators=(",", ":")), "application/json"
 
 
-def _is_numeric(buffer: TelemetryBuffer, sid: int) -> bool:
+def _is_numeric(buffer: SeriesIndex, sid: int) -> bool:
     return sid in buffer.numeric_series
 
 
-def _context_intervals(buffer: TelemetryBuffer, q: HistoryQuery) -> tuple[np.ndarray, np.ndarray]:
+def _context_intervals(buffer: SeriesIndex, store: PointReader, q: HistoryQuery) -> tuple[np.ndarray, np.ndarray]:
     """[start, stop) time ranges where every requested context key had the requested value."""
     starts: np.ndarray = np.array([q.start])
     stops: np.ndarray = np.array([q.end])
@@ -144,7 +185,7 @@ def _context_intervals(buffer: TelemetryBuffer, q: HistoryQuery) -> tuple[np.nda
         ctx_series = [s for s in buffer.series_of(q.thing_id, None, key) if not _is_numeric(buffer, s)]
         if not ctx_series:
             return np.array([]), np.array([])
-        pts = buffer.store.context_points(ctx_series, q.start, q.end)
+        pts = store.context_points(ctx_series, q.start, q.end)
         ts, text = pts["ts"], pts["text"]
         if len(ts) == 0:
             return np.array([]), np.array([])
@@ -205,7 +246,7 @@ def _groups(series: np.ndarray) -> list[tuple[int, int, int]]:
     return [(int(series[bounds[i]]), bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
 
 
-def _name(buffer: TelemetryBuffer, sid: int) -> dict[str, Any]:
+def _name(buffer: SeriesIndex, sid: int) -> dict[str, Any]:
     key, _type = buffer.series_keys[sid]
     return {"feature": key.feature, "property": key.path}
 
@@ -216,7 +257,7 @@ def _plain(a: np.ndarray) -> list[Any]:
     return a.tolist()
 
 
-def _raw_series(buffer: TelemetryBuffer, data: Any, intervals: tuple[np.ndarray, np.ndarray] | None) -> list[Any]:
+def _raw_series(buffer: SeriesIndex, data: Any, intervals: tuple[np.ndarray, np.ndarray] | None) -> list[Any]:
     if not data or len(data["ts"]) == 0:
         return []
     if intervals is not None:
@@ -256,7 +297,7 @@ def _bucket_raw(data: dict[str, np.ndarray], width: int) -> dict[str, np.ndarray
     return {k: np.array(v) for k, v in cols.items()}
 
 
-def _bucket_series(buffer: TelemetryBuffer, data: Any) -> list[Any]:
+def _bucket_series(buffer: SeriesIndex, data: Any) -> list[Any]:
     if not data or len(data["t"]) == 0:
         return []
     out = []

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 
 from aiohttp import web
 
-from gateway.config import ROLES, ApiKey
+from gateway.common.settings import ROLES, ApiKey
 
 log = logging.getLogger(__name__)
 RANK = {role: i for i, role in enumerate(ROLES)}

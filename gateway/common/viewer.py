@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 import viewer as _viewer_package
-from gateway.errors import Invalid
+from gateway.common.errors import Invalid
 
 ROOT = Path(_viewer_package.__file__).resolve().parent
 TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css", ".json": "application/json",

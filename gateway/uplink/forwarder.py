@@ -25,11 +25,11 @@ import aiohttp
 import numpy as np
 import pyarrow as pa
 
-from cloud_sync.wire import Batch, encode
 from gateway.buffer.buffer import TelemetryBuffer
+from gateway.common.errors import Conflict, NotFound
+from gateway.common.wire import Batch, encode
 from gateway.config import GatewayConfig
 from gateway.detect.detector import AnomalyDetector
-from gateway.errors import Conflict, NotFound
 from gateway.metrics import GatewayMetrics
 from gateway.twin.registry import TwinRegistry
 

@@ -1,0 +1,138 @@
+"""One HTTP behaviour for both services: roles per handler, one error body, strict parameters and JSON.
+
+Every error answer is `{"error": code, "detail": text, ...}` with the status of its error class;
+an unexpected exception is logged and answered 500 (a bug, never a client's fault). Handlers
+declare the least role they need with `@requires(role)`; an undeclared handler needs admin.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from gateway.common.auth import Authenticator, role_allows
+from gateway.common.errors import Conflict, EgizError, Invalid, NotFound
+from gateway.common.readings import loads_strict
+
+log = logging.getLogger(__name__)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+BASE_STATUS: dict[type[EgizError], int] = {NotFound: 404, Conflict: 409, Invalid: 400}
+
+
+def requires(role: str | None) -> Callable[[Handler], Handler]:
+    """Declare the least role a handler needs; `None` means public (it checks its caller itself)."""
+
+    def mark(fn: Handler) -> Handler:
+        target = getattr(fn, "__func__", fn)  # a bound method: mark its function
+        target.egiz_role = role
+        return fn
+
+    return mark
+
+
+def error_body(status: int, error: str, detail: str, headers: Mapping[str, str] | None = None,
+               **extra: Any) -> web.Response:
+    """The one error answer of both services."""
+    return web.json_response({"error": error, "detail": detail, **extra}, status=status,
+                             headers=dict(headers) if headers else None)
+
+
+class HttpMetrics(Protocol):
+    """What the middleware counts: refused requests by status, requests by method and status, latency."""
+
+    def refused(self, status: int) -> None: ...
+    def observed(self, method: str, status: int, seconds: float) -> None: ...
+
+
+def error_middleware(auth: Authenticator, metrics: HttpMetrics, *, service: str,
+                     status_of: Mapping[type[EgizError], int] | None = None) -> Any:
+    """Auth by declared role, JSON errors for everything, request metrics.
+
+    `status_of` adds service-specific error classes to the base mapping (first match wins).
+    """
+    table = {**(status_of or {}), **BASE_STATUS}
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        start = time.perf_counter()
+        status = 500
+        try:
+            routing_error = getattr(request.match_info, "http_exception", None)
+            if routing_error is not None:
+                raise routing_error  # 404/405 need no key: they reveal nothing
+            need = getattr(request.match_info.handler, "egiz_role", "admin")  # undeclared: strictest
+            if need is not None:
+                role = auth.role_for(request, allow_query_token=request.path.endswith("/ws"))
+                if role is None:
+                    status = 401
+                    metrics.refused(401)
+                    return error_body(401, "unauthorized", "a valid Bearer API key is required",
+                                      headers={"WWW-Authenticate": 'Bearer realm="egiz"'})
+                if not role_allows(role, need):
+                    status = 403
+                    metrics.refused(403)
+                    return error_body(403, "forbidden", f"this needs the {need} role; the key has {role}")
+            resp = await handler(request)
+            status = resp.status
+            return resp
+        except web.HTTPException as exc:
+            status = exc.status
+            if exc.status >= 400 and exc.content_type != "application/json":
+                allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+                return error_body(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason, headers=allow)
+            raise
+        except EgizError as exc:
+            status = next((s for cls, s in table.items() if isinstance(exc, cls)), 500)
+            if status == 500:
+                log.error("unmapped error", extra={"path": request.path, "error": exc.code})
+            extra = {k: v for k, v in exc.fields.items() if k in ("version", "thing_id", "expected")}
+            return error_body(status, exc.code, exc.detail, **extra)
+        except Exception:
+            log.exception("unhandled error", extra={"path": request.path, "method": request.method})
+            return error_body(500, "internal", f"the {service} hit an unexpected error; it is logged")
+        finally:
+            metrics.observed(request.method, status, time.perf_counter() - start)
+
+    return middleware
+
+
+def int_param(value: str | None, name: str, default: int, lo: int, hi: int) -> int:
+    """An integer query parameter within [lo, hi]; absent or empty gives `default`, anything else a 400."""
+    if value is None or value == "":
+        return default
+    try:
+        n = int(value)
+    except ValueError:
+        raise Invalid(f"{name} must be an integer") from None
+    if not lo <= n <= hi:
+        raise Invalid(f"{name} must be between {lo} and {hi}")
+    return n
+
+
+async def read_json(request: web.Request, *, empty: Any = ...) -> Any:
+    """The request body as strict JSON, or a 400 that says what is wrong.
+
+    `empty`: what an absent body means (default: an absent body is a 400 too).
+    """
+    try:
+        text = await request.text()
+    except UnicodeDecodeError:
+        raise Invalid("the body is not UTF-8") from None
+    if empty is not ... and not text.strip():
+        return empty
+    return parse_json(text, "the body")
+
+
+def parse_json(text: str, what: str) -> Any:
+    """JSON from a client, strictly: NaN, Infinity and deep nesting are an Invalid (400), never a 500."""
+    try:
+        return loads_strict(text)
+    except RecursionError:
+        raise Invalid(f"{what} is nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, a non-finite number, an integer of thousands of digits
+        raise Invalid(f"{what} is not valid JSON: {str(exc)[:200]}") from None
+
