@@ -19,7 +19,7 @@ import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from aiohttp import WSMsgType, web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -32,7 +32,7 @@ from gateway.common.auth import Authenticator, role_allows
 from gateway.common.errors import Invalid, NotFound
 from gateway.common.history import parse_history_request, run_query
 from gateway.common.http import error_body, error_middleware, int_param, parse_json, read_json, requires
-from gateway.common.wire import ANOMALY_STATES, Batch, WireError, decode
+from gateway.common.wire import ANOMALY_STATES, Action, Batch, WireError, decode, feature_properties
 from gateway.detect.models import ModelRegistry, file_sha256
 
 log = logging.getLogger(__name__)
@@ -239,17 +239,16 @@ class Aggregator:
         self.metrics.points.inc(result.points)
         if result.status == "applied" and (batch.anomalies or batch.things):
             sent = round(time.time() * 1000, 1)  # lets a viewer measure how long an event took to reach it
-            events = [{"event": "Anomaly", "sentAt": sent, "anomaly": {**a, "site": batch.site, "line": batch.line,
-                                                                       "gatewayId": batch.gateway_id}}
-                      for a in batch.anomalies]
+            placed = {"site": batch.site, "line": batch.line, "gatewayId": batch.gateway_id}
+            events = [{"event": "Anomaly", "sentAt": sent, "anomaly": {**a.doc, **placed}} for a in batch.anomalies]
             await self._broadcast(events)
             if batch.things:
                 await self._broadcast([{"event": "Things", "sentAt": sent, "site": batch.site, "line": batch.line,
-                                        "things": [{**t, "site": batch.site, "line": batch.line}
+                                        "things": [{**t.doc, "site": batch.site, "line": batch.line}
                                                    for t in batch.things]}], line=f"{batch.site}/{batch.line}")
         actions = await self.write(self.store.actions_for, gw.gateway)
         return web.json_response({"status": result.status, "batch_seq": batch.batch_seq, "points": result.points,
-                                  "actions": actions})
+                                  "actions": [a.to_json() for a in actions]})
 
     async def pending_actions(self, request: web.Request) -> web.Response:
         """Operators' actions waiting for the calling gateway (gateway token), for a gateway with nothing to send."""
@@ -257,7 +256,8 @@ class Aggregator:
         if gw is None:
             self.metrics.refused(401)
             return error_body(401, "unauthorized", "a valid gateway token is required")
-        return web.json_response({"actions": await self.write(self.store.actions_for, gw.gateway)})
+        actions = await self.write(self.store.actions_for, gw.gateway)
+        return web.json_response({"actions": [a.to_json() for a in actions]})
 
     async def _broadcast(self, events: list[dict[str, Any]], line: str | None = None) -> None:
         """To every socket; with `line` ("site/line"), only to those that subscribed to that line."""
@@ -289,10 +289,10 @@ class Aggregator:
             if summary is None:
                 continue
             s = summary
-            state = t.get("features", {}).get("connectivity", {}).get("properties", {}).get("state")
+            state = feature_properties(t, "connectivity").get("state")
             if state in ("online", "offline"):
                 s["nodes"][state] += 1
-            status = t.get("features", {}).get("status", {}).get("properties", {})
+            status = feature_properties(t, "status")
             if status.get("anomaly"):
                 s["anomalies"]["open"] += 1
                 sev = str(status.get("severity", "unknown"))
@@ -349,17 +349,16 @@ class Aggregator:
                                                                type_=None, limit=100_000, offset=0))
         ranked = []
         for t in things:
-            f = t.get("features", {})
-            status = f.get("status", {}).get("properties", {})
-            offline = f.get("connectivity", {}).get("properties", {}).get("state") == "offline"
+            status = feature_properties(t, "status")
+            offline = feature_properties(t, "connectivity").get("state") == "offline"
             score = float(status.get("anomaly_score") or 0.0) if status.get("anomaly") else 0.0
             if score or offline:
                 ranked.append((score, offline, t))
         ranked.sort(key=lambda r: (-r[0], not r[1], r[2]["id"]))
         return web.json_response({"items": [
             {"thingId": t["id"], "site": t["site"], "line": t["line"], "type": t.get("type"), "score": score,
-             "offline": offline, "topFeatures": t.get("features", {}).get("status", {}).get("properties", {})
-             .get("top_features", [])} for score, offline, t in ranked[:10]]})
+             "offline": offline, "topFeatures": feature_properties(t, "status").get("top_features", [])}
+            for score, offline, t in ranked[:10]]})
 
     # ----------------------------------------------------------------- models from the centre
     def _gateway_or_viewer(self, request: web.Request) -> bool:
@@ -437,7 +436,7 @@ class Aggregator:
         """Acknowledge or resolve centrally: queued for the anomaly's gateway, which owns it and applies it
         with its next batch (202); the anomaly shows the action as `pending` until then."""
         anomaly_id = request.match_info["id"]
-        action = "ack" if request.path.endswith("/ack") else "resolve"
+        action: Literal["ack", "resolve"] = "ack" if request.path.endswith("/ack") else "resolve"
         body = await read_json(request, empty={})
         if not isinstance(body, dict) or set(body) - {"note", "falsePositive"} \
                 or not isinstance(body.get("note", ""), str) or not isinstance(body.get("falsePositive", False), bool):
@@ -447,9 +446,9 @@ class Aggregator:
             raise NotFound(f"no anomaly {anomaly_id!r}")
         if doc["state"] == "resolved":
             return error_body(409, "anomaly_state", f"anomaly {anomaly_id} is already resolved")
-        await self.write(self.store.add_action, doc["gatewayId"], anomaly_id, action, {
-            "anomalyId": anomaly_id, "action": action, "by": self.auth.caller(request),
-            "note": body.get("note", "")[:2000], "falsePositive": bool(body.get("falsePositive", False))})
+        await self.write(self.store.add_action, doc["gatewayId"], Action(
+            anomaly_id, action, self.auth.caller(request), body.get("note", "")[:2000],
+            bool(body.get("falsePositive", False))))
         return web.json_response({**doc, "pending": sorted({*doc.get("pending", []), action})}, status=202)
 
     async def websocket(self, request: web.Request) -> web.WebSocketResponse:
@@ -518,8 +517,8 @@ def _foreign(batch: Batch, gw: GatewayToken) -> str:
     if (batch.site, batch.line) != (gw.site, gw.line):
         return f"gateway {gw.gateway} writes {gw.site}/{gw.line} only"
     prefix = f"{gw.site}:"
-    ids = [k[0] for k in batch.series] + [d["id"] for d in batch.things] + batch.deleted \
-        + [a["thingId"] for a in batch.anomalies]
+    ids = [k[0] for k in batch.series] + [d.id for d in batch.things] + batch.deleted \
+        + [a.thing_id for a in batch.anomalies]
     bad = next((i for i in ids if not i.startswith(prefix)), None)
     return f"Thing {bad[:80]!r} is not of site {gw.site}" if bad else ""
 

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from gateway.common.timefmt import parse_iso
+from gateway.common.wire import Action, AnomalyDoc
 
 Execute = Callable[[str, Sequence[Any]], Any]  # returns a cursor with fetchall/fetchone
 ACTION_TTL_S = 86400.0  # an action for a gateway that never comes back is dropped after a day
@@ -35,17 +35,17 @@ class AnomalySql:
             "doc VARCHAR, created DOUBLE PRECISION)",
         ]
 
-    def apply(self, execute: Execute, docs: list[dict[str, Any]], site: str, line: str, gateway_id: str) -> None:
+    def apply(self, execute: Execute, docs: list[AnomalyDoc], site: str, line: str, gateway_id: str) -> None:
         """Inside the batch's transaction: the newest state of each anomaly; actions it fulfils removed."""
         p = self.p
         for d in docs:
-            execute(f"DELETE FROM {self.anomalies} WHERE id = {p}", [d["id"]])
+            execute(f"DELETE FROM {self.anomalies} WHERE id = {p}", [d.id])
             execute(f"INSERT INTO {self.anomalies} VALUES ({', '.join([p] * 10)})",
-                    [d["id"], site, line, gateway_id, d["thingId"], d["state"], d["severity"], _epoch(d["openedAt"]),
-                     float(d.get("score") or 0.0), json.dumps(d, allow_nan=False)])
-            done = ("ack", "resolve") if d["state"] == "resolved" else ("ack",) if d["state"] != "open" else ()
+                    [d.id, site, line, gateway_id, d.thing_id, d.state, d.severity, d.opened_at, d.score,
+                     json.dumps(d.doc, allow_nan=False)])
+            done = ("ack", "resolve") if d.state == "resolved" else ("ack",) if d.state != "open" else ()
             for action in done:
-                execute(f"DELETE FROM {self.actions} WHERE anomaly_id = {p} AND action = {p}", [d["id"], action])
+                execute(f"DELETE FROM {self.actions} WHERE anomaly_id = {p} AND action = {p}", [d.id, action])
 
     def query(self, execute: Execute, *, site: str | None, states: Sequence[str], severities: Sequence[str],
               thing_ids: Sequence[str], limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
@@ -72,19 +72,18 @@ class AnomalySql:
             return None
         return _doc(row[0], row[1], row[2], row[3], self._pending(execute, [anomaly_id]).get(anomaly_id, []))
 
-    def add_action(self, execute: Execute, gateway_id: str, anomaly_id: str, action: str,
-                   doc: dict[str, Any]) -> None:
+    def add_action(self, execute: Execute, gateway_id: str, act: Action) -> None:
         p = self.p
-        execute(f"DELETE FROM {self.actions} WHERE anomaly_id = {p} AND action = {p}", [anomaly_id, action])
+        execute(f"DELETE FROM {self.actions} WHERE anomaly_id = {p} AND action = {p}", [act.anomaly_id, act.action])
         execute(f"INSERT INTO {self.actions} VALUES ({p}, {p}, {p}, {p}, {p})",
-                [gateway_id, anomaly_id, action, json.dumps(doc), time.time()])
+                [gateway_id, act.anomaly_id, act.action, json.dumps(act.to_json()), time.time()])
 
-    def actions_for(self, execute: Execute, gateway_id: str) -> list[dict[str, Any]]:
+    def actions_for(self, execute: Execute, gateway_id: str) -> list[Action]:
         p = self.p
         execute(f"DELETE FROM {self.actions} WHERE created < {p}", [time.time() - ACTION_TTL_S])
         rows = execute(f"SELECT doc FROM {self.actions} WHERE gateway_id = {p} ORDER BY created",
                        [gateway_id]).fetchall()
-        return [json.loads(r[0]) for r in rows]
+        return [Action.parse(json.loads(r[0])) for r in rows]
 
     def _pending(self, execute: Execute, ids: list[str]) -> dict[str, list[str]]:
         if not ids:
@@ -98,13 +97,7 @@ class AnomalySql:
 
 
 def _doc(doc: str, site: str, line: str, gateway_id: str, pending: list[str]) -> dict[str, Any]:
-    d: dict[str, Any] = json.loads(doc)
+    d: dict[str, Any] = json.loads(doc) if isinstance(doc, str) else dict(doc)
     d.update(site=site, line=line, gatewayId=gateway_id, pending=sorted(pending))
     return d
 
-
-def _epoch(iso: str) -> float:
-    try:
-        return parse_iso(iso)
-    except ValueError:
-        return 0.0

@@ -26,9 +26,9 @@ from typing import Any, Protocol, TypeVar
 import pyarrow as pa
 
 from gateway.buffer.points import Deadband, PointBatch, deadband_for, sample_points
-from gateway.buffer.store import ROLLUPS, BufferStore, Maintenance, OpenState, directory_bytes
+from gateway.buffer.store import BufferStore, Maintenance, OpenState, directory_bytes
 from gateway.common.readings import Sample
-from gateway.common.series import SeriesKey
+from gateway.common.series import SeriesCatalogue, SeriesKey
 from gateway.config import GatewayConfig
 from gateway.metrics import GatewayMetrics
 
@@ -58,9 +58,7 @@ class TelemetryBuffer:
         self._uplink = uplink
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="duckdb-writer")
         self._readers = ThreadPoolExecutor(2, thread_name_prefix="duckdb-reader")
-        self._series: dict[tuple[str, str, str], int] = {}
-        self.series_keys: dict[int, tuple[SeriesKey, str]] = {}
-        self.numeric_series: set[int] = set()
+        self.catalogue = SeriesCatalogue()
         self._deadbands: dict[int, Deadband] = {}
         self._next_series = 1
         self._next_id = 1
@@ -89,7 +87,7 @@ class TelemetryBuffer:
         self._opened = True
         for sid, key, ttype, numeric in state.series:
             self._remember_series(sid, key, ttype, numeric)
-        self._next_series = max(self.series_keys, default=0) + 1
+        self._next_series = self.catalogue.next_id
         self._next_id = state.next_id
         self.marks = state.seq_marks
         self.synced_id = int(await self._write(lambda: self.store.get_meta(f"outbox.{OUTBOX}")))
@@ -134,7 +132,7 @@ class TelemetryBuffer:
         if self.refusing:
             self._m.buffer_refused.inc(sum(1 for s in samples for _ in sample_points(s)))
             return
-        series = self._series
+        series = self.catalogue.ids
         deadbands = self._deadbands
         for s in samples:
             feature, ts, seq = s.feature, s.ts, s.seq
@@ -175,10 +173,7 @@ class TelemetryBuffer:
         return sid
 
     def _remember_series(self, sid: int, key: SeriesKey, thing_type: str, numeric: bool) -> None:
-        self._series[(key.thing_id, key.feature, key.path)] = sid
-        self.series_keys[sid] = (key, thing_type)
-        if numeric:
-            self.numeric_series.add(sid)
+        self.catalogue.remember(sid, key, thing_type, numeric)
         if self._cfg.deadband:
             db = deadband_for(self._cfg.deadband, thing_type, key)
             if db is not None:
@@ -406,26 +401,21 @@ class TelemetryBuffer:
         return await self.read(lambda: self.store.recv_of_first_after(after))
 
     # ----------------------------------------------------------------- reads
+    @property
+    def series_keys(self) -> dict[int, tuple[SeriesKey, str]]:
+        return self.catalogue.series_keys
+
+    @property
+    def numeric_series(self) -> set[int]:
+        return self.catalogue.numeric_series
+
     def series_of(self, thing_id: str, feature: str | None = None, prop: str | None = None) -> list[int]:
         """Series ids of a Thing, optionally of one feature and one property (exact path or base name)."""
-        from gateway.common.series import base_name
-
-        out = []
-        for (tid, f, path), sid in self._series.items():
-            if tid != thing_id or (feature is not None and f != feature):
-                continue
-            if prop is not None and prop not in (path, base_name(path)):
-                continue
-            out.append(sid)
-        return sorted(out)
+        return self.catalogue.series_of(thing_id, feature, prop)
 
     async def read_points(self, thing_ids: list[str] | None, start: float, end: float) -> pa.Table:
         """Stored points of some Things in `[start, end)` (thing_id, feature, path, ts, value, text)."""
         return await self.read(lambda: self.store.points_of(thing_ids, start, end))
-
-    @property
-    def rollup_names(self) -> tuple[str, ...]:
-        return tuple(ROLLUPS)
 
 
 def _disk_error(exc: BaseException) -> bool:

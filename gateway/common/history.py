@@ -39,8 +39,10 @@ _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 class SeriesIndex(Protocol):
     """Which series a Thing has: the gateway's buffer and both central stores keep one."""
 
-    numeric_series: Collection[int]
-    series_keys: Mapping[int, tuple[SeriesKey, str]]
+    @property
+    def numeric_series(self) -> Collection[int]: ...
+    @property
+    def series_keys(self) -> Mapping[int, tuple[SeriesKey, str]]: ...
 
     def series_of(self, thing_id: str, feature: str | None = None, prop: str | None = None) -> list[int]: ...
 

@@ -28,7 +28,7 @@ def requires(role: str | None) -> Callable[[Handler], Handler]:
 
     def mark(fn: Handler) -> Handler:
         target = getattr(fn, "__func__", fn)  # a bound method: mark its function
-        target.egiz_role = role
+        setattr(target, "egiz_role", role)  # noqa: B010 (an attribute functions do not declare)
         return fn
 
     return mark
@@ -89,7 +89,7 @@ def error_middleware(auth: Authenticator, metrics: HttpMetrics, *, service: str,
             status = next((s for cls, s in table.items() if isinstance(exc, cls)), 500)
             if status == 500:
                 log.error("unmapped error", extra={"path": request.path, "error": exc.code})
-            extra = {k: v for k, v in exc.fields.items() if k in ("version", "thing_id", "expected")}
+            extra: dict[str, Any] = {k: v for k, v in exc.fields.items() if k in ("version", "thing_id", "expected")}
             return error_body(status, exc.code, exc.detail, **extra)
         except Exception:
             log.exception("unhandled error", extra={"path": request.path, "method": request.method})

@@ -36,3 +36,46 @@ class SeriesKey:
     thing_id: str
     feature: str
     path: str
+
+
+class SeriesCatalogue:
+    """Which series id names which `SeriesKey`, the Thing type it was first seen with, and which
+    series hold numbers: the one index the gateway's buffer and both central stores keep in memory.
+
+    Series are looked up by key on every write and listed per Thing on every history read; the
+    per-Thing index keeps that listing proportional to the Thing's own series, not to all of them.
+    """
+
+    def __init__(self) -> None:
+        self.series_keys: dict[int, tuple[SeriesKey, str]] = {}
+        self.numeric_series: set[int] = set()
+        self.ids: dict[tuple[str, str, str], int] = {}
+        self._of_thing: dict[str, dict[int, SeriesKey]] = {}
+
+    def __len__(self) -> int:
+        return len(self.series_keys)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.ids
+
+    def get(self, key: tuple[str, str, str]) -> int | None:
+        """The id of `(thing_id, feature, path)`, or None when it is new."""
+        return self.ids.get(key)
+
+    @property
+    def next_id(self) -> int:
+        return max(self.series_keys, default=0) + 1
+
+    def remember(self, sid: int, key: SeriesKey, thing_type: str, numeric: bool) -> None:
+        """Record a series (after the transaction that created it committed)."""
+        self.ids[(key.thing_id, key.feature, key.path)] = sid
+        self.series_keys[sid] = (key, thing_type or "")
+        self._of_thing.setdefault(key.thing_id, {})[sid] = key
+        if numeric:
+            self.numeric_series.add(sid)
+
+    def series_of(self, thing_id: str, feature: str | None = None, prop: str | None = None) -> list[int]:
+        """Series ids of a Thing, optionally of one feature and one property (exact path or base name)."""
+        return sorted(sid for sid, k in list(self._of_thing.get(thing_id, {}).items())
+                      if (feature is None or k.feature == feature)
+                      and (prop is None or prop in (k.path, base_name(k.path))))

@@ -11,12 +11,18 @@ value exactly, or refuses the batch with a reason.
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
+
+from gateway.common.names import THING_ID_RE
+from gateway.common.readings import loads_strict
+from gateway.common.timefmt import parse_iso
 
 FORMAT = "egiz-batch/1"
 MAX_SCALE = 6  # up to six decimals are sent as exact integers
@@ -34,6 +40,125 @@ class WireError(ValueError):
         self.detail = detail
 
 
+ANOMALY_STATES = frozenset({"open", "acknowledged", "resolved"})
+MAX_ID = 64
+
+
+def feature_properties(doc: Mapping[str, Any], feature: str) -> Mapping[str, Any]:
+    """`doc["features"][feature]["properties"]` of a Thing document, or {} where any level is missing."""
+    features = doc.get("features")
+    f = features.get(feature) if isinstance(features, Mapping) else None
+    props = f.get("properties") if isinstance(f, Mapping) else None
+    return props if isinstance(props, Mapping) else {}
+
+
+@dataclass(frozen=True)
+class ThingDoc:
+    """A Thing document as it travels upstream, checked once: the fields the aggregator files it by,
+    and the whole document (`doc`) as the gateway served it."""
+
+    id: str
+    type: str
+    version: int
+    last_updated: float  # epoch seconds of the document's `lastUpdated`
+    doc: Mapping[str, Any]
+
+    @classmethod
+    def parse(cls, doc: Any) -> ThingDoc:
+        """A document from outside; ValueError names what is wrong."""
+        if not isinstance(doc, dict):
+            raise ValueError("a Thing document must be an object")
+        tid, ttype, version, updated = doc.get("id"), doc.get("type", ""), doc.get("version", 0), doc.get("lastUpdated")
+        if not isinstance(tid, str) or not THING_ID_RE.match(tid):
+            raise ValueError(f"Thing id {str(tid)[:80]!r} is not of the form site:equipment")
+        if not isinstance(ttype, str) or len(ttype) > 32:
+            raise ValueError(f"Thing {tid}: type must be a string of at most 32 characters")
+        if not isinstance(version, int) or isinstance(version, bool) or not 0 <= version < 2**62:
+            raise ValueError(f"Thing {tid}: version must be a non-negative integer")
+        when = 0.0
+        if updated is not None:
+            try:
+                when = parse_iso(updated) if isinstance(updated, str) else math.nan
+            except ValueError:
+                when = math.nan
+            if not math.isfinite(when):
+                raise ValueError(f"Thing {tid}: lastUpdated must be an ISO 8601 time")
+        return cls(tid, ttype, version, when, doc)
+
+    @property
+    def status(self) -> Mapping[str, Any]:
+        """The properties of the `status` feature the detector keeps (anomaly, severity, score, ...)."""
+        return feature_properties(self.doc, "status")
+
+    @property
+    def offline(self) -> bool:
+        return feature_properties(self.doc, "connectivity").get("state") == "offline"
+
+
+@dataclass(frozen=True)
+class AnomalyDoc:
+    """An anomaly document as it travels upstream, checked once."""
+
+    id: str
+    thing_id: str
+    state: Literal["open", "acknowledged", "resolved"]
+    severity: str
+    opened_at: float
+    score: float
+    doc: Mapping[str, Any]
+
+    @classmethod
+    def parse(cls, doc: Any) -> AnomalyDoc:
+        if not isinstance(doc, dict):
+            raise ValueError("an anomaly document must be an object")
+        aid, tid, state, sev, opened, score = (doc.get(k) for k in
+                                                ("id", "thingId", "state", "severity", "openedAt", "score"))
+        if not isinstance(aid, str) or not 0 < len(aid) <= MAX_ID:
+            raise ValueError(f"anomaly id must be a string of 1-{MAX_ID} characters")
+        if not isinstance(tid, str) or not THING_ID_RE.match(tid):
+            raise ValueError(f"anomaly {aid}: thingId {str(tid)[:80]!r} is not a Thing id")
+        if state not in ANOMALY_STATES:
+            raise ValueError(f"anomaly {aid}: state must be one of {', '.join(sorted(ANOMALY_STATES))}")
+        if not isinstance(sev, str) or len(sev) > 32:
+            raise ValueError(f"anomaly {aid}: severity must be a short string")
+        try:
+            when = parse_iso(opened) if isinstance(opened, str) else math.nan
+        except ValueError:
+            when = math.nan
+        if not math.isfinite(when):
+            raise ValueError(f"anomaly {aid}: openedAt must be an ISO 8601 time")
+        if score is None:
+            score = 0.0
+        if isinstance(score, bool) or not isinstance(score, int | float) or not math.isfinite(score):
+            raise ValueError(f"anomaly {aid}: score must be a finite number")
+        return cls(aid, tid, state, sev, when, float(score), doc)
+
+
+@dataclass(frozen=True)
+class Action:
+    """An operator's acknowledgement or resolution made centrally, handed to the owning gateway."""
+
+    anomaly_id: str
+    action: Literal["ack", "resolve"]
+    by: str = ""
+    note: str = ""
+    false_positive: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"anomalyId": self.anomaly_id, "action": self.action, "by": self.by, "note": self.note,
+                "falsePositive": self.false_positive}
+
+    @classmethod
+    def parse(cls, doc: Any) -> Action:
+        if not isinstance(doc, dict) or not isinstance(doc.get("anomalyId"), str) \
+                or doc.get("action") not in ("ack", "resolve"):
+            raise ValueError('an action needs "anomalyId" and "action": "ack" | "resolve"')
+        by, note, fp = doc.get("by") or "", doc.get("note") or "", doc.get("falsePositive", False)
+        if not isinstance(by, str) or not isinstance(note, str) or not isinstance(fp, bool):
+            raise ValueError("an action's by and note are strings, falsePositive a boolean")
+        return cls(doc["anomalyId"], doc["action"], by[:200], note[:2000], fp)
+
+
 @dataclass
 class Batch:
     """One uplink batch, decoded: a header and the points as columns."""
@@ -46,11 +171,11 @@ class Batch:
     last_id: int
     series: list[tuple[str, str, str]]  # (thing_id, feature, path) of each series index used by the points
     points: pa.Table  # series (index into `series`), ts, recv, seq, value, text (see POINTS)
-    things: list[dict[str, Any]] = field(default_factory=list)  # Thing documents (newest state)
+    things: list[ThingDoc] = field(default_factory=list)  # Thing documents (newest state)
     deleted: list[str] = field(default_factory=list)
     backlog: dict[str, float] = field(default_factory=dict)  # points, bytes, age_s
     sent_at: float = 0.0
-    anomalies: list[dict[str, Any]] = field(default_factory=list)  # anomaly documents changed since the last batch
+    anomalies: list[AnomalyDoc] = field(default_factory=list)  # anomaly documents changed since the last batch
 
 
 POINTS = pa.schema([
@@ -114,8 +239,8 @@ def encode(batch: Batch) -> bytes:
         "format": FORMAT, "gateway_id": batch.gateway_id, "batch_seq": batch.batch_seq, "site": batch.site,
         "line": batch.line, "first_id": batch.first_id, "last_id": batch.last_id, "scale": scale,
         "series": [list(k) for k in batch.series],
-        "things": batch.things, "deleted": batch.deleted, "backlog": batch.backlog, "sent_at": batch.sent_at,
-        "anomalies": batch.anomalies,
+        "things": [t.doc for t in batch.things], "deleted": batch.deleted, "backlog": batch.backlog,
+        "sent_at": batch.sent_at, "anomalies": [a.doc for a in batch.anomalies],
     }
     raw = json.dumps(header, allow_nan=False, separators=(",", ":")).encode()
     packed = pa.compress(raw, codec="zstd", asbytes=True)
@@ -138,10 +263,11 @@ def decode(data: bytes) -> Batch:
         size = int(meta[b"egiz_size"])
         if not 0 < size <= MAX_HEADER:
             raise WireError("too_large", f"the batch header is {size} bytes, limit {MAX_HEADER}")
-        header = json.loads(pa.decompress(meta[b"egiz"], size, codec="zstd", asbytes=True),
-                            parse_constant=_no_constant)
+        header = loads_strict(pa.decompress(meta[b"egiz"], size, codec="zstd", asbytes=True))
     except WireError:
         raise
+    except RecursionError:
+        raise WireError("malformed", "the batch header is nested too deeply") from None
     except (KeyError, ValueError, pa.ArrowInvalid, OSError):
         raise WireError("malformed", "the batch header is missing or not zstd-compressed JSON") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
@@ -152,17 +278,7 @@ def decode(data: bytes) -> Batch:
             raise WireError("bad_header", f"header field {name} must be a {tp.__name__}")
     if header["batch_seq"] < 1:
         raise WireError("bad_header", "batch_seq starts at 1")
-    things, deleted = header.get("things", []), header.get("deleted", [])
-    if not isinstance(things, list) or not all(isinstance(d, dict) and isinstance(d.get("id"), str) for d in things):
-        raise WireError("bad_header", "things must be a list of Thing documents")
-    if not isinstance(deleted, list) or not all(isinstance(d, str) for d in deleted):
-        raise WireError("bad_header", "deleted must be a list of Thing ids")
-    if len(things) + len(deleted) > MAX_THINGS:
-        raise WireError("too_large", f"more than {MAX_THINGS} Thing changes")
-    anomalies = header.get("anomalies", [])
-    if not isinstance(anomalies, list) or len(anomalies) > MAX_THINGS or not all(_is_anomaly(a) for a in anomalies):
-        raise WireError("bad_header", "anomalies must be a list of anomaly documents (id, thingId, state, "
-                                      "severity, openedAt)")
+    things, deleted, anomalies = _documents(header)
     n = table.num_rows
     if n > MAX_POINTS:
         raise WireError("too_large", f"{n} points, limit {MAX_POINTS}")
@@ -211,13 +327,19 @@ def decode(data: bytes) -> Batch:
                  float(header.get("sent_at") or 0.0), anomalies)
 
 
-ANOMALY_STATES = frozenset({"open", "acknowledged", "resolved"})
-
-
-def _is_anomaly(doc: Any) -> bool:
-    return (isinstance(doc, dict) and isinstance(doc.get("id"), str) and 0 < len(doc["id"]) <= 64
-            and isinstance(doc.get("thingId"), str) and doc.get("state") in ANOMALY_STATES
-            and isinstance(doc.get("severity"), str) and isinstance(doc.get("openedAt"), str))
+def _documents(header: dict[str, Any]) -> tuple[list[ThingDoc], list[str], list[AnomalyDoc]]:
+    """The Thing, deletion and anomaly lists of a header, each document checked."""
+    things, deleted, anomalies = header.get("things", []), header.get("deleted", []), header.get("anomalies", [])
+    if not isinstance(things, list) or not isinstance(anomalies, list):
+        raise WireError("bad_header", "things and anomalies must be lists of documents")
+    if not isinstance(deleted, list) or not all(isinstance(d, str) and THING_ID_RE.match(d) for d in deleted):
+        raise WireError("bad_header", "deleted must be a list of Thing ids")
+    if len(things) + len(deleted) > MAX_THINGS or len(anomalies) > MAX_THINGS:
+        raise WireError("too_large", f"more than {MAX_THINGS} Thing or anomaly changes")
+    try:
+        return [ThingDoc.parse(d) for d in things], deleted, [AnomalyDoc.parse(a) for a in anomalies]
+    except ValueError as exc:
+        raise WireError("bad_document", str(exc)) from None
 
 
 def _int_column(table: pa.Table, name: str) -> np.ndarray:
@@ -233,6 +355,3 @@ def _backlog(raw: Any) -> dict[str, float]:
     return {k: float(v) for k, v in raw.items() if k in ("points", "bytes", "age_s")
             and isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v)}
 
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not allowed")

@@ -27,7 +27,7 @@ import pyarrow as pa
 
 from gateway.buffer.buffer import TelemetryBuffer
 from gateway.common.errors import Conflict, NotFound
-from gateway.common.wire import Batch, encode
+from gateway.common.wire import Action, AnomalyDoc, Batch, ThingDoc, encode
 from gateway.config import GatewayConfig
 from gateway.detect.detector import AnomalyDetector
 from gateway.metrics import GatewayMetrics
@@ -158,7 +158,7 @@ class Forwarder:
         anomalies, anomalies_upto = [], self._anomalies_sent_at
         if things_due and self._detector is not None:
             changed, anomalies_upto = await self._detector.log.changed_since(self._anomalies_sent_at)
-            anomalies = [a.to_json() for a in changed]
+            anomalies = [AnomalyDoc.parse(a.to_json()) for a in changed]
         if plan is None:
             if not anomalies and not self._registry.changed_since(self._things_sent_at) \
                     and not self._deleted_since():
@@ -199,25 +199,23 @@ class Forwarder:
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             log.debug("could not ask for central actions", extra={"error": str(exc)[:200]})
             return
-        actions = doc.get("actions") if isinstance(doc, dict) else None
-        if isinstance(actions, list):
-            await self._apply_actions([a for a in actions if isinstance(a, dict)])
+        await self._apply_actions(_actions(doc))
 
-    async def _apply_actions(self, actions: list[dict[str, Any]]) -> None:
+    async def _apply_actions(self, actions: list[Action]) -> None:
         """Operators' acknowledgements and resolutions made centrally, applied here where anomalies live;
         the new state goes back up with the next batch. Repeats (a lost response) are harmless."""
         if self._detector is None:
             return
         for act in actions:
+            by = f"{act.by or 'central'} (central)"
             try:
-                anomaly_id, by = str(act["anomalyId"]), f"{act.get('by') or 'central'} (central)"
-                if act.get("action") == "ack":
-                    await self._detector.acknowledge(anomaly_id, by, str(act.get("note") or ""))
-                elif act.get("action") == "resolve":
-                    await self._detector.resolve(anomaly_id, by, str(act.get("note") or ""),
-                                                 bool(act.get("falsePositive")))
-            except (KeyError, TypeError, NotFound, Conflict) as exc:
-                log.info("central action not applied", extra={"action": str(act)[:200], "reason": str(exc)})
+                if act.action == "ack":
+                    await self._detector.acknowledge(act.anomaly_id, by, act.note)
+                else:
+                    await self._detector.resolve(act.anomaly_id, by, act.note, act.false_positive)
+            except (NotFound, Conflict) as exc:
+                log.info("central action not applied", extra={"anomaly": act.anomaly_id, "action": act.action,
+                                                              "reason": str(exc)})
 
     def _plan(self) -> Plan | None:
         up = self._up
@@ -237,7 +235,7 @@ class Forwarder:
             return Plan(self.batch_seq + 1, low, min(low + up.batch_points, head), False)
         return None
 
-    def _batch(self, plan: Plan, points: pa.Table, things: list[dict[str, Any]], deleted: list[str],
+    def _batch(self, plan: Plan, points: pa.Table, things: list[ThingDoc], deleted: list[str],
                backlog: dict[str, float]) -> Batch:
         keys = self._buffer.series_keys
         uniq, index = np.unique(points.column("series").to_numpy(), return_inverse=True)
@@ -248,14 +246,14 @@ class Forwarder:
         return Batch(g.id, plan.seq, g.site, g.line, plan.lo, plan.hi, names, table, things, deleted, backlog,
                      time.time())
 
-    def _thing_changes(self) -> tuple[list[dict[str, Any]], list[str]]:
-        docs = [t.to_document() for t in self._registry.changed_since(self._things_sent_at)]
+    def _thing_changes(self) -> tuple[list[ThingDoc], list[str]]:
+        docs = [ThingDoc.parse(t.to_document()) for t in self._registry.changed_since(self._things_sent_at)]
         return docs, self._deleted_since()
 
     def _deleted_since(self) -> list[str]:
         return [tid for when, tid in self._registry.deletions if when > self._deleted_sent_at]
 
-    async def _send(self, plan: Plan, body: bytes, n_points: int) -> list[dict[str, Any]]:
+    async def _send(self, plan: Plan, body: bytes, n_points: int) -> list[Action]:
         """POST one batch; returns the operators' actions the aggregator hands back (see `_apply_actions`)."""
         assert self._http is not None
         url = self._up.url.rstrip("/") + INGEST_PATH
@@ -268,8 +266,7 @@ class Forwarder:
                     self._m.uplink_points.inc(n_points)
                     self._m.uplink_bytes.inc(len(body))
                     self.last_success = time.time()
-                    actions = doc.get("actions") if isinstance(doc, dict) else None
-                    return [a for a in actions if isinstance(a, dict)] if isinstance(actions, list) else []
+                    return _actions(doc)
                 if r.status == 409 and isinstance(doc.get("expected"), int):
                     # The aggregator lost batches it had confirmed (restored from a backup): continue
                     # with its numbering; the points of this range are sent under the expected number.
@@ -329,3 +326,15 @@ def _retry_after(value: str | None) -> float | None:
         return max(0.0, float(value))
     except ValueError:
         return None
+
+
+def _actions(doc: Any) -> list[Action]:
+    """The operators' actions of an aggregator answer; a malformed one is logged and skipped."""
+    raw = doc.get("actions") if isinstance(doc, dict) else None
+    out = []
+    for a in raw if isinstance(raw, list) else []:
+        try:
+            out.append(Action.parse(a))
+        except ValueError as exc:
+            log.warning("a central action was not understood", extra={"reason": str(exc)})
+    return out
