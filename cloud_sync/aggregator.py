@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import re
-import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -128,16 +127,7 @@ class Aggregator:
 
     async def run_until_signalled(self) -> None:
         """Run until SIGTERM or SIGINT (telling systemd when it serves and that it is alive), then stop."""
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await self.start()
-        try:
-            async with systemd.serving():
-                await stop.wait()
-        finally:
-            await self.stop()
+        await systemd.run_until_signalled(self, "aggregator")
 
     async def _maintenance(self) -> None:
         while True:

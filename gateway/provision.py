@@ -350,17 +350,6 @@ def _write_atomically(path: Path, text: str) -> None:
         raise ProvisionError(f"cannot write {path}: {exc}") from None
 
 
-def node_from_txt(properties: dict[bytes, bytes | None]) -> dict[str, str]:
-    """The TXT record of `_egiz-node._tcp` as text: id, type, fw, mac (and anything else, ignored)."""
-    out = {}
-    for k, v in properties.items():
-        try:
-            out[k.decode()] = (v or b"").decode()
-        except UnicodeDecodeError:
-            continue
-    return out
-
-
 def check_node_id(node_id: str) -> str:
     if not NODE_ID_RE.match(node_id):
         raise Invalid(f"{json.dumps(node_id)[:80]} is not a node id (1-63 of a-z 0-9 _ -)")

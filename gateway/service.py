@@ -3,9 +3,7 @@ in reverse on SIGTERM (ingest first, so nothing new arrives while the buffer and
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import signal
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -138,18 +136,4 @@ class GatewayService:
 
     async def run_until_signalled(self) -> None:
         """Run until SIGTERM or SIGINT, then stop gracefully."""
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        try:
-            await self.start()
-        except BaseException:
-            await self.stop()  # undo what did start (broker session, files) before reporting
-            raise
-        try:
-            async with systemd.serving():
-                await stop.wait()
-                log.info("shutting down")
-        finally:
-            await self.stop()
+        await systemd.run_until_signalled(self, "gateway")

@@ -20,6 +20,16 @@ Execute = Callable[[str, Sequence[Any]], Any]  # returns a cursor with fetchall/
 ACTION_TTL_S = 86400.0  # an action for a gateway that never comes back is dropped after a day
 
 
+def where(placeholder: str, base: str, filters: Sequence[tuple[str, Sequence[Any]]]) -> tuple[str, list[Any]]:
+    """`base AND col IN (...)` for every filter with values (an empty one filters nothing), and its params."""
+    parts, params = [base], []  # type: list[str], list[Any]
+    for col, values in filters:
+        if values:
+            parts.append(f"{col} IN ({', '.join([placeholder] * len(values))})")
+            params.extend(values)
+    return " AND ".join(parts), params
+
+
 class AnomalySql:
     def __init__(self, placeholder: str, prefix: str = "") -> None:
         self.p = placeholder
@@ -50,15 +60,8 @@ class AnomalySql:
     def query(self, execute: Execute, *, site: str | None, states: Sequence[str], severities: Sequence[str],
               thing_ids: Sequence[str], limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
         p = self.p
-        where, params = ["1 = 1"], []  # type: list[str], list[Any]
-        if site:
-            where.append(f"site = {p}")
-            params.append(site)
-        for col, values in (("state", states), ("severity", severities), ("thing_id", thing_ids)):
-            if values:
-                where.append(f"{col} IN ({', '.join([p] * len(values))})")
-                params.extend(values)
-        cond = " AND ".join(where)
+        cond, params = where(p, "1 = 1", [("site", [site] if site else []), ("state", states),
+                                           ("severity", severities), ("thing_id", thing_ids)])
         total = execute(f"SELECT count(*) FROM {self.anomalies} WHERE {cond}", params).fetchone()
         rows = execute(f"SELECT doc, site, line, gateway_id, id FROM {self.anomalies} WHERE {cond} "
                        f"ORDER BY opened_at DESC, id LIMIT {p} OFFSET {p}", [*params, limit, offset]).fetchall()

@@ -20,8 +20,8 @@ import numpy as np
 import pyarrow as pa
 
 from cloud_sync.store import Applied, GatewayRow, StoreError
-from cloud_sync.store.anomalies import AnomalySql, Execute
-from gateway.common.series import SeriesCatalogue, SeriesKey
+from cloud_sync.store.anomalies import AnomalySql, Execute, where
+from gateway.common.series import SeriesCatalogue, SeriesIndexed, SeriesKey
 from gateway.common.wire import Action, Batch
 
 
@@ -133,12 +133,8 @@ class CentralSql:
 
     def thing_docs(self, execute: Execute, *, site: str | None, line: str | None, type_: str | None, limit: int,
                    offset: int) -> tuple[list[dict[str, Any]], int]:
-        where, params = ["NOT deleted"], []  # type: list[str], list[Any]
-        for col, value in (("site", site), ("line", line), ("type", type_)):
-            if value:
-                where.append(f"{col} = {self.p}")
-                params.append(value)
-        cond = " AND ".join(where)
+        cond, params = where(self.p, "NOT deleted", [(col, [v] if v else []) for col, v in
+                                                      (("site", site), ("line", line), ("type", type_))])
         total = execute(f"SELECT count(*) FROM {self.things} WHERE {cond}", params).fetchone()
         rows = execute(f"SELECT doc, site, line, gateway_id FROM {self.things} WHERE {cond} ORDER BY id "
                        f"LIMIT {self.p} OFFSET {self.p}", [*params, limit, offset]).fetchall()
@@ -150,10 +146,11 @@ class CentralSql:
         return _placed(*row) if row else None
 
 
-class CentralStore:
+class CentralStore(SeriesIndexed):
     """The shared half of a central store; a backend fills in the engine's half (see the module doc)."""
 
     sql: CentralSql
+    engine_errors: tuple[type[BaseException], ...] = ()  # what the engine raises when a write fails
 
     def __init__(self) -> None:
         self.catalogue = SeriesCatalogue()
@@ -176,24 +173,10 @@ class CentralStore:
     def _committed(self, prepared: Prepared) -> None:
         """After a commit: what the engine's half keeps in memory (next ids, known partitions)."""
 
-    def _engine_errors(self) -> tuple[type[BaseException], ...]:
-        raise NotImplementedError
-
     # ----------------------------------------------------------------- the shared half
-    @property
-    def series_keys(self) -> dict[int, tuple[SeriesKey, str]]:
-        return self.catalogue.series_keys
-
-    @property
-    def numeric_series(self) -> set[int]:
-        return self.catalogue.numeric_series
-
-    def series_of(self, thing_id: str, feature: str | None = None, prop: str | None = None) -> list[int]:
-        return self.catalogue.series_of(thing_id, feature, prop)
-
     def apply(self, batch: Batch, received_at: float) -> Applied:
         """Apply one batch completely or not at all, and never twice (idempotent by gateway and batch_seq)."""
-        refused: tuple[type[BaseException], ...] = (StoreError, *self._engine_errors())
+        refused: tuple[type[BaseException], ...] = (StoreError, *self.engine_errors)
         with self._write_lock:
             try:
                 with self._transaction() as execute:

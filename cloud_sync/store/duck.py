@@ -24,6 +24,7 @@ class DuckStore(CentralStore, PointFile):
     """One DuckDB file for every site and line."""
 
     sql = CentralSql("?")
+    engine_errors = (duckdb.Error,)
 
     def __init__(self, data_dir: Path) -> None:
         CentralStore.__init__(self)
@@ -51,9 +52,6 @@ class DuckStore(CentralStore, PointFile):
 
     def _reader(self) -> Execute:
         return self.reader().execute
-
-    def _engine_errors(self) -> tuple[type[BaseException], ...]:
-        return (duckdb.Error,)
 
     def _series_ids(self, execute: Execute, batch: Batch, new: list[tuple[int, NewSeries]]) -> list[int]:
         ids = [self.catalogue.get(k) or 0 for k in batch.series]

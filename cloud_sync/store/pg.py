@@ -40,6 +40,7 @@ class PgStore(CentralStore):
     """The aggregator's tables in one PostgreSQL database."""
 
     sql = CentralSql("%s", prefix="egiz_", lock_row=" FOR UPDATE")
+    engine_errors = (psycopg.Error,)
 
     def __init__(self, dsn: str, *, partition_days: int = 1) -> None:
         super().__init__()
@@ -95,9 +96,6 @@ class PgStore(CentralStore):
 
     def _reader(self) -> Execute:
         return self._conn().execute
-
-    def _engine_errors(self) -> tuple[type[BaseException], ...]:
-        return (psycopg.Error,)
 
     def _series_ids(self, execute: Execute, batch: Batch, new: list[tuple[int, NewSeries]]) -> list[int]:
         ids = [self.catalogue.get(k) or 0 for k in batch.series]

@@ -58,10 +58,10 @@ async def health(request: web.Request) -> web.Response:
 
 @requires(None)
 async def ready(request: web.Request) -> web.Response:
-    """Readiness: the twin is loaded and the broker session is up."""
+    """Readiness: the twin's registry file answers and the broker session is up."""
     parts = request.app[PARTS]
     checks = {
-        "registry": "ok",
+        "registry": await parts.registry.check(),
         "mqtt": "ok" if parts.ingest.connected.is_set() else "disconnected",
     }
     warnings = []

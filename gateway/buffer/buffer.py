@@ -28,7 +28,7 @@ import pyarrow as pa
 from gateway.buffer.points import Deadband, PointBatch, deadband_for, sample_points
 from gateway.buffer.store import BufferStore, Maintenance, OpenState, directory_bytes
 from gateway.common.readings import Sample
-from gateway.common.series import SeriesCatalogue, SeriesKey
+from gateway.common.series import SeriesCatalogue, SeriesIndexed, SeriesKey
 from gateway.config import GatewayConfig
 from gateway.metrics import GatewayMetrics
 
@@ -46,7 +46,7 @@ class Ackable(Protocol):
     def is_connected(self) -> bool: ...
 
 
-class TelemetryBuffer:
+class TelemetryBuffer(SeriesIndexed):
     """The DuckDB buffer of one gateway: historian, outbox, and the reason acks wait for a commit."""
 
     def __init__(self, config: GatewayConfig, metrics: GatewayMetrics, *, uplink: bool = False) -> None:
@@ -401,18 +401,6 @@ class TelemetryBuffer:
         return await self.read(lambda: self.store.recv_of_first_after(after))
 
     # ----------------------------------------------------------------- reads
-    @property
-    def series_keys(self) -> dict[int, tuple[SeriesKey, str]]:
-        return self.catalogue.series_keys
-
-    @property
-    def numeric_series(self) -> set[int]:
-        return self.catalogue.numeric_series
-
-    def series_of(self, thing_id: str, feature: str | None = None, prop: str | None = None) -> list[int]:
-        """Series ids of a Thing, optionally of one feature and one property (exact path or base name)."""
-        return self.catalogue.series_of(thing_id, feature, prop)
-
     async def read_points(self, thing_ids: list[str] | None, start: float, end: float) -> pa.Table:
         """Stored points of some Things in `[start, end)` (thing_id, feature, path, ts, value, text)."""
         return await self.read(lambda: self.store.points_of(thing_ids, start, end))

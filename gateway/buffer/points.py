@@ -74,7 +74,6 @@ class PointBatch:
     text: list[str | None] = field(default_factory=list)
     new_series: list[tuple[int, SeriesKey, str, bool]] = field(default_factory=list)  # id, key, type, numeric
     seq_marks: dict[tuple[str, str], int] = field(default_factory=dict)  # (thing, boot) → last seq
-    messages: int = 0
 
     def __len__(self) -> int:
         return len(self.series)

@@ -79,3 +79,21 @@ class SeriesCatalogue:
         return sorted(sid for sid, k in list(self._of_thing.get(thing_id, {}).items())
                       if (feature is None or k.feature == feature)
                       and (prop is None or prop in (k.path, base_name(k.path))))
+
+
+class SeriesIndexed:
+    """The series lookups of a holder of a `SeriesCatalogue` (the `SeriesIndex` a history query reads)."""
+
+    catalogue: SeriesCatalogue
+
+    @property
+    def series_keys(self) -> dict[int, tuple[SeriesKey, str]]:
+        return self.catalogue.series_keys
+
+    @property
+    def numeric_series(self) -> set[int]:
+        return self.catalogue.numeric_series
+
+    def series_of(self, thing_id: str, feature: str | None = None, prop: str | None = None) -> list[int]:
+        """Series ids of a Thing, optionally of one feature and one property (exact path or base name)."""
+        return self.catalogue.series_of(thing_id, feature, prop)

@@ -6,9 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
+import signal
 import socket
 from collections.abc import AsyncIterator
+from typing import Protocol
+
+log = logging.getLogger(__name__)
 
 
 def notify(message: str) -> bool:
@@ -54,3 +59,30 @@ async def serving() -> AsyncIterator[None]:
         notify("STOPPING=1")
         if pinger is not None:
             pinger.cancel()
+
+
+class Service(Protocol):
+    """A long-lived part with `start()` and `stop()` (stop also undoes a start that failed half-way)."""
+
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
+
+async def run_until_signalled(service: Service, name: str) -> None:
+    """Start `service`, tell systemd it serves (and keep its watchdog fed) until SIGTERM or SIGINT,
+    then stop it gracefully. A start that fails is undone before the error is reported."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await service.start()
+    except BaseException:
+        await service.stop()
+        raise
+    try:
+        async with serving():
+            await stop.wait()
+            log.info("shutting down", extra={"service": name})
+    finally:
+        await service.stop()

@@ -44,6 +44,16 @@ ANOMALY_STATES = frozenset({"open", "acknowledged", "resolved"})
 MAX_ID = 64
 
 
+def _iso_time(value: Any, what: str) -> float:
+    try:
+        when = parse_iso(value) if isinstance(value, str) else math.nan
+    except ValueError:
+        when = math.nan
+    if not math.isfinite(when):
+        raise ValueError(f"{what} must be an ISO 8601 time")
+    return when
+
+
 def feature_properties(doc: Mapping[str, Any], feature: str) -> Mapping[str, Any]:
     """`doc["features"][feature]["properties"]` of a Thing document, or {} where any level is missing."""
     features = doc.get("features")
@@ -75,14 +85,7 @@ class ThingDoc:
             raise ValueError(f"Thing {tid}: type must be a string of at most 32 characters")
         if not isinstance(version, int) or isinstance(version, bool) or not 0 <= version < 2**62:
             raise ValueError(f"Thing {tid}: version must be a non-negative integer")
-        when = 0.0
-        if updated is not None:
-            try:
-                when = parse_iso(updated) if isinstance(updated, str) else math.nan
-            except ValueError:
-                when = math.nan
-            if not math.isfinite(when):
-                raise ValueError(f"Thing {tid}: lastUpdated must be an ISO 8601 time")
+        when = 0.0 if updated is None else _iso_time(updated, f"Thing {tid}: lastUpdated")
         return cls(tid, ttype, version, when, doc)
 
     @property
@@ -121,12 +124,7 @@ class AnomalyDoc:
             raise ValueError(f"anomaly {aid}: state must be one of {', '.join(sorted(ANOMALY_STATES))}")
         if not isinstance(sev, str) or len(sev) > 32:
             raise ValueError(f"anomaly {aid}: severity must be a short string")
-        try:
-            when = parse_iso(opened) if isinstance(opened, str) else math.nan
-        except ValueError:
-            when = math.nan
-        if not math.isfinite(when):
-            raise ValueError(f"anomaly {aid}: openedAt must be an ISO 8601 time")
+        when = _iso_time(opened, f"anomaly {aid}: openedAt")
         if score is None:
             score = 0.0
         if isinstance(score, bool) or not isinstance(score, int | float) or not math.isfinite(score):

@@ -18,10 +18,12 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnxruntime as ort
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 from gateway.common.errors import Conflict, EgizError, NotFound
 
@@ -143,6 +145,8 @@ class ModelBundle:
             raise ModelError(f"{path}: cannot read ({exc.strerror})", path=str(path)) from None
         if hashlib.sha256(blob).hexdigest() != sha:
             raise ModelError(f"{path}: corrupt (its SHA-256 does not match the manifest)", path=str(path))
+        import onnxruntime as ort  # here, not at the top: the aggregator reads the registry's files only
+
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 1  # a gateway has few cores and other work; batches are small
         opts.inter_op_num_threads = 1

@@ -13,7 +13,6 @@ import contextlib
 import json
 import logging
 import math
-import random
 import ssl
 from abc import ABC, abstractmethod
 from collections import deque
@@ -25,6 +24,7 @@ import aiomqtt
 from yarl import URL
 
 from gateway import __version__
+from gateway.common.backoff import full_jitter, retry_after
 from gateway.common.names import THING_ID_RE, TYPE_RE
 
 log = logging.getLogger(__name__)
@@ -282,7 +282,7 @@ class WebhookSink(_QueuedSink[_Request]):
                 if 200 <= r.status < 300:
                     return _Outcome(sent=True, retry=False, reason="ok", status=r.status)
                 detail = self._redact((await r.content.read(_DETAIL_BYTES)).decode("utf-8", "replace"))
-                after = _retry_after(r.headers.get("Retry-After")) if r.status in _RETRY_AFTER_STATUSES else None
+                after = retry_after(r.headers.get("Retry-After")) if r.status in _RETRY_AFTER_STATUSES else None
                 retry = r.status >= 500 or r.status in _RETRYABLE_4XX
                 return _Outcome(sent=False, retry=retry, reason=f"HTTP {r.status} {detail}".strip(),
                                 status=r.status, retry_after=after)
@@ -300,8 +300,7 @@ class WebhookSink(_QueuedSink[_Request]):
     def _delay(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
             return min(retry_after, self.max_backoff_s)
-        # Capped exponential backoff with full jitter, so gateways do not retry in step.
-        return random.uniform(0.0, min(self.max_backoff_s, self.backoff_s * 2 ** min(attempt - 1, 30)))
+        return full_jitter(attempt - 1, self.backoff_s, self.max_backoff_s)  # gateways do not retry in step
 
 
 # ---------------------------------------------------------------------------------------------- mqtt
@@ -367,8 +366,7 @@ class MqttAlertSink(_QueuedSink[_Publish]):
                 self.connected.clear()
             if connected_at is not None and loop.time() - connected_at >= self.reconnect_max_s:
                 attempt = 0  # a session that stayed up a while starts the backoff afresh
-            delay = min(self.reconnect_max_s, self.reconnect_min_s * 2 ** min(attempt, 30))
-            delay = random.uniform(delay / 2, delay)  # jitter, so gateways do not reconnect in step
+            delay = full_jitter(attempt, self.reconnect_min_s, self.reconnect_max_s)  # gateways not in step
             attempt += 1
             log.log(logging.DEBUG if outage_logged else logging.WARNING,
                     "alert broker unreachable; reconnecting", extra={
@@ -459,16 +457,6 @@ def _safe_url(url: str) -> str:
         return f"{u.scheme}://{u.host}:{u.port}/…" if u.host else "<invalid url>"
     except ValueError:
         return "<invalid url>"
-
-
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        return None  # an HTTP date: fall back to our own backoff
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 def _raise_if_cancelled() -> None:

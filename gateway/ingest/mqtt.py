@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import random
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +21,7 @@ import aiomqtt
 import paho.mqtt.client as paho
 
 from gateway.buffer.buffer import TelemetryBuffer
+from gateway.common.backoff import full_jitter
 from gateway.common.errors import RejectedMessage
 from gateway.common.names import THING_ID_RE, TYPE_RE
 from gateway.common.readings import count_points
@@ -162,9 +162,9 @@ class MqttIngest:
             if connected_at is not None and time.monotonic() - connected_at >= mq.reconnect_max_s:
                 attempt = 0
             # Capped exponential backoff with full jitter, so a fleet does not reconnect in step.
-            delay = min(mq.reconnect_max_s, mq.reconnect_min_s * 2**min(attempt, 16))
+            delay = full_jitter(attempt, mq.reconnect_min_s, mq.reconnect_max_s)
             attempt += 1
-            await asyncio.sleep(random.uniform(delay / 2, delay))
+            await asyncio.sleep(delay)
 
     # ----------------------------------------------------------------- receive path
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:

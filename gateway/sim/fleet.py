@@ -28,6 +28,7 @@ import aiomqtt
 from aiomqtt.exceptions import MqttConnectError
 
 from gateway import __version__
+from gateway.common.backoff import full_jitter
 from gateway.sim.equipment import BUSINESS_CONTEXT, EQUIPMENT_TYPES, ActiveFault, Properties, make_model
 from gateway.sim.faults import FaultItem, FaultSchedule, SimError, TruthRecord, TruthWriter, check_faults
 
@@ -303,9 +304,8 @@ class _Link:
             if self._closing and loop.time() >= self._deadline:
                 return
             self.stats.reconnects += 1
-            delay = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** min(self._attempt, 16))
+            delay = full_jitter(self._attempt, BACKOFF_BASE_S, BACKOFF_CAP_S, self.rng)  # a fleet not in step
             self._attempt += 1
-            delay = delay / 2 + self.rng.uniform(0, delay / 2)  # jitter, so a fleet does not reconnect in step
             level = logging.DEBUG if self._outage_logged or self.window == PER_NODE_WINDOW else logging.WARNING
             self._outage_logged = True
             log.log(level, "simulator lost the broker; reconnecting",

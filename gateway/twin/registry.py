@@ -116,6 +116,17 @@ class TwinRegistry:
         await self.flush()
         await self._sqlite.close()
 
+    async def check(self, timeout_s: float = 2.0) -> str:
+        """"ok" when the registry file answers a query within `timeout_s`, else what is wrong (for /ready)."""
+        try:
+            await asyncio.wait_for(self._sqlite.call(lambda db: db.execute("SELECT count(*) FROM things").fetchone()),
+                                   timeout_s)
+        except TimeoutError:
+            return f"the registry file did not answer within {timeout_s:g} s"
+        except Exception as exc:  # sqlite3.Error, or a worker that is closed
+            return f"the registry file cannot be read: {str(exc)[:160]}"
+        return "ok"
+
     @property
     def sqlite(self) -> SqliteWorker:
         return self._sqlite

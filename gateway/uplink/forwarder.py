@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from gateway.buffer.buffer import TelemetryBuffer
+from gateway.common.backoff import full_jitter, retry_after
 from gateway.common.errors import Conflict, NotFound
 from gateway.common.wire import Action, AnomalyDoc, Batch, ThingDoc, encode
 from gateway.config import GatewayConfig
@@ -119,8 +119,7 @@ class Forwarder:
             except RetryLater as exc:
                 attempt += 1
                 self._failed(str(exc))
-                delay = min(self._up.retry_max_s, self._up.retry_min_s * 2 ** min(attempt, 16))
-                delay = random.uniform(delay / 2, delay)
+                delay = full_jitter(attempt, self._up.retry_min_s, self._up.retry_max_s)
                 if exc.after is not None:
                     delay = max(delay, min(exc.after, self._up.retry_max_s))
                 await asyncio.sleep(delay)
@@ -129,7 +128,7 @@ class Forwarder:
                 attempt += 1
                 log.exception("uplink step failed")
                 self._failed(f"{type(exc).__name__}: {exc}")
-                await asyncio.sleep(min(self._up.retry_max_s, self._up.retry_min_s * 2 ** min(attempt, 16)))
+                await asyncio.sleep(full_jitter(attempt, self._up.retry_min_s, self._up.retry_max_s))
                 continue
             attempt = 0
             if self.failing_since is not None:
@@ -278,7 +277,7 @@ class Forwarder:
                     await self._buffer.set_state({"uplink.batch_seq": self.batch_seq,
                                                   "uplink.inflight_seq": plan.seq})
                     raise RetryLater("renumbered", after=0)
-                after = _retry_after(r.headers.get("Retry-After"))
+                after = retry_after(r.headers.get("Retry-After"))
                 detail = f"{r.status} {doc.get('error', '')}: {str(doc.get('detail', ''))[:200]}"
                 if r.status in (401, 403):
                     log.error("the aggregator refuses this gateway's token", extra={"status": r.status})
@@ -317,15 +316,6 @@ class Forwarder:
         self._m.uplink_backlog_points.set(b["points"])
         self._m.uplink_backlog_bytes.set(b["bytes"])
         self._m.uplink_backlog_age.set(b["age_s"])
-
-
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        return None
 
 
 def _actions(doc: Any) -> list[Action]:
