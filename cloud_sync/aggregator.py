@@ -30,7 +30,7 @@ from gateway.common import systemd, viewer
 from gateway.common.auth import Authenticator, role_allows
 from gateway.common.errors import Invalid, NotFound
 from gateway.common.history import parse_history_request, run_query
-from gateway.common.http import error_body, error_middleware, int_param, parse_json, read_json, requires
+from gateway.common.http import error_body, error_middleware, int_param, parse_json, read_json, requires, serve
 from gateway.common.wire import ANOMALY_STATES, Action, Batch, WireError, decode, feature_properties
 from gateway.detect.models import ModelRegistry, file_sha256
 
@@ -100,12 +100,7 @@ class Aggregator:
     # ----------------------------------------------------------------- lifecycle
     async def start(self) -> None:
         await self.write(self.store.open)
-        self._runner = web.AppRunner(self.app, handle_signals=False, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.http.host, self.config.http.port, reuse_address=True)
-        await site.start()
-        sockets = getattr(site._server, "sockets", None) or []
-        self.http_port = sockets[0].getsockname()[1] if sockets else self.config.http.port
+        self._runner, self.http_port = await serve(self.app, self.config.http.host, self.config.http.port)
         self._tasks = [asyncio.create_task(self._maintenance(), name="aggregator-maintenance"),
                        asyncio.create_task(self._summaries(), name="aggregator-summaries")]
         log.info("aggregator started", extra={"http_port": self.http_port, "backend": self.config.storage.backend})

@@ -17,6 +17,7 @@ from gateway.buffer.restore import restore_twin
 from gateway.bus import EventBus
 from gateway.common import systemd
 from gateway.common.auth import Authenticator
+from gateway.common.http import serve
 from gateway.config import GatewayConfig
 from gateway.detect.detector import AnomalyDetector
 from gateway.ingest.deadletter import DeadLetterLog
@@ -92,13 +93,7 @@ class GatewayService:
             await self.forwarder.start()
         if self.model_fetcher is not None:
             await self.model_fetcher.start()
-        self._runner = web.AppRunner(self.app, handle_signals=False, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, cfg.http.host, cfg.http.port, reuse_address=True)
-        await site.start()
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        self.http_port = sockets[0].getsockname()[1] if sockets else cfg.http.port
+        self._runner, self.http_port = await serve(self.app, cfg.http.host, cfg.http.port)
         if self.provisioner is not None:
             from gateway.discovery import GatewayDiscovery
 

@@ -136,3 +136,13 @@ def parse_json(text: str, what: str) -> Any:
     except ValueError as exc:  # JSONDecodeError, a non-finite number, an integer of thousands of digits
         raise Invalid(f"{what} is not valid JSON: {str(exc)[:200]}") from None
 
+
+
+async def serve(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+    """Start serving `app`; returns the runner (clean it up to stop) and the port bound (`port` 0: any)."""
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    await site.start()
+    sockets = getattr(site._server, "sockets", None) or []
+    return runner, sockets[0].getsockname()[1] if sockets else port
