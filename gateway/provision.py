@@ -25,7 +25,7 @@ from typing import Any
 
 import aiohttp
 
-from gateway.broker import hash_password
+from gateway.broker.passwords import hash_password
 from gateway.common.errors import Conflict, EgizError, Invalid, NotFound
 from gateway.common.names import TYPE_RE
 from gateway.common.timefmt import iso_seconds

@@ -26,7 +26,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import gateway.broker as broker_mod
+import gateway.broker.embedded as embedded_mod
+import gateway.broker.mosquitto as mosquitto_mod
 from gateway.broker import (
     BrokerError,
     BrokerProcess,
@@ -34,6 +35,7 @@ from gateway.broker import (
     EmbeddedBroker,
     find_free_port,
     find_mosquitto,
+    hash_password,
     render_mosquitto_conf,
     start_broker,
     topic_matches,
@@ -301,7 +303,7 @@ def test_hashes_match_mosquitto_passwd_both_ways(tmp_path: Path) -> None:
     name, hashed = pw.read_text().strip().split(":", 1)
     assert name == "node-1" and hashed.startswith("$7$")
     assert verify_password("s3cret", hashed) and not verify_password("s3cret!", hashed)
-    assert verify_password("pw", broker_mod.hash_password("pw")) and not verify_password("pw", "$7$bogus")
+    assert verify_password("pw", hash_password("pw")) and not verify_password("pw", "$7$bogus")
 
 
 # ----------------------------------------------------------------------------------- choosing
@@ -315,7 +317,7 @@ async def test_start_broker_prefers_mosquitto_and_falls_back_to_the_embedded_one
         assert isinstance(b, BrokerProcess)
     # A machine without Mosquitto: nothing on PATH, nothing in sbin.
     monkeypatch.setenv("PATH", str(tmp_path))
-    monkeypatch.setattr(broker_mod, "_SBIN_DIRS", ())
+    monkeypatch.setattr(mosquitto_mod, "_SBIN_DIRS", ())
     b = await start_broker(BrokerSettings(port=find_free_port(), data_dir=tmp_path / "e", allow_anonymous=True))
     try:
         assert isinstance(b, EmbeddedBroker)
@@ -386,7 +388,7 @@ class RawClient:
         return client
 
     def send(self, header: int, body: bytes) -> None:
-        self.writer.write(bytes((header,)) + broker_mod._varint(len(body)) + body)
+        self.writer.write(bytes((header,)) + embedded_mod._varint(len(body)) + body)
 
     async def read(self) -> tuple[int, bytes]:
         header = (await self.reader.readexactly(1))[0]
@@ -477,7 +479,7 @@ def test_garbage_never_breaks_the_embedded_broker(after_connect: bool, packets: 
 def test_topic_filters_match_like_mqtt_says() -> None:
     assert topic_matches("a/+/c", "a/b/c") and topic_matches("a/#", "a") and topic_matches("+/+", "/x")
     assert not topic_matches("a/+", "a/b/c") and not topic_matches("#", "$SYS/x") and topic_matches("$SYS/#", "$SYS/x")
-    tree = broker_mod._TopicTree()
+    tree = embedded_mod._TopicTree()
     for f in ("a/+/c", "a/#", "#", "$SYS/#", "x/y"):
         tree.add(f, f, 1)
     assert set(tree.match("a/b/c")) == {"a/+/c", "a/#", "#"}
