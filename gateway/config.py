@@ -250,48 +250,74 @@ def load_config(
 
 
 def _check_semantics(cfg: Any, problems: list[tuple[str, str]]) -> None:
-    """Checks that need more than a type: ranges, names, patterns, cross-key rules.
+    """Checks that need more than a type: ranges, names, patterns, cross-key rules, one section each.
 
     Runs even when some values had the wrong type; a check whose inputs are broken is skipped
     (its key was already reported), so one run lists every problem.
     """
     if not isinstance(cfg, GatewayConfig):
         return
-    reported = {key for key, _ in problems}
-    wrong_type = frozenset(reported)
+    check = _Checks(problems)
+    for section in (_check_gateway, _check_mqtt, _check_http, _check_auth, _check_ingest, _check_discovery,
+                    _check_broker, _check_twin, _check_buffer, _check_uplink, _check_detect, _check_ws):
+        section(cfg, check)
 
-    def check(key: str, ok: bool | Callable[[], bool], message: str, *, reads: tuple[str, ...] = ()) -> None:
+
+class _Checks:
+    """Adds a problem for a key unless that key (or a key a cross-key rule reads) was reported already."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        self.problems = problems
+        self.reported = {key for key, _ in problems}
+        self.wrong_type = frozenset(self.reported)
+
+    def __call__(self, key: str, ok: bool | Callable[[], bool], message: str, *,
+                 reads: tuple[str, ...] = ()) -> None:
         """`reads`: the other keys a cross-key rule looks at; a type problem in any of them skips it."""
-        if key in reported or not wrong_type.isdisjoint(reads):
+        if key in self.reported or not self.wrong_type.isdisjoint(reads):
             return
         try:
             good = ok() if callable(ok) else ok
         except (TypeError, AttributeError, ValueError, KeyError):
             return
         if not good:
-            problems.append((key, message))
-            reported.add(key)
+            self.fail(key, message)
 
+    def fail(self, key: str, message: str) -> None:
+        self.problems.append((key, message))
+        self.reported.add(key)
+
+
+def _check_gateway(cfg: GatewayConfig, check: _Checks) -> None:
     g = cfg.gateway
+    if not isinstance(g, GatewaySection):
+        return  # the section itself was reported
     for key in ("gateway.site", "gateway.line", "gateway.id"):
-        if not isinstance(g, GatewaySection):
-            break  # the section itself was reported
         value = getattr(g, key.split(".")[1], None)
         check(key, isinstance(value, str) and bool(NAME_RE.match(value)),
               "must be 1-63 chars of a-z, 0-9, '.', '_', '-' (lowercase, starting with a letter or digit)")
-    check("mqtt.port", lambda: 1 <= cfg.mqtt.port <= 65535, "must be a TCP port 1..65535")
-    check("http.port", lambda: 0 <= cfg.http.port <= 65535, "must be a TCP port 0..65535 (0: any free port)")
-    check("mqtt.keepalive_s", lambda: 5 <= cfg.mqtt.keepalive_s <= 3600, "must be 5..3600 seconds")
-    check("mqtt.password", lambda: bool(cfg.mqtt.username) == bool(cfg.mqtt.password),
+
+
+def _check_mqtt(cfg: GatewayConfig, check: _Checks) -> None:
+    m = cfg.mqtt
+    check("mqtt.port", lambda: 1 <= m.port <= 65535, "must be a TCP port 1..65535")
+    check("mqtt.keepalive_s", lambda: 5 <= m.keepalive_s <= 3600, "must be 5..3600 seconds")
+    check("mqtt.password", lambda: bool(m.username) == bool(m.password),
           "mqtt.username and mqtt.password must be given together", reads=("mqtt.username",))
-    check("mqtt.reconnect_min_s", lambda: cfg.mqtt.reconnect_min_s > 0, "must be > 0")
-    check("mqtt.reconnect_max_s", lambda: cfg.mqtt.reconnect_max_s >= cfg.mqtt.reconnect_min_s,
+    check("mqtt.reconnect_min_s", lambda: m.reconnect_min_s > 0, "must be > 0")
+    check("mqtt.reconnect_max_s", lambda: m.reconnect_max_s >= m.reconnect_min_s,
           "must be >= mqtt.reconnect_min_s", reads=("mqtt.reconnect_min_s",))
-    ca_file = getattr(cfg.mqtt, "ca_file", "")
-    check("mqtt.ca_file", lambda: not (cfg.mqtt.tls is True and ca_file) or Path(ca_file).exists(),
-          f"{ca_file} does not exist", reads=("mqtt.tls",))
-    check("mqtt.ca_file", lambda: not (cfg.mqtt.tls is True and ca_file) or Path(ca_file).is_file(),
-          f"{ca_file} is not a file", reads=("mqtt.tls",))
+    ca_file = getattr(m, "ca_file", "")
+    for holds, what in ((Path.exists, "does not exist"), (Path.is_file, "is not a file")):
+        check("mqtt.ca_file", lambda: not (m.tls is True and ca_file) or holds(Path(ca_file)),
+              f"{ca_file} {what}", reads=("mqtt.tls",))
+
+
+def _check_http(cfg: GatewayConfig, check: _Checks) -> None:
+    check("http.port", lambda: 0 <= cfg.http.port <= 65535, "must be a TCP port 0..65535 (0: any free port)")
+
+
+def _check_auth(cfg: GatewayConfig, check: _Checks) -> None:
     check("auth.api_keys", lambda: cfg.auth.open or bool(cfg.auth.api_keys),
           "give at least one key (or set auth.open = true for a demo)", reads=("auth.open",))
     seen: set[str] = set()
@@ -303,6 +329,9 @@ def _check_semantics(cfg: Any, problems: list[tuple[str, str]]) -> None:
         check(f"auth.api_keys[{i}].key", k.key not in seen, "is given twice")
         if isinstance(k.key, str):
             seen.add(k.key)
+
+
+def _check_ingest(cfg: GatewayConfig, check: _Checks) -> None:
     ing = cfg.ingest
     from gateway.ingest.topics import TopicPattern  # late import: topics imports nothing of ours
 
@@ -311,20 +340,14 @@ def _check_semantics(cfg: Any, problems: list[tuple[str, str]]) -> None:
         try:
             parsed = TopicPattern.parse(pattern, required={"equipment_id"})
         except (ValueError, TypeError, AttributeError) as exc:
-            if key not in reported and isinstance(pattern, str):
-                problems.append((key, str(exc)))
+            if key not in check.reported and isinstance(pattern, str):
+                check.fail(key, str(exc))
             continue
         if key == "ingest.telemetry_topic":
             has_feature = any(n == "feature" for _, n in parsed.captures)
             check(key, ing.payload_format != "contract" or has_feature,
                   "the contract payload format needs a {feature} level (or set ingest.payload_format = \"legacy\")",
                   reads=("ingest.payload_format",))
-    check("discovery.broker_port", lambda: 0 <= cfg.discovery.broker_port <= 65535,
-          "must be a TCP port 1..65535 (0: mqtt.port)")
-    check("discovery.provision_timeout_s", lambda: cfg.discovery.provision_timeout_s > 0, "must be > 0")
-    check("discovery.node_stale_s", lambda: cfg.discovery.node_stale_s > 0, "must be > 0")
-    check("broker.reload", lambda: re.fullmatch(r"((pidfile|command):.+)?", cfg.broker.reload) is not None,
-          'must be "", "pidfile:PATH" or "command:ARGS"')
     check("ingest.max_payload_bytes", lambda: 256 <= ing.max_payload_bytes <= 16 * 2**20, "must be 256..16777216")
     check("ingest.max_samples", lambda: 1 <= ing.max_samples <= 100_000, "must be 1..100000")
     check("ingest.dead_letter_keep", lambda: ing.dead_letter_keep >= 1, "must be >= 1")
@@ -337,7 +360,25 @@ def _check_semantics(cfg: Any, problems: list[tuple[str, str]]) -> None:
               "must be an equipment id: letters, digits, '.', '_', '-'")
         check(f"ingest.devices.{dev}.type", isinstance(m.type, str) and (not m.type or bool(TYPE_RE.match(m.type))),
               "must be lowercase letters, digits, _ or -")
+
+
+def _check_discovery(cfg: GatewayConfig, check: _Checks) -> None:
+    d = cfg.discovery
+    check("discovery.broker_port", lambda: 0 <= d.broker_port <= 65535, "must be a TCP port 1..65535 (0: mqtt.port)")
+    check("discovery.provision_timeout_s", lambda: d.provision_timeout_s > 0, "must be > 0")
+    check("discovery.node_stale_s", lambda: d.node_stale_s > 0, "must be > 0")
+
+
+def _check_broker(cfg: GatewayConfig, check: _Checks) -> None:
+    check("broker.reload", lambda: re.fullmatch(r"((pidfile|command):.+)?", cfg.broker.reload) is not None,
+          'must be "", "pidfile:PATH" or "command:ARGS"')
+
+
+def _check_twin(cfg: GatewayConfig, check: _Checks) -> None:
     check("twin.flush_interval_s", lambda: 0 < cfg.twin.flush_interval_s <= 60, "must be > 0 and <= 60")
+
+
+def _check_buffer(cfg: GatewayConfig, check: _Checks) -> None:
     b = cfg.buffer
     check("buffer.commit_interval_ms", lambda: 1 <= b.commit_interval_ms <= 10_000, "must be 1..10000")
     check("buffer.commit_idle_ms", lambda: 0 <= b.commit_idle_ms <= b.commit_interval_ms,
@@ -366,6 +407,9 @@ def _check_semantics(cfg: Any, problems: list[tuple[str, str]]) -> None:
         check(f"buffer.deadband[{i}]", lambda: rule.absolute > 0 or rule.percent > 0,
               "give absolute or percent (> 0)",
               reads=(f"buffer.deadband[{i}].absolute", f"buffer.deadband[{i}].percent"))
+
+
+def _check_uplink(cfg: GatewayConfig, check: _Checks) -> None:
     up = cfg.uplink
     check("uplink.url", lambda: not up.url or bool(re.fullmatch(r"https?://[^\s/]+(/[^\s]*)?", up.url)),
           "must be an http:// or https:// URL (or empty: no forwarding)")
@@ -380,6 +424,9 @@ def _check_semantics(cfg: Any, problems: list[tuple[str, str]]) -> None:
           "must be 0 (never) or 0.1..86400 seconds")
     check("uplink.retry_max_s", lambda: up.retry_min_s <= up.retry_max_s <= 3600,
           "must be uplink.retry_min_s..3600", reads=("uplink.retry_min_s",))
+
+
+def _check_detect(cfg: GatewayConfig, check: _Checks) -> None:
     det = cfg.detect
     check("detect.tick_ms", lambda: 5 <= det.tick_ms <= 1000, "must be 5..1000 milliseconds")
     check("detect.enter_score", lambda: 0 < det.enter_score <= 1, "must be > 0 and <= 1")
@@ -391,17 +438,20 @@ def _check_semantics(cfg: Any, problems: list[tuple[str, str]]) -> None:
     check("detect.z_limit", lambda: 1 <= det.z_limit <= 100, "must be 1..100")
     check("detect.model_poll_s", lambda: 0.1 <= det.model_poll_s <= 3600, "must be 0.1..3600 seconds")
     check("detect.anomaly_keep_days", lambda: det.anomaly_keep_days > 0, "must be > 0")
-    if isinstance(det.rules_file, str) and det.rules_file and "detect.rules_file" not in reported:
+    if isinstance(det.rules_file, str) and det.rules_file and "detect.rules_file" not in check.reported:
         from gateway.detect.rules import RulesError, load_rules
 
         try:
             load_rules(Path(det.rules_file))
         except RulesError as exc:
-            problems.append(("detect.rules_file", str(exc)))
+            check.fail("detect.rules_file", str(exc))
     for i, hook in enumerate(det.webhooks or ()):
         if isinstance(hook, WebhookTarget):
             check(f"detect.webhooks[{i}].url", http_url(hook.url), "must be an http:// or https:// URL "
                   "with a host and a valid port")
+
+
+def _check_ws(cfg: GatewayConfig, check: _Checks) -> None:
     check("ws.queue_size", lambda: cfg.ws.queue_size >= 1, "must be >= 1")
     check("ws.max_clients", lambda: cfg.ws.max_clients >= 1, "must be >= 1")
     check("ws.heartbeat_s", lambda: cfg.ws.heartbeat_s > 0, "must be > 0")
