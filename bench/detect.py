@@ -19,11 +19,11 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-import aiohttp
 import aiomqtt
 import numpy as np
-from ingest import KEY, QUIET, SITE, emit, gateway, pct
+from ingest import QUIET, SITE, emit, gateway, pct, ws_events
 
 from gateway.broker import BrokerProcess, BrokerSettings, find_free_port
 from gateway.detect.core import DetectorCore, DetectSettings
@@ -38,18 +38,12 @@ async def anomaly_latency(url: str, port: int, things: int, background_rate: int
     """Each of `things` ovens gets one overheated reading, timed; normal traffic flows meanwhile."""
     delays: list[float] = []
     sent: dict[str, float] = {}
-    async with aiohttp.ClientSession() as http, http.ws_connect(url + "/api/v1/ws",
-                                                                headers={"Authorization": f"Bearer {KEY}"}) as ws:
-        await ws.send_json({"action": "subscribe", "filter": {"type": "oven"}})
-        await ws.receive_json()
 
-        async def read() -> None:
-            async for msg in ws:
-                ev = json.loads(msg.data)
-                if ev.get("event") == "AnomalyDetected" and ev["thingId"] in sent:
-                    delays.append(time.time() - sent[ev["thingId"]])
+    def seen(ev: dict[str, Any]) -> None:
+        if ev.get("event") == "AnomalyDetected" and ev["thingId"] in sent:
+            delays.append(time.time() - sent[ev["thingId"]])
 
-        reader = asyncio.create_task(read())
+    async with ws_events(url, "oven", seen):
         stop = asyncio.Event()
 
         async def background(client: aiomqtt.Client) -> None:
@@ -83,7 +77,6 @@ async def anomaly_latency(url: str, port: int, things: int, background_rate: int
                 await asyncio.sleep(0.05)
             stop.set()
             await bg
-        reader.cancel()
     return delays
 
 

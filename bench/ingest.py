@@ -20,7 +20,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,10 @@ import aiomqtt
 import psutil
 
 from gateway.broker import BrokerProcess, BrokerSettings, find_free_port
+
+# The gateway is started and awaited as the tests start it (tests/helpers), from the repository root.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.helpers import EGIZ, gateway_toml, wait_ready
 
 KEY = "bench-admin-key-0123456789abcdef"
 QUIET = logging.getLogger("bench.mqtt")  # aiomqtt warns about many pending publishes, which we want here
@@ -114,38 +118,13 @@ async def metric(http: aiohttp.ClientSession, url: str, name: str) -> float:
 @asynccontextmanager
 async def gateway(tmp: Path, broker_port: int, data: Path) -> Iterator[tuple[str, psutil.Process, float]]:
     http_port = find_free_port()
-    cfg = tmp / "gateway.toml"
-    cfg.write_text(f"""
-[gateway]
-site = "{SITE}"
-line = "line-a"
-id = "gw-bench"
-data_dir = "{data}"
-[mqtt]
-port = {broker_port}
-[http]
-host = "127.0.0.1"
-port = {http_port}
-[auth]
-api_keys = [{{ key = "{KEY}", role = "admin" }}]
-[ingest]
-auto_register = true
-[log]
-level = "warning"
-""")
-    egiz = Path(sys.executable).with_name("egiz")
+    cfg = gateway_toml(tmp / "gateway.toml", SITE, key=KEY, gateway={"id": "gw-bench", "data_dir": data},
+                       mqtt={"port": broker_port}, http={"port": http_port}, ingest={"auto_register": True},
+                       log={"level": "warning"})
     t0 = time.perf_counter()
-    proc = await asyncio.create_subprocess_exec(str(egiz), "gateway", "run", "--config", str(cfg))
+    proc = await asyncio.create_subprocess_exec(EGIZ, "gateway", "run", "--config", str(cfg))
     url = f"http://127.0.0.1:{http_port}"
-    async with aiohttp.ClientSession() as http:
-        while True:
-            try:
-                async with http.get(url + "/ready") as r:
-                    if r.status == 200:
-                        break
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.01)
+    await wait_ready(url, proc=proc, timeout=600, interval=0.01)
     ready_s = time.perf_counter() - t0
     try:
         yield url, psutil.Process(proc.pid), ready_s
@@ -194,18 +173,12 @@ async def throughput(
 async def latency(url: str, port: int, rate: int, seconds: float) -> list[float]:
     """Publish at `rate` msg/s with the send time inside; measure when StateChanged reaches a WS client."""
     delays: list[float] = []
-    async with aiohttp.ClientSession() as http, http.ws_connect(url + "/api/v1/ws",
-                                                                headers={"Authorization": f"Bearer {KEY}"}) as ws:
-        await ws.send_json({"action": "subscribe", "filter": {"type": "mixer"}})
-        await ws.receive_json()
 
-        async def read() -> None:
-            async for msg in ws:
-                ev = json.loads(msg.data)
-                if ev.get("event") == "StateChanged" and "t_pub" in ev["properties"]:
-                    delays.append(time.time() - ev["properties"]["t_pub"])
+    def seen(ev: dict[str, Any]) -> None:
+        if ev.get("event") == "StateChanged" and "t_pub" in ev["properties"]:
+            delays.append(time.time() - ev["properties"]["t_pub"])
 
-        reader = asyncio.create_task(read())
+    async with ws_events(url, "mixer", seen):
         async with aiomqtt.Client("127.0.0.1", port, max_inflight_messages=1000) as client:
             n = int(rate * seconds)
             t0 = time.perf_counter()
@@ -220,8 +193,27 @@ async def latency(url: str, port: int, rate: int, seconds: float) -> list[float]
         deadline = time.perf_counter() + 10
         while len(delays) < n and time.perf_counter() < deadline:
             await asyncio.sleep(0.05)
-        reader.cancel()
     return delays
+
+
+@asynccontextmanager
+async def ws_events(url: str, thing_type: str, seen: Callable[[dict[str, Any]], None]) -> AsyncIterator[None]:
+    """A WebSocket client of the gateway subscribed to one Thing type; `seen` gets each event while the
+    block runs."""
+    async with aiohttp.ClientSession() as http, http.ws_connect(url + "/api/v1/ws",
+                                                                headers={"Authorization": f"Bearer {KEY}"}) as ws:
+        await ws.send_json({"action": "subscribe", "filter": {"type": thing_type}})
+        await ws.receive_json()
+
+        async def read() -> None:
+            async for msg in ws:
+                seen(json.loads(msg.data))
+
+        reader = asyncio.create_task(read())
+        try:
+            yield
+        finally:
+            reader.cancel()
 
 
 async def populate(port: int, things: int) -> None:

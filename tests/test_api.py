@@ -9,7 +9,7 @@ import time
 import aiohttp
 import pytest
 
-from tests.conftest import ADMIN_KEY, OPERATOR_KEY, VIEWER_KEY, GatewayFactory, wait_for
+from tests.helpers import ADMIN_KEY, OPERATOR_KEY, VIEWER_KEY, GatewayFactory, wait_for
 
 OVEN = {
     "type": "oven",

@@ -6,8 +6,8 @@ retained messages and Last Will)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
+import itertools
 import logging
 import os
 import re
@@ -42,21 +42,11 @@ from gateway.broker import (
     verify_password,
     write_password_file,
 )
+from tests.helpers import all_stopped, need_mosquitto, private_mosquitto, receive
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "broker.md"
 Broker = BrokerProcess | EmbeddedBroker
 BrokerFactory = Callable[..., Awaitable[Broker]]
-
-
-def need_mosquitto() -> str:
-    """The mosquitto executable; skipped without it, but a failure under CI, which always has it."""
-    exe = find_mosquitto()
-    if exe is None:
-        message = "needs mosquitto: apt-get install mosquitto"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return exe
 
 
 @pytest.fixture(params=["mosquitto", "embedded"])
@@ -69,35 +59,19 @@ def kind(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 async def make_broker(tmp_path: Path, kind: str) -> AsyncIterator[BrokerFactory]:
     """Start brokers of the parametrized kind on free ports; all are stopped at the end."""
-    started: list[Broker] = []
+    count = itertools.count()
+    async with all_stopped() as start:
 
-    async def make(**overrides: Any) -> Broker:
-        overrides.setdefault("allow_anonymous", True)
-        s = BrokerSettings(port=find_free_port(), data_dir=tmp_path / f"broker-{len(started)}", **overrides)
-        b: Broker = BrokerProcess(s) if kind == "mosquitto" else EmbeddedBroker(s)
-        await b.start()
-        started.append(b)
-        return b
+        async def make(**overrides: Any) -> Broker:
+            overrides.setdefault("allow_anonymous", True)
+            s = BrokerSettings(port=find_free_port(), data_dir=tmp_path / f"broker-{next(count)}", **overrides)
+            return await start(BrokerProcess(s) if kind == "mosquitto" else EmbeddedBroker(s))
 
-    yield make
-    for b in started:
-        await b.stop()
+        yield make
 
 
 def unique() -> str:
     return f"t-{uuid.uuid4().hex[:10]}"
-
-
-async def receive(client: aiomqtt.Client, n: int, timeout: float = 5.0) -> list[aiomqtt.Message]:
-    """Up to n messages; fewer when they do not come in time (the caller's assertion shows what came)."""
-    got: list[aiomqtt.Message] = []
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(timeout):
-            async for message in client.messages:
-                got.append(message)
-                if len(got) == n:
-                    break
-    return got
 
 
 def publish_many(port: int, topic: str, n: int) -> None:
@@ -275,8 +249,7 @@ async def test_a_failed_start_says_why_with_mosquittos_own_words(tmp_path: Path)
 
 
 async def test_kill_is_a_crash_and_the_broker_starts_again(tmp_path: Path) -> None:
-    need_mosquitto()
-    b = BrokerProcess(BrokerSettings(port=find_free_port(), data_dir=tmp_path / "b", allow_anonymous=True))
+    b = private_mosquitto(tmp_path)
     await b.start()
     pid = b.pid
     await b.kill()

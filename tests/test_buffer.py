@@ -20,7 +20,7 @@ from gateway.buffer.buffer import TelemetryBuffer
 from gateway.common.readings import Sample
 from gateway.config import GatewayConfig
 from gateway.metrics import GatewayMetrics
-from tests.conftest import GatewayFactory, gateway_config, wait_for
+from tests.helpers import GatewayFactory, gateway_config, wait_for
 
 T0 = 1_789_999_200.0  # a fixed, minute- and hour-aligned epoch for the reference computations
 assert T0 % 3600 == 0

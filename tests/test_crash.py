@@ -4,16 +4,11 @@ and a restart answers with the live state at once."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import random
-import shutil
 import signal
-import sys
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,104 +17,9 @@ import aiomqtt
 import duckdb
 import pytest
 
-from gateway.broker import BrokerProcess, BrokerSettings, find_free_port, find_mosquitto
-from tests.conftest import ADMIN_KEY, auth, unique_site
+from tests.helpers import T_BASE, THINGS, auth, gateway_process, private_mosquitto, publish_lines
 
 pytestmark = pytest.mark.slow
-THINGS = 20
-T_BASE = 1_790_000_000.0
-
-
-def need_mosquitto() -> None:
-    if find_mosquitto() is None:
-        message = "needs the mosquitto binary: apt-get install mosquitto"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-
-
-def egiz() -> str:
-    path = Path(sys.executable).parent / "egiz"
-    return str(path) if path.exists() else shutil.which("egiz") or "egiz"
-
-
-def write_config(tmp: Path, site: str, broker_port: int, http_port: int) -> Path:
-    path = tmp / "gateway.toml"
-    path.write_text(f"""
-[gateway]
-site = "{site}"
-line = "line-a"
-id = "gw-{site}"
-data_dir = "{tmp / 'data'}"
-[mqtt]
-port = {broker_port}
-reconnect_min_s = 0.1
-reconnect_max_s = 0.5
-[http]
-host = "127.0.0.1"
-port = {http_port}
-[auth]
-api_keys = [{{ key = "{ADMIN_KEY}", role = "admin" }}]
-[ingest]
-auto_register = true
-[twin]
-flush_interval_s = 1.0
-[log]
-format = "json"
-level = "warning"
-""")
-    return path
-
-
-@asynccontextmanager
-async def gateway_process(config: Path, http_port: int, log: Path) -> AsyncIterator[asyncio.subprocess.Process]:
-    with log.open("ab") as err:
-        proc = await asyncio.create_subprocess_exec(egiz(), "gateway", "run", "--config", str(config),
-                                                    stdout=err, stderr=err)
-    try:
-        async with aiohttp.ClientSession() as http:
-            deadline = time.monotonic() + 60  # generous: a loaded machine drains a backlog while starting
-            while True:
-                if proc.returncode is not None:
-                    raise AssertionError(f"the gateway exited with {proc.returncode}; see {log}")
-                try:
-                    async with http.get(f"http://127.0.0.1:{http_port}/ready") as r:
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                assert time.monotonic() < deadline, "the gateway did not become ready"
-                await asyncio.sleep(0.05)
-        yield proc
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-
-
-async def publish(port: int, site: str, tmp: Path, per_thing: int) -> tuple[set[tuple[str, int]], float]:
-    """QoS 1 from C publishers (one per node), so the publisher is not the bottleneck.
-
-    The broker is not restarted in these tests, so every message of a publisher that exits with 0
-    was acknowledged by the broker (PUBACK): that set is returned with the rate reached.
-    """
-    procs, sent = [], set()
-    for i in range(THINGS):
-        eid = f"oven-{i:03d}"
-        lines = tmp / f"{eid}.jsonl"
-        with lines.open("w") as f:
-            for seq in range(1, per_thing + 1):
-                f.write(json.dumps({"ts": T_BASE + seq / 100, "seq": seq, "boot": "b1", "properties": {"v": seq}}))
-                f.write("\n")
-                sent.add((eid, seq))
-        procs.append((lines, f"openegiz/{site}/oven/{eid}/thermal/telemetry"))
-    start = time.monotonic()
-    running = [await asyncio.create_subprocess_exec(
-        "mosquitto_pub", "-h", "127.0.0.1", "-p", str(port), "-q", "1", "-l", "-t", topic, "-i", f"pub-{n}",
-        stdin=lines.open("rb")) for n, (lines, topic) in enumerate(procs)]
-    codes = [await p.wait() for p in running]
-    assert codes == [0] * THINGS, f"a publisher failed: {codes}"
-    return sent, len(sent) / (time.monotonic() - start)
 
 
 async def stored_count(http: aiohttp.ClientSession, http_port: int, site: str) -> int:
@@ -136,29 +36,23 @@ async def stored_count(http: aiohttp.ClientSession, http_port: int, site: str) -
 
 
 async def test_kill_9_at_random_moments_loses_and_doubles_nothing(tmp_path: Path) -> None:
-    need_mosquitto()
     rng = random.Random(int(os.environ.get("EGIZ_CRASH_SEED", "11")))
-    site = unique_site()
-    broker = BrokerProcess(BrokerSettings(port=find_free_port(), data_dir=tmp_path / "broker", allow_anonymous=True))
-    await broker.start()
-    http_port = find_free_port()
-    config = write_config(tmp_path, site, broker.port, http_port)
-    log = tmp_path / "gateway.log"
-    try:
-        async with gateway_process(config, http_port, log):
+    async with private_mosquitto(tmp_path) as broker:
+        gw = gateway_process(tmp_path, broker.port)
+        async with gw.run():
             pass  # first start: creates the session on the broker, so messages queue while it is down
-        publisher = asyncio.create_task(publish(broker.port, site, tmp_path, per_thing=5000))
+        publisher = asyncio.create_task(publish_lines(broker.port, gw.site, tmp_path, per_thing=5000))
         kills = 0
         for _ in range(4):
-            async with gateway_process(config, http_port, log) as proc:
+            async with gw.run() as proc:
                 await asyncio.sleep(rng.uniform(0.3, 1.5))
                 proc.send_signal(signal.SIGKILL)
                 await proc.wait()
                 kills += 1
         acked, rate = await publisher
-        async with gateway_process(config, http_port, log) as proc, aiohttp.ClientSession() as http:
+        async with gw.run() as proc, aiohttp.ClientSession() as http:
             deadline = time.monotonic() + 60
-            while (n := await stored_count(http, http_port, site)) < len(acked):
+            while (n := await stored_count(http, gw.http_port, gw.site)) < len(acked):
                 assert time.monotonic() < deadline, f"only {n} of {len(acked)} acknowledged messages stored"
                 await asyncio.sleep(0.5)
             proc.send_signal(signal.SIGTERM)
@@ -176,21 +70,14 @@ async def test_kill_9_at_random_moments_loses_and_doubles_nothing(tmp_path: Path
         assert len(acked) == THINGS * 5000
         print(json.dumps({"crash_test_publish_rate_msg_s": round(rate), "messages": len(acked), "kills": kills}))
         assert rate >= 5000, f"the publishers reached only {rate:.0f} msg/s"
-    finally:
-        await broker.stop()
 
 
 async def test_restart_answers_with_the_last_stored_state_before_any_new_message(tmp_path: Path) -> None:
-    need_mosquitto()
-    site = unique_site()
-    broker = BrokerProcess(BrokerSettings(port=find_free_port(), data_dir=tmp_path / "broker", allow_anonymous=True))
-    await broker.start()
-    http_port = find_free_port()
-    config = write_config(tmp_path, site, broker.port, http_port)
-    log = tmp_path / "gateway.log"
-    url = f"http://127.0.0.1:{http_port}/api/v1/things/{site}:oven-001"
-    try:
-        async with gateway_process(config, http_port, log) as proc, aiohttp.ClientSession() as http:
+    async with private_mosquitto(tmp_path) as broker:
+        gw = gateway_process(tmp_path, broker.port)
+        site = gw.site
+        url = f"{gw.url}/api/v1/things/{site}:oven-001"
+        async with gw.run() as proc, aiohttp.ClientSession() as http:
             async with aiomqtt.Client("127.0.0.1", broker.port) as client:
                 topic = f"openegiz/{site}/oven/oven-001/thermal/telemetry"
                 for seq in range(1, 51):
@@ -208,12 +95,10 @@ async def test_restart_answers_with_the_last_stored_state_before_any_new_message
             # killed right away: the registry file (written behind, every second) may lag; the buffer has it
             proc.send_signal(signal.SIGKILL)
             await proc.wait()
-        async with gateway_process(config, http_port, log), aiohttp.ClientSession() as http:
+        async with gw.run(), aiohttp.ClientSession() as http:
             async with http.get(url, headers=auth()) as r:
                 props = (await r.json())["features"]["thermal"]["properties"]
             assert props == {"temperature": 150.0, "zones": [50.0, 51.0], "voltage": {"a": 280.0}}
-    finally:
-        await broker.stop()
 
 
 @pytest.mark.parametrize("policy", ["drop_oldest", "reject_new"])
@@ -221,41 +106,24 @@ async def test_a_full_disk_never_crashes_the_gateway_corrupts_nothing_and_loses_
                                                                                          policy: str) -> None:
     """A file size limit on the gateway process stands in for a full SD card (writes fail with EFBIG);
     raising it again stands in for the operator making room."""
-    need_mosquitto()
     import resource
 
-    site = unique_site()
-    broker = BrokerProcess(BrokerSettings(port=find_free_port(), data_dir=tmp_path / "broker", allow_anonymous=True))
-    await broker.start()
-    http_port = find_free_port()
-    config = write_config(tmp_path, site, broker.port, http_port)
-    config.write_text(config.read_text() + f"[buffer]\ndisk_budget_mb = 0\ndisk_policy = \"{policy}\"\n"
-                      "maintenance_interval_s = 1\n")
     limit = 2 * 2**20
 
     def small_disk() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
 
-    log = tmp_path / "gateway.log"
-    with log.open("ab") as err:
-        proc = await asyncio.create_subprocess_exec(egiz(), "gateway", "run", "--config", str(config),
-                                                    stdout=err, stderr=err, preexec_fn=small_disk)
     total = 400 * 500
-    try:
-        async with aiohttp.ClientSession() as http:
-            base = f"http://127.0.0.1:{http_port}"
+    async with private_mosquitto(tmp_path) as broker:
+        gw = gateway_process(tmp_path, broker.port,
+                             buffer={"disk_budget_mb": 0, "disk_policy": policy, "maintenance_interval_s": 1})
+        site, base = gw.site, gw.url
+        async with gw.run(preexec_fn=small_disk, timeout=20) as proc, aiohttp.ClientSession() as http:
 
             async def ready() -> tuple[int, dict[str, Any]]:
                 async with http.get(base + "/ready") as r:
                     return r.status, await r.json()
 
-            deadline = time.monotonic() + 20
-            while True:
-                with contextlib.suppress(aiohttp.ClientError):
-                    if (await ready())[0] == 200:
-                        break
-                assert proc.returncode is None and time.monotonic() < deadline, "the gateway did not start"
-                await asyncio.sleep(0.05)
             topic = f"openegiz/{site}/oven/oven-001/thermal/telemetry"
             async with aiomqtt.Client("127.0.0.1", broker.port, max_inflight_messages=200) as client:
                 for m in range(400):  # 200,000 samples: far more than 2 MiB hold
@@ -283,13 +151,8 @@ async def test_a_full_disk_never_crashes_the_gateway_corrupts_nothing_and_loses_
                             break
                 assert time.monotonic() < deadline, f"no recovery after the disk had room again: {doc}"
                 await asyncio.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), 20) == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        await broker.stop()
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(proc.wait(), 20) == 0
     con = duckdb.connect(str(tmp_path / "data" / "buffer.duckdb"), read_only=True)
     gone = 0
     for line in metrics.splitlines():

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-EGIZ = str(Path(sys.executable).with_name("egiz"))
+from tests.helpers import EGIZ
+
 START = datetime(2026, 11, 20, 4, 0, tzinfo=UTC).timestamp()  # night shift ends, production ramps up
 TRAIN_S = 2 * 3600
 EVAL_S = 3600

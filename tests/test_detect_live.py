@@ -22,7 +22,7 @@ from aiohttp import web
 from gateway.detect.anomalies import exclusions
 from gateway.detect.models import ModelRegistry
 from gateway.detect.train import FeatureRows, train_model
-from tests.conftest import OPERATOR_KEY, VIEWER_KEY, GatewayFactory, auth, wait_for
+from tests.helpers import OPERATOR_KEY, VIEWER_KEY, GatewayFactory, auth, serve, wait_for
 
 RULES = """
 rules:
@@ -52,11 +52,7 @@ async def _webhook(fail_first: int) -> tuple[web.AppRunner, str, list[dict[str, 
 
     app = web.Application()
     app.router.add_post("/hook", hook)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, port = await serve(app)
     return runner, f"http://127.0.0.1:{port}/hook", got, keys
 
 

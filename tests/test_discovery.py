@@ -23,8 +23,8 @@ import pytest
 from gateway.broker import BrokerSettings, render_mosquitto_conf
 from gateway.config import GatewayConfig, load_config
 from gateway.provision import write_broker_files
+from tests.helpers import EGIZ, gateway_toml, need, wait_until
 
-EGIZ = str(Path(sys.executable).with_name("egiz"))
 SITE = "izmir-bakery"
 ADMIN_KEY = "admin-key-" + "0" * 16
 GW_ADDR, NODE_ADDR = "10.231.7.1", "10.231.7.2"
@@ -32,14 +32,6 @@ GW_ADDR, NODE_ADDR = "10.231.7.1", "10.231.7.2"
 REFUSED = {4, 5, 134, 135}  # bad user name or password / not authorised (3.1.1 and 5)
 
 pytestmark = pytest.mark.timeout(240)
-
-
-def need(condition: bool, message: str) -> None:
-    if condition:
-        return
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -106,23 +98,27 @@ except urllib.error.HTTPError as e:
     print(json.dumps({"status": e.code, "body": None}))
 """
 
-# A node of the test's own: it provisions itself like a simulated node, then probes the broker.
-PROBE = """
+# Connecting as a node: the client and its CONNACK code (None when none came within 10 s).
+CONNECT = """
 import asyncio, json, sys, time
 import paho.mqtt.client as mqtt
-from gateway.sim.provisioning import SimulatedNodes
 
-def connect(user, password):
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="probe-" + str(time.time()))
+def connect(user, password, host, port, client_id):
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id)
     if user is not None:
         c.username_pw_set(user, password)
     result = {}
     c.on_connect = lambda c, u, f, rc, p=None: result.setdefault("rc", int(rc.value if hasattr(rc, "value") else rc))
-    c.connect(sys.argv[2], int(sys.argv[3]), 10)
+    c.connect(host, int(port), 10)
     deadline = time.time() + 10
     while "rc" not in result and time.time() < deadline:
         c.loop(0.1)
     return c, result.get("rc")
+"""
+
+# A node of the test's own: it provisions itself like a simulated node, then probes the broker.
+PROBE = CONNECT + """
+from gateway.sim.provisioning import SimulatedNodes
 
 async def provision():
     nodes = SimulatedNodes([("mixer-902", "mixer")], address=sys.argv[1])
@@ -134,9 +130,13 @@ async def provision():
 
 creds = asyncio.run(provision())
 out = {"username": creds.username, "password": creds.password, "broker": [creds.host, creds.port]}
-out["anonymous_rc"] = connect(None, None)[1]
-out["wrong_password_rc"] = connect(creds.username, "not-the-password")[1]
-c, out["own_rc"] = connect(creds.username, creds.password)
+
+def probe(user, password):
+    return connect(user, password, sys.argv[2], sys.argv[3], "probe-" + str(time.time()))
+
+out["anonymous_rc"] = probe(None, None)[1]
+out["wrong_password_rc"] = probe(creds.username, "not-the-password")[1]
+c, out["own_rc"] = probe(creds.username, creds.password)
 boot = "probe-boot"
 own = {"ts": time.time(), "seq": 1, "boot": boot, "properties": {"rms": 1.234, "peak": 2.5}}
 forged = {"ts": time.time(), "seq": 1, "boot": boot, "properties": {"temperature_zones": [999.0, 999.0, 999.0],
@@ -150,31 +150,9 @@ c.disconnect()
 print(json.dumps(out))
 """
 
-RECONNECT = """
-import json, sys, time
-import paho.mqtt.client as mqtt
-c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="probe-again")
-c.username_pw_set(sys.argv[1], sys.argv[2])
-result = {}
-c.on_connect = lambda c, u, f, rc, p=None: result.setdefault("rc", int(rc.value if hasattr(rc, "value") else rc))
-c.connect(sys.argv[3], int(sys.argv[4]), 10)
-deadline = time.time() + 10
-while "rc" not in result and time.time() < deadline:
-    c.loop(0.1)
-print(json.dumps(result))
+RECONNECT = CONNECT + """
+print(json.dumps({"rc": connect(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], "probe-again")[1]}))
 """
-
-
-def wait_until(what: str, fn: Any, timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    value = None
-    while time.monotonic() < deadline:
-        with contextlib.suppress(Exception):
-            value = fn()
-            if value:
-                return value
-        time.sleep(0.5)
-    raise AssertionError(f"{what}: not within {timeout} s (last: {str(value)[:500]})")
 
 
 def test_a_node_is_discovered_approved_provisioned_and_confined_to_its_topics(
@@ -183,30 +161,11 @@ def test_a_node_is_discovered_approved_provisioned_and_confined_to_its_topics(
     data, broker_dir = tmp_path / "gw", tmp_path / "broker"
     broker_dir.mkdir()
     gw_password = secrets.token_urlsafe(16)
-    config = tmp_path / "gateway.toml"
-    config.write_text(f"""
-[gateway]
-site = "{SITE}"
-line = "line-a"
-id = "gw-netns"
-data_dir = "{data}"
-[mqtt]
-host = "127.0.0.1"
-port = 1883
-username = "egiz-gateway"
-password = "{gw_password}"
-[http]
-host = "0.0.0.0"
-port = 8080
-[auth]
-api_keys = [{{ key = "{ADMIN_KEY}", role = "admin" }}]
-[discovery]
-enabled = true
-[broker]
-reload = "pidfile:{broker_dir / 'mosquitto.pid'}"
-[detect]
-enabled = false
-""")
+    config = gateway_toml(
+        tmp_path / "gateway.toml", SITE, key=ADMIN_KEY, gateway={"id": "gw-netns", "data_dir": data},
+        mqtt={"host": "127.0.0.1", "port": 1883, "username": "egiz-gateway", "password": gw_password},
+        http={"host": "0.0.0.0", "port": 8080}, discovery={"enabled": True},
+        broker={"reload": f"pidfile:{broker_dir / 'mosquitto.pid'}"}, detect={"enabled": False})
     cfg = load_config(GatewayConfig, config, environ={})
     write_broker_files(cfg, [])  # what the fleet tooling does before the broker first starts
     conf = render_mosquitto_conf(BrokerSettings(port=1883, host="0.0.0.0", data_dir=broker_dir,

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import OPERATOR_KEY, GatewayFactory, wait_for
+from tests.helpers import OPERATOR_KEY, GatewayFactory, wait_for
 
 FIRMWARE = Path(__file__).resolve().parent.parent / "firmware"
 

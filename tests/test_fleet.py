@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -14,18 +12,9 @@ import aiohttp
 import aiomqtt
 import pytest
 
-from gateway.broker import BrokerProcess, BrokerSettings, find_free_port
+from gateway.broker import BrokerSettings, find_free_port
 from gateway.sim import FleetOptions, fleet_things, parse_faults, run_fleet
-from tests.conftest import GatewayFactory, wait_for
-
-
-def _ensure_mosquitto() -> None:
-    import shutil
-
-    if shutil.which("mosquitto") is None:
-        if os.environ.get("CI"):
-            pytest.fail("needs mosquitto: apt-get install mosquitto")
-        pytest.skip("needs mosquitto: apt-get install mosquitto")
+from tests.helpers import EGIZ, GatewayFactory, need_mosquitto, private_mosquitto, wait_for
 
 
 async def test_simulated_line_reaches_the_twin_exactly(mosquitto, start_gateway: GatewayFactory) -> None:
@@ -66,8 +55,7 @@ async def test_simulated_line_reaches_the_twin_exactly(mosquitto, start_gateway:
 
 
 async def test_broker_restart_mid_stream_loses_no_qos1_message(tmp_path: Path, start_gateway: GatewayFactory) -> None:
-    _ensure_mosquitto()
-    broker = BrokerProcess(BrokerSettings(port=find_free_port(), data_dir=tmp_path / "broker", allow_anonymous=True))
+    broker = private_mosquitto(tmp_path)
     await broker.start()
     try:
         gw = await start_gateway(("127.0.0.1", broker.port))
@@ -135,10 +123,10 @@ def test_fault_spec_errors_name_the_item() -> None:
 
 
 async def test_demo_command_runs_a_line_and_stops_cleanly(tmp_path: Path) -> None:
-    _ensure_mosquitto()
+    need_mosquitto()
     port = find_free_port()
     proc = await asyncio.create_subprocess_exec(
-        str(Path(sys.executable).with_name("egiz")), "demo", "--http-port", str(port), "--rate", "5",
+        EGIZ, "demo", "--http-port", str(port), "--rate", "5",
         "--aggregator-port", "0", "--data-dir", str(tmp_path / "demo"), "--duration", "60",
         stderr=asyncio.subprocess.PIPE)
     try:
@@ -168,8 +156,6 @@ async def test_demo_command_runs_a_line_and_stops_cleanly(tmp_path: Path) -> Non
     assert (tmp_path / "demo" / "gateway" / "registry.sqlite").exists()
 
 
-EGIZ = str(Path(sys.executable).with_name("egiz"))
-
 
 def _listening(port: int) -> bool:
     import socket
@@ -182,7 +168,7 @@ def _listening(port: int) -> bool:
 
 
 async def test_demo_stops_by_itself_after_duration(tmp_path: Path) -> None:
-    _ensure_mosquitto()
+    need_mosquitto()
     mqtt_port = find_free_port()
     proc = await asyncio.create_subprocess_exec(
         EGIZ, "demo", "--http-port", "0", "--mqtt-port", str(mqtt_port), "--nodes", "2", "--rate", "5",
@@ -212,7 +198,7 @@ def test_demo_with_invalid_options_exits_2_and_leaves_no_broker(tmp_path: Path, 
                                                                 message: str) -> None:
     import subprocess
 
-    _ensure_mosquitto()
+    need_mosquitto()
     mqtt_port = find_free_port()
     result = subprocess.run([EGIZ, "demo", "--mqtt-port", str(mqtt_port), "--data-dir", str(tmp_path / "demo"),
                              *args], capture_output=True, text=True, timeout=60, check=False)

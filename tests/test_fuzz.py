@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.service import GatewayService
-from tests.conftest import BROKER_HOST, BROKER_PORT, gateway_config, need_service
+from tests.helpers import BROKER_HOST, BROKER_PORT, gateway_config, need_service
 
 SITE = f"fz-{uuid.uuid4().hex[:8]}"
 LEVEL = st.text(st.characters(blacklist_categories=("Cs", "Cc"), blacklist_characters="/+#"), min_size=1, max_size=70)

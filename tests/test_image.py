@@ -18,7 +18,6 @@ import re
 import shutil
 import stat
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -30,8 +29,8 @@ import pytest
 
 from gateway import __version__
 from gateway.broker import find_free_port
+from tests.helpers import EGIZ
 
-EGIZ = str(Path(sys.executable).with_name("egiz"))
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts" / "image"
 TOOLS = ("mmdebstrap", "mkfs.ext4", "mformat", "mcopy", "mtype", "sfdisk", "zstd", "qemu-system-x86_64")

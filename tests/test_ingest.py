@@ -8,11 +8,7 @@ import time
 
 import aiomqtt
 
-from tests.conftest import GatewayFactory, wait_for
-
-
-def telemetry(seq: int, props: dict, *, boot: str = "boot-1", ts: float | None = None) -> str:
-    return json.dumps({"ts": ts or time.time(), "seq": seq, "boot": boot, "properties": props})
+from tests.helpers import GatewayFactory, telemetry, wait_for
 
 
 async def test_bad_input_is_dead_lettered_and_never_disturbs_good_traffic(mosquitto, start_gateway: GatewayFactory):

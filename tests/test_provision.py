@@ -15,6 +15,7 @@ from gateway.bus import EventBus
 from gateway.config import GatewayConfig, load_config
 from gateway.provision import Provisioner
 from gateway.twin.registry import TwinRegistry
+from tests.helpers import serve
 
 SITE, LINE = "izmir-bakery", "line-b"
 
@@ -30,11 +31,8 @@ async def node_endpoint() -> AsyncIterator[tuple[int, list[dict[str, Any]]]]:
 
     app = web.Application()
     app.router.add_post("/provision", provision)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    yield int(site._server.sockets[0].getsockname()[1]), received  # type: ignore[union-attr]
+    runner, port = await serve(app)
+    yield port, received
     await runner.cleanup()
 
 

@@ -9,18 +9,23 @@ import json
 import os
 import signal
 import socket
-import sys
-import time
 from pathlib import Path
 
 import aiohttp
 import aiomqtt
 
 from gateway.broker import find_free_port
-from tests.conftest import ADMIN_KEY, auth, unique_site
-from tests.test_sync_chaos import aggregator_toml
-
-EGIZ = str(Path(sys.executable).with_name("egiz"))
+from tests.helpers import (
+    ADMIN_KEY,
+    EGIZ,
+    aggregator_toml,
+    auth,
+    gateway_toml,
+    telemetry,
+    topic,
+    unique_site,
+    wait_ready,
+)
 
 
 class SystemdNotify:
@@ -47,50 +52,20 @@ class SystemdNotify:
         self.sock.close()
 
 
-async def until_ready(http: aiohttp.ClientSession, url: str, what: str) -> None:
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            async with http.get(url + "/ready") as r:
-                if r.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        assert time.monotonic() < deadline, f"the {what} never became ready"
-        await asyncio.sleep(0.05)
-
-
 async def test_gateway_process_serves_and_stops_on_sigterm(mosquitto, tmp_path: Path) -> None:
     site, port = unique_site(), find_free_port()
-    cfg = tmp_path / "gateway.toml"
-    cfg.write_text(f"""
-[gateway]
-site = "{site}"
-line = "line-a"
-id = "gw-{site}"
-data_dir = "{tmp_path / 'data'}"
-[mqtt]
-host = "{mosquitto[0]}"
-port = {mosquitto[1]}
-[http]
-host = "127.0.0.1"
-port = 1
-[auth]
-api_keys = [{{ key = "{ADMIN_KEY}", role = "admin" }}]
-[ingest]
-auto_register = true
-""")
+    cfg = gateway_toml(tmp_path / "gateway.toml", site, mqtt={"host": mosquitto[0], "port": mosquitto[1]},
+                       http={"port": 1}, ingest={"auto_register": True})
     notify = SystemdNotify(tmp_path / "notify.sock")
     proc = await asyncio.create_subprocess_exec(
         EGIZ, "gateway", "run", "--config", str(cfg), "--http-port", str(port), stderr=asyncio.subprocess.PIPE,
         env=notify.env())
     url = f"http://127.0.0.1:{port}"
     try:
+        await wait_ready(url, "gateway")
         async with aiohttp.ClientSession() as http:
-            await until_ready(http, url, "gateway")
             async with aiomqtt.Client(*mosquitto) as client:
-                await client.publish(f"openegiz/{site}/oven/oven-001/thermal/telemetry", json.dumps(
-                    {"ts": time.time(), "seq": 1, "boot": "b", "properties": {"setpoint": 185.0}}), qos=1)
+                await client.publish(topic(site, "oven-001"), telemetry(1, {"setpoint": 185.0}, boot="b"), qos=1)
             for _ in range(100):
                 async with http.get(f"{url}/api/v1/things/{site}:oven-001", headers=auth()) as r:
                     if r.status == 200:
@@ -119,8 +94,7 @@ async def test_aggregator_process_tells_systemd_it_serves_and_stops_on_sigterm(t
     proc = await asyncio.create_subprocess_exec(EGIZ, "aggregator", "run", "--config", str(cfg),
                                                 stderr=asyncio.subprocess.PIPE, env=notify.env())
     try:
-        async with aiohttp.ClientSession() as http:
-            await until_ready(http, f"http://127.0.0.1:{port}", "aggregator")
+        await wait_ready(f"http://127.0.0.1:{port}", "aggregator")
         await asyncio.sleep(0.5)
         assert notify.received()[0] == "READY=1", notify.notes
         assert notify.received().count("WATCHDOG=1") >= 3, notify.notes
@@ -138,19 +112,7 @@ async def test_port_in_use_is_one_line_and_exit_1(mosquitto, tmp_path: Path) -> 
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        cfg = tmp_path / "gateway.toml"
-        cfg.write_text(f"""
-[gateway]
-site = "s1"
-line = "l1"
-id = "g1"
-data_dir = "{tmp_path / 'data'}"
-[http]
-host = "127.0.0.1"
-port = {port}
-[auth]
-open = true
-""")
+        cfg = gateway_toml(tmp_path / "gateway.toml", "s1", http={"port": port})
         proc = await asyncio.create_subprocess_exec(EGIZ, "gateway", "run", "--config", str(cfg),
                                                     stderr=asyncio.subprocess.PIPE)
         _, err = await asyncio.wait_for(proc.communicate(), 20)

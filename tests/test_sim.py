@@ -8,10 +8,8 @@ import contextlib
 import itertools
 import json
 import math
-import os
 import random
 import re
-import shutil
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -23,7 +21,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.broker import BrokerProcess, BrokerSettings, find_free_port, write_password_file
+from gateway.broker import write_password_file
 from gateway.sim import (
     FaultSpec,
     FleetOptions,
@@ -36,7 +34,7 @@ from gateway.sim import (
 )
 from gateway.sim.equipment import FEATURES, make_model, production_level
 from gateway.sim.faults import FaultSchedule
-from tests.conftest import unique_site
+from tests.helpers import private_mosquitto, unique_site
 
 Broker = tuple[str, int]
 
@@ -115,12 +113,9 @@ def samples_of(s: Seen) -> list[dict[str, Any]]:
     return samples
 
 
-def need_mosquitto_binary() -> None:
-    if shutil.which("mosquitto") is None:
-        message = "needs Mosquitto on 127.0.0.1:1883: apt-get install mosquitto"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+def fleet(mosquitto: Broker, **options: Any) -> FleetOptions:
+    """A fleet of a site of its own on `mosquitto`."""
+    return FleetOptions(site=unique_site(), host=mosquitto[0], port=mosquitto[1], **options)
 
 
 def _number(v: Any) -> bool:
@@ -196,9 +191,8 @@ def test_invalid_options_are_all_reported_at_once() -> None:
 
 # ----------------------------------------------------------------------------------------- payloads
 async def test_single_payloads_follow_the_contract(mosquitto: Broker) -> None:
-    site = unique_site()
-    opts = FleetOptions(site=site, nodes=5, rate_hz=10, duration_s=1.5, seed=3, host=mosquitto[0],
-                        port=mosquitto[1], context_every_s=0.5)
+    opts = fleet(mosquitto, nodes=5, rate_hz=10, duration_s=1.5, seed=3, context_every_s=0.5)
+    site = opts.site
     types = dict(fleet_things(opts))
     start = time.time()
     async with spy(mosquitto, f"openegiz/{site}/#") as seen:
@@ -243,9 +237,8 @@ async def test_single_payloads_follow_the_contract(mosquitto: Broker) -> None:
 
 
 async def test_batched_payloads_carry_consecutive_samples(mosquitto: Broker) -> None:
-    site = unique_site()
-    opts = FleetOptions(site=site, nodes=3, rate_hz=20, duration_s=1.2, seed=5, batch=4, host=mosquitto[0],
-                        port=mosquitto[1])
+    opts = fleet(mosquitto, nodes=3, rate_hz=20, duration_s=1.2, seed=5, batch=4)
+    site = opts.site
     async with spy(mosquitto, f"openegiz/{site}/+/+/+/telemetry") as seen:
         stats = await run_fleet(opts)
 
@@ -269,9 +262,8 @@ async def test_batched_payloads_carry_consecutive_samples(mosquitto: Broker) -> 
 
 
 async def test_shared_connection_keeps_statuses_and_answers_commands(mosquitto: Broker) -> None:
-    site = unique_site()
-    opts = FleetOptions(site=site, nodes=3, rate_hz=10, duration_s=1.5, seed=9, shared_connection=True,
-                        host=mosquitto[0], port=mosquitto[1])
+    opts = fleet(mosquitto, nodes=3, rate_hz=10, duration_s=1.5, seed=9, shared_connection=True)
+    site = opts.site
     async with spy(mosquitto, f"openegiz/{site}/#") as seen:
         async with asyncio.TaskGroup() as tg:
             run = tg.create_task(run_fleet(opts))
@@ -299,10 +291,10 @@ async def test_shared_connection_keeps_statuses_and_answers_commands(mosquitto: 
 # ----------------------------------------------------------------------------------------- faults
 async def test_dropout_fires_the_last_will_and_the_node_returns_with_a_new_boot(mosquitto: Broker,
                                                                                   tmp_path: Path) -> None:
-    site = unique_site()
     truth = tmp_path / "truth.jsonl"
-    opts = FleetOptions(site=site, nodes=3, rate_hz=10, duration_s=2.5, seed=1, host=mosquitto[0],
-                        port=mosquitto[1], truth_path=truth, faults=parse_faults("dropout:conveyor-003@0.5+1"))
+    opts = fleet(mosquitto, nodes=3, rate_hz=10, duration_s=2.5, seed=1, truth_path=truth,
+                 faults=parse_faults("dropout:conveyor-003@0.5+1"))
+    site = opts.site
     status_topic = f"openegiz/{site}/conveyor/conveyor-003/status"
     async with spy(mosquitto, f"openegiz/{site}/#") as seen:
         async with asyncio.TaskGroup() as tg:
@@ -336,11 +328,10 @@ async def test_dropout_fires_the_last_will_and_the_node_returns_with_a_new_boot(
 
 async def test_faults_bend_the_signals_and_are_written_to_the_ground_truth(mosquitto: Broker,
                                                                            tmp_path: Path) -> None:
-    site = unique_site()
     truth = tmp_path / "truth.jsonl"
-    opts = FleetOptions(site=site, nodes=2, rate_hz=20, duration_s=2.0, seed=2, host=mosquitto[0],
-                        port=mosquitto[1], truth_path=truth, clock_start=local_epoch(10),
-                        faults=parse_faults("overtemperature:oven-001@0.3+1.2=40,stuck:mixer-002@0.5+30"))
+    opts = fleet(mosquitto, nodes=2, rate_hz=20, duration_s=2.0, seed=2, truth_path=truth, clock_start=local_epoch(10),
+                 faults=parse_faults("overtemperature:oven-001@0.3+1.2=40,stuck:mixer-002@0.5+30"))
+    site = opts.site
     start = time.time()
     async with spy(mosquitto, f"openegiz/{site}/+/+/+/telemetry") as seen:
         stats = await run_fleet(opts)
@@ -453,10 +444,9 @@ def test_the_daily_cycle_idles_at_night_and_produces_by_day() -> None:
 
 
 async def test_time_scale_speeds_up_the_daily_cycle(mosquitto: Broker) -> None:
-    site = unique_site()
-    opts = FleetOptions(site=site, nodes=1, rate_hz=10, duration_s=1.0, seed=4, host=mosquitto[0],
-                        port=mosquitto[1], clock_start=local_epoch(4), time_scale=7200)  # 04:00 → 06:00
-    async with spy(mosquitto, f"openegiz/{site}/+/+/thermal/telemetry") as seen:
+    opts = fleet(mosquitto, nodes=1, rate_hz=10, duration_s=1.0, seed=4, clock_start=local_epoch(4),
+                 time_scale=7200)  # 04:00 → 06:00
+    async with spy(mosquitto, f"openegiz/{opts.site}/+/+/thermal/telemetry") as seen:
         await run_fleet(opts)
     zone = [s.doc["properties"]["temperature_zones"][1] for s in seen]
     assert zone[0] < 90 and zone[-1] > 170  # the oven heated up for the morning shift
@@ -465,9 +455,9 @@ async def test_time_scale_speeds_up_the_daily_cycle(mosquitto: Broker) -> None:
 async def test_a_seed_reproduces_the_readings_but_never_the_boot(mosquitto: Broker) -> None:
     async def readings(seed: int) -> tuple[dict[tuple[str, str, int], Any], FleetStats]:
         for _attempt in range(3):  # a run that missed a tick (a busy machine) samples other moments: run again
-            site = unique_site()
-            opts = FleetOptions(site=site, nodes=3, rate_hz=20, duration_s=0.6, seed=seed, host=mosquitto[0],
-                                port=mosquitto[1], clock_start=local_epoch(10), context_every_s=0.2)
+            opts = fleet(mosquitto, nodes=3, rate_hz=20, duration_s=0.6, seed=seed, clock_start=local_epoch(10),
+                         context_every_s=0.2)
+            site = opts.site
             async with spy(mosquitto, f"openegiz/{site}/+/+/+/telemetry") as seen:
                 stats = await run_fleet(opts)
             if stats.late_ticks == 0:
@@ -500,8 +490,7 @@ class Outage:
 
 async def run_through_outages(tmp_path: Path, *, down_at_start_s: float, restart_at_s: float | None,
                               **options: Any) -> Outage:
-    need_mosquitto_binary()
-    broker = BrokerProcess(BrokerSettings(port=find_free_port(), data_dir=tmp_path / "broker", allow_anonymous=True))
+    broker = private_mosquitto(tmp_path)
     address = (broker.host, broker.port)
     site = unique_site()
     received: list[Seen] = []
@@ -561,11 +550,9 @@ async def test_a_full_ring_drops_its_oldest_and_counts_them(tmp_path: Path) -> N
 
 
 async def test_a_broker_refusing_the_credentials_stops_the_run(tmp_path: Path) -> None:
-    need_mosquitto_binary()
     passwords = tmp_path / "passwd"
     write_password_file(passwords, {"sim": "right"})
-    settings_ = BrokerSettings(port=find_free_port(), data_dir=tmp_path / "broker", password_file=passwords)
-    async with BrokerProcess(settings_) as broker:
+    async with private_mosquitto(tmp_path, allow_anonymous=False, password_file=passwords) as broker:
         opts = FleetOptions(site=unique_site(), nodes=2, rate_hz=5, duration_s=5, port=broker.port,
                             username="sim", password="wrong")
         with pytest.raises(SimError, match="refused"):

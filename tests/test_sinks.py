@@ -20,10 +20,8 @@ import aiomqtt
 import pytest
 from aiohttp import web
 
-from gateway.broker import BrokerProcess, BrokerSettings, find_free_port
 from gateway.detect.sinks import AnomalySink, MqttAlertSink, WebhookSink
-from tests.conftest import unique_site, wait_for
-from tests.test_broker import need_mosquitto, receive
+from tests.helpers import private_mosquitto, receive, serve, unique_site, wait_for
 
 TOKEN = "Bearer webhook-secret-0000000001"
 QUERY_SECRET = "query-secret-0000000002"
@@ -80,12 +78,8 @@ async def receiver() -> AsyncIterator[Receiver]:
     rec = Receiver()
     app = web.Application()
     app.router.add_post("/hook", rec.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    rec.url = f"http://{host}:{port}/hook"
+    runner, port = await serve(app)
+    rec.url = f"http://127.0.0.1:{port}/hook"
     yield rec
     await runner.cleanup()
 
@@ -290,8 +284,7 @@ async def test_a_full_alert_queue_drops_the_oldest(mosquitto: tuple[str, int], s
 
 async def test_alerts_queued_while_the_broker_is_down_arrive_after_it_returns(
         tmp_path: Path, sinks: list[AnomalySink]) -> None:
-    need_mosquitto()
-    broker = BrokerProcess(BrokerSettings(port=find_free_port(), data_dir=tmp_path / "broker", allow_anonymous=True))
+    broker = private_mosquitto(tmp_path)
     await broker.start()
     try:
         site = unique_site()

@@ -4,89 +4,40 @@ batches that are refused whole, clocks that are off."""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import aiomqtt
 import numpy as np
 import pyarrow as pa
 import pytest
 
-from cloud_sync.aggregator import Aggregator
-from cloud_sync.config import AggregatorConfig, load_aggregator_config
 from gateway.broker import find_free_port
 from gateway.common.wire import POINTS, Batch, encode
-from tests.conftest import ADMIN_KEY, GatewayFactory, RunningGateway, auth, wait_for
-
-TOKEN = "gateway-token-0000000000001"
-OTHER_TOKEN = "gateway-token-0000000000002"
-
-
-def aggregator_config(tmp_path: Path, *tokens: tuple[str, str, str, str], port: int = 0,
-                      **overrides: Any) -> AggregatorConfig:
-    return load_aggregator_config(None, environ={}, overrides={
-        "aggregator.data_dir": str(tmp_path / "aggregator"), "http.host": "127.0.0.1", "http.port": port,
-        "auth.api_keys": [{"key": ADMIN_KEY, "role": "admin"}],
-        "auth.gateway_tokens": [{"gateway": g, "token": t, "site": s, "line": li} for g, t, s, li in tokens],
-        **overrides,
-    })
-
-
-AggregatorFactory = Callable[..., Awaitable[Aggregator]]
-
-
-@pytest.fixture
-async def start_aggregator() -> AsyncIterator[AggregatorFactory]:
-    running: list[Aggregator] = []
-
-    async def start(cfg: AggregatorConfig) -> Aggregator:
-        agg = Aggregator(cfg)
-        await agg.start()
-        running.append(agg)
-        return agg
-
-    yield start
-    for agg in running:
-        await agg.stop()
-
-
-def uplink(gw_site: str, port: int, **more: Any) -> dict[str, Any]:
-    return {"gateway.site": gw_site, "gateway.id": f"gw-{gw_site}", "uplink.url": f"http://127.0.0.1:{port}",
-            "uplink.token": TOKEN, "uplink.interval_s": 0.05, "uplink.things_interval_s": 0.2,
-            "uplink.retry_min_s": 0.05, "uplink.retry_max_s": 0.5, **more}
-
-
-async def publish(mosquitto: tuple[str, int], gw: RunningGateway, things: int, per_thing: int,
-                  first_seq: int = 1) -> None:
-    async with aiomqtt.Client(*mosquitto) as client:
-        for seq in range(first_seq, first_seq + per_thing):
-            for i in range(things):
-                topic = f"openegiz/{gw.site}/oven/oven-{i:02d}/thermal/telemetry"
-                payload = {"ts": time.time(), "seq": seq, "boot": "b", "properties": {
-                    "temperature": round(180 + seq * 0.01, 2), "zones": [1.5, 2.5], "door": "closed"}}
-                await client.publish(topic, json.dumps(payload), qos=1)
-
-
-def exact(agg: Aggregator, site: str, things: int, per_thing: int) -> bool:
-    for i in range(things):
-        seqs = agg.store.stored_seqs(f"{site}:oven-{i:02d}", "temperature")
-        if seqs != [(s, 1) for s in range(1, per_thing + 1)]:
-            return False
-    return True
+from tests.helpers import (
+    ADMIN_KEY,
+    EGIZ,
+    OTHER_TOKEN,
+    TOKEN,
+    AggregatorFactory,
+    GatewayFactory,
+    aggregator_config,
+    auth,
+    exact,
+    publish_ovens,
+    unique_site,
+    uplink,
+    wait_for,
+)
 
 
 async def test_points_things_and_history_reach_the_aggregator_exactly_once(
         tmp_path: Path, mosquitto, start_gateway: GatewayFactory, start_aggregator: AggregatorFactory) -> None:
-    from tests.conftest import unique_site
-
     site = unique_site()
     agg = await start_aggregator(aggregator_config(tmp_path, (f"gw-{site}", TOKEN, site, "line-a")))
     gw = await start_gateway(mosquitto, **uplink(site, agg.http_port))
-    await publish(mosquitto, gw, things=3, per_thing=40)
+    await publish_ovens(mosquitto, gw, things=3, per_thing=40)
     await wait_for(lambda: exact(agg, site, 3, 40), timeout=20)
     async with aiohttp.ClientSession(headers=auth()) as http:
         base = f"http://127.0.0.1:{agg.http_port}"
@@ -115,18 +66,16 @@ async def test_points_things_and_history_reach_the_aggregator_exactly_once(
 
 async def test_an_outage_of_the_aggregator_drains_afterwards_without_loss_or_duplicates(
         tmp_path: Path, mosquitto, start_gateway: GatewayFactory, start_aggregator: AggregatorFactory) -> None:
-    from tests.conftest import unique_site
-
     site = unique_site()
     port = find_free_port()
     gw = await start_gateway(mosquitto, **uplink(site, port, **{"uplink.batch_points": 500,
                                                                  "uplink.live_backlog_points": 1000}))
-    await publish(mosquitto, gw, things=4, per_thing=150)  # the aggregator is not there yet
+    await publish_ovens(mosquitto, gw, things=4, per_thing=150)  # the aggregator is not there yet
     await wait_for(lambda: gw.service.ingest.accepted_messages == 600)
     await asyncio.sleep(0.5)
     assert gw.service.forwarder is not None and gw.service.forwarder.failing_since is not None
     agg = await start_aggregator(aggregator_config(tmp_path, (f"gw-{site}", TOKEN, site, "line-a"), port=port))
-    await publish(mosquitto, gw, things=4, per_thing=50, first_seq=151)  # live points while it backfills
+    await publish_ovens(mosquitto, gw, things=4, per_thing=50, first_seq=151)  # live points while it backfills
     await wait_for(lambda: exact(agg, site, 4, 200), timeout=30)
     assert agg.store.point_count() == 4 * 200 * 4
     m = gw.service.metrics
@@ -214,11 +163,9 @@ async def test_the_read_api_needs_a_key(tmp_path: Path, start_aggregator: Aggreg
 
 
 async def test_the_demo_runs_two_sites_by_two_lines_into_one_aggregator(tmp_path: Path) -> None:
-    import sys
-
     agg_port = find_free_port()
     proc = await asyncio.create_subprocess_exec(
-        str(Path(sys.executable).with_name("egiz")), "demo", "--http-port", "0", "--aggregator-port", str(agg_port),
+        EGIZ, "demo", "--http-port", "0", "--aggregator-port", str(agg_port),
         "--nodes", "3", "--rate", "5", "--faults", "", "--duration", "60", "--data-dir", str(tmp_path / "demo"),
         stderr=asyncio.subprocess.PIPE)
     try:

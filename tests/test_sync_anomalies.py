@@ -11,10 +11,19 @@ from pathlib import Path
 import aiohttp
 import aiomqtt
 
-from tests.conftest import ADMIN_KEY, OPERATOR_KEY, VIEWER_KEY, GatewayFactory, auth, unique_site, wait_for
-from tests.test_sync import TOKEN, AggregatorFactory, aggregator_config, start_aggregator, uplink
-
-__all__ = ["start_aggregator"]  # the fixture, used by name
+from tests.helpers import (
+    ADMIN_KEY,
+    OPERATOR_KEY,
+    TOKEN,
+    VIEWER_KEY,
+    AggregatorFactory,
+    GatewayFactory,
+    aggregator_config,
+    auth,
+    unique_site,
+    uplink,
+    wait_for,
+)
 
 RULES = """
 rules:

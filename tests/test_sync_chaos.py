@@ -9,64 +9,31 @@ import os
 import random
 import signal
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import aiohttp
 import duckdb
 import pytest
 
-from gateway.broker import BrokerProcess, BrokerSettings, find_free_port
-from tests.conftest import ADMIN_KEY, auth, unique_site
-from tests.test_crash import THINGS, egiz, gateway_process, need_mosquitto, publish, write_config
+from gateway.broker import find_free_port
+from tests.helpers import (
+    THINGS,
+    TOKEN,
+    aggregator_toml,
+    auth,
+    egiz_process,
+    gateway_process,
+    private_mosquitto,
+    publish_lines,
+)
 
 pytestmark = pytest.mark.slow
-TOKEN = "chaos-gateway-token-000001"
 
 
-def aggregator_toml(tmp: Path, port: int, site: str) -> Path:
-    path = tmp / "aggregator.toml"
-    path.write_text(f"""
-[aggregator]
-data_dir = "{tmp / 'aggregator'}"
-[http]
-host = "127.0.0.1"
-port = {port}
-[auth]
-api_keys = [{{ key = "{ADMIN_KEY}", role = "admin" }}]
-gateway_tokens = [{{ gateway = "gw-{site}", token = "{TOKEN}", site = "{site}", line = "line-a" }}]
-[log]
-format = "json"
-level = "warning"
-""")
-    return path
-
-
-@asynccontextmanager
-async def aggregator_process(config: Path, port: int, log: Path) -> AsyncIterator[asyncio.subprocess.Process]:
-    with log.open("ab") as err:
-        proc = await asyncio.create_subprocess_exec(egiz(), "aggregator", "run", "--config", str(config),
-                                                    stdout=err, stderr=err)
-    try:
-        async with aiohttp.ClientSession() as http:
-            deadline = time.monotonic() + 60
-            while True:
-                if proc.returncode is not None:
-                    raise AssertionError(f"the aggregator exited with {proc.returncode}; see {log}")
-                try:
-                    async with http.get(f"http://127.0.0.1:{port}/ready") as r:
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                assert time.monotonic() < deadline, "the aggregator did not become ready"
-                await asyncio.sleep(0.05)
-        yield proc
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+def aggregator_process(config: Path, port: int, log: Path) -> AbstractAsyncContextManager[asyncio.subprocess.Process]:
+    return egiz_process("aggregator", "run", "--config", str(config), url=f"http://127.0.0.1:{port}", log=log,
+                        what="aggregator")
 
 
 async def central_count(port: int, site: str) -> int:
@@ -77,31 +44,21 @@ async def central_count(port: int, site: str) -> int:
 
 
 async def test_kills_and_outages_on_both_ends_lose_and_double_nothing(tmp_path: Path) -> None:
-    need_mosquitto()
     rng = random.Random(int(os.environ.get("EGIZ_CHAOS_SEED", "3")))
-    site = unique_site()
-    broker = BrokerProcess(BrokerSettings(port=find_free_port(), data_dir=tmp_path / "broker", allow_anonymous=True))
-    await broker.start()
-    http_port, agg_port = find_free_port(), find_free_port()
-    gw_config = write_config(tmp_path, site, broker.port, http_port)
-    gw_config.write_text(gw_config.read_text() + f"""[uplink]
-url = "http://127.0.0.1:{agg_port}"
-token = "{TOKEN}"
-batch_points = 2000
-live_backlog_points = 20000
-interval_s = 0.1
-retry_min_s = 0.1
-retry_max_s = 1.0
-""")
-    agg_config = aggregator_toml(tmp_path, agg_port, site)
-    gw_log, agg_log = tmp_path / "gateway.log", tmp_path / "aggregator.log"
-    per_thing = 2000
-    try:
-        async with gateway_process(gw_config, http_port, gw_log):
+    async with private_mosquitto(tmp_path) as broker:
+        agg_port = find_free_port()
+        gateway = gateway_process(tmp_path, broker.port, uplink={
+            "url": f"http://127.0.0.1:{agg_port}", "token": TOKEN, "batch_points": 2000,
+            "live_backlog_points": 20000, "interval_s": 0.1, "retry_min_s": 0.1, "retry_max_s": 1.0})
+        site = gateway.site
+        agg_config = aggregator_toml(tmp_path, agg_port, site)
+        agg_log = tmp_path / "aggregator.log"
+        per_thing = 2000
+        async with gateway.run():
             pass  # the broker session exists from now on
-        publisher = asyncio.create_task(publish(broker.port, site, tmp_path, per_thing=per_thing))
+        publisher = asyncio.create_task(publish_lines(broker.port, site, tmp_path, per_thing=per_thing))
         # round 1: the aggregator is down while the line ingests (the backlog grows)
-        async with gateway_process(gw_config, http_port, gw_log) as gw:
+        async with gateway.run() as gw:
             await asyncio.sleep(2)
             # round 2: the aggregator comes up and is killed mid-batch, twice
             for _ in range(2):
@@ -115,8 +72,7 @@ retry_max_s = 1.0
                 gw.send_signal(signal.SIGKILL)
                 await gw.wait()
         acked, _rate = await publisher
-        async with aggregator_process(agg_config, agg_port, agg_log) as agg, \
-                gateway_process(gw_config, http_port, gw_log) as gw:
+        async with aggregator_process(agg_config, agg_port, agg_log) as agg, gateway.run() as gw:
             deadline = time.monotonic() + 90
             while (n := await central_count(agg_port, site)) < len(acked):
                 assert time.monotonic() < deadline, f"only {n} of {len(acked)} points reached the aggregator"
@@ -135,5 +91,3 @@ retry_max_s = 1.0
         assert stored == set(acked), f"lost {len(set(acked) - stored)}, unexpected {len(stored - set(acked))}"
         assert len(acked) == THINGS * per_thing
         print(json.dumps({"chaos_points": len(acked)}))
-    finally:
-        await broker.stop()

@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,11 +17,17 @@ import numpy as np
 
 from gateway.detect.models import ModelRegistry
 from gateway.detect.train import FeatureRows, train_model
-from tests.conftest import ADMIN_KEY, GatewayFactory, unique_site, wait_for
-from tests.test_sync import TOKEN, AggregatorFactory, aggregator_config, start_aggregator, uplink
-
-__all__ = ["start_aggregator"]  # the fixture, used by name
-EGIZ = str(Path(sys.executable).with_name("egiz"))
+from tests.helpers import (
+    ADMIN_KEY,
+    EGIZ,
+    TOKEN,
+    AggregatorFactory,
+    GatewayFactory,
+    aggregator_config,
+    unique_site,
+    uplink,
+    wait_for,
+)
 
 
 def rows(seed: int) -> FeatureRows:

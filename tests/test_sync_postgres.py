@@ -16,10 +16,20 @@ import pyarrow as pa
 import pytest
 
 from gateway.common.wire import POINTS, Batch, encode
-from tests.conftest import GatewayFactory, need_service, unique_site, wait_for
-from tests.test_sync import TOKEN, AggregatorFactory, aggregator_config, exact, publish, start_aggregator, uplink
+from tests.helpers import (
+    TOKEN,
+    AggregatorFactory,
+    GatewayFactory,
+    aggregator_config,
+    auth,
+    exact,
+    need_service,
+    publish_ovens,
+    unique_site,
+    uplink,
+    wait_for,
+)
 
-__all__ = ["start_aggregator"]  # the fixture, used by name
 PG_HOST, PG_PORT = "127.0.0.1", 5432
 
 
@@ -86,12 +96,10 @@ async def test_gateway_to_postgres_aggregator(tmp_path: Path, pg_dsn: str, mosqu
     agg = await start_aggregator(aggregator_config(tmp_path, (f"gw-{site}", TOKEN, site, "line-a"),
                                                    **{"storage.backend": "postgres", "storage.dsn": pg_dsn}))
     gw = await start_gateway(mosquitto, **uplink(site, agg.http_port))
-    await publish(mosquitto, gw, things=2, per_thing=30)
+    await publish_ovens(mosquitto, gw, things=2, per_thing=30)
     await wait_for(lambda: exact(agg, site, 2, 30), timeout=20)
     await wait_for(lambda: agg.store.thing(f"{site}:oven-01") is not None, timeout=10)
     async with aiohttp.ClientSession() as http:
-        from tests.conftest import auth
-
         async with http.get(f"http://127.0.0.1:{agg.http_port}/api/v1/things/{site}:oven-00/history"
                             f"?resolution=1m&from={time.time() - 3600}&to={time.time() + 60}&property=temperature",
                             headers=auth()) as r:

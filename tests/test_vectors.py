@@ -20,7 +20,7 @@ from gateway.config import IngestSection
 from gateway.ingest.payload import parse_status, parse_telemetry
 from gateway.ingest.topics import TopicPattern
 from gateway.service import GatewayService
-from tests.conftest import gateway_config
+from tests.helpers import gateway_config
 
 VECTOR_DIR = Path(__file__).parent / "vectors"
 VECTORS = sorted(VECTOR_DIR.glob("*.json"))

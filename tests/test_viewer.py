@@ -5,12 +5,10 @@ serving its own line. Screenshots of each state go to test-artifacts/viewer/."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -22,8 +20,8 @@ from typing import Any
 import pytest
 
 from gateway.broker import find_free_port
+from tests.helpers import EGIZ, wait_until
 
-EGIZ = str(Path(sys.executable).with_name("egiz"))
 CHROMIUM = os.environ.get("EGIZ_CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--use-angle=swiftshader", "--enable-unsafe-swiftshader", "--ignore-gpu-blocklist"]
 SHOTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "viewer"
@@ -51,21 +49,6 @@ def get(url: str, key: str | None = None) -> Any:
     req = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
     with urllib.request.urlopen(req, timeout=5) as r:
         return json.loads(r.read())
-
-
-def wait_until(what: str, fn: Any, timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
-    value = None
-    while True:
-        with contextlib.suppress(Exception):
-            value = fn()
-            if value:
-                return value
-        if time.monotonic() > deadline:
-            with contextlib.suppress(Exception):
-                value = fn()
-            raise AssertionError(f"{what}: not within {timeout} s (last: {str(value)[:300]})") from None
-        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")

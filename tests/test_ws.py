@@ -13,11 +13,7 @@ from collections import defaultdict
 import aiohttp
 import aiomqtt
 
-from tests.conftest import VIEWER_KEY, auth, wait_for
-
-
-def telemetry(seq: int, props: dict) -> str:
-    return json.dumps({"ts": time.time(), "seq": seq, "boot": "b1", "properties": props})
+from tests.helpers import VIEWER_KEY, auth, telemetry, wait_for
 
 
 async def collect(ws: aiohttp.ClientWebSocketResponse, into: list[dict]) -> None:
