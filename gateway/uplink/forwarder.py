@@ -32,6 +32,7 @@ from gateway.config import GatewayConfig
 from gateway.detect.detector import AnomalyDetector
 from gateway.metrics import GatewayMetrics
 from gateway.twin.registry import TwinRegistry
+from gateway.uplink.client import UplinkClient
 
 log = logging.getLogger(__name__)
 BYTES_PER_POINT_ON_DISK = 7.6  # measured (bench/buffer.py); backlog bytes are estimated from it
@@ -55,18 +56,16 @@ class RetryLater(Exception):
         self.after = after
 
 
-class Forwarder:
+class Forwarder(UplinkClient):
     """Sends the buffer's outbox to the aggregator; started by the gateway service when `[uplink]` has a url."""
 
     def __init__(self, config: GatewayConfig, buffer: TelemetryBuffer, registry: TwinRegistry,
                  metrics: GatewayMetrics, detector: AnomalyDetector | None = None) -> None:
+        super().__init__(config.uplink)
         self._cfg = config
-        self._up = config.uplink
         self._buffer = buffer
         self._registry = registry
         self._m = metrics
-        self._task: asyncio.Task[None] | None = None
-        self._http: aiohttp.ClientSession | None = None
         self._wake = asyncio.Event()
         self.batch_seq = 0
         self.live_from = 0
@@ -92,23 +91,9 @@ class Forwarder:
             self._inflight = Plan(seq, int(await b.get_state("uplink.inflight_lo")),
                                   int(await b.get_state("uplink.inflight_hi")),
                                   bool(await b.get_state("uplink.inflight_live")))
-        self._http = aiohttp.ClientSession(
-            headers={"Authorization": f"Bearer {self._up.token}"},
-            timeout=aiohttp.ClientTimeout(total=self._up.timeout_s),
-        )
-        self._task = asyncio.create_task(self._run(), name="uplink-forwarder")
+        self._launch(self._run(), "uplink-forwarder")
         log.info("uplink forwarding", extra={"url": self._up.url, "batch_seq": self.batch_seq,
                                              "cursor": b.synced_id, "order": self._up.order})
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        if self._http is not None:
-            await self._http.close()
-            self._http = None
 
     # ----------------------------------------------------------------- loop
     async def _run(self) -> None:

@@ -12,7 +12,6 @@ rollback) stands until the centre publishes another version.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import os
@@ -26,6 +25,7 @@ from gateway.config import GatewayConfig
 from gateway.detect.detector import AnomalyDetector
 from gateway.detect.models import MANIFEST, ModelError
 from gateway.metrics import GatewayMetrics
+from gateway.uplink.client import UplinkClient
 
 log = logging.getLogger(__name__)
 
@@ -35,33 +35,19 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 MAX_FILE = 64 * 2**20
 
 
-class ModelFetcher:
+class ModelFetcher(UplinkClient):
     """Keeps the gateway's models in step with the versions the aggregator publishes."""
 
     def __init__(self, config: GatewayConfig, detector: AnomalyDetector, metrics: GatewayMetrics) -> None:
-        self._up = config.uplink
+        super().__init__(config.uplink)
         self._root = config.models_dir
         self._detector = detector
         self._m = metrics
-        self._task: asyncio.Task[None] | None = None
-        self._http: aiohttp.ClientSession | None = None
         self.applied: dict[str, str] = {}  # type -> the central version last applied (or refused)
         self.errors: dict[str, str] = {}
 
     async def start(self) -> None:
-        self._http = aiohttp.ClientSession(headers={"Authorization": f"Bearer {self._up.token}"},
-                                           timeout=aiohttp.ClientTimeout(total=self._up.timeout_s))
-        self._task = asyncio.create_task(self._run(), name="model-fetcher")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        if self._http is not None:
-            await self._http.close()
-            self._http = None
+        self._launch(self._run(), "model-fetcher")
 
     async def _run(self) -> None:
         while True:
