@@ -1,0 +1,187 @@
+"""The one small interface every PLC protocol implements, and the types that cross it.
+
+How a protocol plugs in
+-----------------------
+A protocol is one module beside this one (`modbus.py`, `opcua.py`, `s7.py`). It holds:
+
+* its typed configuration: a frozen `DeviceConfig` subclass and a `TagConfig` subclass, declared in
+  `gateway/connectors/config.py` (light, so loading the config never imports a protocol library),
+  each with a `problems()` method for the checks types cannot express;
+* a `Connector` subclass: `connect()`, `read()` (one poll of every tag that has an address),
+  optionally `subscribe()` (pushes values as the device reports them), `write()` and `close()`.
+  A connector speaks only its protocol: it returns *raw* values (`RawValue`: the tag, the value in
+  the device's own unit and scale, the device's timestamp when it gives one, a `Quality`), and
+  raises `DeviceError` (or anything else: the runner counts every exception) when the device fails;
+* `PROTOCOL = ProtocolSpec(name, device_type, connector_type)`, listed in `registry.PROTOCOLS`.
+
+Everything else is done once, for every protocol, by the runner (`runner.py`): connection, poll
+timing with a start offset, capped jittered backoff, the circuit breaker, health; and by the
+normaliser (`normalise.py`): scale/offset, unit conversion, clamping, deadband, calculated tags.
+The normalised `Reading`s go to a `ReadingSink`; the gateway's sink (`pipeline.py`) applies them
+to the Thing's twin and the buffer exactly as MQTT telemetry is applied.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Literal, Protocol
+
+from gateway.common.errors import EgizError
+
+Quality = Literal["good", "uncertain", "bad"]
+TagValue = float | int | bool | str
+"""A value as a tag holds it: numbers, a bit, a string."""
+
+
+# --------------------------------------------------------------------------- configuration
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TagConfig:
+    """What every protocol's tag has: where the value goes in the Thing and how it is normalised.
+
+    The value stored is `clamp(convert(raw * scale + offset, unit -> to_unit))`; a write applies the
+    inverse. A tag with `expression` is calculated from the other tags of its device (no address).
+    """
+
+    feature: str
+    property: str
+    unit: str = ""  # the unit the device reports in, after scale/offset (a pint unit: degC, bar, ...)
+    to_unit: str = ""  # store in this unit instead ("" keeps `unit`)
+    scale: float = 1.0
+    offset: float = 0.0
+    min: float = float("-inf")  # clamp below (the value is stored as `uncertain`); also a write's range
+    max: float = float("inf")
+    deadband: float = 0.0  # store only when the value moved by more than this (stored unit)
+    writable: bool = False
+    expression: str = ""  # a calculated tag: an expression over the device's other properties
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.feature, self.property)
+
+    @property
+    def calculated(self) -> bool:
+        return bool(self.expression)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeviceConfig:
+    """What every protocol's device has: its name, address, Thing and poll timing."""
+
+    PROTOCOL: ClassVar[str] = ""
+
+    name: str  # unique across every protocol of this gateway
+    url: str
+    thing: str  # equipment id: the Thing is {gateway.site}:{thing}
+    type: str = "device"
+    poll_s: float = 1.0
+    timeout_s: float = 2.0
+    enabled: bool = True
+    tags: tuple[TagConfig, ...] = ()
+
+    @property
+    def protocol(self) -> str:
+        return self.PROTOCOL
+
+
+# --------------------------------------------------------------------------- values
+@dataclass(frozen=True, slots=True)
+class RawValue:
+    """One tag's value as the device gave it (its unit, before scaling); `ts` None: not stamped by the device."""
+
+    tag: TagConfig
+    value: TagValue | None
+    ts: float | None = None
+    quality: Quality = "good"
+
+
+@dataclass(frozen=True, slots=True)
+class ReadResult:
+    """One poll of a device: its raw values and how many protocol requests it took."""
+
+    values: tuple[RawValue, ...]
+    requests: int
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """One normalised value of one property of the device's Thing: what the pipeline receives.
+
+    `ts` is the device's time when it gave one, else when the gateway received the value. A `bad`
+    reading carries no value; an `uncertain` one carries the value the device gave (or a clamped one).
+    """
+
+    feature: str
+    property: str
+    value: TagValue | None
+    ts: float
+    quality: Quality = "good"
+
+
+class ReadingSink(Protocol):
+    """Where a device's readings go; called on the event loop, must not block."""
+
+    def deliver(self, device: DeviceConfig, readings: Sequence[Reading]) -> None: ...
+
+
+# --------------------------------------------------------------------------- errors
+class ConnectorError(EgizError):
+    """Base of the connectors' errors."""
+
+    code = "connector_error"
+
+
+class DeviceError(ConnectorError):
+    """The device failed: refused, timed out, answered with an exception; `reason` is short and stable."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail, reason=reason)
+        self.reason = reason
+
+
+class WriteRefused(ConnectorError):
+    """A write the gateway will not send: unknown or read-only tag, value out of range or of the wrong type."""
+
+    code = "write_refused"
+
+
+# --------------------------------------------------------------------------- the interface
+class Connector(abc.ABC):
+    """One connection to one device, owned by its runner, which calls one method at a time.
+
+    `connect()` opens the connection (raise when it cannot); `read()` polls every tag with an address
+    once; `subscribe()` may arrange for values to be pushed and return True, after which `read()` is
+    still called every `poll_s` as a liveness check and should return what did not arrive by push
+    (usually nothing) or raise when the connection is broken; `write()` sends a raw value and returns
+    the value read back; `close()` never raises.
+    """
+
+    def __init__(self, device: DeviceConfig) -> None:
+        self.device = device
+
+    @abc.abstractmethod
+    async def connect(self) -> None: ...
+
+    @abc.abstractmethod
+    async def read(self) -> ReadResult: ...
+
+    async def subscribe(self, push: Callable[[Sequence[RawValue]], None]) -> bool:
+        """Push values as the device reports them; False (the default): this connector is polled."""
+        return False
+
+    async def write(self, tag: TagConfig, value: TagValue) -> TagValue:
+        """Write one tag's raw value, read it back and return what the device holds now."""
+        raise WriteRefused(f"{self.device.protocol} devices take no writes", device=self.device.name)
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolSpec:
+    """How the runner finds a protocol: its name, its device config type and its connector."""
+
+    name: str
+    device_type: type[DeviceConfig]
+    connector_type: Callable[[DeviceConfig], Connector]
