@@ -8,6 +8,7 @@ Light on purpose: loading a config never imports a protocol library. Every check
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -245,6 +246,7 @@ class OpcUaDevice(DeviceConfig):
     certificate: str = ""  # the client's certificate (PEM/DER) for Sign/SignAndEncrypt or certificate login
     private_key: str = ""
     server_certificate: str = ""  # pin this certificate; "": pinned on first use
+    auth: Literal["", "anonymous", "password", "certificate"] = ""  # "": password with a username, else anonymous
     tags: tuple[OpcUaTag, ...] = ()  # type: ignore[assignment]
 
     def __repr__(self) -> str:
@@ -268,6 +270,21 @@ class OpcUaDevice(DeviceConfig):
             yield "security_mode", "use None with the None policy, Sign or SignAndEncrypt with Basic256Sha256"
         if bool(self.username) != bool(self.password):
             yield "password", "username and password must be given together"
+        if self.auth == "password" and not self.username:
+            yield "username", "password login needs username and password"
+        if self.auth in ("anonymous", "certificate") and self.username:
+            yield "username", f"{self.auth} login takes no username"
+        needs_cert = self.auth == "certificate" or self.security_policy != "None"
+        if bool(self.certificate) != bool(self.private_key):
+            yield "private_key", "certificate and private_key must be given together"
+        elif self.auth == "certificate" and not self.certificate:
+            yield "certificate", "certificate login needs certificate and private_key"
+        for key in ("certificate", "private_key", "server_certificate"):
+            path = getattr(self, key)
+            if path and not os.path.isfile(path):
+                yield key, f"no such file: {path}"
+        if self.certificate and not needs_cert:
+            yield "certificate", "used only with Basic256Sha256 or auth = \"certificate\""
 
 
 # --------------------------------------------------------------------------- Siemens S7
