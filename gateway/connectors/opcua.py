@@ -460,7 +460,10 @@ async def _walk(node: Node, path: str, opts: BrowseOptions, found: list[BrowsedN
         here = f"{path}/{name}"
         if cls == ua.NodeClass.Variable:
             dv = await child.read_data_value(raise_on_bad_status=False)
-            dtype = dv.Value.VariantType.name if dv.Value is not None else ""
+            try:
+                dtype = (await child.read_data_type_as_variant_type()).name
+            except (ua.UaError, ValueError, KeyError):  # a structure or an abstract type: no variant type
+                dtype = ""
             access = await child.read_attribute(ua.AttributeIds.UserAccessLevel)
             writable = bool(access.Value and access.Value.Value & ua.AccessLevel.CurrentWrite.mask)
             value = "" if dv.Value is None else str(dv.Value.Value)

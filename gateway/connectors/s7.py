@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 from snap7 import AsyncClient
 from snap7 import optimizer as s7opt
-from snap7.error import S7Error
+from snap7.error import S7ConnectionError, S7Error, S7TimeoutError
 from snap7.type import Area
 from snap7.util import getters, setters
 
@@ -245,6 +245,10 @@ def device_error(exc: BaseException, during: str) -> DeviceError:
         return DeviceError("refused", f"{during}: connection refused")
     if isinstance(exc, TimeoutError | asyncio.TimeoutError):
         return DeviceError("timeout", f"{during}: no answer in time")
+    if isinstance(exc, S7TimeoutError):
+        return DeviceError("timeout", text)
+    if isinstance(exc, S7ConnectionError):
+        return DeviceError("connection_lost", text)
     if isinstance(exc, S7Error):
         return DeviceError("protocol", text)
     if isinstance(exc, ConnectionError | OSError | EOFError | asyncio.IncompleteReadError):

@@ -94,12 +94,8 @@ class _Server(Server):
                 self._sockets.discard(client_socket)
 
     def _handle_read_area(self, request: dict[str, Any], client_address: tuple[str, int]) -> bytes:
-        self.read_requests += 1
+        self.read_requests += 1  # every read request, single or multi-variable, comes in here
         return super()._handle_read_area(request, client_address)
-
-    def _handle_multi_read_area(self, request: dict[str, Any], client_address: tuple[str, int]) -> bytes:
-        self.read_requests += 1
-        return super()._handle_multi_read_area(request, client_address)
 
     def stop(self) -> int:
         self.running = False
