@@ -312,6 +312,51 @@ def model_eval(
                    f"{row['median_delay_s'] if row['median_delay_s'] is not None else '-':>15}")
 
 
+connectors_app = typer.Typer(help="Find what to configure for PLC connectors.", no_args_is_help=True)
+app.add_typer(connectors_app, name="connectors")
+
+
+@connectors_app.command("browse")
+def connectors_browse(
+    url: Annotated[str, typer.Argument(help="the OPC UA server, opc.tcp://host:port")],
+    node: Annotated[str, typer.Option(help="start here (default: the Objects folder)")] = "i=85",
+    depth: Annotated[int, typer.Option(min=1, max=20, help="levels below the start node")] = 4,
+    limit: Annotated[int, typer.Option(min=1, max=100_000, help="stop after this many nodes")] = 2000,
+    username: Annotated[str | None, typer.Option(help="log in as this user")] = None,
+    password: Annotated[str | None, typer.Option(envvar="EGIZ_OPCUA_PASSWORD", help="the user's password")] = None,
+    timeout: Annotated[float, typer.Option(min=0.1, help="seconds per request")] = 5.0,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per node")] = False,
+) -> None:
+    """List an OPC UA server's variables with their node ids, types and current values (the `node` of a tag)."""
+    import re
+
+    from gateway.connectors.base import DeviceError
+    from gateway.connectors.opcua import BrowseOptions, browse
+
+    if not re.fullmatch(r"opc\.tcp://[^\s/:]+(:\d{1,5})?(/\S*)?", url):
+        fail(f"{url!r} is not an OPC UA address (opc.tcp://host:port)")
+    if (username is None) != (password is None):
+        fail("--username and --password (or EGIZ_OPCUA_PASSWORD) go together")
+    opts = BrowseOptions(url, start=node, depth=depth, username=username or "", password=password or "",
+                         timeout_s=timeout, limit=limit)
+    try:
+        found = asyncio.run(browse(opts))
+    except DeviceError as exc:
+        fail(f"{url}: {exc.reason}: {exc.detail}", code=1)
+    if as_json:
+        for n in found:
+            typer.echo(json.dumps(dataclasses.asdict(n)))
+        return
+    width = max((len(n.node) for n in found), default=10)
+    for n in found:
+        if n.node_class == "Variable":
+            typer.echo(f"{n.node:<{width}}  {n.path}  {n.datatype}{' rw' if n.writable else ''}  {n.value}")
+        else:
+            typer.echo(f"{n.node:<{width}}  {n.path}/  ({n.node_class})")
+    if len(found) >= limit:
+        typer.echo(f"(stopped after {limit} nodes: use --node, --depth or --limit)", err=True)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     sys.exit(app())
 
@@ -344,8 +389,25 @@ def sim(
                                             "to the broker the gateway names")] = False,
     advertise_address: Annotated[str, typer.Option(help="with --provision: the address to advertise and serve "
                                                    "on ('': this host's first address)")] = "",
+    plc: Annotated[str | None, typer.Option(help="serve one simulated PLC instead of MQTT nodes: opcua or s7")]
+        = None,
+    plc_type: Annotated[str, typer.Option(help="with --plc: the machine behind it, proofer or oven")] = "proofer",
+    plc_id: Annotated[str, typer.Option(help="with --plc: its equipment id (default: {type}-201)")] = "",
+    plc_host: Annotated[str, typer.Option(help="with --plc: the address to listen on")] = "127.0.0.1",
+    plc_port: Annotated[int, typer.Option(min=0, max=65535, help="with --plc: the port (0: OPC UA 4840, S7 102)")]
+        = 0,
+    plc_security: Annotated[str, typer.Option(help="with --plc opcua: security modes offered, comma-separated "
+                                              "(None, Sign, SignAndEncrypt; the latter two are Basic256Sha256)")]
+        = "None",
+    plc_user: Annotated[str | None, typer.Option(help="with --plc opcua: require this user (no anonymous login)")]
+        = None,
+    plc_password: Annotated[str | None, typer.Option(envvar="EGIZ_SIM_PLC_PASSWORD",
+                                                     help="with --plc-user: its password")] = None,
+    plc_cert_dir: Annotated[Path, typer.Option(help="with --plc opcua and security: where the server's "
+                                               "self-signed certificate is kept")] = Path("opcua-sim-pki"),
 ) -> None:
-    """Simulate a line of ESP32 nodes publishing telemetry (with optional faults) until Ctrl-C."""
+    """Simulate a line of ESP32 nodes publishing telemetry (with optional faults) until Ctrl-C; or, with
+    --plc, one PLC (OPC UA or S7 server) in front of a proofer or oven."""
     from gateway.sim import FleetOptions, parse_faults
     from gateway.sim.equipment import EQUIPMENT_TYPES
 
@@ -353,6 +415,27 @@ def sim(
         fault_specs = parse_faults(faults)
     except ValueError as exc:
         fail(f"--faults: {exc}")
+    if plc is not None:
+        from gateway.sim.plc import PlcOptions, PlcServe
+
+        if plc not in ("opcua", "s7"):
+            fail(f"--plc: {plc!r} is not one of opcua, s7")
+        modes = tuple(m.strip() for m in plc_security.split(",") if m.strip())
+        if any(m not in ("None", "Sign", "SignAndEncrypt") for m in modes) or not modes:
+            fail(f"--plc-security: {plc_security!r}: give None, Sign and/or SignAndEncrypt")
+        if (plc_user is None) != (plc_password is None):
+            fail("--plc-user and --plc-password (or EGIZ_SIM_PLC_PASSWORD) go together")
+        users = ((plc_user, plc_password),) if plc_user is not None and plc_password is not None else ()
+        try:
+            popts = PlcOptions(site=site, equipment_id=plc_id or f"{plc_type}-201", type=plc_type, line=line,
+                               rate_hz=rate, faults=fault_specs, truth_path=truth, duration_s=duration, seed=seed,
+                               time_scale=time_scale)
+        except ValueError as exc:
+            fail(f"--plc: {exc}")
+        serve = PlcServe(plc, host=plc_host, port=plc_port, opcua_modes=modes, opcua_users=users,  # type: ignore[arg-type]
+                         cert_dir=plc_cert_dir)
+        asyncio.run(_run_plc(popts, serve))
+        return
     kinds = tuple(t.strip() for t in types.split(",") if t.strip())
     unknown = [t for t in kinds if t not in EQUIPMENT_TYPES]
     if unknown or not kinds:
@@ -423,6 +506,30 @@ def _sim_options_problem(exc: ValueError) -> str:
         name, _, text = str(problem).partition(": ")
         named.append(f"{_SIM_FLAGS.get(name, name)}: {text}")
     return "invalid options: " + "; ".join(named)
+
+
+async def _run_plc(opts: Any, serve: Any) -> None:
+    import signal
+
+    from gateway.sim.plc import PlcSimulation, describe, make_image
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    where = (f"opc.tcp://{serve.host}:{serve.listen_port}" if serve.protocol == "opcua"
+             else f"s7://{serve.host}:{serve.listen_port} (rack 0, slot 1)")
+    typer.echo(f"simulated {opts.type} PLC {opts.site}:{opts.equipment_id} on {where}")
+    for line in describe(serve, opts.type):
+        typer.echo(f"  {line}")
+    try:
+        stats = await PlcSimulation(opts, make_image(serve, opts.type)).run(stop)
+    except OSError as exc:
+        fail(f"--plc-port: cannot listen on {serve.host}:{serve.listen_port}: {exc}", code=1)
+    except Exception as exc:  # the protocol library's own start-up errors (a port in use, a bad certificate)
+        fail(f"--plc: {type(exc).__name__}: {exc}", code=1)
+    typer.echo(f"served {stats.samples} samples; {stats.commands} setpoint writes, {stats.faults} faults, "
+               f"{stats.outages} outages")
 
 
 async def _run_sim(opts: Any, *, provision: bool = False, advertise_address: str = "") -> None:

@@ -206,7 +206,10 @@ class PlcSimulation:
             value = current[point.name]
             if _same(self._setpoints.get(point.name), value):
                 continue
+            first = point.name not in self._setpoints
             self._setpoints[point.name] = value
+            if first:
+                continue  # the image's initial value, before the first sample
             outcome = self.model.command(point.feature, {point.path: value})
             self.stats.commands += 1
             log.info("plc setpoint written", extra={"point": point.name, "value": value, "outcome": outcome.status})
@@ -246,3 +249,47 @@ def _same(a: object, b: object) -> bool:
     if isinstance(a, float) and isinstance(b, float):
         return abs(a - b) <= 1e-5 * max(1.0, abs(a))
     return a == b
+
+
+@dataclass(frozen=True)
+class PlcServe:
+    """Which protocol a simulated PLC speaks and where it listens (OPC UA: its security and users)."""
+
+    protocol: Literal["opcua", "s7"]
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: the protocol's usual port (OPC UA 4840, S7 102)
+    opcua_modes: tuple[str, ...] = ("None",)
+    opcua_users: tuple[tuple[str, str], ...] = ()
+    cert_dir: Path | None = None
+
+    @property
+    def listen_port(self) -> int:
+        return self.port or {"opcua": 4840, "s7": 102}[self.protocol]
+
+
+def make_image(serve: PlcServe, equipment_type: str) -> PlcImage:
+    """The protocol server of a simulated PLC fronting a machine of `equipment_type`."""
+    points = POINTS[equipment_type]
+    if serve.protocol == "opcua":
+        from gateway.sim.plc_opcua import OpcUaPlc, OpcUaServe
+
+        return OpcUaPlc(OpcUaServe(host=serve.host, port=serve.listen_port, modes=serve.opcua_modes,
+                                   users=dict(serve.opcua_users), anonymous=not serve.opcua_users,
+                                   cert_dir=serve.cert_dir), equipment_type, points)
+    from gateway.sim.plc_s7 import S7Plc
+
+    return S7Plc(equipment_type, points, host=serve.host, port=serve.listen_port)
+
+
+def describe(serve: PlcServe, equipment_type: str) -> list[str]:
+    """What a client configures to read this PLC: one line per point (node id, or S7 address and type)."""
+    prefix = equipment_type.capitalize()
+    if serve.protocol == "opcua":
+        return [f"ns=2;s={prefix}.{p.name}  ({p.kind}{', ' + p.unit if p.unit else ''}"
+                f"{', writable' if p.writable else ''})" for p in POINTS[equipment_type]]
+    from gateway.sim.plc_s7 import HEATER, LAYOUT, STATUS
+
+    lines = [f"{a}  {a.datatype}  {name}{' (writable)' if p.writable else ''}"
+             for p in POINTS[equipment_type] if (a := LAYOUT[equipment_type].get(p.name)) is not None
+             for name in (p.name,)]
+    return [*lines, f"{HEATER}  BOOL  HeaterOn", f"{STATUS}  INT  Status (1 running, 0 idle)"]
