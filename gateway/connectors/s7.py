@@ -241,7 +241,7 @@ def device_error(exc: BaseException, during: str) -> DeviceError:
     if isinstance(exc, DeviceError):
         return exc
     text = f"{during}: {type(exc).__name__}: {exc}"
-    if isinstance(exc, ConnectionRefusedError) or "refused" in str(exc).lower():
+    if isinstance(exc, ConnectionRefusedError) or isinstance(exc.__context__, ConnectionRefusedError):
         return DeviceError("refused", f"{during}: connection refused")
     if isinstance(exc, TimeoutError | asyncio.TimeoutError):
         return DeviceError("timeout", f"{during}: no answer in time")
