@@ -16,6 +16,7 @@ from gateway.common import settings
 from gateway.common.names import EQUIPMENT_RE, TYPE_RE
 from gateway.common.names import SITE_RE as NAME_RE
 from gateway.common.settings import ROLES, ApiKey, HttpSection, LogSection, http_url, is_secret
+from gateway.connectors.config import ConnectorsSection
 
 AGGREGATOR_SECTIONS = frozenset({"aggregator", "storage"})  # the aggregator's own: a gateway skips them in the env
 __all__ = ["ROLES", "ApiKey", "GatewayConfig", "HttpSection", "LogSection", "is_secret", "load_config"]
@@ -210,6 +211,7 @@ class GatewayConfig:
     ws: WsSection = field(default_factory=WsSection)
     discovery: DiscoverySection = field(default_factory=DiscoverySection)
     broker: BrokerSection = field(default_factory=BrokerSection)
+    connectors: ConnectorsSection = field(default_factory=ConnectorsSection)
     log: LogSection = field(default_factory=LogSection)
 
     @property
@@ -259,7 +261,8 @@ def _check_semantics(cfg: Any, problems: list[tuple[str, str]]) -> None:
         return
     check = _Checks(problems)
     for section in (_check_gateway, _check_mqtt, _check_http, _check_auth, _check_ingest, _check_discovery,
-                    _check_broker, _check_twin, _check_buffer, _check_uplink, _check_detect, _check_ws):
+                    _check_broker, _check_twin, _check_buffer, _check_uplink, _check_detect, _check_ws,
+                    _check_connectors):
         section(cfg, check)
 
 
@@ -455,3 +458,20 @@ def _check_ws(cfg: GatewayConfig, check: _Checks) -> None:
     check("ws.queue_size", lambda: cfg.ws.queue_size >= 1, "must be >= 1")
     check("ws.max_clients", lambda: cfg.ws.max_clients >= 1, "must be >= 1")
     check("ws.heartbeat_s", lambda: cfg.ws.heartbeat_s > 0, "must be > 0")
+
+
+def _check_connectors(cfg: GatewayConfig, check: _Checks) -> None:
+    from gateway.connectors.config import section_problems
+    from gateway.connectors.register_map import RegisterMapError, with_register_map
+
+    if isinstance(cfg.connectors, ConnectorsSection):
+        for key, message in section_problems(cfg.connectors):
+            check(key, False, message)  # a key whose type was wrong is reported once, by its type
+        for proto, i, dev in cfg.connectors.all_devices():
+            try:
+                with_register_map(dev)
+            except RegisterMapError as exc:
+                for where, message in exc.problems:
+                    check(f"connectors.{proto}[{i}].register_map", False, f"{where}: {message}")
+            except (TypeError, AttributeError):
+                pass  # a key of the wrong type, reported already

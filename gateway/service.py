@@ -19,6 +19,9 @@ from gateway.common import systemd
 from gateway.common.auth import Authenticator
 from gateway.common.http import serve
 from gateway.config import GatewayConfig
+from gateway.connectors.health import ConnectorMetrics
+from gateway.connectors.manager import ConnectorManager
+from gateway.connectors.pipeline import ConnectorPipeline
 from gateway.detect.detector import AnomalyDetector
 from gateway.ingest.deadletter import DeadLetterLog
 from gateway.ingest.mqtt import MqttIngest
@@ -49,6 +52,13 @@ class GatewayService:
         self.buffer = TelemetryBuffer(config, self.metrics, uplink=bool(config.uplink.url))
         self.sequences = SequenceTracker(self.metrics)
         self.ingest = MqttIngest(config, self.registry, self.dead_letters, self.metrics, self.buffer, self.sequences)
+        # PLC connectors: readings enter beside MQTT ingest, into the same twin and buffer
+        self.connector_metrics = ConnectorMetrics(self.metrics.registry)
+        self.connectors = ConnectorManager(
+            config.connectors, self.registry.sqlite,
+            ConnectorPipeline(self.registry, self.buffer, self.connector_metrics, site=config.gateway.site,
+                              line=config.gateway.line),
+            self.connector_metrics, thing_prefix=f"{config.gateway.site}:")
         self.detector = AnomalyDetector(config, self.registry, self.bus, self.metrics) if config.detect.enabled \
             else None
         self.forwarder: Forwarder | None = None
@@ -67,7 +77,7 @@ class GatewayService:
         self.discovery: GatewayDiscovery | None = None
         self.parts = Parts(config, self.registry, self.bus, self.ingest, self.dead_letters, self.metrics,
                            Authenticator(config.auth.api_keys, open_access=config.auth.open), time.time(),
-                           self.buffer, self.detector, self.provisioner)
+                           self.buffer, self.detector, self.provisioner, self.connectors)
         self.app = build_app(self.parts)
         self._runner: web.AppRunner | None = None
         self.http_port: int | None = None
@@ -89,6 +99,7 @@ class GatewayService:
         if self.detector is not None:
             await self.detector.start()  # before ingest: the first reading is already watched
         await self.ingest.start()
+        await self.connectors.start()
         if self.forwarder is not None:
             await self.forwarder.start()
         if self.model_fetcher is not None:
@@ -112,6 +123,7 @@ class GatewayService:
         if self.discovery is not None:
             await self.discovery.stop()
             self.discovery = None
+        await self.connectors.stop()  # first, like ingest: nothing new arrives while the rest is flushed
         await self.ingest.stop()
         if self.model_fetcher is not None:
             await self.model_fetcher.stop()

@@ -9,16 +9,17 @@ import time
 from aiohttp import web
 
 from gateway import __version__
-from gateway.api import anomalies, history, nodes, openapi, things, ws
+from gateway.api import anomalies, connectors, history, nodes, openapi, things, ws
 from gateway.api.parts import PARTS, Parts
 from gateway.common import viewer
 from gateway.common.errors import EgizError
 from gateway.common.http import error_middleware, requires
+from gateway.connectors.base import DeviceError, WriteRefused
 from gateway.detect.models import ModelError
 from gateway.provision import ProvisionError
 
 MAX_BODY = 256 * 1024
-STATUS_OF: dict[type[EgizError], int] = {ModelError: 422, ProvisionError: 503}
+STATUS_OF: dict[type[EgizError], int] = {ModelError: 422, ProvisionError: 503, WriteRefused: 422, DeviceError: 503}
 
 
 def build_app(parts: Parts) -> web.Application:
@@ -30,6 +31,7 @@ def build_app(parts: Parts) -> web.Application:
     history.add_routes(app)
     anomalies.add_routes(app)
     nodes.add_routes(app)
+    connectors.add_routes(app)
     ws.add_routes(app)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)

@@ -33,6 +33,7 @@ TYPE = {"name": "type", "in": "path", "required": True, "schema": {"type": "stri
 IF_MATCH = {"name": "If-Match", "in": "header", "required": False, "schema": {"type": "string"},
             "description": 'the version the write is based on, e.g. "7"; a stale one gives 409'}
 CONFLICT = {"409": _resp("version conflict or id exists", ERROR)}
+DEVICE = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}, "example": "oven-plc"}
 
 
 def _op(summary: str, role: str | None, responses: dict[str, Any], **more: Any) -> dict[str, Any]:
@@ -52,6 +53,12 @@ SPEC: dict[str, Any] = {
         "schemas": {
             "Error": {"type": "object", "required": ["error", "detail"],
                       "properties": {"error": {"type": "string"}, "detail": {"type": "string"}}},
+            "ConnectorDevice": {"type": "object", "required": ["protocol", "name", "url", "thing", "tags"],
+                                "properties": {"protocol": {"type": "string", "enum": ["modbus", "opcua", "s7"]},
+                                               "name": {"type": "string"}, "url": {"type": "string"},
+                                               "thing": {"type": "string"}, "type": {"type": "string"},
+                                               "poll_s": {"type": "number"},
+                                               "tags": {"type": "array", "items": {"type": "object"}}}},
             "Feature": {"type": "object", "properties": {
                 "properties": {"type": "object"}, "desiredProperties": {"type": "object"}}},
             "Thing": {"type": "object", "required": ["id", "type"], "properties": {
@@ -98,9 +105,10 @@ SPEC: dict[str, Any] = {
                        {"200": _resp("the feature", {"$ref": "#/components/schemas/Feature"}), **ERRORS},
                        parameters=[ID, FEATURE]),
             "put": _op("Merge properties / desiredProperties into a feature (RFC 7386); desired ones are "
-                       "sent to the node as a command", "operator",
+                       "sent to the node as a command, or written to the tags of a PLC-connected Thing", "operator",
                        {"200": _resp("merged"), **ERRORS, **CONFLICT,
-                        "503": _resp("broker unavailable for the command", ERROR)},
+                        "422": _resp("a PLC tag refused the write (read-only, unknown, out of range)", ERROR),
+                        "503": _resp("broker or PLC device unavailable for the command", ERROR)},
                        parameters=[ID, FEATURE, IF_MATCH],
                        requestBody={"required": True, "content": {"application/json": {"schema": {
                            "type": "object", "properties": {"properties": {"type": "object"},
@@ -200,6 +208,31 @@ SPEC: dict[str, Any] = {
             "post": _op("Reject a node: no MQTT user (any it had is removed)", "admin",
                         {"200": _resp("the node"), **ERRORS, "503": _resp("the broker files failed")},
                         parameters=[ID]),
+        },
+        "/api/v1/connectors/devices": {
+            "get": _op("PLC connector devices (Modbus, OPC UA, S7) with their health", "operator",
+                       {"200": _resp("devices"), **ERRORS}),
+            "post": _op("Add a connector device; it polls at once, others undisturbed", "admin",
+                        {"201": _resp("the device"), **ERRORS, **CONFLICT},
+                        requestBody={"required": True, "content": {"application/json": {
+                            "schema": {"$ref": "#/components/schemas/ConnectorDevice"}}}}),
+        },
+        "/api/v1/connectors/devices/{name}": {
+            "get": _op("One connector device with its health", "operator", {"200": _resp("the device"), **ERRORS},
+                       parameters=[DEVICE]),
+            "put": _op("Add or replace a connector device; only its own connection restarts", "admin",
+                       {"200": _resp("replaced"), "201": _resp("created"), **ERRORS, **CONFLICT},
+                       parameters=[DEVICE], requestBody={"required": True, "content": {"application/json": {
+                           "schema": {"$ref": "#/components/schemas/ConnectorDevice"}}}}),
+            "delete": _op("Remove a connector device (its Thing and history stay)", "admin",
+                          {"204": _resp("removed"), **ERRORS, **CONFLICT}, parameters=[DEVICE]),
+        },
+        "/api/v1/connectors/devices/{name}/register-map": {
+            "post": _op("Import a Modbus register-map CSV (address,name,type,scale,unit,...) into a device", "admin",
+                        {"200": _resp("the device"), **ERRORS, **CONFLICT},
+                        parameters=[DEVICE, {"name": "replace", "in": "query", "required": False,
+                                             "schema": {"type": "boolean"}}],
+                        requestBody={"required": True, "content": {"text/csv": {"schema": {"type": "string"}}}}),
         },
         "/api/v1/layout": {"get": _op("The floor layout of the line (layout.json in the data directory)",
                                       "viewer", {"200": _resp("layout"), **ERRORS})},

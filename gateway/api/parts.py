@@ -10,6 +10,7 @@ from gateway.buffer.buffer import TelemetryBuffer
 from gateway.bus import EventBus
 from gateway.common.auth import Authenticator
 from gateway.config import GatewayConfig
+from gateway.connectors.manager import ConnectorManager
 from gateway.detect.detector import AnomalyDetector
 from gateway.ingest.deadletter import DeadLetterLog
 from gateway.ingest.mqtt import MqttIngest
@@ -33,6 +34,7 @@ class Parts:
     buffer: TelemetryBuffer
     detector: AnomalyDetector | None = None
     provisioner: Provisioner | None = None
+    connectors: ConnectorManager | None = None
 
 
 PARTS = web.AppKey("parts", Parts)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from aiohttp import web
@@ -9,6 +10,7 @@ from aiohttp import web
 from gateway.api.parts import PARTS
 from gateway.common.errors import Invalid
 from gateway.common.http import error_body, int_param, parse_json, read_json, requires
+from gateway.connectors.base import DeviceError
 from gateway.ingest.mqtt import CommandNotSent
 from gateway.twin.model import Thing, check_name
 from gateway.twin.query import ThingFilter
@@ -156,6 +158,8 @@ async def put_feature(request: web.Request) -> web.Response:
     expected = _expected_version(request, body)
     registry = parts.registry
     thing = registry.require(thing_id)
+    if desired and parts.connectors is not None and parts.connectors.owns(thing_id):
+        return await _connector_command(request, thing_id, feature, props, desired, expected)
     if desired and not parts.ingest.connected.is_set():
         return error_body(503, "broker_unavailable",
                           "the MQTT broker is not connected, so the command cannot be sent; nothing changed")
@@ -172,6 +176,32 @@ async def put_feature(request: web.Request) -> web.Response:
                               f"desired properties are stored (version {thing.version}) but {exc}",
                               version=thing.version)
         result["command"] = {"cmdId": cmd.cmd_id, "topic": topic}
+    return web.json_response(result, headers={"ETag": f'"{thing.version}"'})
+
+
+async def _connector_command(request: web.Request, thing_id: str, feature: str, props: dict[str, Any] | None,
+                             desired: dict[str, Any], expected: int | None) -> web.Response:
+    """Desired properties of a PLC-connected Thing: each tag written (inverse scaling), read back and
+    acknowledged into the twin like a node's cmd/ack; refused (422) before anything changes when a
+    tag is read-only, unknown or the value out of its range."""
+    parts = request.app[PARTS]
+    assert parts.connectors is not None
+    registry = parts.registry
+    parts.connectors.check_write(thing_id, feature, desired)
+    thing = registry.merge_feature(thing_id, feature, properties=props, desired=desired, expected_version=expected)
+    cmd = registry.register_command(thing, feature, desired)
+    try:
+        back = await parts.connectors.write(thing_id, feature, desired)
+    except DeviceError as exc:
+        registry.apply_command_ack(cmd.cmd_id, "error", exc.detail, None, time.time(), thing_id=thing_id)
+        parts.metrics.commands.labels("failed").inc()
+        return error_body(503, "device_unavailable", f"desired properties are stored but not written: {exc.detail}",
+                          version=thing.version)
+    registry.apply_command_ack(cmd.cmd_id, "ok", None, dict(back), time.time(), thing_id=thing_id)
+    parts.metrics.commands.labels("written").inc()
+    result: dict[str, Any] = {"thingId": thing.id, "feature": feature, **thing.features[feature].to_document(),
+                              "version": thing.version,
+                              "command": {"cmdId": cmd.cmd_id, "status": "ok", "readBack": back}}
     return web.json_response(result, headers={"ETag": f'"{thing.version}"'})
 
 

@@ -149,6 +149,13 @@ def _build(cls: type, data: Any, prefix: str, problems: list[tuple[str, str]]) -
         return None  # a missing field was already reported
 
 
+def build(cls: type[T], data: Any, prefix: str = "") -> tuple[T | None, list[tuple[str, str]]]:
+    """`cls` from a JSON/TOML-shaped `data` (e.g. a REST body), with the same checks as a config file:
+    the object (None when it could not be built) and every problem with its dotted key."""
+    problems: list[tuple[str, str]] = []
+    return _build(cls, data, prefix, problems), problems
+
+
 def _join(prefix: str, key: str) -> str:
     return f"{prefix}.{key}" if prefix else key
 

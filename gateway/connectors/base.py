@@ -12,7 +12,8 @@ A protocol is one module beside this one (`modbus.py`, `opcua.py`, `s7.py`). It 
   A connector speaks only its protocol: it returns *raw* values (`RawValue`: the tag, the value in
   the device's own unit and scale, the device's timestamp when it gives one, a `Quality`), and
   raises `DeviceError` (or anything else: the runner counts every exception) when the device fails;
-* `PROTOCOL = ProtocolSpec(name, device_type, connector_type)`, listed in `registry.PROTOCOLS`.
+* `PROTOCOL = ProtocolSpec(name, device_type, connector_type)`, listed in `manager.PROTOCOL_MODULES`.
+  Connections several devices share (one serial line, one TCP gateway) are kept in `SharedLinks`.
 
 Everything else is done once, for every protocol, by the runner (`runner.py`): connection, poll
 timing with a start offset, capped jittered backoff, the circuit breaker, health; and by the
@@ -24,9 +25,10 @@ to the Thing's twin and the buffer exactly as MQTT telemetry is applied.
 from __future__ import annotations
 
 import abc
+import builtins
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 from gateway.common.errors import EgizError
 
@@ -56,11 +58,11 @@ class TagConfig:
     writable: bool = False
     expression: str = ""  # a calculated tag: an expression over the device's other properties
 
-    @property
+    @builtins.property  # `property` is a field here
     def key(self) -> tuple[str, str]:
         return (self.feature, self.property)
 
-    @property
+    @builtins.property
     def calculated(self) -> bool:
         return bool(self.expression)
 
@@ -76,7 +78,13 @@ class DeviceConfig:
     thing: str  # equipment id: the Thing is {gateway.site}:{thing}
     type: str = "device"
     poll_s: float = 1.0
-    timeout_s: float = 2.0
+    timeout_s: float = 2.0  # one request (or connection attempt)
+    offset_s: float = -1.0  # the first poll's delay after start; < 0: spread across devices automatically
+    retry_min_s: float = 0.1
+    retry_max_s: float = 0.0  # cap of the jittered backoff; 0: poll_s, so a device that returns is read
+    #                            again within two poll intervals
+    breaker_failures: int = 5  # failed cycles in a row that open the circuit breaker
+    breaker_probe_s: float = 0.0  # while open, one probe this often; 0: the backoff cap
     enabled: bool = True
     tags: tuple[TagConfig, ...] = ()
 
@@ -157,8 +165,9 @@ class Connector(abc.ABC):
     the value read back; `close()` never raises.
     """
 
-    def __init__(self, device: DeviceConfig) -> None:
+    def __init__(self, device: DeviceConfig, links: SharedLinks) -> None:
         self.device = device
+        self.links = links
 
     @abc.abstractmethod
     async def connect(self) -> None: ...
@@ -178,10 +187,34 @@ class Connector(abc.ABC):
     async def close(self) -> None: ...
 
 
+class SharedLinks:
+    """Connections several devices share (one RS-485 line or Modbus gateway behind many unit ids),
+    by a key the protocol chooses; counted, so the last device to let go closes it."""
+
+    def __init__(self) -> None:
+        self._links: dict[str, tuple[Any, int]] = {}
+
+    def acquire(self, key: str, make: Callable[[], Any]) -> Any:
+        link, users = self._links.get(key, (None, 0))
+        if link is None:
+            link = make()
+        self._links[key] = (link, users + 1)
+        return link
+
+    def release(self, key: str) -> Any | None:
+        """The link when this was its last user (the caller closes it), else None."""
+        link, users = self._links.get(key, (None, 0))
+        if users <= 1:
+            self._links.pop(key, None)
+            return link
+        self._links[key] = (link, users - 1)
+        return None
+
+
 @dataclass(frozen=True, slots=True)
 class ProtocolSpec:
     """How the runner finds a protocol: its name, its device config type and its connector."""
 
     name: str
     device_type: type[DeviceConfig]
-    connector_type: Callable[[DeviceConfig], Connector]
+    connector_type: Callable[[DeviceConfig, SharedLinks], Connector]

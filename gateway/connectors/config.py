@@ -7,10 +7,10 @@ Light on purpose: loading a config never imports a protocol library. Every check
 
 from __future__ import annotations
 
-import math
+import functools
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -59,8 +59,49 @@ def tag_problems(tag: TagConfig) -> Iterator[tuple[str, str]]:
             yield "expression", msg
 
 
-def device_problems(dev: DeviceConfig) -> Iterator[tuple[str, str]]:
-    """The checks every protocol's device shares, then its tags'."""
+def device_problems(dev: DeviceConfig) -> list[tuple[str, str]]:
+    """The checks every protocol's device shares, then its own, then its tags'.
+
+    A check whose input had the wrong type (already reported by the loader) is skipped, never raised.
+    """
+    out: list[tuple[str, str]] = []
+    _collect(out, "", lambda: _common_problems(dev))
+    _collect(out, "", dev.device_problems)  # type: ignore[attr-defined]
+    seen: set[tuple[str, str]] = set()
+    names = {t.property for t in dev.tags if isinstance(t, TagConfig)}
+    for i, tag in enumerate(dev.tags or ()):
+        if not isinstance(tag, TagConfig):
+            continue
+        prefix = f"tags[{i}]."
+        _collect(out, prefix, functools.partial(tag_problems, tag))
+        if tag.key in seen:
+            out.append((f"{prefix}property", f"{tag.feature}.{tag.property} is given twice"))
+        seen.add(tag.key)
+        if tag.calculated:
+            _collect(out, prefix, functools.partial(_expression_names_problems, tag, names))
+        else:
+            _collect(out, prefix, functools.partial(dev.tag_address_problems, tag))  # type: ignore[attr-defined]
+    return out
+
+
+def _collect(out: list[tuple[str, str]], prefix: str, problems: Callable[[], Iterable[tuple[str, str]]]) -> None:
+    try:
+        for key, msg in problems():
+            out.append((prefix + key, msg))
+    except (TypeError, AttributeError, KeyError, ValueError, AssertionError):
+        pass  # an input of the wrong type, reported by the loader
+
+
+def _expression_names_problems(tag: TagConfig, names: set[str]) -> Iterator[tuple[str, str]]:
+    from gateway.connectors.normalise import expression_names, expression_problem
+
+    if not expression_problem(tag.expression):
+        unknown = sorted(expression_names(tag.expression) - names)
+        if unknown:
+            yield "expression", f"names no tag of this device: {', '.join(unknown)}"
+
+
+def _common_problems(dev: DeviceConfig) -> Iterator[tuple[str, str]]:
     if not DEVICE_NAME_RE.match(dev.name):
         yield "name", "must be 1-64 chars of letters, digits, '.', '_', '-'"
     if not EQUIPMENT_RE.match(dev.thing):
@@ -71,27 +112,18 @@ def device_problems(dev: DeviceConfig) -> Iterator[tuple[str, str]]:
         yield "poll_s", "must be 0.01..86400 seconds"
     if not 0.05 <= dev.timeout_s <= 600:
         yield "timeout_s", "must be 0.05..600 seconds"
+    if dev.offset_s > 86_400:
+        yield "offset_s", "must be < 0 (automatic) or 0..86400 seconds"
+    if not 0.001 <= dev.retry_min_s <= 3600:
+        yield "retry_min_s", "must be 0.001..3600 seconds"
+    if not (dev.retry_max_s == 0 or dev.retry_min_s <= dev.retry_max_s <= 3600):
+        yield "retry_max_s", "must be 0 (the poll interval) or retry_min_s..3600 seconds"
+    if not 1 <= dev.breaker_failures <= 1000:
+        yield "breaker_failures", "must be 1..1000"
+    if not 0 <= dev.breaker_probe_s <= 3600:
+        yield "breaker_probe_s", "must be 0 (the backoff cap) or up to 3600 seconds"
     if not dev.tags:
         yield "tags", "give at least one tag"
-    seen: set[tuple[str, str]] = set()
-    names = {t.property for t in dev.tags}
-    for i, tag in enumerate(dev.tags):
-        for key, msg in tag_problems(tag):
-            yield f"tags[{i}].{key}", msg
-        if tag.key in seen:
-            yield f"tags[{i}].property", f"{tag.feature}.{tag.property} is given twice"
-        seen.add(tag.key)
-        if tag.calculated:
-            from gateway.connectors.normalise import expression_names, expression_problem
-
-            if not expression_problem(tag.expression):
-                unknown = sorted(expression_names(tag.expression) - names)
-                if unknown:
-                    yield f"tags[{i}].expression", f"names no tag of this device: {', '.join(unknown)}"
-        else:
-            for key, msg in dev.tag_address_problems(tag):  # type: ignore[attr-defined]
-                yield f"tags[{i}].{key}", msg
-    yield from dev.device_problems()  # type: ignore[attr-defined]
 
 
 # --------------------------------------------------------------------------- Modbus
@@ -173,13 +205,12 @@ class ModbusDevice(DeviceConfig):
     PROTOCOL: ClassVar[str] = "modbus"
 
     unit: int = 1  # the slave / unit id
-    offset_s: float = -1.0  # the first poll's delay after start; < 0: spread across devices automatically
     max_gap: int = 8  # registers between two tags still read in one request
     max_gap_bits: int = 64
     max_registers: int = 125  # per request (the protocol's limit)
     max_bits: int = 2000
     register_map: str = ""  # a CSV file of tags (address, name, type, scale, unit), added to `tags`
-    tags: tuple[ModbusTag, ...] = ()  # type: ignore[assignment]
+    tags: tuple[ModbusTag, ...] = ()
 
     def tag_address_problems(self, tag: TagConfig) -> Iterator[tuple[str, str]]:
         assert isinstance(tag, ModbusTag)
@@ -208,8 +239,6 @@ class ModbusDevice(DeviceConfig):
             yield "url", str(exc)
         if not 0 <= self.unit <= 255:
             yield "unit", "must be 0..255"
-        if not math.isfinite(self.offset_s) or self.offset_s > 86_400:
-            yield "offset_s", "must be < 0 (automatic) or 0..86400 seconds"
         if not 0 <= self.max_gap <= 125:
             yield "max_gap", "must be 0..125 registers"
         if not 0 <= self.max_gap_bits <= 2000:
@@ -247,7 +276,7 @@ class OpcUaDevice(DeviceConfig):
     private_key: str = ""
     server_certificate: str = ""  # pin this certificate; "": pinned on first use
     auth: Literal["", "anonymous", "password", "certificate"] = ""  # "": password with a username, else anonymous
-    tags: tuple[OpcUaTag, ...] = ()  # type: ignore[assignment]
+    tags: tuple[OpcUaTag, ...] = ()
 
     def __repr__(self) -> str:
         return f"OpcUaDevice(name={self.name!r}, url={self.url!r}, password=***)"
@@ -308,7 +337,7 @@ class S7Device(DeviceConfig):
 
     rack: int = 0
     slot: int = 1
-    tags: tuple[S7Tag, ...] = ()  # type: ignore[assignment]
+    tags: tuple[S7Tag, ...] = ()
 
     def tag_address_problems(self, tag: TagConfig) -> Iterator[tuple[str, str]]:
         assert isinstance(tag, S7Tag)
@@ -355,11 +384,8 @@ def section_problems(section: ConnectorsSection) -> Problems:
     things: dict[str, str] = {}
     for proto, i, dev in section.all_devices():
         prefix = f"connectors.{proto}[{i}]"
-        try:
-            for key, msg in device_problems(dev):
-                problems.append((f"{prefix}.{key}", msg))
-        except (TypeError, AttributeError, AssertionError):
-            continue  # a type problem inside, already reported
+        for key, msg in device_problems(dev):
+            problems.append((f"{prefix}.{key}", msg))
         if dev.name in names:
             problems.append((f"{prefix}.name", f"{dev.name!r} is also {names[dev.name]}"))
         names.setdefault(dev.name, prefix)

@@ -43,7 +43,7 @@ def unit_problem(unit: str, to: str = "") -> str | None:
         if to:
             _units().Quantity(1.0, u).to(to)
     except pint.UndefinedUnitError:
-        return f"{unit if not to else to!r} is not a unit (use pint's names: degC, degF, bar, psi, kPa, m/s, ...)"
+        return f"{to or unit!r} is not a unit (use pint's names: degC, degF, bar, psi, kPa, m/s, ...)"
     except pint.DimensionalityError:
         return f"cannot convert {unit} to {to}"
     except (ValueError, TypeError, AttributeError, AssertionError) as exc:  # pint's parser on odd input
@@ -142,7 +142,7 @@ class DeviceNormaliser:
         if quality == "bad" or value is None:
             self._last_stored.pop(tag.key, None)
             return Reading(tag.feature, tag.property, None, ts, "bad")
-        if isinstance(value, bool) or isinstance(value, str):
+        if isinstance(value, bool | str):
             self.values[tag.property] = value
             return Reading(tag.feature, tag.property, value, ts, quality)
         v = plan.a * value + plan.b

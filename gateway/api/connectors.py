@@ -1,0 +1,127 @@
+"""REST for the PLC connector devices (`/api/v1/connectors/devices`): operators read them and their
+health, admins add, change and remove them (persisted, applied at once, other devices untouched)
+and import a Modbus register map from CSV."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from aiohttp import web
+
+from gateway.api.parts import PARTS
+from gateway.common.errors import Conflict, Invalid, NotFound
+from gateway.common.http import read_json, requires
+from gateway.connectors.config import ModbusDevice
+from gateway.connectors.manager import ConnectorManager, DeviceEntry, device_document, parse_device
+from gateway.connectors.register_map import RegisterMapError, parse_register_map
+
+MAX_CSV = 256 * 1024
+
+
+def add_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/api/v1/connectors/devices", list_devices)
+    r.add_post("/api/v1/connectors/devices", create_device)
+    r.add_get("/api/v1/connectors/devices/{name}", get_device)
+    r.add_put("/api/v1/connectors/devices/{name}", put_device)
+    r.add_delete("/api/v1/connectors/devices/{name}", delete_device)
+    r.add_post("/api/v1/connectors/devices/{name}/register-map", import_register_map)
+
+
+def _manager(request: web.Request) -> ConnectorManager:
+    manager = request.app[PARTS].connectors
+    if manager is None:
+        raise NotFound("this gateway runs no connectors")
+    return manager
+
+
+def entry_document(entry: DeviceEntry, site: str) -> dict[str, Any]:
+    doc = device_document(entry.device)
+    doc["source"] = entry.source
+    doc["thingId"] = f"{site}:{entry.device.thing}"
+    doc["health"] = (entry.health.properties(entry.device.name, entry.device.protocol)
+                     if entry.health is not None else None)
+    return doc
+
+
+@requires("operator")
+async def list_devices(request: web.Request) -> web.Response:
+    """Every device (configured and added over the API) with its health."""
+    site = request.app[PARTS].config.gateway.site
+    items = [entry_document(e, site) for e in _manager(request).entries()]
+    return web.json_response({"items": items, "total": len(items)})
+
+
+@requires("operator")
+async def get_device(request: web.Request) -> web.Response:
+    entry = _manager(request).entry(request.match_info["name"])
+    return web.json_response(entry_document(entry, request.app[PARTS].config.gateway.site))
+
+
+@requires("admin")
+async def create_device(request: web.Request) -> web.Response:
+    manager = _manager(request)
+    device = parse_device(await read_json(request))
+    if any(e.device.name == device.name for e in manager.entries()):
+        raise Conflict(f"device {device.name!r} exists; PUT /api/v1/connectors/devices/{device.name} changes it")
+    await manager.put(device)
+    return _saved(request, manager, device.name, 201)
+
+
+@requires("admin")
+async def put_device(request: web.Request) -> web.Response:
+    """Add or replace one device; only its own connection restarts."""
+    manager = _manager(request)
+    name = request.match_info["name"]
+    body = await read_json(request)
+    if isinstance(body, dict):
+        body.setdefault("name", name)
+        if body["name"] != name:
+            raise Invalid(f"the body names device {body['name']!r}, the path {name!r}")
+    device = parse_device(body)
+    created = await manager.put(device)
+    return _saved(request, manager, name, 201 if created else 200)
+
+
+def _saved(request: web.Request, manager: ConnectorManager, name: str, status: int) -> web.Response:
+    doc = entry_document(manager.entry(name), request.app[PARTS].config.gateway.site)
+    resp = web.json_response(doc, status=status)
+    if status == 201:
+        resp.headers["Location"] = f"/api/v1/connectors/devices/{name}"
+    return resp
+
+
+@requires("admin")
+async def delete_device(request: web.Request) -> web.Response:
+    await _manager(request).delete(request.match_info["name"])
+    return web.Response(status=204)
+
+
+@requires("admin")
+async def import_register_map(request: web.Request) -> web.Response:
+    """A register-map CSV (address,name,type,scale,unit,...) into a Modbus device's tags: a tag of the
+    same feature and property is replaced, the others are added. `?replace=true` drops the old tags."""
+    manager = _manager(request)
+    name = request.match_info["name"]
+    entry = manager.entry(name)
+    if not isinstance(entry.device, ModbusDevice):
+        raise Invalid(f"{name} is not a Modbus device; register maps are for Modbus")
+    if entry.source != "api":
+        raise Conflict(f"{name!r} is defined in the configuration file; set its register_map there")
+    if request.content_length is not None and request.content_length > MAX_CSV:
+        raise Invalid(f"a register map is at most {MAX_CSV} bytes")
+    try:
+        text = (await request.read()).decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise Invalid("the register map is not UTF-8") from None
+    try:
+        tags = parse_register_map(text, source="register map")
+    except RegisterMapError as exc:
+        raise Invalid(str(exc)[:2000]) from None
+    replace = request.query.get("replace", "false").lower() in ("1", "true", "yes")
+    new_keys = {t.key for t in tags}
+    kept = () if replace else tuple(t for t in entry.device.tags if t.key not in new_keys)
+    device = parse_device(device_document(dataclasses.replace(entry.device, tags=kept + tags)))
+    await manager.put(device)
+    return _saved(request, manager, name, 200)
