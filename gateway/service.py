@@ -58,7 +58,7 @@ class GatewayService:
             config.connectors, self.registry.sqlite,
             ConnectorPipeline(self.registry, self.buffer, self.connector_metrics, site=config.gateway.site,
                               line=config.gateway.line),
-            self.connector_metrics, thing_prefix=f"{config.gateway.site}:")
+            self.connector_metrics, thing_prefix=f"{config.gateway.site}:", state_dir=data / "connectors")
         self.detector = AnomalyDetector(config, self.registry, self.bus, self.metrics) if config.detect.enabled \
             else None
         self.forwarder: Forwarder | None = None

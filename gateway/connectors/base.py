@@ -28,6 +28,7 @@ import abc
 import builtins
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol
 
 from gateway.common.errors import EgizError
@@ -189,10 +190,13 @@ class Connector(abc.ABC):
 
 class SharedLinks:
     """Connections several devices share (one RS-485 line or Modbus gateway behind many unit ids),
-    by a key the protocol chooses; counted, so the last device to let go closes it."""
+    by a key the protocol chooses; counted, so the last device to let go closes it. `state_dir` is
+    where a protocol keeps files of its own (OPC UA: pinned server certificates, a generated client
+    certificate); None keeps them in memory only."""
 
-    def __init__(self) -> None:
+    def __init__(self, state_dir: Path | None = None) -> None:
         self._links: dict[str, tuple[Any, int]] = {}
+        self.state_dir = state_dir
 
     def acquire(self, key: str, make: Callable[[], Any]) -> Any:
         link, users = self._links.get(key, (None, 0))

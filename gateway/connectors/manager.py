@@ -15,6 +15,7 @@ import time
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import sqlite_utils
@@ -99,13 +100,13 @@ class ConnectorManager:
     """Starts a runner per enabled device; hot-reloads one device at a time."""
 
     def __init__(self, section: ConnectorsSection, sqlite: SqliteWorker, sink: HealthSink, metrics: ConnectorMetrics,
-                 *, thing_prefix: str) -> None:
+                 *, thing_prefix: str, state_dir: Path | None = None) -> None:
         self._section = section
         self._sqlite = sqlite
         self._sink = sink
         self._m = metrics
         self._prefix = thing_prefix  # "{site}:"
-        self._links = SharedLinks()
+        self._links = SharedLinks(state_dir)
         self._configured: dict[str, DeviceConfig] = {}
         self._stored: dict[str, DeviceConfig] = {}
         self._runners: dict[str, DeviceRunner] = {}

@@ -176,6 +176,8 @@ class OpcUaConnector(Connector):
         assert isinstance(device, OpcUaDevice)
         self.cfg: OpcUaDevice = device
         # where a certificate pinned on first use and a generated client certificate are kept
+        if state_dir is None and links.state_dir is not None:
+            state_dir = links.state_dir / "opcua"
         self.state_dir = state_dir
         self.client: Client | None = None
         self.subscription: Subscription | None = None
