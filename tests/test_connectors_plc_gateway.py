@@ -9,11 +9,14 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 from asyncua import ua
 
+from gateway.common.errors import ConfigError
+from gateway.config import GatewayConfig, load_config
 from gateway.sim.plc import POINTS
 from gateway.sim.plc_opcua import OpcUaPlc, OpcUaServe
 from gateway.sim.plc_s7 import HEATER, LAYOUT, S7Plc
@@ -169,3 +172,57 @@ async def test_s7_oven_into_twin_and_history_offline_and_back(
         assert back_in <= 2 * poll + 0.5, back_in
     finally:
         await plc.stop()
+
+
+def test_bad_opcua_and_s7_config_is_named_key_by_key(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(f"""
+[gateway]
+site = "s1"
+line = "l1"
+id = "gw1"
+data_dir = "{tmp_path / 'data'}"
+[auth]
+open = true
+[[connectors.opcua]]
+name = "proofer-plc"
+url = "http://127.0.0.1:4840"
+thing = "proofer-201"
+security_policy = "Basic256Sha256"
+security_mode = "None"
+username = "egiz"
+auth = "certificate"
+server_certificate = "{tmp_path / 'missing.der'}"
+tags = [
+  {{ feature = "climate", property = "temperature" }},
+  {{ feature = "climate", property = "humidity", node = "ns=2;s=H", queue_size = 0, colour = "red" }},
+]
+[[connectors.s7]]
+name = "oven-s7"
+url = "s7:/10.0.0.1"
+rack = 9
+thing = "oven-102"
+tags = [
+  {{ feature = "thermal", property = "zone1", area = "DB", db = 0, byte = -1, datatype = "REAL" }},
+  {{ feature = "thermal", property = "ok", area = "X", byte = 0, bit = 9, datatype = "FLOAT" }},
+  {{ feature = "info", property = "recipe", area = "DB", db = 1, byte = 40, datatype = "STRING" }},
+]
+""")
+    with pytest.raises(ConfigError) as bad:
+        load_config(GatewayConfig, path, environ={})
+    keys = {key: msg for key, msg in bad.value.problems}
+    for key, words in {
+        "connectors.opcua[0].url": "opc.tcp://",
+        "connectors.opcua[0].security_mode": "Sign or SignAndEncrypt",
+        "connectors.opcua[0].password": "together",
+        "connectors.opcua[0].username": "certificate login takes no username",
+        "connectors.opcua[0].server_certificate": "no such file",
+        "connectors.opcua[0].tags[0].node": "node id",
+        "connectors.opcua[0].tags[1].colour": "unknown key",
+        "connectors.s7[0].url": "s7://host",
+        "connectors.s7[0].rack": "0..7",
+        "connectors.s7[0].tags[2].length": "STRING needs length",
+        "connectors.s7[0].tags[1].area": "",
+        "connectors.s7[0].tags[1].datatype": "",
+    }.items():
+        assert key in keys and words in keys[key], (key, keys)
