@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 SITES = ("izmir-bakery", "ankara-bakery", "bursa-bakery", "konya-bakery")
 LINES = ("line-a", "line-b", "line-c", "line-d")
 NODES_PER_LINE_STRIDE = 1000  # equipment ids of line k start at k * 1000 + 1, unique within a site
+OPCUA_PROOFER = "proofer-opcua"  # the first line's proofer behind a simulated OPC UA PLC
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class DemoLine:
     mqtt_port: int
     config: GatewayConfig
     fleet: FleetOptions
+    opcua_port: int = 0  # the simulated OPC UA proofer PLC of this line (0: none)
 
 
 def demo_token(site: str, line: str) -> str:
@@ -69,7 +71,8 @@ def demo_token(site: str, line: str) -> str:
 
 
 def demo_config(opts: DemoOptions, mqtt_port: int, *, site: str | None = None, line: str | None = None,
-                index: int = 0, aggregator_port: int | None = None, http_port: int | None = None) -> GatewayConfig:
+                index: int = 0, aggregator_port: int | None = None, http_port: int | None = None,
+                opcua_port: int = 0) -> GatewayConfig:
     """The gateway config of one demo line: open auth, auto-registration, forwarding to the aggregator."""
     site, line = site or opts.site, line or opts.line
     data = opts.data_dir / "gateway" if index == 0 else opts.data_dir / "gateways" / f"{site}-{line}"
@@ -85,11 +88,27 @@ def demo_config(opts: DemoOptions, mqtt_port: int, *, site: str | None = None, l
         "auth.open": True,
         "ingest.auto_register": True,
     }
+    if opcua_port:
+        overrides["connectors.opcua"] = [opcua_proofer(opcua_port)]
     if aggregator_port:
         overrides.update({"uplink.url": f"http://127.0.0.1:{aggregator_port}",
                           "uplink.token": demo_token(site, line),
                           "uplink.things_interval_s": 1.0})  # the central 3D view follows within a second
     return load_config(GatewayConfig, None, environ={}, overrides=overrides)
+
+
+def opcua_proofer(port: int) -> dict[str, Any]:
+    """The `[[connectors.opcua]]` device of the demo's OPC UA proofer PLC (subscribed, 250 ms)."""
+    node = "ns=2;s=Proofer."
+    return {"name": "proofer-opcua-plc", "url": f"opc.tcp://127.0.0.1:{port}", "thing": OPCUA_PROOFER,
+            "type": "proofer", "poll_s": 1.0, "publishing_ms": 250, "tags": [
+                {"feature": "climate", "property": "temperature", "node": node + "Temperature", "unit": "degC"},
+                {"feature": "climate", "property": "humidity", "node": node + "Humidity", "unit": "percent"},
+                {"feature": "climate", "property": "setpoint", "node": node + "Setpoint", "unit": "degC",
+                 "writable": True, "min": 20, "max": 45},
+                {"feature": "state", "property": "running", "node": node + "Running"},
+                {"feature": "state", "property": "batch_count", "node": node + "BatchCount"},
+            ]}
 
 
 def plan_lines(opts: DemoOptions, faults: tuple[FaultItem, ...], aggregator_port: int) -> list[DemoLine]:
@@ -101,14 +120,15 @@ def plan_lines(opts: DemoOptions, faults: tuple[FaultItem, ...], aggregator_port
     for i, (site, line) in enumerate((s, li) for s in SITES[: opts.sites] for li in LINES[: opts.lines]):
         http_port = _pick(opts.http_port + i if opts.http_port else 0, taken, keep=i == 0)
         mqtt_port = _pick(opts.mqtt_port if i == 0 else 0, taken, keep=True)
+        opcua_port = _pick(0, taken, keep=True) if i == 0 else 0
         config = demo_config(opts, mqtt_port, site=site, line=line, index=i, aggregator_port=aggregator_port,
-                             http_port=http_port)
+                             http_port=http_port, opcua_port=opcua_port)
         k = i % opts.lines
         fleet = FleetOptions(site=site, line=line, nodes=opts.nodes, rate_hz=opts.rate_hz, host="127.0.0.1",
                              port=mqtt_port, faults=faults if i == 0 else (), start_index=k * NODES_PER_LINE_STRIDE + 1,
                              truth_path=opts.data_dir / "faults.jsonl" if i == 0 else None,
                              duration_s=opts.duration_s, seed=i)
-        out.append(DemoLine(i, site, line, mqtt_port, config, fleet))
+        out.append(DemoLine(i, site, line, mqtt_port, config, fleet, opcua_port))
     return out
 
 
@@ -175,6 +195,9 @@ async def run_demo(opts: DemoOptions, *, ready: asyncio.Event | None = None,
             _announce(opts, lines, services, aggregator.http_port or agg_port)
         async with asyncio.TaskGroup() as tg:
             fleets = [tg.create_task(run_fleet(li.fleet, stop=stop)) for li in lines]
+            for li in lines:
+                if li.opcua_port:  # the PLC's server is built while the gateway already retries it
+                    tg.create_task(_opcua_plc(li, stop))
             for task in fleets:
                 task.add_done_callback(lambda _: stop.set())  # after --duration the whole demo ends
             if ready is not None:
@@ -182,6 +205,20 @@ async def run_demo(opts: DemoOptions, *, ready: asyncio.Event | None = None,
             await stop.wait()
             for task in fleets:
                 await task
+
+
+async def _opcua_plc(li: DemoLine, stop: asyncio.Event) -> None:
+    """The line's proofer behind a simulated OPC UA PLC (asyncua's server), driven by the proofer model."""
+    from gateway.sim.plc import POINTS, PlcOptions, PlcSimulation
+    from gateway.sim.plc_opcua import OpcUaPlc, OpcUaServe
+
+    image = OpcUaPlc(OpcUaServe(port=li.opcua_port), "proofer", POINTS["proofer"])
+    options = PlcOptions(site=li.site, equipment_id=OPCUA_PROOFER, type="proofer", line=li.line,
+                         rate_hz=li.fleet.rate_hz, duration_s=li.fleet.duration_s, seed=li.index)
+    try:
+        await PlcSimulation(options, image).run(stop)
+    except OSError as exc:  # the rest of the demo goes on; the gateway shows the device offline
+        log.error("the demo's OPC UA proofer PLC cannot listen", extra={"port": li.opcua_port, "error": str(exc)})
 
 
 def _announce(opts: DemoOptions, lines: list[DemoLine], services: list[GatewayService], agg_port: int) -> None:
@@ -194,6 +231,8 @@ def _announce(opts: DemoOptions, lines: list[DemoLine], services: list[GatewaySe
     for li, service in zip(lines, services, strict=True):
         base = f"http://127.0.0.1:{service.http_port}"
         c.print(f"  {li.site} / {li.line}: gateway {base}/api/v1/things  (broker mqtt://127.0.0.1:{li.mqtt_port})")
+        if li.opcua_port:
+            c.print(f"    + {OPCUA_PROOFER}: OPC UA proofer PLC opc.tcp://127.0.0.1:{li.opcua_port}")
     first = f"http://127.0.0.1:{services[0].http_port}"
     c.print(f"  WebSocket       {first.replace('http', 'ws')}/api/v1/ws")
     c.print(f"  OpenAPI         {first}/api/v1/openapi.json")

@@ -7,6 +7,7 @@ import json
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import aiomqtt
@@ -145,12 +146,20 @@ async def test_demo_command_runs_a_line_and_stops_cleanly(tmp_path: Path) -> Non
             if total >= 10:
                 async with http.get(f"http://127.0.0.1:{port}/ready") as r:
                     ready = r.status, await r.json()
+            # the line's proofer behind a simulated OPC UA PLC, subscribed to by the gateway
+            proofer: dict[str, Any] = {}
+            while proc.returncode is None and time.monotonic() < deadline + 30 and "temperature" not in proofer:
+                async with http.get(f"http://127.0.0.1:{port}/api/v1/things/izmir-bakery:proofer-opcua/features/"
+                                    "climate") as r:
+                    proofer = (await r.json()).get("properties", {}) if r.status == 200 else {}
+                await asyncio.sleep(0.3)
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
         _, err = await asyncio.wait_for(proc.communicate(), 20)
     assert total >= 10, f"the demo did not show 10 Things: {err.decode()[-3000:]}"
     assert ready[0] == 200 and any("open" in w for w in ready[1]["warnings"]), ready
+    assert 10.0 < proofer.get("temperature", 0) < 50.0, proofer
     assert proc.returncode == 0, err.decode()[-2000:]
     assert f"http://127.0.0.1:{port}/api/v1/things" in err.decode()
     assert (tmp_path / "demo" / "gateway" / "registry.sqlite").exists()

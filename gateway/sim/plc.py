@@ -153,7 +153,17 @@ class PlcSimulation:
         t0 = loop.time()
         end = t0 + o.duration_s if o.duration_s is not None else math.inf
         clock0 = o.clock_start if o.clock_start is not None else time.time()
-        await self.image.start()
+        # building a server can take seconds (asyncua's address space): a stop meanwhile ends it at once
+        starting = asyncio.ensure_future(self.image.start())
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if not starting.done():
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+            return self.stats
+        starting.result()  # a failure to listen is raised here
         tick = 0
         with TruthWriter(o.truth_path) as truth:
             try:
