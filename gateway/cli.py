@@ -344,6 +344,10 @@ def sim(
                                             "to the broker the gateway names")] = False,
     advertise_address: Annotated[str, typer.Option(help="with --provision: the address to advertise and serve "
                                                    "on ('': this host's first address)")] = "",
+    plc: Annotated[str, typer.Option(help="serve the machines as PLCs instead of MQTT nodes: modbus (one unit id "
+                                     "per machine); prints the gateway's [[connectors.modbus]] tables")] = "",
+    plc_port: Annotated[int, typer.Option(min=1, max=65535, help="with --plc: the port to serve on")] = 5020,
+    plc_host: Annotated[str, typer.Option(help="with --plc: the address to serve on")] = "127.0.0.1",
 ) -> None:
     """Simulate a line of ESP32 nodes publishing telemetry (with optional faults) until Ctrl-C."""
     from gateway.sim import FleetOptions, parse_faults
@@ -367,7 +371,45 @@ def sim(
     if into is not None:
         _sim_into(into, opts, start)
         return
+    if plc:
+        _sim_plc(plc, opts, plc_host, plc_port)
+        return
     asyncio.run(_run_sim(opts, provision=provision, advertise_address=advertise_address))
+
+
+def _sim_plc(protocol: str, opts: Any, host: str, port: int) -> None:
+    """`egiz sim --plc modbus`: the same machines, models and faults behind a PLC protocol."""
+    import signal
+
+    if protocol != "modbus":
+        fail(f"--plc: {protocol!r} is not a PLC protocol this simulator serves (modbus)")
+    from gateway.sim.plc import PlcLine, PlcOptions, gateway_toml
+
+    try:
+        plc_opts = PlcOptions(site=opts.site, line=opts.line, nodes=opts.nodes, types=opts.types, rate_hz=opts.rate_hz,
+                              host=host, port=port, faults=opts.faults, truth_path=opts.truth_path, seed=opts.seed,
+                              duration_s=opts.duration_s, time_scale=opts.time_scale)
+        line = PlcLine(plc_opts)
+    except ValueError as exc:
+        fail(_sim_options_problem(exc))
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+
+        def ready(served: PlcLine) -> None:
+            typer.echo(f"# {len(served.plcs)} simulated PLCs on modbus tcp://{host}:{port}, unit ids "
+                       f"1..{len(served.plcs)}; add these to gateway.toml:\n")
+            typer.echo(gateway_toml(served, poll_s=1.0 / opts.rate_hz if opts.rate_hz >= 1 else 1.0))
+
+        try:
+            await line.run(stop, on_ready=ready)
+        except (OSError, RuntimeError) as exc:  # pymodbus: RuntimeError when it cannot listen
+            fail(f"--plc-port: cannot serve on {host}:{port} ({getattr(exc, 'strerror', None) or exc})", code=1)
+
+    asyncio.run(run())
 
 
 def _sim_into(into: Path, opts: Any, start: str | None) -> None:
