@@ -389,13 +389,15 @@ def sim(
                                             "to the broker the gateway names")] = False,
     advertise_address: Annotated[str, typer.Option(help="with --provision: the address to advertise and serve "
                                                    "on ('': this host's first address)")] = "",
-    plc: Annotated[str | None, typer.Option(help="serve one simulated PLC instead of MQTT nodes: opcua or s7")]
-        = None,
-    plc_type: Annotated[str, typer.Option(help="with --plc: the machine behind it, proofer or oven")] = "proofer",
-    plc_id: Annotated[str, typer.Option(help="with --plc: its equipment id (default: {type}-201)")] = "",
-    plc_host: Annotated[str, typer.Option(help="with --plc: the address to listen on")] = "127.0.0.1",
-    plc_port: Annotated[int, typer.Option(min=0, max=65535, help="with --plc: the port (0: OPC UA 4840, S7 102)")]
-        = 0,
+    plc: Annotated[str, typer.Option(help="serve the machines as PLCs instead of MQTT nodes: modbus (one unit id "
+                                     "per machine; prints the gateway's [[connectors.modbus]] tables), or opcua "
+                                     "or s7 (one PLC in front of one --plc-type machine)")] = "",
+    plc_port: Annotated[int, typer.Option(min=0, max=65535, help="with --plc: the port to serve on (0: the "
+                                          "protocol's own, Modbus 5020, OPC UA 4840, S7 102)")] = 0,
+    plc_host: Annotated[str, typer.Option(help="with --plc: the address to serve on")] = "127.0.0.1",
+    plc_type: Annotated[str, typer.Option(help="with --plc opcua|s7: the machine behind it, proofer or oven")]
+        = "proofer",
+    plc_id: Annotated[str, typer.Option(help="with --plc opcua|s7: its equipment id (default: {type}-201)")] = "",
     plc_security: Annotated[str, typer.Option(help="with --plc opcua: security modes offered, comma-separated "
                                               "(None, Sign, SignAndEncrypt; the latter two are Basic256Sha256)")]
         = "None",
@@ -415,11 +417,11 @@ def sim(
         fault_specs = parse_faults(faults)
     except ValueError as exc:
         fail(f"--faults: {exc}")
-    if plc is not None:
-        from gateway.sim.plc import PlcOptions, PlcServe
+    if plc and plc not in ("modbus", "opcua", "s7"):
+        fail(f"--plc: {plc!r} is not a PLC protocol this simulator serves (modbus, opcua, s7)")
+    if plc in ("opcua", "s7"):
+        from gateway.sim.plc_machine import MachineOptions, PlcServe
 
-        if plc not in ("opcua", "s7"):
-            fail(f"--plc: {plc!r} is not one of opcua, s7")
         modes = tuple(m.strip() for m in plc_security.split(",") if m.strip())
         if any(m not in ("None", "Sign", "SignAndEncrypt") for m in modes) or not modes:
             fail(f"--plc-security: {plc_security!r}: give None, Sign and/or SignAndEncrypt")
@@ -427,7 +429,7 @@ def sim(
             fail("--plc-user and --plc-password (or EGIZ_SIM_PLC_PASSWORD) go together")
         users = ((plc_user, plc_password),) if plc_user is not None and plc_password is not None else ()
         try:
-            popts = PlcOptions(site=site, equipment_id=plc_id or f"{plc_type}-201", type=plc_type, line=line,
+            popts = MachineOptions(site=site, equipment_id=plc_id or f"{plc_type}-201", type=plc_type, line=line,
                                rate_hz=rate, faults=fault_specs, truth_path=truth, duration_s=duration, seed=seed,
                                time_scale=time_scale)
         except ValueError as exc:
@@ -450,7 +452,45 @@ def sim(
     if into is not None:
         _sim_into(into, opts, start)
         return
+    if plc:
+        _sim_plc(plc, opts, plc_host, plc_port or 5020)
+        return
     asyncio.run(_run_sim(opts, provision=provision, advertise_address=advertise_address))
+
+
+def _sim_plc(protocol: str, opts: Any, host: str, port: int) -> None:
+    """`egiz sim --plc modbus`: the same machines, models and faults behind a PLC protocol."""
+    import signal
+
+    if protocol != "modbus":
+        fail(f"--plc: {protocol!r} is not a PLC protocol this simulator serves (modbus)")
+    from gateway.sim.plc import PlcLine, PlcOptions, gateway_toml
+
+    try:
+        plc_opts = PlcOptions(site=opts.site, line=opts.line, nodes=opts.nodes, types=opts.types, rate_hz=opts.rate_hz,
+                              host=host, port=port, faults=opts.faults, truth_path=opts.truth_path, seed=opts.seed,
+                              duration_s=opts.duration_s, time_scale=opts.time_scale)
+        line = PlcLine(plc_opts)
+    except ValueError as exc:
+        fail(_sim_options_problem(exc))
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+
+        def ready(served: PlcLine) -> None:
+            typer.echo(f"# {len(served.plcs)} simulated PLCs on modbus tcp://{host}:{port}, unit ids "
+                       f"1..{len(served.plcs)}; add these to gateway.toml:\n")
+            typer.echo(gateway_toml(served, poll_s=1.0 / opts.rate_hz if opts.rate_hz >= 1 else 1.0))
+
+        try:
+            await line.run(stop, on_ready=ready)
+        except (OSError, RuntimeError) as exc:  # pymodbus: RuntimeError when it cannot listen
+            fail(f"--plc-port: cannot serve on {host}:{port} ({getattr(exc, 'strerror', None) or exc})", code=1)
+
+    asyncio.run(run())
 
 
 def _sim_into(into: Path, opts: Any, start: str | None) -> None:
@@ -511,7 +551,7 @@ def _sim_options_problem(exc: ValueError) -> str:
 async def _run_plc(opts: Any, serve: Any) -> None:
     import signal
 
-    from gateway.sim.plc import PlcSimulation, describe, make_image
+    from gateway.sim.plc_machine import PlcSimulation, describe, make_image
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

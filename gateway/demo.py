@@ -21,6 +21,7 @@ from gateway.config import GatewayConfig, load_config
 from gateway.service import GatewayService
 from gateway.sim import FleetOptions, SimError, run_fleet
 from gateway.sim.faults import FaultItem
+from gateway.sim.plc import PlcLine, PlcOptions, device_tables
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,11 @@ class DemoLine:
     mqtt_port: int
     config: GatewayConfig
     fleet: FleetOptions
-    opcua_port: int = 0  # the simulated OPC UA proofer PLC of this line (0: none)
+    plc: PlcOptions | None = None  # the first line also has a Modbus oven PLC beside its ESP32 nodes
+    opcua_port: int = 0  # ... and a proofer behind a simulated OPC UA PLC (0: none)
+
+
+PLC_FIRST_INDEX = 900  # the demo's PLC oven is oven-900, apart from the ESP32 nodes' ids
 
 
 def demo_token(site: str, line: str) -> str:
@@ -72,7 +77,7 @@ def demo_token(site: str, line: str) -> str:
 
 def demo_config(opts: DemoOptions, mqtt_port: int, *, site: str | None = None, line: str | None = None,
                 index: int = 0, aggregator_port: int | None = None, http_port: int | None = None,
-                opcua_port: int = 0) -> GatewayConfig:
+                modbus: list[dict[str, Any]] | None = None, opcua_port: int = 0) -> GatewayConfig:
     """The gateway config of one demo line: open auth, auto-registration, forwarding to the aggregator."""
     site, line = site or opts.site, line or opts.line
     data = opts.data_dir / "gateway" if index == 0 else opts.data_dir / "gateways" / f"{site}-{line}"
@@ -88,6 +93,8 @@ def demo_config(opts: DemoOptions, mqtt_port: int, *, site: str | None = None, l
         "auth.open": True,
         "ingest.auto_register": True,
     }
+    if modbus:
+        overrides["connectors.modbus"] = modbus
     if opcua_port:
         overrides["connectors.opcua"] = [opcua_proofer(opcua_port)]
     if aggregator_port:
@@ -120,15 +127,21 @@ def plan_lines(opts: DemoOptions, faults: tuple[FaultItem, ...], aggregator_port
     for i, (site, line) in enumerate((s, li) for s in SITES[: opts.sites] for li in LINES[: opts.lines]):
         http_port = _pick(opts.http_port + i if opts.http_port else 0, taken, keep=i == 0)
         mqtt_port = _pick(opts.mqtt_port if i == 0 else 0, taken, keep=True)
-        opcua_port = _pick(0, taken, keep=True) if i == 0 else 0
+        plc = None
+        if i == 0:  # one line mixes ESP32 nodes with an oven behind a Modbus PLC
+            plc = PlcOptions(site=site, line=line, nodes=1, types=("oven",), rate_hz=max(opts.rate_hz, 1.0),
+                             port=_pick(0, taken, keep=True), first_index=PLC_FIRST_INDEX, seed=i,
+                             duration_s=opts.duration_s)
+        opcua_port = _pick(0, taken, keep=True) if i == 0 else 0  # ... and a proofer behind an OPC UA PLC
         config = demo_config(opts, mqtt_port, site=site, line=line, index=i, aggregator_port=aggregator_port,
-                             http_port=http_port, opcua_port=opcua_port)
+                             http_port=http_port, modbus=device_tables(plc) if plc is not None else None,
+                             opcua_port=opcua_port)
         k = i % opts.lines
         fleet = FleetOptions(site=site, line=line, nodes=opts.nodes, rate_hz=opts.rate_hz, host="127.0.0.1",
                              port=mqtt_port, faults=faults if i == 0 else (), start_index=k * NODES_PER_LINE_STRIDE + 1,
                              truth_path=opts.data_dir / "faults.jsonl" if i == 0 else None,
                              duration_s=opts.duration_s, seed=i)
-        out.append(DemoLine(i, site, line, mqtt_port, config, fleet, opcua_port))
+        out.append(DemoLine(i, site, line, mqtt_port, config, fleet, plc, opcua_port))
     return out
 
 
@@ -182,6 +195,9 @@ async def run_demo(opts: DemoOptions, *, ready: asyncio.Event | None = None,
             cleanup.callback(loop.remove_signal_handler, sig)
         await aggregator.start()
         cleanup.push_async_callback(aggregator.stop)
+        for li in lines:
+            if li.plc is not None:  # before the gateway, so its first poll finds the PLC
+                await _start_plc(li.plc, stop, cleanup)
         for li, service in zip(lines, services, strict=True):
             broker = await start_broker(BrokerSettings(host="127.0.0.1", port=li.mqtt_port,
                                                        data_dir=opts.data_dir / "brokers" / f"{li.site}-{li.line}"
@@ -207,14 +223,28 @@ async def run_demo(opts: DemoOptions, *, ready: asyncio.Event | None = None,
                 await task
 
 
+async def _start_plc(plc: PlcOptions, stop: asyncio.Event, cleanup: contextlib.AsyncExitStack) -> None:
+    line = PlcLine(plc)
+    served = asyncio.Event()
+    plc_stop = asyncio.Event()
+    task = asyncio.create_task(line.run(plc_stop, on_ready=lambda _: served.set()), name="demo-plc")
+
+    async def stop_plc() -> None:
+        plc_stop.set()
+        await task
+
+    cleanup.push_async_callback(stop_plc)
+    await asyncio.wait_for(served.wait(), 15)
+
+
 async def _opcua_plc(li: DemoLine, stop: asyncio.Event) -> None:
     """The line's proofer behind a simulated OPC UA PLC (asyncua's server), driven by the proofer model."""
-    from gateway.sim.plc import POINTS, PlcOptions, PlcSimulation
+    from gateway.sim.plc_machine import POINTS, MachineOptions, PlcSimulation
     from gateway.sim.plc_opcua import OpcUaPlc, OpcUaServe
 
     image = OpcUaPlc(OpcUaServe(port=li.opcua_port), "proofer", POINTS["proofer"])
-    options = PlcOptions(site=li.site, equipment_id=OPCUA_PROOFER, type="proofer", line=li.line,
-                         rate_hz=li.fleet.rate_hz, duration_s=li.fleet.duration_s, seed=li.index)
+    options = MachineOptions(site=li.site, equipment_id=OPCUA_PROOFER, type="proofer", line=li.line,
+                             rate_hz=li.fleet.rate_hz, duration_s=li.fleet.duration_s, seed=li.index)
     try:
         await PlcSimulation(options, image).run(stop)
     except OSError as exc:  # the rest of the demo goes on; the gateway shows the device offline
@@ -231,8 +261,10 @@ def _announce(opts: DemoOptions, lines: list[DemoLine], services: list[GatewaySe
     for li, service in zip(lines, services, strict=True):
         base = f"http://127.0.0.1:{service.http_port}"
         c.print(f"  {li.site} / {li.line}: gateway {base}/api/v1/things  (broker mqtt://127.0.0.1:{li.mqtt_port})")
+        if li.plc is not None:
+            c.print(f"    + a Modbus oven PLC at tcp://127.0.0.1:{li.plc.port} ({base}/api/v1/connectors/devices)")
         if li.opcua_port:
-            c.print(f"    + {OPCUA_PROOFER}: OPC UA proofer PLC opc.tcp://127.0.0.1:{li.opcua_port}")
+            c.print(f"    + {OPCUA_PROOFER}: an OPC UA proofer PLC at opc.tcp://127.0.0.1:{li.opcua_port}")
     first = f"http://127.0.0.1:{services[0].http_port}"
     c.print(f"  WebSocket       {first.replace('http', 'ws')}/api/v1/ws")
     c.print(f"  OpenAPI         {first}/api/v1/openapi.json")

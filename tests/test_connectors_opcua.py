@@ -18,7 +18,7 @@ from asyncua import ua
 from gateway.connectors.base import DeviceError, RawValue, SharedLinks, WriteRefused
 from gateway.connectors.config import OpcUaDevice, OpcUaTag
 from gateway.connectors.opcua import APPLICATION_URI, BrowseOptions, OpcUaConnector, browse
-from gateway.sim.plc import POINTS
+from gateway.sim.plc_machine import POINTS
 from gateway.sim.plc_opcua import OpcUaPlc, OpcUaServe
 from tests.helpers.pki import application_certificate
 from tests.helpers.waiting import wait_for

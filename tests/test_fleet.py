@@ -130,6 +130,7 @@ async def test_demo_command_runs_a_line_and_stops_cleanly(tmp_path: Path) -> Non
         EGIZ, "demo", "--http-port", str(port), "--rate", "5",
         "--aggregator-port", "0", "--data-dir", str(tmp_path / "demo"), "--duration", "60",
         stderr=asyncio.subprocess.PIPE)
+    plc: dict[str, Any] = {}
     try:
         async with aiohttp.ClientSession() as http:
             deadline = time.monotonic() + 30
@@ -146,6 +147,13 @@ async def test_demo_command_runs_a_line_and_stops_cleanly(tmp_path: Path) -> Non
             if total >= 10:
                 async with http.get(f"http://127.0.0.1:{port}/ready") as r:
                     ready = r.status, await r.json()
+            while proc.returncode is None and time.monotonic() < deadline + 15:  # the line's Modbus oven PLC
+                async with http.get(f"http://127.0.0.1:{port}/api/v1/connectors/devices") as r:
+                    items = (await r.json())["items"] if r.status == 200 else []
+                plc = next((d for d in items if d.get("protocol") == "modbus"), {})
+                if (plc.get("health") or {}).get("state") == "online":
+                    break
+                await asyncio.sleep(0.2)
             # the line's proofer behind a simulated OPC UA PLC, subscribed to by the gateway
             proofer: dict[str, Any] = {}
             while proc.returncode is None and time.monotonic() < deadline + 30 and "temperature" not in proofer:
@@ -163,6 +171,7 @@ async def test_demo_command_runs_a_line_and_stops_cleanly(tmp_path: Path) -> Non
     assert proc.returncode == 0, err.decode()[-2000:]
     assert f"http://127.0.0.1:{port}/api/v1/things" in err.decode()
     assert (tmp_path / "demo" / "gateway" / "registry.sqlite").exists()
+    assert plc["health"]["state"] == "online" and plc["thingId"].endswith(":oven-900"), plc
 
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from gateway.connectors.base import DeviceError, SharedLinks
 from gateway.connectors.config import S7Device, S7Tag
 from gateway.connectors.s7 import S7Connector
-from gateway.sim.plc import PlcOptions, PlcSimulation, PlcStats
+from gateway.sim.plc_machine import MachineOptions, PlcSimulation, PlcStats
 from gateway.sim.plc_opcua import OpcUaPlc, OpcUaServe
 from gateway.sim.plc_s7 import LAYOUT
 from tests.helpers.processes import EGIZ
@@ -89,10 +89,10 @@ async def test_s7_plc_serves_the_model_takes_setpoints_and_drops_out_on_a_fault(
 
 async def test_opcua_plc_model_and_browse_from_the_command_line(tmp_path: Path) -> None:
     port = free_port()
-    from gateway.sim.plc import POINTS
+    from gateway.sim.plc_machine import POINTS
 
     image = OpcUaPlc(OpcUaServe(port=port), "oven", POINTS["oven"])
-    sim = PlcSimulation(PlcOptions(site="izmir-bakery", equipment_id="oven-101", type="oven", rate_hz=5, seed=3),
+    sim = PlcSimulation(MachineOptions(site="izmir-bakery", equipment_id="oven-101", type="oven", rate_hz=5, seed=3),
                         image)
     stop = asyncio.Event()
     task: asyncio.Task[PlcStats] = asyncio.create_task(sim.run(stop))

@@ -203,8 +203,8 @@ class ModbusConnector(Connector):
         async with link.lock:
             client = await link.ensure()
             try:
-                response = await asyncio.wait_for(getattr(client, method)(*args, device_id=self.dev.unit, **kwargs),
-                                                  timeout=self.dev.timeout_s + 0.5)
+                async with asyncio.timeout(self.dev.timeout_s + 0.5):
+                    response = await getattr(client, method)(*args, device_id=self.dev.unit, **kwargs)
             except (TimeoutError, ModbusException, OSError) as exc:
                 if self.endpoint.transport != "rtu":  # a late answer would confuse the next request on TCP
                     link.close()

@@ -112,13 +112,15 @@ class DeviceRunner:
     async def _cycle(self) -> None:
         dev = self.device
         if not self._connected:
-            await asyncio.wait_for(self.connector.connect(), timeout=dev.timeout_s * 2)
+            async with asyncio.timeout(dev.timeout_s * 2):
+                await self.connector.connect()
             self._connected = True
             if not self._subscribed:
                 self._subscribed = await self.connector.subscribe(self._push)
         t0 = time.monotonic()
         # a guard above the connector's own per-request timeouts: a library that hangs still fails the cycle
-        result = await asyncio.wait_for(self.connector.read(), timeout=dev.timeout_s * 4 + dev.poll_s * 2)
+        async with asyncio.timeout(dev.timeout_s * 4 + dev.poll_s * 2):
+            result = await self.connector.read()
         seconds = time.monotonic() - t0
         self._push(result.values)
         self.cycles += 1
@@ -192,7 +194,8 @@ class DeviceRunner:
             self._m.writes.labels(dev.name, "offline").inc()
             raise DeviceError("offline", f"{dev.name} is offline: {self.health.last_error}")
         try:
-            back_raw = await asyncio.wait_for(self.connector.write(tag, raw), timeout=dev.timeout_s * 3)
+            async with asyncio.timeout(dev.timeout_s * 3):
+                back_raw = await self.connector.write(tag, raw)
         except WriteRefused:
             self._m.writes.labels(dev.name, "refused").inc()
             raise

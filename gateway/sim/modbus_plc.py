@@ -73,6 +73,7 @@ class ModbusPlcServer:
         self.framer = framer
         self.delay_s = delay_s
         self.requests: Counter[int] = Counter()  # by unit id
+        self.silent_units: set[int] = set()  # answer "gateway target did not respond" (a dead unit)
         self.writes: list[tuple[int, str, int, list[Any]]] = []  # (unit, table, address, values)
         self._server: Any = None
 
@@ -82,13 +83,17 @@ class ModbusPlcServer:
         words = len(memory.tables["coil"])
 
         async def action(fc: int, start: int, address: int, count: int, registers: list[int],
-                         values: list[Any] | None) -> None:
+                         values: list[Any] | None) -> Any:
+            from pymodbus.constants import ExcCodes
+
             self.requests[unit] += 1
             if self.delay_s:
                 await asyncio.sleep(self.delay_s)
+            if unit in self.silent_units:
+                return ExcCodes.GATEWAY_NO_RESPONSE
             table = _TABLE_OF_FC.get(fc)
             if table is None:
-                return
+                return None
             mine = memory.tables[table]
             registers[: len(mine)] = mine  # the server answers from our memory
             if values is not None and fc in _WRITES:
@@ -98,6 +103,7 @@ class ModbusPlcServer:
                         memory.set_bit("coil", address + i, bool(v))
                 else:
                     mine[address - start : address - start + len(values)] = [int(v) for v in values]
+            return None
 
         bits = [SimData(0, count=words, values=0, datatype=DataType.BITS)]
         regs = [SimData(0, count=memory.size, values=0, datatype=DataType.REGISTERS)]

@@ -1,11 +1,12 @@
-"""A simulated PLC in front of one machine: the equipment model sampled on a fixed clock, its faults
-and ground truth, its values written into a PLC image (an OPC UA information model, an S7 data
-block) that a protocol server serves, and the setpoint a client writes fed back to the model.
+"""Simulated PLCs: the simulator's equipment models (with the same fault injection and ground truth)
+behind a Modbus server — one unit id per machine, as behind an RS-485 line or a Modbus TCP gateway.
 
-The protocol servers live beside this module (`plc_opcua.py`, `plc_s7.py`); each implements
-`PlcImage`. A `dropout` fault takes the server off the network for the fault's duration, the way
-a PLC that lost power or its switch port does; the other faults bend the signals exactly as they
-do for the MQTT nodes.
+The register map follows from the model: every number it measures is a float32 input register
+(two registers each, from address 0, in the order the model reports them), every property a
+command may set is a writable int16 holding register with scale 0.1 (from address 100). A property's
+name is its flattened path with `[i]` as `_i` and `.` as `_` (`temperature_zones[1]` →
+`temperature_zones_1`, `voltage.a` → `voltage_a`). A `dropout` fault makes the unit answer
+"gateway target did not respond", as a real Modbus gateway does for a dead unit.
 """
 
 from __future__ import annotations
@@ -15,291 +16,239 @@ import contextlib
 import logging
 import math
 import random
+import re
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Literal, Protocol
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
-from gateway.common.series import flatten
-from gateway.sim.equipment import ActiveFault, make_model, production_level
-from gateway.sim.faults import FaultItem, FaultSchedule, SimError, TruthRecord, TruthWriter
+from gateway.connectors.config import ModbusTag
+from gateway.sim.equipment import EquipmentModel, make_model
+from gateway.sim.faults import ActiveFault, FaultItem, FaultSchedule, TruthRecord, TruthWriter
+from gateway.sim.modbus_plc import ModbusPlcServer, RegisterMemory
 
 log = logging.getLogger(__name__)
-
-PointKind = Literal["real", "int", "bool", "string"]
-
-
-@dataclass(frozen=True, slots=True)
-class PlcPoint:
-    """One value of the PLC image: its PLC-side name, the model's (feature, flattened path) and type."""
-
-    name: str  # e.g. "Temperature", "Zone2.Temperature": the OPC UA node name, the S7 symbol
-    feature: str
-    path: str
-    kind: PointKind = "real"
-    unit: str = ""
-    writable: bool = False  # a setpoint: a client's write is a command to the model
+SETPOINT_BASE = 100
 
 
-# The image of each machine a simulated PLC can front: what a vendor's program would expose.
-POINTS: dict[str, tuple[PlcPoint, ...]] = {
-    "proofer": (
-        PlcPoint("Temperature", "climate", "temperature", unit="degC"),
-        PlcPoint("Humidity", "climate", "humidity", unit="percent"),
-        PlcPoint("Setpoint", "climate", "setpoint", unit="degC", writable=True),
-        PlcPoint("Running", "state", "running", kind="bool"),
-        PlcPoint("BatchCount", "state", "batch_count", kind="int"),
-    ),
-    "oven": (
-        PlcPoint("Zone1.Temperature", "thermal", "temperature_zones[0]", unit="degC"),
-        PlcPoint("Zone2.Temperature", "thermal", "temperature_zones[1]", unit="degC"),
-        PlcPoint("Zone3.Temperature", "thermal", "temperature_zones[2]", unit="degC"),
-        PlcPoint("Setpoint", "thermal", "setpoint", unit="degC", writable=True),
-        PlcPoint("Voltage.L1", "electrical", "voltage.a", unit="V"),
-        PlcPoint("Voltage.L2", "electrical", "voltage.b", unit="V"),
-        PlcPoint("Voltage.L3", "electrical", "voltage.c", unit="V"),
-        PlcPoint("Power", "electrical", "power_kw", unit="kW"),
-        PlcPoint("Running", "state", "running", kind="bool"),
-        PlcPoint("BatchCount", "state", "batch_count", kind="int"),
-    ),
-}
-PLC_TYPES = tuple(POINTS)
-PlcValues = dict[str, float | int | bool | str]  # point name -> value
+def tag_property(path: str) -> str:
+    """`temperature_zones[1]` → `temperature_zones_1`; `voltage.a` → `voltage_a`."""
+    return re.sub(r"\[(\d+)\]", r"_\1", path).replace(".", "_")
 
 
-class PlcImage(Protocol):
-    """What a protocol server offers the simulation."""
+def _numbers(props: dict[str, Any]) -> list[tuple[str, float]]:
+    out: list[tuple[str, float]] = []
+    for name, value in props.items():
+        if isinstance(value, bool | str):
+            continue
+        if isinstance(value, int | float):
+            out.append((name, float(value)))
+        elif isinstance(value, list):
+            out += [(f"{name}[{i}]", float(v)) for i, v in enumerate(value)]
+        elif isinstance(value, dict):
+            out += [(f"{name}.{k}", float(v)) for k, v in value.items()]
+    return out
 
-    async def start(self) -> None: ...
 
-    async def stop(self) -> None: ...
+def register_map(model: EquipmentModel) -> tuple[ModbusTag, ...]:
+    """The Modbus tags of a machine: its measurements, then its commandable setpoints."""
+    probe = make_model(model.type, model.equipment_id, random.Random(0), model.line)
+    tags: list[ModbusTag] = []
+    address = 0
+    commandable = set(model.commandable)
+    for feature, props in probe.read(12.0, 0.0, 1.0).items():
+        for path, _ in _numbers(props):
+            if (feature, path) in commandable:
+                continue
+            tags.append(ModbusTag(feature=feature, property=tag_property(path), table="input", address=address,
+                                  datatype="float32"))
+            address += 2
+    for i, ((feature, prop), (lo, hi)) in enumerate(sorted(model.commandable.items())):
+        tags.append(ModbusTag(feature=feature, property=tag_property(prop), table="holding",
+                              address=SETPOINT_BASE + i, datatype="int16", scale=0.1, writable=True, min=lo, max=hi))
+    return tuple(tags)
 
-    async def publish(self, values: PlcValues, ts: float) -> None:
-        """Write one sample of every point (stamped `ts`, epoch seconds)."""
 
-    async def written(self) -> PlcValues:
-        """The writable points' current values (a client may have changed them)."""
+@dataclass
+class SimulatedPlc:
+    """One machine behind one unit id: its model, its registers and its tags."""
+
+    unit: int
+    equipment_id: str
+    model: EquipmentModel
+    tags: tuple[ModbusTag, ...]
+    memory: RegisterMemory = field(default_factory=RegisterMemory)
+    written: dict[tuple[str, str], float] = field(default_factory=dict)  # setpoints as last put in registers
+
+    def device_toml(self, site_port: int, host: str, poll_s: float) -> str:
+        """The `[[connectors.modbus]]` table a gateway needs for this machine."""
+        rows = []
+        for t in self.tags:
+            extra = f', scale = {t.scale}, writable = true, min = {t.min:g}, max = {t.max:g}' if t.writable else ""
+            rows.append(f'  {{ feature = "{t.feature}", property = "{t.property}", table = "{t.table}", '
+                        f'address = {t.address}, datatype = "{t.datatype}"{extra} }},')
+        return "\n".join([
+            "[[connectors.modbus]]", f'name = "{self.equipment_id}-plc"', f'url = "tcp://{host}:{site_port}"',
+            f"unit = {self.unit}", f"poll_s = {poll_s:g}", f'thing = "{self.equipment_id}"',
+            f'type = "{self.model.type}"', "tags = [", *rows, "]", ""])
 
 
 @dataclass(frozen=True)
 class PlcOptions:
-    """One simulated PLC: the machine it fronts, its clock, its faults; invalid values raise SimError."""
-
     site: str
-    equipment_id: str
-    type: str = "proofer"
     line: str = "line-a"
+    nodes: int = 1
+    types: tuple[str, ...] = ("oven",)
     rate_hz: float = 1.0
+    host: str = "127.0.0.1"
+    port: int = 5020
     faults: tuple[FaultItem, ...] = ()
-    truth_path: Path | None = None
-    duration_s: float | None = None
+    truth_path: Any = None
     seed: int | None = None
+    duration_s: float | None = None
     time_scale: float = 1.0
-    clock_start: float | None = None
+    first_index: int = 1  # equipment ids count from here (`oven-001`, like the MQTT fleet)
 
     def __post_init__(self) -> None:
-        if self.type not in POINTS:
-            raise SimError(f"a simulated PLC fronts one of: {', '.join(PLC_TYPES)} (not {self.type!r})")
-        if not 0.01 <= self.rate_hz <= 100:
-            raise SimError("rate_hz must be 0.01..100")
+        if not 1 <= self.nodes <= 247:
+            raise ValueError("a Modbus line has at most 247 unit ids: --nodes must be 1..247")
 
 
-@dataclass
-class PlcStats:
-    """What a run did, for the CLI's summary."""
-
-    samples: int = 0
-    faults: int = 0
-    commands: int = 0
-    outages: int = 0
-
-
-def image_values(points: tuple[PlcPoint, ...], readings: Mapping[str, Mapping[str, object]]) -> PlcValues:
-    """The points' values from one reading of the model (flattened paths); points the model lacks are left out."""
-    flat: dict[tuple[str, str], object] = {}
-    for feature, props in readings.items():
-        for path, value in flatten(dict(props)):
-            flat[(feature, path)] = value
-    out: PlcValues = {}
-    for p in points:
-        value = flat.get((p.feature, p.path))
-        if isinstance(value, bool | int | float | str):
-            out[p.name] = value
-    return out
+def plan_plcs(opts: PlcOptions) -> list[SimulatedPlc]:
+    plcs = []
+    for i in range(opts.nodes):
+        etype = opts.types[i % len(opts.types)]
+        eid = f"{etype}-{opts.first_index + i:03d}"  # the MQTT fleet's names, so the same --faults apply
+        rng = random.Random(f"{opts.seed}:{eid}") if opts.seed is not None else random.Random()
+        model = make_model(etype, eid, rng, opts.line)
+        plcs.append(SimulatedPlc(i + 1, eid, model, register_map(model)))
+    return plcs
 
 
-class PlcSimulation:
-    """Steps the model, its faults and its truth, and keeps the image up to date."""
+class PlcLine:
+    """Runs the models on the simulated clock and keeps each unit's registers up to date."""
 
-    def __init__(self, options: PlcOptions, image: PlcImage) -> None:
-        self.options = options
-        self.image = image
-        self.points = POINTS[options.type]
-        rng = random.Random(f"{options.seed}:{options.equipment_id}") if options.seed is not None else random.Random()
-        self.model = make_model(options.type, options.equipment_id, rng, options.line)
-        frng = random.Random(f"{options.seed}:faults") if options.seed is not None else random.Random()
-        self.schedule = FaultSchedule(options.faults, [(options.equipment_id, options.type)], frng)
-        self.stats = PlcStats()
-        self.down = False
-        self._setpoints: PlcValues = {}
+    def __init__(self, opts: PlcOptions) -> None:
+        self.opts = opts
+        self.plcs = plan_plcs(opts)
+        self.by_id = {p.equipment_id: p for p in self.plcs}
+        things = [(p.equipment_id, p.model.type) for p in self.plcs]
+        rng = random.Random(f"{opts.seed}:faults") if opts.seed is not None else random.Random()
+        self.schedule = FaultSchedule(opts.faults, things, rng)
+        self.server = ModbusPlcServer({p.unit: p.memory for p in self.plcs}, host=opts.host, port=opts.port)
+        self.ticks = 0
 
-    async def run(self, stop: asyncio.Event) -> PlcStats:
-        """Serve until `duration_s` is over or `stop` is set; the server is stopped on the way out."""
-        o = self.options
-        loop = asyncio.get_running_loop()
+    def _sync_commands(self) -> None:
+        """A setpoint written by the gateway reaches the model; one it refuses is put back."""
+        for plc in self.plcs:
+            for tag in plc.tags:
+                if not tag.writable:
+                    continue
+                raw = plc.memory.get(tag)
+                assert isinstance(raw, int | float)
+                value = round(raw * tag.scale, 6)
+                last = plc.written.get(tag.key)
+                if last is not None and not math.isclose(value, last, abs_tol=1e-6):
+                    outcome = plc.model.command(tag.feature, {tag.property: value})
+                    if outcome.status != "ok":
+                        log.warning("setpoint refused by the machine", extra={
+                            "equipment_id": plc.equipment_id, "detail": outcome.detail})
+
+    def tick(self, elapsed_s: float, dt_s: float, hour: float, truth: TruthWriter) -> None:
+        now = time.time()
+        self._sync_commands()
+        started, ended = self.schedule.update(elapsed_s, now)
+        for fault in started:
+            self._start(fault)
+        for fault in ended:
+            self._end(fault, now, truth)
+        for plc in self.plcs:
+            readings = plc.model.read(hour, elapsed_s, dt_s)
+            values = {(f, tag_property(p)): v for f, props in readings.items() for p, v in _numbers(props)}
+            for tag in plc.tags:
+                value = values.get(tag.key)
+                if value is None:
+                    continue
+                if tag.writable:
+                    raw = round(value / tag.scale)
+                    plc.memory.put(tag, raw)
+                    plc.written[tag.key] = round(raw * tag.scale, 6)
+                else:
+                    plc.memory.put(tag, value)
+        self.ticks += 1
+
+    def _start(self, fault: ActiveFault) -> None:
+        plc = self.by_id[fault.equipment_id]
+        if fault.kind == "dropout":
+            self.server.silent_units.add(plc.unit)
+        else:
+            plc.model.faults.append(fault)
+        log.info("fault started", extra={"thing": f"{self.opts.site}:{plc.equipment_id}", "fault": fault.kind})
+
+    def _end(self, fault: ActiveFault, now: float, truth: TruthWriter) -> None:
+        plc = self.by_id[fault.equipment_id]
+        if fault.kind == "dropout":
+            if not any(f.kind == "dropout" and f.equipment_id == plc.equipment_id for f in self.schedule.active):
+                self.server.silent_units.discard(plc.unit)
+        elif fault in plc.model.faults:
+            plc.model.faults.remove(fault)
+        self._record(fault, now, truth)
+
+    def _record(self, fault: ActiveFault, end: float, truth: TruthWriter) -> None:
+        truth.write(TruthRecord(f"{self.opts.site}:{fault.equipment_id}", fault.kind, round(fault.started_at, 3),
+                                round(end, 3), fault.target.feature, tag_property(fault.target.property)))
+
+    async def run(self, stop: asyncio.Event, on_ready: Callable[[PlcLine], None] | None = None) -> None:
+        """Serve until `stop` (or the duration); faults still open at the end are written to the truth."""
+        o = self.opts
         period = 1.0 / o.rate_hz
         dt_s = period * o.time_scale
-        t0 = loop.time()
-        end = t0 + o.duration_s if o.duration_s is not None else math.inf
-        clock0 = o.clock_start if o.clock_start is not None else time.time()
-        # building a server can take seconds (asyncua's address space): a stop meanwhile ends it at once
-        starting = asyncio.ensure_future(self.image.start())
-        stopped = asyncio.ensure_future(stop.wait())
-        await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        stopped.cancel()
-        if not starting.done():
-            starting.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await starting
-            return self.stats
-        starting.result()  # a failure to listen is raised here
-        tick = 0
         with TruthWriter(o.truth_path) as truth:
+            self.tick(0.0, dt_s, _local_hour(time.time()), truth)
+            await self.server.start()
+            if on_ready is not None:
+                on_ready(self)
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            clock0 = time.time()
+            end = t0 + o.duration_s if o.duration_s is not None else math.inf
+            tick = 1
             try:
                 while not stop.is_set() and loop.time() < end:
-                    elapsed_s = tick * dt_s
-                    await self._tick(elapsed_s, dt_s, _local_hour(clock0 + elapsed_s), truth)
-                    tick += 1
                     due = t0 + tick * period
-                    if due > loop.time():
+                    delay = due - loop.time()
+                    if delay > 0:
                         with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(stop.wait(), timeout=min(due, end) - loop.time())
-                    else:
-                        tick += int((loop.time() - due) / period)  # overran: skip, do not burst
+                            await asyncio.wait_for(stop.wait(), timeout=min(delay, end - loop.time()))
+                        continue
+                    elapsed_s = tick * dt_s
+                    self.tick(elapsed_s, dt_s, _local_hour(clock0 + elapsed_s), truth)
+                    tick += 1
             finally:
                 now = time.time()
                 for fault in self.schedule.active:
                     self._record(fault, now, truth)
-                if not self.down:
-                    await self.image.stop()
-        return self.stats
-
-    async def _tick(self, elapsed_s: float, dt_s: float, hour: float, truth: TruthWriter) -> None:
-        now = time.time()
-        started, ended = self.schedule.update(elapsed_s, now)
-        for fault in ended:
-            await self._end(fault, now, truth)
-        for fault in started:
-            await self._start(fault)
-        if self.down:
-            return
-        await self._take_commands()
-        readings = self.model.read(hour, elapsed_s, dt_s)
-        self.model.business_context(elapsed_s, 300.0)  # a new batch every 5 simulated minutes
-        readings["state"] = {"running": production_level(hour) >= 0.5, "batch_count": self.model.batch}
-        setpoint = getattr(self.model, "setpoint", None)
-        for point in self.points:
-            if point.writable and isinstance(setpoint, float) and point.path == "setpoint":
-                readings.setdefault(point.feature, {})["setpoint"] = setpoint
-        values = image_values(self.points, readings)
-        self._setpoints.update({p.name: values[p.name] for p in self.points if p.writable and p.name in values})
-        await self.image.publish(values, now)
-        self.stats.samples += 1
-
-    async def _take_commands(self) -> None:
-        """A setpoint a client wrote becomes a command to the model; refused values are put back."""
-        current = await self.image.written()
-        for point in self.points:
-            if not point.writable or point.name not in current:
-                continue
-            value = current[point.name]
-            if _same(self._setpoints.get(point.name), value):
-                continue
-            first = point.name not in self._setpoints
-            self._setpoints[point.name] = value
-            if first:
-                continue  # the image's initial value, before the first sample
-            outcome = self.model.command(point.feature, {point.path: value})
-            self.stats.commands += 1
-            log.info("plc setpoint written", extra={"point": point.name, "value": value, "outcome": outcome.status})
-
-    async def _start(self, fault: ActiveFault) -> None:
-        if fault.kind == "dropout":
-            if not self.down:
-                self.down = True
-                self.stats.outages += 1
-                await self.image.stop()
-        else:
-            self.model.faults.append(fault)
-        log.info("fault started", extra={"thing": f"{self.options.site}:{fault.equipment_id}", "fault": fault.kind})
-
-    async def _end(self, fault: ActiveFault, now: float, truth: TruthWriter) -> None:
-        if fault.kind == "dropout":
-            still = any(f.kind == "dropout" for f in self.schedule.active)
-            if self.down and not still:
-                self.down = False
-                await self.image.start()
-        elif fault in self.model.faults:
-            self.model.faults.remove(fault)
-        self._record(fault, now, truth)
-
-    def _record(self, fault: ActiveFault, end: float, truth: TruthWriter) -> None:
-        truth.write(TruthRecord(f"{self.options.site}:{fault.equipment_id}", fault.kind, round(fault.started_at, 3),
-                                round(end, 3), fault.target.feature, fault.target.property))
-        self.stats.faults += 1
+                self.schedule.active.clear()
+                await self.server.stop()
 
 
 def _local_hour(ts: float) -> float:
     return ((ts + time.localtime(ts).tm_gmtoff) % 86_400.0) / 3600.0
 
 
-def _same(a: object, b: object) -> bool:
-    """Equal, for floats within what a float32 register keeps."""
-    if isinstance(a, float) and isinstance(b, float):
-        return abs(a - b) <= 1e-5 * max(1.0, abs(a))
-    return a == b
+def gateway_toml(line: PlcLine, poll_s: float = 1.0, host: str | None = None) -> str:
+    """The `[[connectors.modbus]]` tables for every simulated machine of the line."""
+    return "\n".join(p.device_toml(line.opts.port, host or line.opts.host, poll_s) for p in line.plcs)
 
 
-@dataclass(frozen=True)
-class PlcServe:
-    """Which protocol a simulated PLC speaks and where it listens (OPC UA: its security and users)."""
+def device_tables(opts: PlcOptions, poll_s: float = 1.0) -> list[dict[str, Any]]:
+    """The same tables as data, for a gateway configured in code (`egiz demo`)."""
+    import tomllib
 
-    protocol: Literal["opcua", "s7"]
-    host: str = "127.0.0.1"
-    port: int = 0  # 0: the protocol's usual port (OPC UA 4840, S7 102)
-    opcua_modes: tuple[str, ...] = ("None",)
-    opcua_users: tuple[tuple[str, str], ...] = ()
-    cert_dir: Path | None = None
-
-    @property
-    def listen_port(self) -> int:
-        return self.port or {"opcua": 4840, "s7": 102}[self.protocol]
+    text = "\n".join(p.device_toml(opts.port, opts.host, poll_s) for p in plan_plcs(opts))
+    devices: list[dict[str, Any]] = tomllib.loads(text)["connectors"]["modbus"]
+    return devices
 
 
-def make_image(serve: PlcServe, equipment_type: str) -> PlcImage:
-    """The protocol server of a simulated PLC fronting a machine of `equipment_type`."""
-    points = POINTS[equipment_type]
-    if serve.protocol == "opcua":
-        from gateway.sim.plc_opcua import OpcUaPlc, OpcUaServe
-
-        return OpcUaPlc(OpcUaServe(host=serve.host, port=serve.listen_port, modes=serve.opcua_modes,
-                                   users=dict(serve.opcua_users), anonymous=not serve.opcua_users,
-                                   cert_dir=serve.cert_dir), equipment_type, points)
-    from gateway.sim.plc_s7 import S7Plc
-
-    return S7Plc(equipment_type, points, host=serve.host, port=serve.listen_port)
-
-
-def describe(serve: PlcServe, equipment_type: str) -> list[str]:
-    """What a client configures to read this PLC: one line per point (node id, or S7 address and type)."""
-    prefix = equipment_type.capitalize()
-    if serve.protocol == "opcua":
-        return [f"ns=2;s={prefix}.{p.name}  ({p.kind}{', ' + p.unit if p.unit else ''}"
-                f"{', writable' if p.writable else ''})" for p in POINTS[equipment_type]]
-    from gateway.sim.plc_s7 import HEATER, LAYOUT, STATUS
-
-    lines = [f"{a}  {a.datatype}  {name}{' (writable)' if p.writable else ''}"
-             for p in POINTS[equipment_type] if (a := LAYOUT[equipment_type].get(p.name)) is not None
-             for name in (p.name,)]
-    return [*lines, f"{HEATER}  BOOL  HeaterOn", f"{STATUS}  INT  Status (1 running, 0 idle)"]
+__all__ = ["PlcLine", "PlcOptions", "SimulatedPlc", "device_tables", "gateway_toml", "plan_plcs", "register_map",
+           "tag_property"]
