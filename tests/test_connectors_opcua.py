@@ -6,6 +6,7 @@ server certificate pinned on first use, and `egiz connectors browse`."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -17,10 +18,11 @@ from asyncua import ua
 
 from gateway.connectors.base import DeviceError, RawValue, SharedLinks, WriteRefused
 from gateway.connectors.config import OpcUaDevice, OpcUaTag
-from gateway.connectors.opcua import APPLICATION_URI, BrowseOptions, OpcUaConnector, browse
+from gateway.connectors.opcua import APPLICATION_URI, OpcUaConnector
 from gateway.sim.plc_machine import POINTS
 from gateway.sim.plc_opcua import OpcUaPlc, OpcUaServe
 from tests.helpers.pki import application_certificate
+from tests.helpers.processes import EGIZ
 from tests.helpers.waiting import wait_for
 
 
@@ -147,12 +149,24 @@ async def test_write_converts_to_the_node_type_and_reads_back(plc: OpcUaPlc) -> 
         await conn.close()
 
 
-async def test_browse_lists_the_information_model(plc: OpcUaPlc) -> None:
-    found = await browse(BrowseOptions(plc.serve.url))
-    nodes = {n.node: n for n in found}
+async def test_browse_from_the_command_line_lists_the_information_model(plc: OpcUaPlc) -> None:
+    proc = await asyncio.create_subprocess_exec(EGIZ, "connectors", "browse", plc.serve.url, "--json",
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+    assert proc.returncode == 0, err.decode()
+    nodes = {n["node"]: n for n in map(json.loads, out.decode().splitlines())}
     temp = nodes[f"ns={plc.ns};s=Proofer.Temperature"]
-    assert temp.path == "/Proofer/Temperature" and temp.datatype == "Double" and not temp.writable
-    assert nodes[f"ns={plc.ns};s=Proofer.Setpoint"].writable
+    assert temp["path"] == "/Proofer/Temperature" and temp["datatype"] == "Double" and not temp["writable"]
+    assert nodes[f"ns={plc.ns};s=Proofer.Setpoint"]["writable"]
+    assert nodes[f"ns={plc.ns};s=Types.UInt32"]["datatype"] == "UInt32"
+    bad = await asyncio.create_subprocess_exec(EGIZ, "connectors", "browse", "http://example.org",
+                                               stderr=asyncio.subprocess.PIPE)
+    _, berr = await bad.communicate()
+    assert bad.returncode == 2 and b"not an OPC UA address" in berr
+    gone = await asyncio.create_subprocess_exec(EGIZ, "connectors", "browse", f"opc.tcp://127.0.0.1:{free_port()}",
+                                                "--timeout", "1", stderr=asyncio.subprocess.PIPE)
+    _, gerr = await gone.communicate()
+    assert gone.returncode == 1 and b"refused" in gerr
 
 
 async def test_sign_and_encrypt_with_a_user_and_a_pinned_server_certificate(tmp_path: Path) -> None:

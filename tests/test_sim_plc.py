@@ -1,6 +1,6 @@
 """The simulated PLCs: `egiz sim --plc s7` serving the proofer model (its setpoint written back into
-the model, a dropout fault taking the PLC off the network, the ground truth written), the OPC UA
-PLC's information model, and `egiz connectors browse` against it."""
+the model, a dropout fault taking the PLC off the network, the ground truth written). The OPC UA
+PLC's information model is exercised by the OPC UA connector's tests and the demo's."""
 
 from __future__ import annotations
 
@@ -13,8 +13,6 @@ from pathlib import Path
 from gateway.connectors.base import DeviceError, SharedLinks
 from gateway.connectors.config import S7Device, S7Tag
 from gateway.connectors.s7 import S7Connector
-from gateway.sim.plc_machine import MachineOptions, PlcSimulation, PlcStats
-from gateway.sim.plc_opcua import OpcUaPlc, OpcUaServe
 from gateway.sim.plc_s7 import LAYOUT
 from tests.helpers.processes import EGIZ
 
@@ -85,37 +83,3 @@ async def test_s7_plc_serves_the_model_takes_setpoints_and_drops_out_on_a_fault(
     record = json.loads(truth.read_text().splitlines()[0])
     assert record["thing"] == "izmir-bakery:proofer-201" and record["fault"] == "dropout"
     assert "1 setpoint writes" not in log.read_text() and "2 setpoint writes" in log.read_text()
-
-
-async def test_opcua_plc_model_and_browse_from_the_command_line(tmp_path: Path) -> None:
-    port = free_port()
-    from gateway.sim.plc_machine import POINTS
-
-    image = OpcUaPlc(OpcUaServe(port=port), "oven", POINTS["oven"])
-    sim = PlcSimulation(MachineOptions(site="izmir-bakery", equipment_id="oven-101", type="oven", rate_hz=5, seed=3),
-                        image)
-    stop = asyncio.Event()
-    task: asyncio.Task[PlcStats] = asyncio.create_task(sim.run(stop))
-    try:
-        for _ in range(300):
-            if image.running and sim.stats.samples > 0:
-                break
-            await asyncio.sleep(0.1)
-        proc = await asyncio.create_subprocess_exec(EGIZ, "connectors", "browse", f"opc.tcp://127.0.0.1:{port}",
-                                                    "--json", stdout=asyncio.subprocess.PIPE,
-                                                    stderr=asyncio.subprocess.PIPE)
-        out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
-        assert proc.returncode == 0, err.decode()
-        nodes = {n["node"]: n for n in map(json.loads, out.decode().splitlines())}
-        zone = nodes["ns=2;s=Oven.Zone2.Temperature"]
-        assert zone["datatype"] == "Double" and 50.0 < float(zone["value"]) < 320.0
-        assert nodes["ns=2;s=Oven.Setpoint"]["writable"] and not zone["writable"]
-        assert nodes["ns=2;s=Oven.Running"]["datatype"] == "Boolean"
-        bad = await asyncio.create_subprocess_exec(EGIZ, "connectors", "browse", "http://example.org",
-                                                   stderr=asyncio.subprocess.PIPE)
-        _, berr = await bad.communicate()
-        assert bad.returncode == 2 and b"not an OPC UA address" in berr
-    finally:
-        stop.set()
-        stats = await asyncio.wait_for(task, timeout=30)
-    assert stats.samples > 0 and not image.running
