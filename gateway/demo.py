@@ -239,7 +239,8 @@ async def _start_plc(plc: PlcOptions, stop: asyncio.Event, cleanup: contextlib.A
 
 async def _opcua_plc(li: DemoLine, stop: asyncio.Event) -> None:
     """The line's proofer behind a simulated OPC UA PLC (asyncua's server), driven by the proofer model."""
-    from gateway.sim.plc_machine import POINTS, MachineOptions, PlcSimulation
+    from gateway.sim.plc_image import POINTS
+    from gateway.sim.plc_machine import MachineOptions, PlcSimulation
     from gateway.sim.plc_opcua import OpcUaPlc, OpcUaServe
 
     image = OpcUaPlc(OpcUaServe(port=li.opcua_port), "proofer", POINTS["proofer"])

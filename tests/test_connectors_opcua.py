@@ -19,7 +19,7 @@ from asyncua import ua
 from gateway.connectors.base import DeviceError, RawValue, SharedLinks, WriteRefused
 from gateway.connectors.config import OpcUaDevice, OpcUaTag
 from gateway.connectors.opcua import APPLICATION_URI, OpcUaConnector
-from gateway.sim.plc_machine import POINTS
+from gateway.sim.plc_image import POINTS
 from gateway.sim.plc_opcua import OpcUaPlc, OpcUaServe
 from tests.helpers.pki import application_certificate
 from tests.helpers.processes import EGIZ

@@ -17,7 +17,7 @@ from asyncua import ua
 
 from gateway.common.errors import ConfigError
 from gateway.config import GatewayConfig, load_config
-from gateway.sim.plc_machine import POINTS
+from gateway.sim.plc_image import POINTS
 from gateway.sim.plc_opcua import OpcUaPlc, OpcUaServe
 from gateway.sim.plc_s7 import HEATER, LAYOUT, S7Plc
 from tests.helpers import GatewayFactory, RunningGateway, wait_for

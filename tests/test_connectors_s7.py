@@ -14,7 +14,7 @@ from snap7.type import SrvArea
 from gateway.connectors.base import DeviceError, SharedLinks, WriteRefused
 from gateway.connectors.config import S7Device, S7Tag
 from gateway.connectors.s7 import S7Connector, plan
-from gateway.sim.plc_machine import POINTS
+from gateway.sim.plc_image import POINTS
 from gateway.sim.plc_s7 import HEATER, LAYOUT, STATUS, S7Plc
 
 

@@ -21,7 +21,7 @@ from asyncua import Node, Server, ua
 from asyncua.crypto.permission_rules import User, UserRole
 from asyncua.server.user_managers import UserManager
 
-from gateway.sim.plc_machine import PlcPoint, PlcValues
+from gateway.sim.plc_image import PlcPoint, PlcValues
 
 log = logging.getLogger(__name__)
 

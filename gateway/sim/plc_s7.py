@@ -19,7 +19,7 @@ from snap7.server import Server
 from snap7.type import SrvArea
 from snap7.util import getters, setters
 
-from gateway.sim.plc_machine import PlcPoint, PlcValues
+from gateway.sim.plc_image import PlcPoint, PlcValues
 
 log = logging.getLogger(__name__)
 
