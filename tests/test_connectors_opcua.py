@@ -173,8 +173,9 @@ async def test_sign_and_encrypt_with_a_user_and_a_pinned_server_certificate(tmp_
     server_cert, server_key = application_certificate(tmp_path / "server", "plc", "urn:openegiz:sim-plc:proofer")
     client_cert, client_key = application_certificate(tmp_path / "client", "gateway", APPLICATION_URI)
     port = free_port()
+    login_cert, login_key = application_certificate(tmp_path / "login", "operator", APPLICATION_URI)
     serve = OpcUaServe(port=port, modes=("SignAndEncrypt",), certificate=server_cert, private_key=server_key,
-                       users={"operator": "s3cret-pw"}, anonymous=False)
+                       users={"operator": "s3cret-pw"}, user_certificates=(login_cert,), anonymous=False)
     secure = OpcUaPlc(serve, "proofer", POINTS["proofer"])
     await secure.start()
     try:
@@ -205,6 +206,21 @@ async def test_sign_and_encrypt_with_a_user_and_a_pinned_server_certificate(tmp_
         with pytest.raises(DeviceError) as no_user:
             await anonymous.connect()
         assert no_user.value.reason in ("auth_failed", "status")
+
+        # X.509 login: a certificate the server lists is a user, another one is not
+        as_cert = {**common, "certificate": str(login_cert), "private_key": str(login_key)}
+        by_cert = OpcUaConnector(device(serve.url, [tag("temperature", node)], auth="certificate", **as_cert),
+                                 SharedLinks(), state_dir=state)
+        await by_cert.connect()
+        try:
+            assert (await by_cert.read()).values[0].value == 36.5
+        finally:
+            await by_cert.close()
+        stranger = OpcUaConnector(device(serve.url, [tag("temperature", node)], auth="certificate", **common),
+                                  SharedLinks(), state_dir=state)
+        with pytest.raises(DeviceError) as unknown:
+            await stranger.connect()
+        assert unknown.value.reason == "auth_failed"
     finally:
         await secure.stop()
 

@@ -47,14 +47,15 @@ class OpcUaServe:
     private_key: Path | None = None
     cert_dir: Path | None = None  # where a generated certificate is kept
     users: Mapping[str, str] = field(default_factory=dict, repr=False)  # user name -> password
+    user_certificates: tuple[Path, ...] = ()  # clients that may log in with these certificates (X.509 login)
     anonymous: bool = True
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.modes if m not in _POLICIES]
         if unknown or not self.modes:
             raise ValueError(f"security modes are None, Sign, SignAndEncrypt (not {unknown or 'nothing'})")
-        if not self.anonymous and not self.users:
-            raise ValueError("without anonymous login the server needs at least one user")
+        if not self.anonymous and not self.users and not self.user_certificates:
+            raise ValueError("without anonymous login the server needs at least one user or user certificate")
 
     @property
     def url(self) -> str:
@@ -62,17 +63,19 @@ class OpcUaServe:
 
 
 class _Users(UserManager):
-    """asyncua's user manager: user/password from the table; anonymous when allowed."""
+    """asyncua's user manager: user/password from the table, X.509 login with a listed certificate,
+    anonymous when allowed (asyncua refuses a token type the server does not offer before this)."""
 
-    def __init__(self, users: Mapping[str, str], anonymous: bool) -> None:
+    def __init__(self, users: Mapping[str, str], certificates: set[bytes], anonymous: bool) -> None:
         self.users = dict(users)
+        self.certificates = certificates
         self.anonymous = anonymous
 
     def get_user(self, iserver: Any, username: str | None = None, password: str | None = None,
                  certificate: Any = None) -> User | None:
         if username is not None:
             return User(role=UserRole.User, name=username) if self.users.get(username) == password else None
-        if certificate is not None:
+        if certificate is not None and certificate in self.certificates:
             return User(role=UserRole.User, name="certificate")
         return User(role=UserRole.User) if self.anonymous else None
 
@@ -104,13 +107,15 @@ class OpcUaPlc:
 
     async def _build(self) -> Server:
         s = self.serve
-        server = Server(user_manager=_Users(s.users, s.anonymous))
+        server = Server(user_manager=_Users(s.users, {_der(p) for p in s.user_certificates}, s.anonymous))
         await server.init()
         server.set_endpoint(f"opc.tcp://{s.host}:{s.port}")
         server.set_server_name(f"OpenEgiz simulated {self.prefix} PLC")
         await server.set_application_uri(f"{NAMESPACE}:{self.prefix.lower()}")
         server.set_security_policy([_POLICIES[m] for m in s.modes])
-        tokens: list[type] = [ua.UserNameIdentityToken, ua.X509IdentityToken] if s.users else [ua.X509IdentityToken]
+        tokens: list[type] = [ua.UserNameIdentityToken] if s.users else []
+        if s.user_certificates:
+            tokens.append(ua.X509IdentityToken)
         if s.anonymous:
             tokens.append(ua.AnonymousIdentityToken)
         server.set_identity_tokens(tokens)
@@ -186,3 +191,13 @@ def _ua_time(ts: float) -> ua.DateTime:
     """Epoch seconds as the DateTime asyncua's types ask for (a datetime subclass)."""
     d = datetime.fromtimestamp(ts, UTC)
     return ua.DateTime(d.year, d.month, d.day, d.hour, d.minute, d.second, d.microsecond, tzinfo=UTC)
+
+
+def _der(path: Path) -> bytes:
+    """A certificate file (PEM or DER) as DER."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    data = path.read_bytes()
+    cert = x509.load_pem_x509_certificate(data) if b"-----BEGIN" in data else x509.load_der_x509_certificate(data)
+    return cert.public_bytes(Encoding.DER)
