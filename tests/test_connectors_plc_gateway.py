@@ -7,6 +7,7 @@ PLC and read back."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import time
 from pathlib import Path
@@ -170,6 +171,28 @@ async def test_s7_oven_into_twin_and_history_offline_and_back(
         back_in = time.monotonic() - t0
         await wait_for(lambda: props(gw, "oven-102", "thermal").get("zone1") == 188.0, 10)
         assert back_in <= 2 * poll + 0.5, back_in
+
+        # hot reload over REST: another S7 device joins while the first keeps polling
+        first = gw.service.connectors.runner("oven-s7")
+        assert first is not None
+        cycles = first.cycles
+        status, doc = await gw.send("POST", "/api/v1/connectors/devices", {
+            "protocol": "s7", "name": "oven-s7-b", "url": f"s7://127.0.0.1:{port}", "thing": "oven-103",
+            "type": "oven", "poll_s": poll, "tags": [s7("thermal", "zone3", "Zone3.Temperature")]})
+        assert status == 201, doc
+        await wait_for(lambda: props(gw, "oven-103", "thermal").get("zone3") == 192.0, 10)
+        await wait_for(lambda: first.cycles > cycles + 1, 10)  # the first device was never restarted
+        assert gw.service.connectors.runner("oven-s7") is first
+        # an OPC UA device's password is taken, never given back
+        status, doc = await gw.send("POST", "/api/v1/connectors/devices", {
+            "protocol": "opcua", "name": "proofer-ua", "url": f"opc.tcp://127.0.0.1:{free_port()}",
+            "thing": "proofer-209", "username": "egiz", "password": "s3cret-pw", "enabled": False,
+            "tags": [{"feature": "climate", "property": "t", "node": "ns=2;s=Proofer.Temperature"}]})
+        assert status == 201 and "password" not in doc and doc["passwordSet"] is True, doc
+        status, listing = await gw.get("/api/v1/connectors/devices")
+        assert status == 200 and "s3cret-pw" not in json.dumps(listing)
+        status, _ = await gw.send("DELETE", "/api/v1/connectors/devices/oven-s7-b")
+        assert status == 204 and gw.service.connectors.runner("oven-s7-b") is None
     finally:
         await plc.stop()
 

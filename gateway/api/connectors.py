@@ -38,6 +38,8 @@ def _manager(request: web.Request) -> ConnectorManager:
 
 def entry_document(entry: DeviceEntry, site: str) -> dict[str, Any]:
     doc = device_document(entry.device)
+    if doc.pop("password", None):  # a secret is written, never read back: a PUT gives it again
+        doc["passwordSet"] = True
     doc["source"] = entry.source
     doc["thingId"] = f"{site}:{entry.device.thing}"
     doc["health"] = (entry.health.properties(entry.device.name, entry.device.protocol)
