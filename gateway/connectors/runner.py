@@ -7,7 +7,6 @@ or not, is one failed cycle.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -29,7 +28,8 @@ from gateway.connectors.health import ConnectorMetrics, DeviceHealth, HealthSnap
 from gateway.connectors.normalise import DeviceNormaliser
 
 log = logging.getLogger(__name__)
-HEALTH_EVERY_S = 10.0  # the connectivity feature's statistics are refreshed this often while nothing changes
+HEALTH_EVERY_S = 10.0
+STOP_WAIT_S = 5.0  # the connectivity feature's statistics are refreshed this often while nothing changes
 
 
 class HealthSink(ReadingSink, Protocol):
@@ -65,8 +65,10 @@ class DeviceRunner:
         """Stop polling (an in-flight request is cancelled) and close the connection."""
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # a library call that swallows the cancellation must not hold up the gateway's stop
+            done, _ = await asyncio.wait({self._task}, timeout=STOP_WAIT_S)
+            if not done:
+                log.error("the device's task did not stop in time; abandoned", extra={"device": self.device.name})
             self._task = None
         await self._close()
         self._m.forget(self.device.name)
