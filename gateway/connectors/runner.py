@@ -29,7 +29,8 @@ from gateway.connectors.normalise import DeviceNormaliser
 
 log = logging.getLogger(__name__)
 HEALTH_EVERY_S = 10.0
-STOP_WAIT_S = 5.0  # the connectivity feature's statistics are refreshed this often while nothing changes
+STOP_WAIT_S = 0.5
+STOP_ATTEMPTS = 20  # the connectivity feature's statistics are refreshed this often while nothing changes
 
 
 class HealthSink(ReadingSink, Protocol):
@@ -54,6 +55,7 @@ class DeviceRunner:
         self._connected = False
         self._subscribed = False
         self._last_health = 0.0
+        self._stopping = False
         self.cycles = 0
 
     # ----------------------------------------------------------------- lifecycle
@@ -63,13 +65,18 @@ class DeviceRunner:
 
     async def stop(self) -> None:
         """Stop polling (an in-flight request is cancelled) and close the connection."""
-        if self._task is not None:
-            self._task.cancel()
-            # a library call that swallows the cancellation must not hold up the gateway's stop
-            done, _ = await asyncio.wait({self._task}, timeout=STOP_WAIT_S)
-            if not done:
-                log.error("the device's task did not stop in time; abandoned", extra={"device": self.device.name})
-            self._task = None
+        self._stopping = True
+        task, self._task = self._task, None
+        if task is not None:
+            # asyncio.wait_for before Python 3.12 (which libraries use inside) can swallow a cancellation
+            # that arrives as its inner call completes; so cancel again until the task has ended
+            for _ in range(STOP_ATTEMPTS):
+                task.cancel()
+                done, _ = await asyncio.wait({task}, timeout=STOP_WAIT_S)
+                if done:
+                    break
+            else:
+                log.error("the device's task did not stop; abandoned", extra={"device": self.device.name})
         await self._close()
         self._m.forget(self.device.name)
 
@@ -90,7 +97,7 @@ class DeviceRunner:
         await asyncio.sleep(self._first_delay)
         failures = 0
         next_at = time.monotonic()
-        while True:
+        while not self._stopping:
             try:
                 await self._cycle()
             except asyncio.CancelledError:
