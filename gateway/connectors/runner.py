@@ -103,6 +103,8 @@ class DeviceRunner:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # every fault of one device is counted, logged once, retried
+                if self._stopping:  # a library that turned our cancellation into its own error
+                    break
                 failures += 1
                 self._failed(exc, failures)
                 await self._close()
