@@ -12,11 +12,24 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from gateway.broker import find_free_port
 from gateway.sim.modbus_plc import ModbusPlcServer, RegisterMemory
-from tests.helpers import OPERATOR_KEY, VIEWER_KEY, GatewayFactory, RunningGateway, wait_for
+from tests.helpers import (
+    OPERATOR_KEY,
+    TOKEN,
+    VIEWER_KEY,
+    AggregatorFactory,
+    GatewayFactory,
+    RunningGateway,
+    aggregator_config,
+    auth,
+    unique_site,
+    uplink,
+    wait_for,
+)
 
 PlcFactory = Callable[..., Awaitable[ModbusPlcServer]]
 
@@ -410,3 +423,38 @@ async def test_minimal_documented_form_loads_exactly_as_written(tmp_path: Path) 
     assert modbus.tags[1].scale == 0.1 and modbus.tags[1].writable
     (opcua,) = cfg.connectors.opcua
     assert opcua.tags[0].node == "ns=2;s=Proofer.Temperature"
+
+
+async def test_plc_values_reach_the_aggregator_like_mqtt_telemetry(
+        tmp_path: Path, mosquitto, start_gateway: GatewayFactory, start_aggregator: AggregatorFactory,
+        plc: PlcFactory) -> None:
+    mem = RegisterMemory()
+    mem.tables["holding"][0:2] = words("f", 181.25, word_order="little")
+    mem.tables["holding"][2] = 1905  # int16, scale 0.1
+    server = await plc(mem)
+    site = unique_site()
+    agg = await start_aggregator(aggregator_config(tmp_path, (f"gw-{site}", TOKEN, site, "line-a")))
+    tags = [{"feature": "thermal", "property": "temperature", "address": 0, "datatype": "float32",
+             "word_order": "little"},
+            {"feature": "thermal", "property": "setpoint", "address": 2, "datatype": "int16", "scale": 0.1}]
+    gw = await start_gateway(mosquitto, **uplink(site, agg.http_port), **{"connectors.modbus": [
+        device("oven-plc", server.port, "oven-101", tags, poll_s=0.2)]})
+    tid = gw.thing_id("oven-101")
+    await wait_for(lambda: agg.store.thing(tid) is not None, 20)
+    async with aiohttp.ClientSession(headers=auth()) as http:
+        q = f"/api/v1/things/{tid}/history?resolution=raw&feature=thermal&from={time.time() - 600}" \
+            f"&to={time.time() + 60}"
+
+        async def central() -> dict[str, Any]:
+            async with http.get(f"http://127.0.0.1:{agg.http_port}{q}") as r:
+                doc: dict[str, Any] = await r.json()
+                return doc
+
+        deadline = time.monotonic() + 20
+        series: dict[str, list[Any]] = {}
+        while time.monotonic() < deadline and len(series) < 2:
+            doc = await central()  # 404 until the first batch is in
+            series = {s["property"]: s["points"]["value"] for s in doc.get("series", [])}
+            await asyncio.sleep(0.2)
+    assert series["temperature"] and all(v == pytest.approx(181.25) for v in series["temperature"])
+    assert series["setpoint"] and all(v == pytest.approx(190.5) for v in series["setpoint"])

@@ -19,7 +19,7 @@ async def test_simulated_plcs_feed_a_gateway_and_take_setpoints(mosquitto, start
                                                                  tmp_path: Path) -> None:
     truth = tmp_path / "truth.jsonl"
     opts = PlcOptions(site="sim", nodes=2, types=("oven", "proofer"), rate_hz=5.0, port=find_free_port(), seed=7,
-                      faults=parse_faults("overtemperature:oven-001@1+600"), truth_path=truth)
+                      faults=parse_faults("overtemperature:oven-001@0+600"), truth_path=truth)
     line = PlcLine(opts)
     stop = asyncio.Event()
     ready = asyncio.Event()

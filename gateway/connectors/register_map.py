@@ -40,10 +40,14 @@ class RegisterMapError(ValueError):
 
 def parse_register_map(text: str, *, source: str = "register map") -> tuple[ModbusTag, ...]:
     """The tags of a CSV register map, or RegisterMapError naming every bad line and column."""
-    reader = csv.DictReader(io.StringIO(text.lstrip("\ufeff")))
-    if reader.fieldnames is None:
+    reader = csv.DictReader(io.StringIO(text.lstrip("\ufeff"), newline=""))
+    try:
+        fieldnames = reader.fieldnames
+    except csv.Error as exc:
+        raise RegisterMapError([(f"{source} line 1", f"is not CSV: {exc}")]) from None
+    if fieldnames is None:
         raise RegisterMapError([(source, "is empty (give a header row: address,name,type,scale,unit)")])
-    columns = [c.strip().lower() for c in reader.fieldnames]
+    columns = [c.strip().lower() for c in fieldnames]
     problems: list[tuple[str, str]] = []
     for col in columns:
         if col not in REQUIRED and col not in OPTIONAL:
@@ -54,18 +58,20 @@ def parse_register_map(text: str, *, source: str = "register map") -> tuple[Modb
     if problems:
         raise RegisterMapError(problems)
     tags: list[ModbusTag] = []
-    for n, row in enumerate(reader, start=2):
+    try:
+        rows = list(reader)
+    except csv.Error as exc:
+        raise RegisterMapError([(f"{source} line {reader.line_num}", f"is not CSV: {exc}")]) from None
+    for n, row in enumerate(rows, start=2):
         where = f"{source} line {n}"
         cells = {k.strip().lower(): (v or "").strip() for k, v in row.items() if k is not None}
         if not any(cells.values()):
             continue
         doc, row_problems = _row(cells, where)
         problems.extend(row_problems)
-        if row_problems:
-            continue
-        tag, build_problems = settings.build(ModbusTag, doc, where)
+        tag, build_problems = settings.build(ModbusTag, doc, where)  # every problem of the line at once
         problems.extend(build_problems)
-        if tag is not None and not build_problems:
+        if tag is not None and not build_problems and not row_problems:
             tags.append(tag)
     if problems:
         raise RegisterMapError(problems)

@@ -7,7 +7,6 @@ or not, is one failed cycle.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -29,7 +28,9 @@ from gateway.connectors.health import ConnectorMetrics, DeviceHealth, HealthSnap
 from gateway.connectors.normalise import DeviceNormaliser
 
 log = logging.getLogger(__name__)
-HEALTH_EVERY_S = 10.0  # the connectivity feature's statistics are refreshed this often while nothing changes
+HEALTH_EVERY_S = 10.0
+STOP_WAIT_S = 0.5
+STOP_ATTEMPTS = 20  # the connectivity feature's statistics are refreshed this often while nothing changes
 
 
 class HealthSink(ReadingSink, Protocol):
@@ -54,6 +55,7 @@ class DeviceRunner:
         self._connected = False
         self._subscribed = False
         self._last_health = 0.0
+        self._stopping = False
         self.cycles = 0
 
     # ----------------------------------------------------------------- lifecycle
@@ -63,11 +65,18 @@ class DeviceRunner:
 
     async def stop(self) -> None:
         """Stop polling (an in-flight request is cancelled) and close the connection."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        self._stopping = True
+        task, self._task = self._task, None
+        if task is not None:
+            # asyncio.wait_for before Python 3.12 (which libraries use inside) can swallow a cancellation
+            # that arrives as its inner call completes; so cancel again until the task has ended
+            for _ in range(STOP_ATTEMPTS):
+                task.cancel()
+                done, _ = await asyncio.wait({task}, timeout=STOP_WAIT_S)
+                if done:
+                    break
+            else:
+                log.error("the device's task did not stop; abandoned", extra={"device": self.device.name})
         await self._close()
         self._m.forget(self.device.name)
 
@@ -88,12 +97,14 @@ class DeviceRunner:
         await asyncio.sleep(self._first_delay)
         failures = 0
         next_at = time.monotonic()
-        while True:
+        while not self._stopping:
             try:
                 await self._cycle()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # every fault of one device is counted, logged once, retried
+                if self._stopping:  # a library that turned our cancellation into its own error
+                    break
                 failures += 1
                 self._failed(exc, failures)
                 await self._close()

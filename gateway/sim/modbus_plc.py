@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from gateway.connectors.base import TagValue
@@ -74,6 +74,7 @@ class ModbusPlcServer:
         self.delay_s = delay_s
         self.requests: Counter[int] = Counter()  # by unit id
         self.silent_units: set[int] = set()  # answer "gateway target did not respond" (a dead unit)
+        self.before_answer: Callable[[], None] | None = None  # e.g. stamp the answer time into a register
         self.writes: list[tuple[int, str, int, list[Any]]] = []  # (unit, table, address, values)
         self._server: Any = None
 
@@ -94,6 +95,8 @@ class ModbusPlcServer:
             table = _TABLE_OF_FC.get(fc)
             if table is None:
                 return None
+            if self.before_answer is not None:
+                self.before_answer()
             mine = memory.tables[table]
             registers[: len(mine)] = mine  # the server answers from our memory
             if values is not None and fc in _WRITES:
@@ -123,5 +126,6 @@ class ModbusPlcServer:
 
     async def stop(self) -> None:
         if self._server is not None:
-            await self._server.shutdown()
-            self._server = None
+            server, self._server = self._server, None
+            async with asyncio.timeout(5):
+                await server.shutdown()
