@@ -5,9 +5,11 @@ process so the server does not share the gateway's CPU) x 50 float32 tags, read 
 service at 1 s and at 100 ms polls. Figures: tag values/s sustained; requests per cycle against the
 number of tags (coalescing); p99 PLC answer → `StateChanged` latency (the server writes the time it
 answers into a float64 register, the bench's bus subscriber takes it out of the event); gateway CPU
-seconds per 10k tag reads. The OPC UA figure comes from the OPC UA connector, when it is built.
+seconds per 10k tag reads. OPC UA: data-change notifications/s one subscription delivers into the
+twin (asyncua's server in its own process rewriting every variable as fast as it can, each value the
+time it was written, so the same subscriber also gives server write → `StateChanged` latency).
 
-    python bench/connectors.py [--devices 100] [--tags 50] [--seconds 10] [--quick]
+    python bench/connectors.py [--devices 100] [--tags 50] [--seconds 10] [--quick] [--opcua-items 200]
 """
 
 from __future__ import annotations
@@ -37,6 +39,98 @@ STAMP_ADDRESS = 200  # float64: when the server answered
 def emit(figure: str, value: float, unit: str, target: str, **extra: Any) -> None:
     print(json.dumps({"figure": figure, "value": round(value, 3), "unit": unit, "target": target, **extra}),
           flush=True)
+
+
+# ------------------------------------------------------------------------------------ OPC UA
+async def serve_opcua(port: int, items: int) -> None:
+    """asyncua's server with `items` Double variables, each rewritten with the time of writing as fast
+    as the server takes it, until stdin closes."""
+    import logging
+
+    from asyncua import Server, ua
+
+    logging.disable(logging.WARNING)
+    server = Server()
+    await server.init()
+    server.set_endpoint(f"opc.tcp://127.0.0.1:{port}")
+    ns = await server.register_namespace("urn:openegiz:bench")
+    nodes = [await server.nodes.objects.add_variable(f"ns={ns};s=V{i}", f"V{i}", 0.0) for i in range(items)]
+    await server.start()
+    print("ready", flush=True)
+    closed = asyncio.ensure_future(asyncio.get_running_loop().run_in_executor(None, sys.stdin.read))
+    while not closed.done():
+        for node in nodes:
+            await server.write_attribute_value(node.nodeid, ua.DataValue(ua.Variant(time.time(),
+                                                                                       ua.VariantType.Double)))
+        await asyncio.sleep(0.005)
+    await server.stop()
+
+
+async def opcua_subscription_updates(items: int, seconds: float, publishing_ms: float, data: Path) -> None:
+    """Data-change notifications/s of one OPC UA subscription (`items` monitored items, sampling 0: every
+    change) that reach the twin through the gateway, and the server write → StateChanged latency."""
+    port = find_free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "--serve-opcua", str(port), "--opcua-items", str(items),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 120)
+        if line.strip() != b"ready":
+            raise SystemExit(f"the OPC UA server did not start: {line!r}")
+        tags = [{"feature": "bench", "property": f"v{i}", "node": f"ns=2;s=V{i}", "sampling_ms": 0, "queue_size": 10}
+                for i in range(items)]
+        cfg = load_config(GatewayConfig, None, environ={}, overrides={
+            "gateway.site": SITE, "gateway.line": "line-a", "gateway.id": "gw-bench", "gateway.data_dir": str(data),
+            "http.host": "127.0.0.1", "http.port": 0, "auth.open": True, "detect.enabled": False,
+            "connectors.opcua": [{"name": "opcua-bench", "url": f"opc.tcp://127.0.0.1:{port}", "thing": "opcua-1",
+                                  "type": "proofer", "poll_s": 1.0, "timeout_s": 5.0,
+                                  "publishing_ms": publishing_ms, "tags": tags}]})
+        service = GatewayService(cfg)
+        await service.start()
+        sub = service.bus.subscribe("bench-opcua", maxsize=1_000_000)
+        sub.watch(everything=True)
+        counted = 0
+        latencies: list[float] = []
+
+        async def consume() -> None:
+            nonlocal counted
+            while True:
+                event = await sub.get()
+                if getattr(event, "feature", None) != "bench":
+                    continue
+                now = time.time()
+                for value in getattr(event, "properties", {}).values():
+                    if isinstance(value, float):
+                        counted += 1
+                        latencies.append(now - value)
+
+        consumer = asyncio.create_task(consume())
+        try:
+            await asyncio.sleep(3.0)  # connected, subscribed, the initial values in
+            counted = 0
+            latencies.clear()
+            cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+            t0 = time.monotonic()
+            await asyncio.sleep(seconds)
+            elapsed, got = time.monotonic() - t0, counted
+            cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+        finally:
+            consumer.cancel()
+            await service.stop()
+    finally:
+        if proc.stdin is not None:
+            proc.stdin.close()
+        await asyncio.wait_for(proc.wait(), 30)
+    cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
+    emit("opcua_subscription_updates_per_s", got / elapsed, "updates/s", "-", monitored_items=items,
+         publishing_ms=publishing_ms, seconds=round(elapsed, 1),
+         gateway_cpu_s_per_10k_updates=round(cpu / max(got, 1) * 10_000, 3))
+    if latencies:
+        latencies.sort()
+        emit("opcua_write_to_statechanged_p99_ms", latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
+             * 1000, "ms", "-", p50_ms=round(latencies[len(latencies) // 2] * 1000, 3),
+             publishing_ms=publishing_ms, samples=len(latencies))
 
 
 # ------------------------------------------------------------------------------------ the PLC side
@@ -145,7 +239,13 @@ async def main() -> None:
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--quick", action="store_true", help="20 devices, 4 s per run")
     ap.add_argument("--serve", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--opcua-items", type=int, default=200, help="monitored items of the OPC UA subscription")
+    ap.add_argument("--opcua-publishing-ms", type=float, default=100.0)
+    ap.add_argument("--serve-opcua", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.serve_opcua:
+        await serve_opcua(args.serve_opcua, args.opcua_items)
+        return
     if args.serve:
         await serve([int(p) for p in args.serve.split(",")], args.tags)
         return
@@ -168,12 +268,12 @@ async def main() -> None:
         for poll_s in (1.0, 0.1):
             with tempfile.TemporaryDirectory() as tmp:
                 await measure(ports, args.tags, poll_s, args.seconds, Path(tmp))
-        print(json.dumps({"figure": "opcua_subscription_updates_per_s", "value": None, "unit": "updates/s",
-                          "skipped": "no OPC UA connector in this build"}), flush=True)
     finally:
         if proc.stdin is not None:
             proc.stdin.close()
         await asyncio.wait_for(proc.wait(), 30)
+    with tempfile.TemporaryDirectory() as tmp:
+        await opcua_subscription_updates(args.opcua_items, args.seconds, args.opcua_publishing_ms, Path(tmp))
 
 
 if __name__ == "__main__":
