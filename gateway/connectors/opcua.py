@@ -196,21 +196,25 @@ class OpcUaConnector(Connector):
         client.application_uri = APPLICATION_URI
         client.name = client.description = f"OpenEgiz gateway ({cfg.name})"
         try:
-            if cfg.security_policy == "Basic256Sha256":
-                await self._secure(client)
-            if cfg.username:
-                client.set_user(cfg.username)
-                client.set_password(cfg.password)
-            elif cfg.auth == "certificate":
-                await client.load_client_certificate(cfg.certificate)
-                await client.load_private_key(Path(cfg.private_key))
-            # inside the runner's own guard (2x timeout_s), so the half-open session is closed here
-            await asyncio.wait_for(client.connect(), timeout=cfg.timeout_s * 1.5)
+            # inside the runner's own guard (2x timeout_s), so a half-open session is closed here
+            await asyncio.wait_for(self._open(client), timeout=cfg.timeout_s * 1.8)
         except Exception as exc:
             await _disconnect(client)
             raise device_error(exc, "connect") from exc
         self.client = client
         self.polled = list(self.tags.values())
+
+    async def _open(self, client: Client) -> None:
+        cfg = self.cfg
+        if cfg.security_policy == "Basic256Sha256":
+            await self._secure(client)
+        if cfg.username:
+            client.set_user(cfg.username)
+            client.set_password(cfg.password)
+        elif cfg.auth == "certificate":
+            await client.load_client_certificate(cfg.certificate)
+            await client.load_private_key(Path(cfg.private_key))
+        await client.connect()
 
     async def _secure(self, client: Client) -> None:
         """Basic256Sha256: the client's certificate (generated once when none is given) and the pinned server's."""
@@ -243,7 +247,7 @@ class OpcUaConnector(Connector):
             return pin.read_bytes()
         if self._pinned is not None:
             return self._pinned
-        endpoints = await asyncio.wait_for(client.connect_and_get_server_endpoints(), timeout=cfg.timeout_s)
+        endpoints = await client.connect_and_get_server_endpoints()
         uri = security_policies.SecurityPolicyBasic256Sha256.URI
         offered = [e for e in endpoints if e.SecurityPolicyUri == uri and e.SecurityMode == _MODES[cfg.security_mode]]
         if not offered or not offered[0].ServerCertificate:
