@@ -213,6 +213,24 @@ def test_a_gateway_serves_the_viewer_for_its_own_line(demo: dict[str, Any], brow
     assert not page.errors, page.errors
 
 
+def test_the_devices_page_shows_plc_health_and_live_tag_values(demo: dict[str, Any], browser: Any) -> None:
+    page = open_page(browser, demo["gateway"] + "/#/devices")
+    page.wait_for_selector('#devices-table tr[data-device="oven-900-plc"][data-state="online"]', timeout=30000)
+    row = page.inner_text('#devices-table tr[data-device="oven-900-plc"]')
+    assert "modbus" in row and f"{SITE}:oven-900" in row and "config" in row
+    setpoint = '.device-tags[data-device="oven-900-plc"] tr[data-tag="thermal.setpoint"] td.value'
+    wait_until("the setpoint's live value", lambda: page.inner_text(setpoint) == "190", 20)
+    zone = '.device-tags[data-device="oven-900-plc"] tr[data-tag="thermal.temperature_zones_0"] td.value'
+    wait_until("a zone temperature", lambda: page.inner_text(zone) not in ("", "—"), 20)
+    page.screenshot(path=str(SHOTS / "10-devices.png"))
+    # the editor loads a device by clicking it; a configured one is changed in gateway.toml, and says so
+    page.click('#devices-table tr[data-device="oven-900-plc"]')
+    assert '"name": "oven-900-plc"' in page.input_value("#device-json")
+    page.click("#device-save")
+    page.wait_for_selector("#device-status.error:has-text('configuration file')")
+    assert not page.errors, page.errors
+
+
 def test_sign_in_with_an_api_key(browser: Any, tmp_path: Path) -> None:
     from cloud_sync.config import load_aggregator_config
 
