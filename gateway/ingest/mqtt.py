@@ -244,12 +244,13 @@ class MqttIngest:
             device_id=fields.get("device_id") or fields.get("equipment_id"),
         )
         thing = self._thing(ident)
-        fresh, mark = self._seq.fresh(thing.id, telemetry)
+        accepted = self._seq.fresh(thing.id, telemetry)
+        fresh = accepted.samples
         if not fresh:
             return
         now = time.time()
-        self._registry.apply_samples(thing, fresh, now)
-        self._buffer.add(thing.id, thing.type, fresh, now, mark)
+        self._registry.apply_samples(thing, fresh, now, accepted.ranks)
+        self._buffer.add(thing.id, thing.type, fresh, now, accepted.mark)
         points = sum(count_points(s.properties) for s in fresh)
         self._m.accepted.inc()
         self._m.points.inc(points)

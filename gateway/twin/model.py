@@ -22,6 +22,8 @@ class Feature:
 
     properties: dict[str, Any] = field(default_factory=dict)
     desired: dict[str, Any] = field(default_factory=dict)
+    # order rank of the newest message applied (boot generation, seq), so a late one cannot overwrite it
+    rank: int = field(default=-1, compare=False)
 
     def to_document(self) -> dict[str, Any]:
         out: dict[str, Any] = {"properties": self.properties}

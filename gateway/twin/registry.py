@@ -16,6 +16,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict, deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -290,24 +291,42 @@ class TwinRegistry:
         )
         return thing
 
-    def apply_samples(self, thing: Thing, samples: list[Sample], now: float) -> None:
+    def apply_samples(self, thing: Thing, samples: list[Sample], now: float,
+                      ranks: Sequence[int | None] | None = None) -> None:
         """Telemetry: each property takes the newest value; one version step per message.
+
+        `ranks` (from the sequence tracker) order the messages of a node. A late message — one
+        that arrives after a newer message of the same feature was applied — does not overwrite
+        the newer values: it only fills properties the feature does not have yet, and changes
+        nothing (no version step, no event) when there are none. Its points are stored anyway.
 
         The event and the live state share the samples' values (a `voltage` object, a list) without
         copying them: nothing changes those in place (`merge_patch` replaces nested objects).
         """
         changed: dict[str, dict[str, Any]] = {}
         features = thing.features
-        for s in samples:
+        for i, s in enumerate(samples):
             f = features.get(s.feature)
             if f is None:
                 f = features[s.feature] = Feature()
-            f.properties.update(s.properties)
+            props = s.properties
+            rank = None if ranks is None else ranks[i]
+            if rank is not None:
+                if rank < f.rank:
+                    held = f.properties
+                    props = {k: v for k, v in props.items() if k not in held}
+                    if not props:
+                        continue
+                else:
+                    f.rank = rank
+            f.properties.update(props)
             c = changed.get(s.feature)
             if c is None:
-                changed[s.feature] = dict(s.properties)
+                changed[s.feature] = dict(props)
             else:
-                c.update(s.properties)
+                c.update(props)
+        if not changed:
+            return
         thing.version += 1
         thing.last_updated = now
         self._dirty.add(thing.id)
