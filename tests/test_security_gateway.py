@@ -4,6 +4,9 @@ Mosquitto, real paho clients, the real gateway service and its files."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
 import threading
 import time
 import uuid
@@ -21,7 +24,7 @@ from gateway.config import GatewayConfig, load_config
 from gateway.metrics import GatewayMetrics
 from gateway.provision import Provisioner
 from gateway.twin.registry import TwinRegistry
-from tests.helpers import GatewayFactory, private_mosquitto, serve, telemetry, wait_for
+from tests.helpers import EGIZ, GatewayFactory, private_mosquitto, serve, telemetry, wait_for
 
 # ------------------------------------------------------------------ 8. reordering on reconnect
 
@@ -255,3 +258,42 @@ async def test_credentials_stay_pinned_to_the_mac_and_address_seen_at_approval(t
         await registry.stop()
         await node_runner.cleanup()
         await thief_runner.cleanup()
+
+
+# ------------------------------------------------------------------ 7. secrets in `egiz gateway check`
+
+
+def test_gateway_check_masks_webhook_headers_and_every_other_secret(tmp_path: Path) -> None:
+    secrets_ = ["Bearer hook-secret-0123456789", "x-secret-value-42", "mqtt-password-1", "admin-key-0123456789abcdef",
+                "uplink-token-0123456789", "url-password-7"]
+    (tmp_path / "gateway.toml").write_text(f"""
+[gateway]
+site = "s1"
+line = "l1"
+id = "gw-1"
+data_dir = "{tmp_path / 'data'}"
+[mqtt]
+username = "egiz-gateway"
+password = "{secrets_[2]}"
+[auth]
+api_keys = [{{ key = "{secrets_[3]}", role = "admin" }}]
+[uplink]
+url = "https://gw:{secrets_[5]}@aggregator.example:8090"
+token = "{secrets_[4]}"
+[[detect.webhooks]]
+url = "https://hooks.example/anomaly"
+headers = {{ Authorization = "{secrets_[0]}", X-Api-Key = "{secrets_[1]}" }}
+""")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EGIZ_")}
+    result = subprocess.run([EGIZ, "gateway", "check", "--config", str(tmp_path / "gateway.toml")],
+                            capture_output=True, text=True, timeout=60, env=env, check=False)
+    assert result.returncode == 0, result.stderr
+    for secret in secrets_:
+        assert secret not in result.stdout + result.stderr
+    shown = json.loads(result.stdout)
+    hook = shown["detect"]["webhooks"][0]
+    assert hook["headers"] == {"Authorization": "***", "X-Api-Key": "***"}  # names stay readable
+    assert hook["url"] == "https://hooks.example/anomaly"
+    assert shown["uplink"]["url"] == "https://gw:***@aggregator.example:8090"
+    assert shown["auth"]["api_keys"][0]["key"] == "***" and shown["auth"]["api_keys"][0]["role"] == "admin"
+    assert shown["mqtt"]["username"] == "egiz-gateway" and shown["mqtt"]["password"] == "***"
