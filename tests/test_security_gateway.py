@@ -4,11 +4,14 @@ Mosquitto, real paho clients, the real gateway service and its files."""
 from __future__ import annotations
 
 import asyncio
+import importlib.machinery
+import importlib.util
 import json
 import os
 import subprocess
 import threading
 import time
+import tomllib
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -297,3 +300,49 @@ headers = {{ Authorization = "{secrets_[0]}", X-Api-Key = "{secrets_[1]}" }}
     assert shown["uplink"]["url"] == "https://gw:***@aggregator.example:8090"
     assert shown["auth"]["api_keys"][0]["key"] == "***" and shown["auth"]["api_keys"][0]["role"] == "admin"
     assert shown["mqtt"]["username"] == "egiz-gateway" and shown["mqtt"]["password"] == "***"
+
+
+# ------------------------------------------------------------------ 7. first boot keeps no secret
+
+
+def firstboot_module() -> Any:
+    """The image's first-boot program (a script without .py), loaded as a module."""
+    path = Path(__file__).resolve().parents[1] / "images" / "firstboot" / "egiz-firstboot"
+    loader = importlib.machinery.SourceFileLoader("egiz_firstboot", str(path))
+    spec = importlib.util.spec_from_loader("egiz_firstboot", loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def test_first_boot_blanks_secrets_written_as_dotted_keys_inline_tables_and_multiline_strings() -> None:
+    source = """
+# a site's egiz.toml, written by hand
+uplink.url = "https://aggregator.example:8090"
+uplink.token = "dotted-token-0123456789"
+secrets = { admin_key = "inline-admin-key-0123", mqtt_password = 'literal-mqtt-pw' }
+
+[gateway]
+site = "izmir-bakery"
+line = "line-a"
+id = "gw-izmir-line-a"
+
+[wifi]
+ssid = "plant-floor"
+psk = \"\"\"multi-line
+wifi-passphrase\"\"\"
+
+[[extra.api_keys]]
+key = "array-table-key-42"
+role = "admin"
+"""
+    applied = firstboot_module().without_secrets(source)
+    for secret in ("dotted-token", "inline-admin-key", "literal-mqtt-pw", "wifi-passphrase", "array-table-key"):
+        assert secret not in applied
+    doc = tomllib.loads(applied)  # still TOML, every other value as it was
+    assert doc["uplink"] == {"url": "https://aggregator.example:8090", "token": "<applied>"}
+    assert doc["secrets"] == {"admin_key": "<applied>", "mqtt_password": "<applied>"}
+    assert doc["gateway"] == {"site": "izmir-bakery", "line": "line-a", "id": "gw-izmir-line-a"}
+    assert doc["wifi"] == {"ssid": "plant-floor", "psk": "<applied>"}
+    assert doc["extra"]["api_keys"] == [{"key": "<applied>", "role": "admin"}]
