@@ -346,3 +346,33 @@ role = "admin"
     assert doc["gateway"] == {"site": "izmir-bakery", "line": "line-a", "id": "gw-izmir-line-a"}
     assert doc["wifi"] == {"ssid": "plant-floor", "psk": "<applied>"}
     assert doc["extra"]["api_keys"] == [{"key": "<applied>", "role": "admin"}]
+
+
+# ------------------------------------------------------------------ 7. a node cannot grow a Thing without end
+
+
+async def test_features_and_series_per_thing_are_capped_with_counted_rejections(
+        mosquitto: tuple[str, int], start_gateway: GatewayFactory) -> None:
+    gw = await start_gateway(mosquitto, **{"ingest.max_features_per_thing": 3, "ingest.max_series_per_thing": 8})
+    base = f"openegiz/{gw.site}/oven/oven-5"
+    async with aiomqtt.Client(*mosquitto) as client:
+        seq = 0
+        for feature in ("f0", "f1", "f2", "f3", "f4"):  # a node inventing a new feature every message
+            seq += 1
+            await client.publish(f"{base}/{feature}/telemetry", telemetry(seq, {"v": 1.0}), qos=1)
+        seq += 1  # an array property that would make 10 series at once
+        await client.publish(f"{base}/f0/telemetry", telemetry(seq, {"v": 2.0, "zones": [1.0] * 10}), qos=1)
+        seq += 1  # known features and properties still work, also with a few new series within the cap
+        await client.publish(f"{base}/f1/telemetry", telemetry(seq, {"v": 3.0, "zones": [1.0] * 4}), qos=1)
+    dead = gw.service.dead_letters
+    await wait_for(lambda: dead.total == 3 and gw.service.ingest.accepted_messages == 4)
+    thing = gw.service.registry.require(gw.thing_id("oven-5"))
+    assert sorted(thing.features) == ["f0", "f1", "f2"]
+    assert thing.features["f1"].properties["v"] == 3.0
+    _, letters = await gw.get("/api/v1/deadletters?limit=10")
+    reasons = sorted(item["reason"] for item in letters["items"])
+    assert reasons == ["too_many_features", "too_many_features", "too_many_series"]
+    assert all("ingest.max_" in item["detail"] for item in letters["items"])
+    _, metrics = await gw.get("/metrics")
+    assert 'egiz_ingest_rejected_total{reason="too_many_features"} 2.0' in metrics
+    assert 'egiz_ingest_rejected_total{reason="too_many_series"} 1.0' in metrics

@@ -154,6 +154,13 @@ class TelemetryBuffer(SeriesIndexed):
                 b.text.append(text)
         self._arrived()
 
+    def new_series(self, thing_id: str, samples: Sequence[Sample]) -> tuple[int, int]:
+        """(series the Thing has, how many more these samples would create)."""
+        ids = self.catalogue.ids
+        new = {(s.feature, path) for s in samples for path, _n, _t in sample_points(s)
+               if (thing_id, s.feature, path) not in ids}
+        return self.catalogue.count_of(thing_id), len(new)
+
     def ack_later(self, client: Ackable, mid: int, qos: int) -> None:
         """Acknowledge this message to the broker once everything received before it is committed."""
         self._acks.append((client, mid, qos))
