@@ -12,7 +12,8 @@ bitmap of which seqs below it were seen.
 - a seq inside the window already seen is a duplicate (a redelivery): dropped and counted;
 - a seq below the window cannot be told from a duplicate: dropped and counted (`too_old`).
 
-So the messages a node really lost are `gap - late`. The windows are made durable in the same
+So the messages a node really lost are `gap - late` (a late seq below the first one seen of a boot
+counts in both, as it was never counted as a gap). The windows are made durable in the same
 DuckDB transaction as the points, which is why a redelivery after a crash is never stored twice.
 
 Each fresh sample also gets an order `rank` (its boot's generation, then its seq): the twin uses it
@@ -54,6 +55,7 @@ class _BootWindow:
     generation: int  # first-seen order of the Thing's boots: the newest boot has the highest
     top: int
     seen: int
+    floor: int = 0  # the first seq of this boot seen since the start: nothing below it was counted as a gap
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +119,7 @@ class SequenceTracker:
                 if w is None:
                     if boots:
                         m.reboots.inc()
-                    w = boots[boot] = _BootWindow(self._next_generation(boots), seq, 1)
+                    w = boots[boot] = _BootWindow(self._next_generation(boots), seq, 1, seq)
                     self._trim(boots)
                 elif seq > w.top:
                     shift = seq - w.top
@@ -136,6 +138,8 @@ class SequenceTracker:
                         continue
                     w.seen |= bit
                     m.seq_late.inc()
+                    if seq < w.floor:  # skipped before the boot's first message: a gap found late
+                        m.gaps.inc()
                 accepted_here = seq
             fresh.append(s)
             ranks.append(None if seq is None or w is None else (w.generation << _RANK_SHIFT) | seq)
