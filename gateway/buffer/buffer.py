@@ -71,7 +71,7 @@ class TelemetryBuffer(SeriesIndexed):
         self._commit_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self._opened = False
-        self.marks: list[tuple[str, str, int, float, bytes | None]] = []
+        self.marks: list[tuple[str, str, int, float, int | None]] = []
         self.used_bytes = 0
         self.refusing = False  # the disk budget is used up and nothing may be removed: new points refused
         self.commit_failing = False
@@ -122,7 +122,7 @@ class TelemetryBuffer(SeriesIndexed):
 
     # ----------------------------------------------------------------- hot path (event loop)
     def add(self, thing_id: str, thing_type: str, samples: Sequence[Sample], recv: float,
-            mark: tuple[str, int, bytes] | None) -> None:
+            mark: tuple[str, int, int] | None) -> None:
         """Queue the points of accepted samples, and the device's sequence mark (boot, highest seq,
         anti-replay bitmap), for the next commit."""
         b = self._batch

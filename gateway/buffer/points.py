@@ -74,7 +74,7 @@ class PointBatch:
     text: list[str | None] = field(default_factory=list)
     new_series: list[tuple[int, SeriesKey, str, bool]] = field(default_factory=list)  # id, key, type, numeric
     # (thing, boot) → (highest seq, anti-replay bitmap as stored)
-    seq_marks: dict[tuple[str, str], tuple[int, bytes]] = field(default_factory=dict)
+    seq_marks: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.series)

@@ -40,7 +40,7 @@ class OpenState:
     """What the async side needs to resume after a start: series ids, sequence marks, next point id."""
 
     series: list[tuple[int, SeriesKey, str, bool]]
-    seq_marks: list[tuple[str, str, int, float, bytes | None]]
+    seq_marks: list[tuple[str, str, int, float, int | None]]
     next_id: int
 
 
@@ -62,7 +62,7 @@ class BufferStore(PointFile):
         series = self.open_file()
         for stmt in _SCHEMA:
             self.con.execute(stmt)
-        marks = [(t, b, int(s), float(u), None if w is None else bytes(w)) for t, b, s, u, w in
+        marks = [(t, b, int(s), float(u), None if w is None else int.from_bytes(w, "little")) for t, b, s, u, w in
                  self.con.execute("SELECT thing_id, boot, seq, updated, seen FROM seq_state").fetchall()]
         return OpenState(series, marks, self.high_id() + 1)
 
@@ -79,7 +79,8 @@ class BufferStore(PointFile):
                 "thing_id": [t for t, _ in batch.seq_marks],
                 "boot": [b for _, b in batch.seq_marks],
                 "seq": pa.array([top for top, _ in batch.seq_marks.values()], pa.int64()),
-                "seen": pa.array([seen for _, seen in batch.seq_marks.values()], pa.binary()),
+                "seen": pa.array([seen.to_bytes((seen.bit_length() + 7) // 8, "little")
+                                  for _, seen in batch.seq_marks.values()], pa.binary()),
             }))
             views.append("egiz_marks")
         try:

@@ -247,7 +247,7 @@ class MqttIngest:
         if not fresh:
             return
         now = time.time()
-        self._registry.apply_samples(thing, fresh, now, accepted.ranks)
+        self._registry.apply_samples(thing, fresh, now, accepted.generation)
         self._buffer.add(thing.id, thing.type, fresh, now, accepted.mark)
         points = sum(count_points(s.properties) for s in fresh)
         self._m.accepted.inc()

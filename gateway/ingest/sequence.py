@@ -16,38 +16,26 @@ So the messages a node really lost are `gap - late` (a late seq below the first 
 counts in both, as it was never counted as a gap). The windows are made durable in the same
 DuckDB transaction as the points, which is why a redelivery after a crash is never stored twice.
 
-Each fresh sample also gets an order `rank` (its boot's generation, then its seq): the twin uses it
-to keep the newest value of a feature when a late message arrives after a newer one.
+Each boot also has a generation (the order in which the gateway first saw the Thing's boots): with
+the seq it orders a node's messages, which the twin uses to keep the newest value of a feature when
+a late message arrives after a newer one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from gateway.common.readings import Sample, Telemetry
 from gateway.metrics import GatewayMetrics
 
 MAX_BOOTS = 4
 WINDOW = 512  # seqs below the highest one that are still recognised (late or duplicate)
-WINDOW_BYTES = WINDOW // 8
 _FULL = (1 << WINDOW) - 1
-_RANK_SHIFT = 48  # rank = generation << 48 | seq; seqs are below 2**48 in any realistic run
 
-# A durable mark: (boot, highest seq, bitmap as stored) with bit i set when seq `highest - i` was seen.
-Mark = tuple[str, int, bytes]
-
-
-def window_bytes(seen: int) -> bytes:
-    """The bitmap as stored (little-endian, `WINDOW_BYTES` long)."""
-    return (seen & _FULL).to_bytes(WINDOW_BYTES, "little")
-
-
-def window_from_bytes(raw: bytes | None) -> int:
-    """A stored bitmap; none (a mark written before windows existed) means every seq below was seen."""
-    if raw is None:
-        return _FULL
-    return int.from_bytes(raw[:WINDOW_BYTES], "little") & _FULL
+# A durable mark: (boot, highest seq, bitmap) with bit i set when seq `highest - i` was seen.
+Mark = tuple[str, int, int]
 
 
 @dataclass(slots=True)
@@ -58,12 +46,12 @@ class _BootWindow:
     floor: int = 0  # the first seq of this boot seen since the start: nothing below it was counted as a gap
 
 
-@dataclass(frozen=True, slots=True)
-class Fresh:
-    """The samples of one message to apply and store, their order ranks, and the mark to store with them."""
+class Fresh(NamedTuple):  # a tuple, not a frozen dataclass: one per message, on the hot path
+    """The samples of one message to apply and store, their boot's generation (None without seq),
+    and the mark to store with them."""
 
     samples: list[Sample]
-    ranks: list[int | None]
+    generation: int | None
     mark: Mark | None
 
 
@@ -74,12 +62,13 @@ class SequenceTracker:
         self._m = metrics
         self._boots: dict[str, dict[str, _BootWindow]] = {}
 
-    def load(self, marks: Iterable[tuple[str, str, int, float, bytes | None]]) -> None:
-        """Marks stored with the points: (thing, boot, highest seq, when, bitmap), sorted oldest first here."""
+    def load(self, marks: Iterable[tuple[str, str, int, float, int | None]]) -> None:
+        """Marks stored with the points: (thing, boot, highest seq, when, bitmap), sorted oldest first here.
+        No bitmap (a mark written before windows existed) means every seq below was seen."""
         for thing_id, boot, seq, _updated, seen in sorted(marks, key=lambda m: m[3]):
             boots = self._boots.setdefault(thing_id, {})
             boots.pop(boot, None)
-            boots[boot] = _BootWindow(self._next_generation(boots), seq, window_from_bytes(seen))
+            boots[boot] = _BootWindow(self._next_generation(boots), seq, _FULL if seen is None else seen & _FULL)
             self._trim(boots)
 
     def last(self, thing_id: str, boot: str) -> int | None:
@@ -103,14 +92,13 @@ class SequenceTracker:
         """
         samples = telemetry.samples
         if all(s.seq is None for s in samples):
-            return Fresh(list(samples), [None] * len(samples), None)
+            return Fresh(list(samples), None, None)
         boot = telemetry.boot or ""
         boots = self._boots.get(thing_id)
         if boots is None:
             boots = self._boots[thing_id] = {}
         w = boots.get(boot)
         fresh: list[Sample] = []
-        ranks: list[int | None] = []
         accepted_here: int | None = None  # the older shape gives every feature of one message the same seq
         m = self._m
         for s in samples:
@@ -142,10 +130,9 @@ class SequenceTracker:
                         m.gaps.inc()
                 accepted_here = seq
             fresh.append(s)
-            ranks.append(None if seq is None or w is None else (w.generation << _RANK_SHIFT) | seq)
         if w is None:
-            return Fresh(fresh, ranks, None)
-        return Fresh(fresh, ranks, (boot, w.top, window_bytes(w.seen)))
+            return Fresh(fresh, None, None)
+        return Fresh(fresh, w.generation, (boot, w.top, w.seen))
 
     @staticmethod
     def _next_generation(boots: dict[str, _BootWindow]) -> int:

@@ -15,7 +15,6 @@ import logging
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from gateway.twin.model import (
     Feature,
     Thing,
     check_name,
+    message_rank,
     parse_features,
     parse_relationships,
     thing_from_document,
@@ -289,10 +289,11 @@ class TwinRegistry:
         return thing
 
     def apply_samples(self, thing: Thing, samples: list[Sample], now: float,
-                      ranks: Sequence[int | None] | None = None) -> None:
+                      generation: int | None = None) -> None:
         """Telemetry: each property takes the newest value; one version step per message.
 
-        `ranks` (from the sequence tracker) order the messages of a node. A late message — one
+        `generation` (of the node's boot, from the sequence tracker) and each sample's seq order the
+        messages of a node (`message_rank`). A late message — one
         that arrives after a newer message of the same feature was applied — does not overwrite
         the newer values: it only fills properties the feature does not have yet, and changes
         nothing (no version step, no event) when there are none. Its points are stored anyway.
@@ -302,13 +303,13 @@ class TwinRegistry:
         """
         changed: dict[str, dict[str, Any]] = {}
         features = thing.features
-        for i, s in enumerate(samples):
+        for s in samples:
             f = features.get(s.feature)
             if f is None:
                 f = features[s.feature] = Feature()
             props = s.properties
-            rank = None if ranks is None else ranks[i]
-            if rank is not None:
+            if generation is not None and s.seq is not None:
+                rank = message_rank(generation, s.seq)
                 if rank < f.rank:
                     held = f.properties
                     props = {k: v for k, v in props.items() if k not in held}
