@@ -93,7 +93,9 @@ class NodeStore:
         # a password waits here until its node has it: readable by the gateway's user only (SQLite
         # gives the -wal and -shm files the mode of the database file)
         os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
-        os.chmod(path, 0o600)
+        for f in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+            if f.exists():  # also a file an older version left readable by others
+                os.chmod(f, 0o600)
         self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA secure_delete=ON")  # a delivered password is overwritten with zeros
