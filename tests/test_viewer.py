@@ -26,6 +26,7 @@ CHROMIUM = os.environ.get("EGIZ_CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--use-angle=swiftshader", "--enable-unsafe-swiftshader", "--ignore-gpu-blocklist"]
 SHOTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "viewer"
 SITE, LINE, OVEN = "izmir-bakery", "line-a", "izmir-bakery:oven-001"
+MACHINES = 7  # the first line: six simulated ESP32 nodes and the demo's Modbus oven PLC
 FAULT_AT = 30  # seconds after the fleet starts; 60 °C over the setpoint at the end of its 60 s ramp, so the
 # "zone above setpoint + 20" rule fires about 20 s in
 
@@ -64,7 +65,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     agg = f"http://127.0.0.1:{agg_port}"
     try:
         wait_until("the demo's aggregator sees both sites", lambda: len(get(f"{agg}/api/v1/sites")["items"]) == 2
-                   and all(s["nodes"]["online"] == 6 for s in get(f"{agg}/api/v1/sites")["items"]), 60)
+                   and sorted(s["nodes"]["online"] for s in get(f"{agg}/api/v1/sites")["items"]) == [6, MACHINES], 60)
         yield {"agg": agg, "gateway": f"http://127.0.0.1:{http_port}", "started": time.time(), "log": tmp / "demo.log"}
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -137,7 +138,7 @@ def test_dashboard_cards_show_what_the_api_returns(demo: dict[str, Any], browser
     page.wait_for_selector(f'#line-cards .card[data-line="{LINE}"]')
     page.screenshot(path=str(SHOTS / "2-site.png"))
     page.click(f'#line-cards .card[data-line="{LINE}"] h2')
-    wait_until("the line's six machines", lambda: len(states(page)) == 6)
+    wait_until("the line's machines", lambda: len(states(page)) == MACHINES)
     page.wait_for_selector("#stage canvas")
     page.screenshot(path=str(SHOTS / "3-line-3d.png"))
     assert not page.errors, page.errors
@@ -148,7 +149,7 @@ def test_a_fault_turns_the_machine_red_with_a_toast_and_acknowledge_clears_it_fo
     url = f"{demo['agg']}/viewer/#/line/{SITE}/{LINE}"
     first, second = open_page(browser, url), open_page(browser, url)
     for page in (first, second):
-        wait_until("the line's machines", lambda p=page: len(states(p)) == 6)
+        wait_until("the line's machines", lambda p=page: len(states(p)) == MACHINES)
     assert states(first)[OVEN][0] != "critical", "the fault is scheduled later; the test would prove nothing"
     wait_until("the oven turns red", lambda: states(first)[OVEN] == ["critical", "true"], FAULT_AT + 90)
     anomaly = wait_until("the anomaly in the API", lambda: get(
@@ -196,7 +197,7 @@ def test_the_table_lists_the_same_things(demo: dict[str, Any], browser: Any) -> 
     want = sorted(t["id"] for t in get(f"{demo['agg']}/api/v1/things?site={SITE}&line={LINE}")["items"])
     wait_until("table rows", lambda: sorted(page.eval_on_selector_all(
         "#things-table tbody tr", "els => els.map(e => e.dataset.thing)")) == want)
-    assert len(want) == 6
+    assert len(want) == MACHINES
     page.screenshot(path=str(SHOTS / "8-table.png"))
 
 
@@ -204,11 +205,29 @@ def test_a_gateway_serves_the_viewer_for_its_own_line(demo: dict[str, Any], brow
     page = open_page(browser, demo["gateway"] + "/")
     try:
         wait_until("its line", lambda: page.evaluate("location.hash") == f"#/line/{SITE}/{LINE}"
-                   and len(states(page)) == 6, 30)
+                   and len(states(page)) == MACHINES, 30)
     except AssertionError as exc:  # say what the page shows instead
         raise AssertionError(f"{exc}; at {page.url}: {page.inner_text('body')[:600]!r}; errors {page.errors}") from None
     page.wait_for_selector("#stage canvas")
     page.screenshot(path=str(SHOTS / "9-gateway-line.png"))
+    assert not page.errors, page.errors
+
+
+def test_the_devices_page_shows_plc_health_and_live_tag_values(demo: dict[str, Any], browser: Any) -> None:
+    page = open_page(browser, demo["gateway"] + "/#/devices")
+    page.wait_for_selector('#devices-table tr[data-device="oven-900-plc"][data-state="online"]', timeout=30000)
+    row = page.inner_text('#devices-table tr[data-device="oven-900-plc"]')
+    assert "modbus" in row and f"{SITE}:oven-900" in row and "config" in row
+    setpoint = '.device-tags[data-device="oven-900-plc"] tr[data-tag="thermal.setpoint"] td.value'
+    wait_until("the setpoint's live value", lambda: page.inner_text(setpoint) == "190", 20)
+    zone = '.device-tags[data-device="oven-900-plc"] tr[data-tag="thermal.temperature_zones_0"] td.value'
+    wait_until("a zone temperature", lambda: page.inner_text(zone) not in ("", "—"), 20)
+    page.screenshot(path=str(SHOTS / "10-devices.png"))
+    # the editor loads a device by clicking it; a configured one is changed in gateway.toml, and says so
+    page.click('#devices-table tr[data-device="oven-900-plc"]')
+    assert '"name": "oven-900-plc"' in page.input_value("#device-json")
+    page.click("#device-save")
+    page.wait_for_selector("#device-status.error:has-text('configuration file')")
     assert not page.errors, page.errors
 
 

@@ -11,11 +11,12 @@ export const auth = {
   set key(value) { value ? sessionStorage.setItem(KEY, value) : sessionStorage.removeItem(KEY); },
 };
 
-async function request(method, path, body) {
+async function request(method, path, body, contentType = "application/json") {
   const headers = { Accept: "application/json" };
   if (auth.key) headers.Authorization = `Bearer ${auth.key}`;
-  if (body !== undefined) headers["Content-Type"] = "application/json";
-  const r = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+  if (body !== undefined) headers["Content-Type"] = contentType;
+  const payload = body === undefined || typeof body === "string" ? body : JSON.stringify(body);
+  const r = await fetch(path, { method, headers, body: payload });
   if (r.status === 401) throw new AuthError("this server needs an API key");
   const text = await r.text();
   const doc = text && (r.headers.get("Content-Type") || "").includes("json") ? JSON.parse(text) : text;
@@ -30,6 +31,8 @@ async function request(method, path, body) {
 export const api = {
   get: (path) => request("GET", path),
   post: (path, body) => request("POST", path, body ?? {}),
+  put: (path, body) => request("PUT", path, body),
+  postText: (path, text, contentType) => request("POST", path, text, contentType),
 };
 
 /** "aggregator" or "gateway" (with its site and line), and whether a key is needed. */

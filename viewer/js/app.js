@@ -1,8 +1,9 @@
-// The page: sign-in, routing (#/ dashboard, #/site/S, #/line/S/L, #/table/S/L), the live connection
+// The page: sign-in, routing (#/ dashboard, #/site/S, #/line/S/L, #/table/S/L, a gateway's #/devices), the live connection
 // and its visible state, anomaly toasts. Views live in their own modules.
 
 import { api, auth, AuthError, detectMode, Live } from "./api.js";
 import { renderDashboard, renderSite } from "./dashboard.js";
+import { DevicesView } from "./devices.js";
 import { LineView } from "./lineview.js";
 import { toast } from "./toast.js";
 
@@ -63,6 +64,13 @@ async function route() {
   const params = new URLSearchParams(query || "");
   const parts = path.split("/").filter(Boolean).map(decodeURIComponent);
   try {
+    if (app.mode.kind === "gateway" && parts[0] === "devices") {
+      setCrumbs([[app.mode.site, `#/line/${encodeURIComponent(app.mode.site)}/${encodeURIComponent(app.mode.line)}`],
+        ["Devices"]]);
+      app.view = new DevicesView(main, app);
+      await app.view.load();
+      return;
+    }
     if (app.mode.kind === "gateway" && !["line", "table"].includes(parts[0])) {
       location.hash = `#/line/${encodeURIComponent(app.mode.site)}/${encodeURIComponent(app.mode.line)}`;
       return;
@@ -96,6 +104,7 @@ async function start() {
     return;
   }
   document.getElementById("signout").hidden = !auth.key;
+  document.getElementById("devices-link").hidden = app.mode.kind !== "gateway";
   app.seen = new Set();
   app.live = new Live(app.mode, { onEvent, onState: setConn });
   await route();
