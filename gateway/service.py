@@ -24,6 +24,7 @@ from gateway.ingest.deadletter import DeadLetterLog
 from gateway.ingest.mqtt import MqttIngest
 from gateway.ingest.sequence import SequenceTracker
 from gateway.metrics import GatewayMetrics
+from gateway.oee.tracker import OeeTracker
 from gateway.provision import Provisioner
 from gateway.twin.registry import TwinRegistry
 
@@ -51,6 +52,8 @@ class GatewayService:
         self.ingest = MqttIngest(config, self.registry, self.dead_letters, self.metrics, self.buffer, self.sequences)
         self.detector = AnomalyDetector(config, self.registry, self.bus, self.metrics) if config.detect.enabled \
             else None
+        self.oee = OeeTracker(config.oee, data, config.gateway.line, self.bus, self.metrics.registry) \
+            if config.oee.enabled else None
         self.forwarder: Forwarder | None = None
         if config.uplink.url:
             from gateway.uplink.forwarder import Forwarder
@@ -67,7 +70,7 @@ class GatewayService:
         self.discovery: GatewayDiscovery | None = None
         self.parts = Parts(config, self.registry, self.bus, self.ingest, self.dead_letters, self.metrics,
                            Authenticator(config.auth.api_keys, open_access=config.auth.open), time.time(),
-                           self.buffer, self.detector, self.provisioner)
+                           self.buffer, self.detector, self.provisioner, self.oee)
         self.app = build_app(self.parts)
         self._runner: web.AppRunner | None = None
         self.http_port: int | None = None
@@ -88,6 +91,8 @@ class GatewayService:
             log.info("live state restored from the buffer", extra={"things": restored})
         if self.detector is not None:
             await self.detector.start()  # before ingest: the first reading is already watched
+        if self.oee is not None:
+            await self.oee.start()
         await self.ingest.start()
         if self.forwarder is not None:
             await self.forwarder.start()
@@ -122,6 +127,8 @@ class GatewayService:
             self._runner = None
         if self.detector is not None:
             await self.detector.stop()
+        if self.oee is not None:
+            await self.oee.stop()
         await self.buffer.stop()
         await self.dead_letters.stop()
         if self.provisioner is not None:

@@ -14,6 +14,7 @@ from gateway.detect.detector import AnomalyDetector
 from gateway.ingest.deadletter import DeadLetterLog
 from gateway.ingest.mqtt import MqttIngest
 from gateway.metrics import GatewayMetrics
+from gateway.oee.tracker import OeeTracker
 from gateway.provision import Provisioner
 from gateway.twin.registry import TwinRegistry
 
@@ -33,6 +34,7 @@ class Parts:
     buffer: TelemetryBuffer
     detector: AnomalyDetector | None = None
     provisioner: Provisioner | None = None
+    oee: OeeTracker | None = None
 
 
 PARTS = web.AppKey("parts", Parts)
