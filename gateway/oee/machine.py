@@ -363,10 +363,13 @@ class MachineTracker:
     def _enter_minute(self, t: float) -> None:
         start = math.floor(t / MINUTE) * MINUTE
         self._minute_end = start + MINUTE
+        self._minute_period = None
         self._minute_period = self._period(t)
         self._minute_planned = self.calendar.minute(start).planned
 
     def _period(self, t: float) -> Period:
+        if self._minute_period is not None and self._minute_end - MINUTE <= t < self._minute_end:
+            return self._minute_period  # the minute time is being accounted to: the usual case
         start = math.floor(t / MINUTE) * MINUTE
         info = self.calendar.minute(start)
         key = PeriodKey(self.thing_id, self.line, math.floor(t / 3600.0) * 3600.0, info.day, info.shift, info.planned)

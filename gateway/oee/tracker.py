@@ -140,6 +140,7 @@ class OeeTracker:
 
     # ------------------------------------------------------------------ inputs
     def _consume(self, events: list[Any]) -> None:
+        readings = 0
         for ev in events:
             if isinstance(ev, StateChanged):
                 m = self._machines.get(ev.thing_id) or self._machine_for(ev.thing)
@@ -153,9 +154,13 @@ class OeeTracker:
                 if ev.feature not in m.features:
                     continue
                 samples = ev.samples or ((ev.timestamp, ev.properties),)
+                readings += len(samples)
+                before = m.state
                 for ts, props in samples:
-                    self.metrics.readings.inc()
-                    self._observe(m, functools.partial(m.reading, ev.feature, ts, props))
+                    m.reading(ev.feature, ts, props)
+                    if m.state != before:
+                        self.metrics.state_changes.labels(m.state).inc()
+                        before = m.state
             elif isinstance(ev, ThingLifecycle) and ev.kind == "ThingDeleted":
                 m = self._machines.pop(ev.thing_id, None)
                 if m is not None and m.event is not None:
@@ -163,6 +168,8 @@ class OeeTracker:
                     m.event.open = False
                     m.events[m.event.id] = m.event
                     self._orphans.append(m)
+        if readings:
+            self.metrics.readings.inc(readings)
         self.metrics.machines.set(len(self._machines))
 
     def _observe(self, m: MachineTracker, step: Callable[[], None]) -> None:
