@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 CONNECTIVITY = "connectivity"
 BATCH = 2000
+TICK_S = 0.1  # readings are taken in micro-batches this often
 
 
 class OeeMetrics:
@@ -122,13 +123,13 @@ class OeeTracker:
         await self._sqlite.close()
 
     async def _run(self) -> None:
+        """Micro-batches: wake every TICK_S, take what queued, account time, flush when due."""
         assert self._sub is not None
         sub = self._sub
         while True:
-            first: list[Any] = []
-            with contextlib.suppress(TimeoutError):
-                first = [await asyncio.wait_for(sub.get(), timeout=1.0)]
-            self._consume(first + sub.drain(limit=BATCH))
+            await asyncio.sleep(TICK_S)
+            while sub.qsize():
+                self._consume(sub.drain(limit=BATCH))
             if sub.dropped:
                 self.metrics.dropped.inc(sub.dropped)
                 sub.dropped = 0
@@ -279,6 +280,10 @@ class OeeTracker:
         for m in self._machines.values():
             m.tick(now, self.section.offline_after_s)
         await self.flush()
+        return await self._sqlite.call(lambda db: fn(db.conn))
+
+    async def read(self, fn: Callable[[Any], T]) -> T:
+        """Run `fn(connection)` on the OEE file's thread as it is (no flush first)."""
         return await self._sqlite.call(lambda db: fn(db.conn))
 
     async def totals(self, scope: store.Scope, start: float, end: float,
