@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from gateway.alarms.journal import AlarmJournal
 from gateway.api.app import build_app
 from gateway.api.parts import Parts
 from gateway.buffer.buffer import TelemetryBuffer
@@ -54,6 +55,7 @@ class GatewayService:
             else None
         self.oee = OeeTracker(config.oee, data, config.gateway.line, self.bus, self.metrics.registry) \
             if config.oee.enabled else None
+        self.journal = AlarmJournal(data / "alarms.sqlite") if self.detector is not None else None
         self.forwarder: Forwarder | None = None
         if config.uplink.url:
             from gateway.uplink.forwarder import Forwarder
@@ -70,7 +72,8 @@ class GatewayService:
         self.discovery: GatewayDiscovery | None = None
         self.parts = Parts(config, self.registry, self.bus, self.ingest, self.dead_letters, self.metrics,
                            Authenticator(config.auth.api_keys, open_access=config.auth.open), time.time(),
-                           self.buffer, self.detector, self.provisioner, self.oee)
+                           self.buffer, self.detector, self.provisioner, self.oee,
+                           self.journal)
         self.app = build_app(self.parts)
         self._runner: web.AppRunner | None = None
         self.http_port: int | None = None
@@ -93,6 +96,8 @@ class GatewayService:
             await self.detector.start()  # before ingest: the first reading is already watched
         if self.oee is not None:
             await self.oee.start()
+        if self.journal is not None:
+            await self.journal.start()
         await self.ingest.start()
         if self.forwarder is not None:
             await self.forwarder.start()
@@ -129,6 +134,8 @@ class GatewayService:
             await self.detector.stop()
         if self.oee is not None:
             await self.oee.stop()
+        if self.journal is not None:
+            await self.journal.stop()
         await self.buffer.stop()
         await self.dead_letters.stop()
         if self.provisioner is not None:

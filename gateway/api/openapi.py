@@ -228,6 +228,25 @@ _STATE_BODY = {"required": True, "content": {"application/json": {"schema": {
     "type": "object", "required": ["state"], "additionalProperties": False,
     "properties": {"state": {"type": "string", "enum": ["planned_stop", "changeover", "auto"]},
                    "reason": {"type": "string"}, "note": {"type": "string", "maxLength": 2000}}}}}}
+SPEC["paths"]["/api/v1/anomalies"]["get"]["parameters"] += [
+    _q(n, d) for n, d in (("site", "this gateway's site"), ("line", "a line of this site"),
+                          ("type", "anomalyType, comma-separated"), ("acknowledgedBy", "API key names"),
+                          ("shelved", "true or false"), ("format", "json or csv"))]
+SPEC["paths"].update({  # the alarm journal
+    "/api/v1/anomalies/{id}/journal": {"get": _op("Who acknowledged, resolved or shelved an anomaly, with comments",
+                                                  "viewer", {"200": _resp("actions"), **ERRORS}, parameters=[ID])},
+    "/api/v1/anomalies/{id}/shelve": {"post": _op("Silence the anomaly's condition for some hours, saying why",
+                                                  "operator", {"200": _resp("the shelf"), **ERRORS}, parameters=[ID],
+                                                  requestBody={"required": True, "content": {"application/json": {
+                                                      "schema": {"type": "object", "required": ["hours", "reason"],
+                                                                 "properties": {"hours": {"type": "number"},
+                                                                                "reason": {"type": "string"}}}}}})},
+    "/api/v1/alarm-shelves": {"get": _op("Shelves silencing now (or all)", "viewer",
+                                         {"200": _resp("shelves"), **ERRORS},
+                                         parameters=[_q("active", "true (default) or false")])},
+    "/api/v1/alarm-shelves/{id}": {"delete": _op("End a shelf early", "operator", {"200": _resp("the shelf"), **ERRORS},
+                                                 parameters=[ID])},
+})
 SPEC["paths"].update({  # OEE and downtime (docs/oee.md)
     "/api/v1/oee": {"get": _op("OEE with availability, performance and quality of a machine, line or site", "viewer",
                                {"200": _resp("figures, total and per bucket"), **ERRORS},

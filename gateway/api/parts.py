@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from gateway.alarms.journal import AlarmJournal
 from gateway.buffer.buffer import TelemetryBuffer
 from gateway.bus import EventBus
 from gateway.common.auth import Authenticator
@@ -35,6 +36,7 @@ class Parts:
     detector: AnomalyDetector | None = None
     provisioner: Provisioner | None = None
     oee: OeeTracker | None = None
+    journal: AlarmJournal | None = None
 
 
 PARTS = web.AppKey("parts", Parts)
