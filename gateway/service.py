@@ -60,7 +60,7 @@ class GatewayService:
         if config.uplink.url:
             from gateway.uplink.forwarder import Forwarder
 
-            self.forwarder = Forwarder(config, self.buffer, self.registry, self.metrics, self.detector)
+            self.forwarder = Forwarder(config, self.buffer, self.registry, self.metrics, self.detector, self.oee)
         self.model_fetcher: ModelFetcher | None = None
         if config.uplink.url and config.uplink.models_interval_s and self.detector is not None:
             from gateway.uplink.models import ModelFetcher

@@ -12,12 +12,11 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from gateway.bus import EventBus, StateChanged
+from gateway.common.oee import Totals, downtime_answer, figures, six_big_losses
 from gateway.config import GatewayConfig, load_config
 from gateway.oee import store
 from gateway.oee.calendar import ShiftCalendar
-from gateway.oee.figures import Totals, figures, six_big_losses
 from gateway.oee.machine import Counter
-from gateway.oee.report import downtime_answer
 from gateway.oee.tracker import OeeTracker
 from gateway.twin.model import Thing
 

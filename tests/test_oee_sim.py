@@ -9,9 +9,9 @@ import random
 import time
 from pathlib import Path
 
+from gateway.common.oee import Totals, figures
 from gateway.config import GatewayConfig, load_config
 from gateway.oee.calendar import ShiftCalendar
-from gateway.oee.figures import Totals, figures
 from gateway.oee.machine import MachineTracker
 from gateway.oee.settings import MachineRules
 from gateway.sim import FleetOptions, run_fleet

@@ -18,10 +18,9 @@ from gateway.api.parts import PARTS, Parts
 from gateway.common.errors import Invalid, NotFound
 from gateway.common.history import parse_time
 from gateway.common.http import int_param, read_json, requires
+from gateway.common.oee import STOP_STATES, Totals, downtime_answer, oee_answer
 from gateway.common.timefmt import iso_utc
 from gateway.oee import store
-from gateway.oee.figures import Totals
-from gateway.oee.report import STOP_STATES, downtime_answer, oee_answer
 from gateway.oee.settings import STATES
 from gateway.oee.tracker import OeeTracker
 

@@ -12,13 +12,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.oee.figures import SUMMED, Totals
+from gateway.common.oee import SUMMED, Totals
+from gateway.common.wire import OeeEventDoc, OeePeriodDoc
 from gateway.oee.machine import Period, PeriodKey, StateEvent
 
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS oee_periods (
     thing_id TEXT NOT NULL, line TEXT NOT NULL, hour REAL NOT NULL, day TEXT NOT NULL, shift TEXT NOT NULL,
     planned INTEGER NOT NULL, {", ".join(f"{k} REAL NOT NULL DEFAULT 0" for k in SUMMED)},
+    updated_at REAL NOT NULL DEFAULT 0,
     PRIMARY KEY (thing_id, hour, day, shift, planned)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS oee_periods_line ON oee_periods (line, hour);
 CREATE INDEX IF NOT EXISTS oee_periods_hour ON oee_periods (hour);
@@ -26,9 +28,11 @@ CREATE TABLE IF NOT EXISTS oee_events (
     id TEXT PRIMARY KEY, thing_id TEXT NOT NULL, line TEXT NOT NULL, state TEXT NOT NULL,
     start REAL NOT NULL, "end" REAL NOT NULL, source TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '',
     note TEXT NOT NULL DEFAULT '', reason_by TEXT NOT NULL DEFAULT '', reason_at REAL,
-    planned_s REAL NOT NULL DEFAULT 0, open INTEGER NOT NULL DEFAULT 0);
+    planned_s REAL NOT NULL DEFAULT 0, open INTEGER NOT NULL DEFAULT 0, updated_at REAL NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS oee_events_start ON oee_events (start);
 CREATE INDEX IF NOT EXISTS oee_events_thing ON oee_events (thing_id, start);
+CREATE INDEX IF NOT EXISTS oee_events_updated ON oee_events (updated_at);
+CREATE INDEX IF NOT EXISTS oee_periods_updated ON oee_periods (updated_at);
 CREATE TABLE IF NOT EXISTS oee_counters (
     thing_id TEXT NOT NULL, path TEXT NOT NULL, value REAL NOT NULL, PRIMARY KEY (thing_id, path));
 """
@@ -58,26 +62,44 @@ def init(conn: sqlite3.Connection, now: float) -> None:
 
 
 def write(conn: sqlite3.Connection, periods: Mapping[PeriodKey, Period], events: Iterable[StateEvent],
-          counters: Iterable[tuple[str, str, float]]) -> None:
-    """One transaction: add the periods, upsert the events (keeping reasons set through the API), keep the counters."""
+          counters: Iterable[tuple[str, str, float]], now: float) -> None:
+    """One transaction: add the periods, upsert the events (keeping reasons set through the API), keep the counters.
+    `now` marks what changed, for the uplink."""
     cols = ", ".join(SUMMED)
     marks = ", ".join("?" for _ in SUMMED)
     adds = ", ".join(f"{k} = {k} + excluded.{k}" for k in SUMMED)
     with conn:
         conn.executemany(
-            f"INSERT INTO oee_periods (thing_id, line, hour, day, shift, planned, {cols}) "
-            f"VALUES (?, ?, ?, ?, ?, ?, {marks}) "
-            f"ON CONFLICT (thing_id, hour, day, shift, planned) DO UPDATE SET {adds}",
-            [(k.thing_id, k.line, k.hour, k.day, k.shift, int(k.planned), *(getattr(p, f) for f in SUMMED))
+            f"INSERT INTO oee_periods (thing_id, line, hour, day, shift, planned, {cols}, updated_at) "
+            f"VALUES (?, ?, ?, ?, ?, ?, {marks}, ?) "
+            f"ON CONFLICT (thing_id, hour, day, shift, planned) DO UPDATE SET {adds}, updated_at = excluded.updated_at",
+            [(k.thing_id, k.line, k.hour, k.day, k.shift, int(k.planned), *(getattr(p, f) for f in SUMMED), now)
              for k, p in periods.items()])
         conn.executemany(
             'INSERT INTO oee_events (id, thing_id, line, state, start, "end", source, reason, note, reason_by, '
-            "planned_s, open) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
-            '"end" = excluded."end", planned_s = excluded.planned_s, open = excluded.open',
+            "planned_s, open, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE "
+            'SET "end" = excluded."end", planned_s = excluded.planned_s, open = excluded.open, '
+            "updated_at = excluded.updated_at",
             [(e.id, e.thing_id, e.line, e.state, e.start, e.end, e.source, e.reason, e.note, e.reason_by,
-              e.planned_s, int(e.open)) for e in events])
+              e.planned_s, int(e.open), now) for e in events])
         conn.executemany("INSERT OR REPLACE INTO oee_counters (thing_id, path, value) VALUES (?, ?, ?)",
                          list(counters))
+
+
+def changed_since(conn: sqlite3.Connection, since: float) -> tuple[list[OeePeriodDoc], list[OeeEventDoc], float]:
+    """Period records and events written after `since`, as they travel upstream, and the newest write time."""
+    cols = ", ".join(SUMMED)
+    periods = [OeePeriodDoc(r[0], r[1], r[2], r[3], r[4], bool(r[5]), dict(zip(SUMMED, r[6:-1], strict=True)), r[-1])
+               for r in conn.execute(f"SELECT thing_id, line, hour, day, shift, planned, {cols}, updated_at "
+                                     "FROM oee_periods WHERE updated_at > ?", (since,))]
+    events = []
+    for r in conn.execute('SELECT id, thing_id, line, state, start, "end", planned_s, reason, source, updated_at '
+                          "FROM oee_events WHERE updated_at > ?", (since,)):
+        doc = {"id": r[0], "thingId": r[1], "line": r[2], "state": r[3], "start": r[4], "end": r[5],
+               "plannedS": r[6], "reason": r[7], "source": r[8], "updatedAt": r[9]}
+        events.append(OeeEventDoc(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[9], doc))
+    upto = max([since, *(p.updated_at for p in periods), *(e.updated_at for e in events)])
+    return periods, events, upto
 
 
 def counters(conn: sqlite3.Connection) -> dict[str, dict[str, float]]:
@@ -135,8 +157,8 @@ def set_reason(conn: sqlite3.Connection, event_id: str, reason: str, note: str, 
                at: float) -> dict[str, Any] | None:
     """Set or correct an event's reason; None when there is no such event."""
     with conn:
-        cur = conn.execute("UPDATE oee_events SET reason = ?, note = ?, reason_by = ?, reason_at = ? WHERE id = ?",
-                           (reason, note, by, at, event_id))
+        cur = conn.execute("UPDATE oee_events SET reason = ?, note = ?, reason_by = ?, reason_at = ?, updated_at = ? "
+                           "WHERE id = ?", (reason, note, by, at, at, event_id))
     if cur.rowcount == 0:
         return None
     row = conn.execute(f'SELECT {", ".join(f"{chr(34)}{c}{chr(34)}" for c in EVENT_COLUMNS)}, reason_at '

@@ -22,9 +22,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from gateway.bus import EventBus, StateChanged, Subscription, ThingLifecycle
 from gateway.common.errors import Invalid, NotFound
+from gateway.common.oee import Totals
+from gateway.common.wire import OeeEventDoc, OeePeriodDoc
 from gateway.oee import store
 from gateway.oee.calendar import ShiftCalendar
-from gateway.oee.figures import Totals
 from gateway.oee.machine import MachineTracker, OperatorState, Period, PeriodKey, StateEvent
 from gateway.oee.settings import OPERATOR_STATES, MachineRules, OeeSection, TypeRules
 from gateway.sqlite import SqliteWorker
@@ -258,7 +259,8 @@ class OeeTracker:
             if not periods and not events:
                 return
             try:
-                await self._sqlite.call(lambda db: store.write(db.conn, periods, events, counters))
+                written = self._clock()
+                await self._sqlite.call(lambda db: store.write(db.conn, periods, events, counters, written))
             except Exception:
                 self.flush_errors += 1
                 self.metrics.flush_errors.inc()
@@ -281,6 +283,11 @@ class OeeTracker:
             m.tick(now, self.section.offline_after_s)
         await self.flush()
         return await self._sqlite.call(lambda db: fn(db.conn))
+
+    async def changed_since(self, since: float) -> tuple[list[OeePeriodDoc], list[OeeEventDoc], float]:
+        """What the uplink still has to send: records written after `since`, and the newest write time."""
+        await self.flush()
+        return await self._sqlite.call(lambda db: store.changed_since(db.conn, since))
 
     async def read(self, fn: Callable[[Any], T]) -> T:
         """Run `fn(connection)` on the OEE file's thread as it is (no flush first)."""
