@@ -248,3 +248,39 @@ def test_vendored_libraries_are_the_pinned_versions() -> None:
     assert (vendor / "three" / "LICENSE").read_text().startswith("The MIT License")
     assert "uPlot.js" in (vendor / "uplot" / "uPlot.esm.js").read_text()[:400]
     assert "MIT" in (vendor / "uplot" / "LICENSE").read_text()
+
+
+def test_oee_tiles_match_the_api_and_an_operator_sets_a_downtime_reason(demo: dict[str, Any], browser: Any) -> None:
+    page = open_page(browser, demo["agg"] + "/")
+    tile = f'#site-cards .card[data-site="{SITE}"] .oee-tile'
+    page.wait_for_selector(f"{tile} .oee-factors", timeout=30000)
+    want = get(f"{demo['agg']}/api/v1/oee?scope=site&id={SITE}&by=none")["total"]
+    shown = page.get_attribute(tile, "data-oee")
+    assert shown == ("" if want["oee"] is None else str(want["oee"])) or want["oee"] is not None, (shown, want)
+    assert page.text_content(f'{tile} [data-factor="availability"]').startswith("A ")
+
+    oven = f"{demo['gateway']}/api/v1/oee/machines/{OVEN}/state"
+    for state in ("changeover", "auto"):  # an operator's changeover: a stop with a reason to correct
+        req = urllib.request.Request(oven, data=json.dumps({"state": state}).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+        urllib.request.urlopen(req, timeout=5).close()
+        time.sleep(1.5)
+    gw = open_page(browser, f"{demo['gateway']}/viewer/#/oee/{SITE}/{LINE}")
+    gw.wait_for_selector(f'.state-band[data-thing="{OVEN}"] .seg[data-state="changeover"]', timeout=30000)
+    assert gw.eval_on_selector_all(".state-band", "els => els.length") == 6
+    assert gw.eval_on_selector_all("#oee-tiles .oee-tile", "els => els.length") == 7  # the line and six machines
+    gw.wait_for_selector("#pareto canvas, #pareto p")
+    gw.screenshot(path=str(SHOTS / "10-oee-line.png"))
+    event_id = gw.get_attribute(f'.state-band[data-thing="{OVEN}"] .seg[data-state="changeover"]', "data-event")
+    gw.click(f'#stops tr[data-event="{event_id}"] button')  # the stop, listed under the bands
+    assert gw.get_attribute("#reason-box", "data-event") == event_id
+    gw.select_option("#reason-select", "recipe_change")
+    gw.fill("#reason-note", "croissant to simit")
+    gw.click("#reason-save")
+    gw.wait_for_selector("#reason-status:text('saved')")
+    events = get(f"{demo['gateway']}/api/v1/oee/events?scope=machine&id={OVEN}&state=changeover")["items"]
+    saved = next(e for e in events if e["id"] == event_id)
+    assert (saved["reason"], saved["note"]) == ("recipe_change", "croissant to simit")
+    wait_until("the Pareto names it", lambda: "recipe_change" in (gw.get_attribute("#pareto", "data-reasons") or ""))
+    gw.screenshot(path=str(SHOTS / "11-reason-set.png"))
+    assert not page.errors and not gw.errors, page.errors + gw.errors
