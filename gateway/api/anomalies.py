@@ -20,7 +20,7 @@ from gateway.alarms.journal import MAX_SHELVE_HOURS, AlarmJournal
 from gateway.api.parts import PARTS, Parts
 from gateway.common.errors import Invalid, NotFound
 from gateway.common.history import parse_time
-from gateway.common.http import read_json, requires
+from gateway.common.http import int_param, read_json, read_object, requires
 from gateway.detect.detector import AnomalyDetector
 from gateway.detect.explain import label
 from gateway.detect.rul import estimate_rul
@@ -62,17 +62,6 @@ def _list(value: str | None, allowed: set[str] | None, name: str) -> list[str]:
     return items
 
 
-def _int(value: str | None, name: str, default: int, low: int, high: int) -> int:
-    if value is None:
-        return default
-    try:
-        n = int(value)
-    except ValueError:
-        raise Invalid(f"{name} must be an integer") from None
-    if not low <= n <= high:
-        raise Invalid(f"{name} must be {low}..{high}")
-    return n
-
 
 @requires("viewer")
 async def list_anomalies(request: web.Request) -> web.Response:
@@ -90,8 +79,8 @@ async def list_anomalies(request: web.Request) -> web.Response:
     fmt = q.get("format", "json")
     if fmt not in ("json", "csv"):
         raise Invalid("format must be json or csv")
-    limit = _int(q.get("limit"), "limit", 100, 1, MAX_LIMIT if fmt == "json" else MAX_EXPORT)
-    offset = _int(q.get("offset"), "offset", 0, 0, 10**9)
+    limit = int_param(q.get("limit"), "limit", 100, 1, MAX_LIMIT if fmt == "json" else MAX_EXPORT)
+    offset = int_param(q.get("offset"), "offset", 0, 0, 10**9)
     thing_ids = _list(q.get("thingId"), None, "thingId")
     site, line = q.get("site"), q.get("line")
     if site and site != parts.config.gateway.site:
@@ -233,9 +222,7 @@ async def shelve(request: web.Request) -> web.Response:
     a = await _detector(parts).log.get(request.match_info["id"])
     if a is None:
         raise NotFound(f"no anomaly {request.match_info['id']!r}")
-    doc = await read_json(request)
-    if not isinstance(doc, dict) or sorted(set(doc) - {"hours", "reason"}):
-        raise Invalid('the body must be {"hours": N, "reason": "..."}')
+    doc = await read_object(request, frozenset({"hours", "reason"}), "hours and reason")
     hours = doc.get("hours")
     if isinstance(hours, bool) or not isinstance(hours, int | float) or not 0 < hours <= MAX_SHELVE_HOURS:
         raise Invalid(f"hours must be a number > 0 and <= {MAX_SHELVE_HOURS}")

@@ -17,7 +17,7 @@ from aiohttp import web
 from gateway.api.parts import PARTS, Parts
 from gateway.common.errors import Invalid, NotFound
 from gateway.common.history import parse_time
-from gateway.common.http import int_param, read_json, requires
+from gateway.common.http import int_param, read_object, requires
 from gateway.common.oee import STOP_STATES, Totals, downtime_answer, oee_answer
 from gateway.common.timefmt import iso_utc
 from gateway.oee import store
@@ -156,13 +156,8 @@ async def get_reasons(request: web.Request) -> web.Response:
     return web.json_response({"reasons": list(tracker.section.reasons)})
 
 
-async def _object(request: web.Request, allowed: set[str]) -> dict[str, Any]:
-    doc = await read_json(request)
-    if not isinstance(doc, dict):
-        raise Invalid("the body must be a JSON object")
-    unknown = sorted(set(doc) - allowed)
-    if unknown:
-        raise Invalid(f"unknown field(s) {', '.join(unknown)}")
+async def _object(request: web.Request, allowed: set[str], what: str) -> dict[str, Any]:
+    doc = await read_object(request, frozenset(allowed), what)
     for key in ("reason", "note", "state"):
         if key in doc and (not isinstance(doc[key], str) or len(doc[key]) > 2000):
             raise Invalid(f"{key} must be a string of at most 2000 characters")
@@ -174,7 +169,7 @@ async def put_reason(request: web.Request) -> web.Response:
     """Set or correct the reason of a state event (`{"reason", "note"}`); its times never change."""
     parts = request.app[PARTS]
     tracker = _tracker(parts)
-    body = await _object(request, {"reason", "note"})
+    body = await _object(request, {"reason", "note"}, "reason and note")
     if "reason" not in body:
         raise Invalid("give a reason")
     row = await tracker.set_reason(request.match_info["id"], body["reason"], body.get("note", ""),
@@ -190,7 +185,7 @@ async def post_state(request: web.Request) -> web.Response:
     thing = parts.registry.get(request.match_info["id"])
     if thing is None:
         raise NotFound(f"no Thing {request.match_info['id']!r}", thing_id=request.match_info["id"])
-    body = await _object(request, {"state", "reason", "note"})
+    body = await _object(request, {"state", "reason", "note"}, "state, reason and note")
     if "state" not in body:
         raise Invalid("give a state: planned_stop, changeover or auto")
     status = tracker.set_operator_state(thing, body["state"], body.get("reason", ""), body.get("note", ""),

@@ -9,7 +9,6 @@ set or correct the reason of any state event, through its methods (the API calls
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import time
@@ -23,6 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from gateway.bus import EventBus, StateChanged, Subscription, ThingLifecycle
 from gateway.common.errors import Invalid, NotFound
 from gateway.common.oee import Totals
+from gateway.common.tasks import cancel_and_wait
 from gateway.common.wire import OeeEventDoc, OeePeriodDoc
 from gateway.oee import store
 from gateway.oee.calendar import ShiftCalendar
@@ -105,11 +105,8 @@ class OeeTracker:
 
     async def stop(self) -> None:
         """Take what is queued, close every open state at now, write everything, close the file."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         if self._sub is not None:
             self._consume(self._sub.drain(limit=10**9))
             self._sub.close()
