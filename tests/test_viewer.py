@@ -284,3 +284,39 @@ def test_oee_tiles_match_the_api_and_an_operator_sets_a_downtime_reason(demo: di
     wait_until("the Pareto names it", lambda: "recipe_change" in (gw.get_attribute("#pareto", "data-reasons") or ""))
     gw.screenshot(path=str(SHOTS / "11-reason-set.png"))
     assert not page.errors and not gw.errors, page.errors + gw.errors
+
+
+def test_the_alarms_page_filters_acts_shelves_and_exports(demo: dict[str, Any], browser: Any) -> None:
+    page = open_page(browser, f"{demo['gateway']}/viewer/#/alarms")
+    page.wait_for_selector("#alarm-filters")
+    page.select_option("#f-state", "")
+    page.fill("#f-thingId", OVEN)
+    page.click("#alarm-filters button[type=submit]")
+    row = wait_until("the oven's anomaly in the journal", lambda: page.query_selector("#alarms tbody tr[data-id]")
+                     or page.click("#alarm-filters button[type=submit]"), FAULT_AT + 90)
+    anomaly_id = row.get_attribute("data-id")
+    assert get(f"{demo['gateway']}/api/v1/anomalies/{anomaly_id}")["thingId"] == OVEN
+    page.click(f'#alarms tr[data-id="{anomaly_id}"] button')
+    page.wait_for_selector(f'#alarm-detail[data-id="{anomaly_id}"]')
+    if page.query_selector("#alarm-ack"):
+        page.fill("#alarm-comment", "checking the zone 2 probe")
+        page.click("#alarm-ack")
+        page.wait_for_selector('#alarm-journal li[data-action="acknowledged"]')
+    page.fill("#shelve-hours", "4")
+    page.fill("#shelve-reason", "probe being replaced")
+    page.click("#alarm-shelve")
+    page.wait_for_selector('#alarm-journal li[data-action="shelved"]')
+    assert "probe being replaced" in page.text_content('#alarm-journal li[data-action="shelved"]')
+    page.select_option("#f-shelved", "true")
+    page.click("#alarm-filters button[type=submit]")
+    wait_until("only the shelved one", lambda: page.eval_on_selector_all(
+        "#alarms tbody tr[data-id]", "els => els.map(e => e.dataset.id)") == [anomaly_id])
+    assert page.text_content(f'#alarms tr[data-id="{anomaly_id}"] [data-field=shelved]')
+    with page.expect_download() as download:
+        page.click("#alarm-export")
+    text = Path(download.value.path()).read_text()
+    assert text.splitlines()[0].startswith("id,thingId,") and anomaly_id in text
+    page.screenshot(path=str(SHOTS / "12-alarms.png"))
+    journal = get(f"{demo['gateway']}/api/v1/anomalies/{anomaly_id}/journal")["items"]
+    assert "shelved" in [x["action"] for x in journal]
+    assert not page.errors, page.errors
