@@ -45,6 +45,8 @@ class OeeMetrics:
         self.state_changes = Counter("egiz_oee_state_changes_total", "Machine state changes", ["state"],
                                      registry=registry)
         self.flush_errors = Counter("egiz_oee_flush_errors_total", "OEE writes to disk that failed", registry=registry)
+        self.step_errors = Counter("egiz_oee_step_errors_total", "OEE tracker steps that failed (a bug; logged)",
+                                   registry=registry)
         self.dropped = Counter("egiz_oee_dropped_events_total",
                                "Bus events the OEE tracker could not keep up with (counters catch up)",
                                registry=registry)
@@ -126,16 +128,20 @@ class OeeTracker:
         sub = self._sub
         while True:
             await asyncio.sleep(TICK_S)
-            while sub.qsize():
-                self._consume(sub.drain(limit=BATCH))
-            if sub.dropped:
-                self.metrics.dropped.inc(sub.dropped)
-                sub.dropped = 0
-            now = self._clock()
-            if now - self._last_flush >= self.section.flush_interval_s:
-                for m in self._machines.values():
-                    m.tick(now, self.section.offline_after_s)
-                await self.flush()
+            try:
+                while sub.qsize():
+                    self._consume(sub.drain(limit=BATCH))
+                if sub.dropped:
+                    self.metrics.dropped.inc(sub.dropped)
+                    sub.dropped = 0
+                now = self._clock()
+                if now - self._last_flush >= self.section.flush_interval_s:
+                    for m in self._machines.values():
+                        m.tick(now, self.section.offline_after_s)
+                    await self.flush()
+            except Exception:  # a bug must not end state tracking for good: logged, counted, next tick
+                self.metrics.step_errors.inc()
+                log.exception("OEE tracker step failed")
 
     # ------------------------------------------------------------------ inputs
     def _consume(self, events: list[Any]) -> None:
