@@ -32,6 +32,7 @@ CREATE TABLE IF NOT EXISTS oee_events (
 CREATE INDEX IF NOT EXISTS oee_events_start ON oee_events (start);
 CREATE INDEX IF NOT EXISTS oee_events_thing ON oee_events (thing_id, start);
 CREATE INDEX IF NOT EXISTS oee_events_updated ON oee_events (updated_at);
+CREATE INDEX IF NOT EXISTS oee_events_pareto ON oee_events (line, start, state, reason, planned_s);
 CREATE INDEX IF NOT EXISTS oee_periods_updated ON oee_periods (updated_at);
 CREATE TABLE IF NOT EXISTS oee_counters (
     thing_id TEXT NOT NULL, path TEXT NOT NULL, value REAL NOT NULL, PRIMARY KEY (thing_id, path));
