@@ -27,6 +27,7 @@ from gateway.common.wire import OEE_STATES, Batch
 T = TypeVar("T")
 MAX_RANGE_S = 400 * 86400.0
 BY = ("shift", "hour", "day", "none")
+DEFAULT_MICROSTOP_S = 300.0
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS oee_periods (
     site TEXT NOT NULL, line TEXT NOT NULL, gateway_id TEXT NOT NULL, thing_id TEXT NOT NULL, hour REAL NOT NULL,
@@ -143,6 +144,17 @@ class CentralOee:
 
         return await self._call(run)
 
+    async def minor_stops(self, scope: str, scope_id: str, start: float, end: float, limit_s: float) -> float:
+        where, args = _where(scope, scope_id)
+
+        def run(conn: sqlite3.Connection) -> float:
+            row = conn.execute(f"SELECT SUM(planned_s) FROM oee_events WHERE {where} AND start >= ? AND start < ? "
+                               "AND state IN ('down', 'offline') AND \"end\" - start < ?",
+                               (*args, start, end, limit_s)).fetchone()
+            return float(row[0] or 0.0)
+
+        return await self._call(run)
+
     async def pareto(self, scope: str, scope_id: str, start: float, end: float,
                      states: tuple[str, ...]) -> list[tuple[str, str, float, int]]:
         where, args = _where(scope, scope_id)
@@ -177,6 +189,19 @@ def _request(q: Mapping[str, str], allowed: set[str]) -> tuple[str, str, float, 
     return scope, scope_id, start - start % 3600.0, end
 
 
+def _microstop(value: str | None) -> float:
+    """`microstopS`: stops shorter than this are minor stops (default 300 s, the gateways' default)."""
+    if value is None or value == "":
+        return DEFAULT_MICROSTOP_S
+    try:
+        limit = float(value)
+    except ValueError:
+        raise Invalid("microstopS must be a number of seconds") from None
+    if not 0 <= limit <= 3600:
+        raise Invalid("microstopS must be 0..3600")
+    return limit
+
+
 def routes(oee: CentralOee) -> list[tuple[str, str, Callable[[web.Request], Any], str]]:
     """The aggregator's OEE routes: (method, path, handler, least role)."""
 
@@ -194,10 +219,12 @@ def routes(oee: CentralOee) -> list[tuple[str, str, Callable[[web.Request], Any]
         states = tuple(s for s in request.query.get("state", ",".join(STOP_STATES)).split(",") if s)
         if not states or any(s not in OEE_STATES or s == "running" for s in states):
             raise Invalid(f"state: one or more of {', '.join(s for s in OEE_STATES if s != 'running')}")
-        scope, scope_id, start, end = _request(request.query, {"scope", "id", "from", "to", "state"})
+        scope, scope_id, start, end = _request(request.query, {"scope", "id", "from", "to", "state", "microstopS"})
+        limit = _microstop(request.query.get("microstopS"))
         rows = await oee.totals(scope, scope_id, start, end, "none")
         total = rows[0][1] if rows else Totals()
         return web.json_response(downtime_answer(scope, scope_id, start, end, total,
-                                                 await oee.pareto(scope, scope_id, start, end, states)))
+                                                 await oee.pareto(scope, scope_id, start, end, states),
+                                                 await oee.minor_stops(scope, scope_id, start, end, limit)))
 
     return [("GET", "/api/v1/oee", get_oee, "viewer"), ("GET", "/api/v1/downtime", get_downtime, "viewer")]

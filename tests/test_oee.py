@@ -188,6 +188,26 @@ async def test_reasons_edited_afterwards_change_the_pareto_not_the_durations(tmp
         await tracker.stop()
 
 
+async def test_short_stops_are_minor_stops_not_breakdowns(tmp_path: Path) -> None:
+    tracker, line = await scripted_day(tmp_path)
+    try:
+        line.read("14:10", speed=1)  # after the shift: nothing planned changes
+        span = (at("00:00"), at("23:59"))
+        scope = store.Scope("machine", f"{SITE}:filler-1")
+        # the 20-minute breakdown and the 10-minute offline spell are breakdowns at the default 300 s limit ...
+        minor = await tracker.query(lambda c: store.minor_stops(c, scope, *span, 300.0))
+        assert minor == 0.0
+        # ... and minor stops when the limit is 25 minutes
+        minor = await tracker.query(lambda c: store.minor_stops(c, scope, *span, 1500.0))
+        assert minor == DOWN + OFFLINE
+        (_k, t), = await tracker.totals(scope, *span, "none")
+        losses = six_big_losses(t, minor)
+        assert (losses["breakdowns"], losses["idlingAndMinorStops"]) == (0, DOWN + OFFLINE)
+        assert six_big_losses(t, 10**9)["breakdowns"] == 0  # never more than the stops there were
+    finally:
+        await tracker.stop()
+
+
 async def test_counts_and_open_states_survive_a_restart(tmp_path: Path) -> None:
     """Counter baselines are stored: a restart neither loses nor doubles units."""
     tracker, _line = await scripted_day(tmp_path)

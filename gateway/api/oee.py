@@ -108,7 +108,8 @@ async def get_downtime(request: web.Request) -> web.Response:
         rows = store.totals(conn, scope, hour_start, end, "none")
         total = rows[0][1] if rows else Totals()
         return downtime_answer(scope.kind, scope.id, hour_start, end, total,
-                               store.pareto(conn, scope, hour_start, end, states))
+                               store.pareto(conn, scope, hour_start, end, states),
+                               store.minor_stops(conn, scope, hour_start, end, tracker.section.microstop_s))
 
     return web.json_response(await tracker.query(read))
 

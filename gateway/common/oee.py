@@ -82,12 +82,14 @@ def figures(t: Totals) -> dict[str, Any]:
     }
 
 
-def six_big_losses(t: Totals) -> dict[str, float]:
-    """Seconds of planned production time lost, by Nakajima's six big losses."""
+def six_big_losses(t: Totals, minor_stop_s: float = 0.0) -> dict[str, float]:
+    """Seconds of planned production time lost, by Nakajima's six big losses; `minor_stop_s` of the down
+    and offline time were stops shorter than the microstop limit (minor stops, not breakdowns)."""
+    minor = min(max(minor_stop_s, 0.0), t.down_s + t.offline_s)
     return {
-        "breakdowns": round(t.down_s + t.offline_s, 3),
+        "breakdowns": round(t.down_s + t.offline_s - minor, 3),
         "setupAndAdjustments": round(t.changeover_s, 3),
-        "idlingAndMinorStops": round(t.idle_s, 3),
+        "idlingAndMinorStops": round(t.idle_s + minor, 3),
         "reducedSpeed": round(max(0.0, t.running_s - t.ideal_total_s) if t.ideal_total_s > 0 else 0.0, 3),
         "processDefects": round(max(0.0, t.ideal_total_s - t.ideal_good_s - t.ideal_startup_reject_s), 3),
         "reducedYield": round(t.ideal_startup_reject_s, 3),
@@ -119,7 +121,7 @@ def oee_answer(scope: str, scope_id: str, start: float, end: float, by: str,
 
 
 def downtime_answer(scope: str, scope_id: str, start: float, end: float, total: Totals,
-                    pareto_rows: Sequence[tuple[str, str, float, int]]) -> dict[str, Any]:
+                    pareto_rows: Sequence[tuple[str, str, float, int]], minor_stop_s: float = 0.0) -> dict[str, Any]:
     """The six big losses of the range and the stops by reason, largest first, with cumulative shares."""
     by_reason: dict[str, dict[str, Any]] = {}
     for reason, state, seconds, count in pareto_rows:
@@ -137,5 +139,5 @@ def downtime_answer(scope: str, scope_id: str, start: float, end: float, total: 
         r["share"] = round(r["seconds"] / all_s, 4) if all_s else 0.0
         r["cumulativeShare"] = round(running / all_s, 4) if all_s else 0.0
     return {"scope": scope, "id": scope_id, "from": iso_utc(start), "to": iso_utc(end),
-            "sixBigLosses": six_big_losses(total), "plannedStopS": round(total.planned_stop_s, 3),
+            "sixBigLosses": six_big_losses(total, minor_stop_s), "plannedStopS": round(total.planned_stop_s, 3),
             "pareto": items, "stopS": round(all_s, 3)}

@@ -91,6 +91,7 @@ class OeeSection:
     flush_interval_s: float = 2.0  # state events and period records are written this often
     offline_after_s: float = 60.0  # no reading for this long: the machine is offline
     startup_reject_s: float = 600.0  # rejects this soon after a changeover count as start-up (reduced yield)
+    microstop_s: float = 300.0  # a down or offline stop shorter than this is a minor stop (six big losses)
     reasons: tuple[str, ...] = ("breakdown", "jam", "no_material", "no_operator", "cleaning", "quality_check",
                                 "maintenance", "recipe_change", "other")
     types: Mapping[str, TypeRules] = field(default_factory=dict)  # equipment type -> rules
@@ -112,6 +113,8 @@ def check(oee: OeeSection, fail: list[tuple[str, str]]) -> None:
     for key in ("flush_interval_s", "offline_after_s"):
         if not 0 < getattr(oee, key) <= 3600:
             fail.append((f"oee.{key}", "must be > 0 and <= 3600 seconds"))
+    if not 0 <= oee.microstop_s <= 3600:
+        fail.append(("oee.microstop_s", "must be 0..3600 seconds"))
     if not 0 <= oee.startup_reject_s <= 86400:
         fail.append(("oee.startup_reject_s", "must be 0..86400 seconds"))
     if oee.keep_days <= 0:

@@ -154,6 +154,15 @@ def pareto(conn: sqlite3.Connection, scope: Scope, start: float, end: float,
         f"GROUP BY reason, state ORDER BY s DESC", (*args, start, end, *states))]
 
 
+def minor_stops(conn: sqlite3.Connection, scope: Scope, start: float, end: float, limit_s: float) -> float:
+    """Planned seconds of the down and offline stops shorter than `limit_s` that started in [start, end)."""
+    where, args = scope.where()
+    row = conn.execute(f"SELECT SUM(planned_s) FROM oee_events WHERE {where} AND start >= ? AND start < ? "
+                       "AND state IN ('down', 'offline') AND \"end\" - start < ?",
+                       (*args, start, end, limit_s)).fetchone()
+    return float(row[0] or 0.0)
+
+
 def set_reason(conn: sqlite3.Connection, event_id: str, reason: str, note: str, by: str,
                at: float) -> dict[str, Any] | None:
     """Set or correct an event's reason; None when there is no such event."""
