@@ -382,6 +382,8 @@ def sim(
                                             "to the broker the gateway names")] = False,
     advertise_address: Annotated[str, typer.Option(help="with --provision: the address to advertise and serve "
                                                    "on ('': this host's first address)")] = "",
+    production: Annotated[bool, typer.Option(help="also publish each machine's PLC production feature: state, "
+                                             "good and reject counters, recipe (for OEE)")] = False,
     plc: Annotated[str, typer.Option(help="serve the machines as PLCs instead of MQTT nodes: modbus (one unit id "
                                      "per machine; prints the gateway's [[connectors.modbus]] tables), or opcua "
                                      "or s7 (one PLC in front of one --plc-type machine)")] = "",
@@ -439,7 +441,7 @@ def sim(
         opts = FleetOptions(site=site, line=line, nodes=nodes, rate_hz=rate, host=host, port=port,
                             username=username, password=password, faults=fault_specs, truth_path=truth,
                             duration_s=duration, batch=batch, seed=seed, shared_connection=shared_connection,
-                            types=kinds, time_scale=time_scale)
+                            types=kinds, time_scale=time_scale, production=production)
     except ValueError as exc:  # SimError: every bad option at once, or a fault naming no node of the fleet
         fail(_sim_options_problem(exc))
     if into is not None:

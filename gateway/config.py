@@ -17,6 +17,8 @@ from gateway.common.names import EQUIPMENT_RE, TYPE_RE
 from gateway.common.names import SITE_RE as NAME_RE
 from gateway.common.settings import ROLES, ApiKey, HttpSection, LogSection, http_url, is_secret
 from gateway.connectors.config import ConnectorsSection
+from gateway.oee.settings import OeeSection
+from gateway.oee.settings import check as check_oee
 
 AGGREGATOR_SECTIONS = frozenset({"aggregator", "storage"})  # the aggregator's own: a gateway skips them in the env
 __all__ = ["ROLES", "ApiKey", "GatewayConfig", "HttpSection", "LogSection", "is_secret", "load_config"]
@@ -215,6 +217,7 @@ class GatewayConfig:
     broker: BrokerSection = field(default_factory=BrokerSection)
     connectors: ConnectorsSection = field(default_factory=ConnectorsSection)
     log: LogSection = field(default_factory=LogSection)
+    oee: OeeSection = field(default_factory=OeeSection)
 
     @property
     def mqtt_client_id(self) -> str:
@@ -268,7 +271,7 @@ def _check_semantics(cfg: Any, problems: list[tuple[str, str]]) -> None:
     check = _Checks(problems)
     for section in (_check_gateway, _check_mqtt, _check_http, _check_auth, _check_ingest, _check_discovery,
                     _check_broker, _check_twin, _check_buffer, _check_uplink, _check_detect, _check_ws,
-                    _check_connectors):
+                    _check_connectors, _check_oee):
         section(cfg, check)
 
 
@@ -483,3 +486,15 @@ def _check_connectors(cfg: GatewayConfig, check: _Checks) -> None:
                     check(f"connectors.{proto}[{i}].register_map", False, f"{where}: {message}")
             except (TypeError, AttributeError):
                 pass  # a key of the wrong type, reported already
+
+
+def _check_oee(cfg: GatewayConfig, check: _Checks) -> None:
+    if not isinstance(cfg.oee, OeeSection):
+        return
+    found: list[tuple[str, str]] = []
+    try:
+        check_oee(cfg.oee, found)
+    except (TypeError, AttributeError, ValueError):
+        return  # a value of the wrong type, already reported
+    for key, message in found:
+        check(key, False, message)

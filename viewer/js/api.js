@@ -31,7 +31,7 @@ async function request(method, path, body, contentType = "application/json") {
 export const api = {
   get: (path) => request("GET", path),
   post: (path, body) => request("POST", path, body ?? {}),
-  put: (path, body) => request("PUT", path, body),
+  put: (path, body) => request("PUT", path, body ?? {}),
   postText: (path, text, contentType) => request("POST", path, text, contentType),
 };
 
