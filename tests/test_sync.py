@@ -180,7 +180,7 @@ async def test_the_demo_runs_two_sites_by_two_lines_into_one_aggregator(tmp_path
                         total = (await r.json())["total"] if r.status == 200 else 0
                 except aiohttp.ClientError:
                     sites, total = [], 0
-                if len(sites) == 2 and all(len(s["lines"]) == 2 for s in sites) and total == 13:  # + the Modbus oven
+                if len(sites) == 2 and all(len(s["lines"]) == 2 for s in sites) and total == 14:  # + the PLCs
                     break
                 assert time.monotonic() < deadline, f"the aggregator shows {sites} and {total} Things"
                 await asyncio.sleep(0.5)
