@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import re
 import sqlite3
 import sys
 from collections.abc import Mapping
@@ -310,6 +311,123 @@ def model_eval(
     for kind, row in doc["per_fault"].items():
         typer.echo(f"{kind:18} {row['faults']:>6} {row['found']:>6} {row['recall']:>7.3f} "
                    f"{row['median_delay_s'] if row['median_delay_s'] is not None else '-':>15}")
+
+
+@model_app.command("backtest")
+def model_backtest(
+    directory: Annotated[Path | None, typer.Argument(help="every CSV under it (recursively) is one Thing: its "
+                                                          "first --train-rows rows train, the rest are replayed")]
+        = None,
+    train_rows: Annotated[int | None, typer.Option(help="rows of each file that train (with DIRECTORY)")] = None,
+    train: Annotated[Path | None, typer.Option(help="a CSV of normal operation to train on")] = None,
+    test: Annotated[Path | None, typer.Option(help="a CSV to replay after TRAIN and label")] = None,
+    out: Annotated[Path | None, typer.Option(help="where to write time,score,anomaly per TEST row")] = None,
+    thing_type: Annotated[str, typer.Option("--type", help="equipment type of the trained version")]
+        = "equipment",
+    as_json: Annotated[Path | None, typer.Option("--json", help="also write the whole report as JSON here")]
+        = None,
+) -> None:
+    """How the gateway's detector would have done on labelled history exported as CSV: train a model version
+    with the project's training code, replay through the gateway's detector, score point-wise and per event."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from gateway.common.timefmt import iso_utc
+    from gateway.detect.backtest import (
+        BacktestError,
+        BacktestReport,
+        backtest_directory,
+        backtest_series,
+        csv_files,
+        read_series,
+    )
+    from gateway.detect.models import ModelError
+
+    try:
+        import sklearn  # noqa: F401  (the `train` extra)
+    except ImportError:
+        fail("backtests train a model and need the train extra: pip install 'openegiz[train]'", code=1)
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,63}", thing_type):
+        fail(f"--type {thing_type!r}: lower-case letters, digits, - and _")
+    report = BacktestReport()
+    try:
+        if directory is not None:
+            if train is not None or test is not None or out is not None:
+                fail("give either DIRECTORY with --train-rows, or --train, --test and --out")
+            if train_rows is None or train_rows < 1:
+                fail("DIRECTORY needs --train-rows N (N >= 1)")
+            if not directory.is_dir():
+                fail(f"{directory} is not a directory")
+            files = csv_files(directory)
+            with Progress(console=Console(stderr=True), transient=True) as bar:
+                task = bar.add_task("backtest", total=len(files))
+
+                done = [0]
+
+                def step(name: str) -> None:
+                    bar.update(task, description=name, completed=done[0])
+                    done[0] += 1
+
+                report = backtest_directory(directory, train_rows, thing_type, files=files, progress=step)
+                bar.update(task, completed=len(files))
+        else:
+            if train is None or test is None or out is None:
+                fail("give --train, --test and --out (or DIRECTORY with --train-rows)")
+            series = read_series(test)
+            result, scores, labels = backtest_series(read_series(train), series, thing_type)
+            report.files.append(result)
+            with open(out, "w", encoding="utf-8") as f:
+                f.write("time,score,anomaly\n")
+                for ts, sc, lab in zip(series.times.tolist(), scores.tolist(), labels.tolist(), strict=True):
+                    f.write(f"{iso_utc(ts)},{sc:.4f},{lab}\n")
+    except (BacktestError, ModelError) as exc:
+        fail(str(exc), code=1)
+    except OSError as exc:
+        fail(f"cannot write: {exc}", code=1)
+    doc = report.to_json()
+    if as_json is not None:
+        as_json.write_text(json.dumps(doc, indent=1), encoding="utf-8")
+    typer.echo(f"pooled over {doc['test_rows']} test rows of {doc['files']} files: F1 {doc['f1']:.3f}  "
+               f"FAR {doc['far_pct']:.2f} %  MAR {doc['mar_pct']:.2f} %")
+    delay = doc["mean_detection_delay_s"]
+    typer.echo(f"events {doc['events_found']}/{doc['events']} found, mean detection delay "
+               f"{'-' if delay is None else f'{delay} s'}, alarms per changepoint {doc['alarms_per_changepoint']}, "
+               f"false alarms per hour of normal operation {doc['false_alarms_per_hour']}")
+    typer.echo(f"training {doc['train_s_per_file']} s per file, detector {doc['readings_per_s']} readings/s")
+    typer.echo(f"{'file':24} {'test rows':>9} {'F1':>6} {'FAR %':>7} {'MAR %':>7} {'found':>6} {'delay s':>8} "
+               f"{'false alarms':>12}")
+    for row in doc["per_file"]:
+        d = row["delays_s"]
+        typer.echo(f"{row['file']:24} {row['test_rows']:>9} {row['f1']:>6.3f} {row['far_pct']:>7.2f} "
+                   f"{row['mar_pct']:>7.2f} {row['found']:>3}/{row['events']:<2} "
+                   f"{(f'{d[0]:.0f}' if d else '-'):>8} {row['false_alarms']:>12}")
+    for name in doc["skipped"]:
+        typer.echo(f"{name}: skipped, it has no anomaly column to score against")
+
+
+history_app = typer.Typer(help="Put history into a gateway's buffer.", no_args_is_help=True)
+app.add_typer(history_app, name="history")
+
+
+@history_app.command("import")
+def history_import(
+    file: Annotated[Path, typer.Argument(help="a CSV: a time column and numeric columns (labels are left out)")],
+    thing: Annotated[str, typer.Option("--thing", help="the Thing id the readings belong to, site:equipment")],
+    data_dir: Annotated[Path, typer.Option(help="the gateway's data directory (stopped, or a copy)")],
+    thing_type: Annotated[str, typer.Option("--type", help="its equipment type")] = "equipment",
+) -> None:
+    """Import a CSV of history into a gateway's buffer, so it trains through `egiz model train` and shows in
+    the viewer's history; the `anomaly` and `changepoint` columns are labels and are not imported."""
+    from gateway.detect.backtest import BacktestError
+    from gateway.detect.offline import OfflineError, import_csv
+
+    if not re.fullmatch(r"[A-Za-z0-9._-]+:[A-Za-z0-9._-]+", thing):
+        fail(f"--thing {thing!r}: expected site:equipment_id")
+    try:
+        n = import_csv(data_dir, file, thing, thing_type)
+    except (BacktestError, OfflineError) as exc:
+        fail(str(exc), code=1)
+    typer.echo(json.dumps({"thing": thing, "type": thing_type, "readings": n}))
 
 
 def main() -> None:  # pragma: no cover - console entry point

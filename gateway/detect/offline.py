@@ -192,6 +192,46 @@ async def _simulate_into(data_dir: Path, site: str, line: str, start: float, dur
     return n, trace.truth
 
 
+def import_csv(data_dir: Path, path: Path, thing_id: str, thing_type: str) -> int:
+    """A CSV of history (see `gateway.detect.backtest.read_series`; labels left out) into a gateway's buffer as
+    readings of `thing_id`; returns the number of readings written."""
+    from gateway.detect.backtest import FEATURE, read_series
+
+    series = read_series(path)
+    site = thing_id.split(":", 1)[0]
+    return asyncio.run(_import_series(data_dir, site, thing_id, thing_type, FEATURE, series.times.tolist(),
+                                      series.columns, series.values.tolist()))
+
+
+async def _import_series(data_dir: Path, site: str, thing_id: str, thing_type: str, feature: str,
+                         times: list[float], columns: list[str], rows: list[list[float]]) -> int:
+    import math
+
+    from gateway.buffer.buffer import TelemetryBuffer
+    from gateway.common.readings import Sample
+    from gateway.config import GatewayConfig, load_config
+    from gateway.metrics import GatewayMetrics
+
+    cfg = load_config(GatewayConfig, None, environ={}, overrides={
+        "gateway.site": site, "gateway.line": "import", "gateway.id": f"import-{site}",
+        "gateway.data_dir": str(data_dir), "auth.open": True, "buffer.disk_budget_mb": 0})
+    buffer = TelemetryBuffer(cfg, GatewayMetrics())
+    await buffer.start()
+    n = 0
+    try:
+        for seq, (ts, row) in enumerate(zip(times, rows, strict=True), 1):
+            props: dict[str, Any] = {c: v for c, v in zip(columns, row, strict=True) if math.isfinite(v)}
+            if not props:
+                continue
+            buffer.add(thing_id, thing_type, [Sample(feature, ts, seq, props)], ts, None)
+            n += 1
+            if n % 20_000 == 0:
+                await buffer.flush()
+        await buffer.flush()
+    finally:
+        await buffer.stop()
+    return n
+
 
 def fetch_points(url: str, api_key: str, thing_type: str, start: float, end: float, *,
                  chunk_s: float = 3600.0, progress: Callable[[str], None] | None = None,
