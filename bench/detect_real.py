@@ -56,8 +56,11 @@ def main() -> int:
     emit("alarms_per_changepoint", doc["alarms_per_changepoint"])
     emit("training_per_file", doc["train_s_per_file"], "s")
     emit("detector_readings_per_s", doc["readings_per_s"], "readings/s")
-    emit("wall_time", round(time.perf_counter() - t0, 1), "s", files=doc["files"], test_rows=doc["test_rows"],
-         skipped=doc["skipped"])
+    normal = doc["unlabelled"]
+    if normal is not None:  # a long recording of normal operation, trained on its first rows as well
+        emit("false_alarm_rate_unlabelled_normal_runs", normal["far_pct"], "%", files=normal["files"],
+             rows=normal["test_rows"], false_alarms_per_hour=normal["false_alarms_per_hour"])
+    emit("wall_time", round(time.perf_counter() - t0, 1), "s", files=doc["files"], test_rows=doc["test_rows"])
     return 0
 
 

@@ -401,8 +401,11 @@ def model_backtest(
         typer.echo(f"{row['file']:24} {row['test_rows']:>9} {row['f1']:>6.3f} {row['far_pct']:>7.2f} "
                    f"{row['mar_pct']:>7.2f} {row['found']:>3}/{row['events']:<2} "
                    f"{(f'{d[0]:.0f}' if d else '-'):>8} {row['false_alarms']:>12}")
-    for name in doc["skipped"]:
-        typer.echo(f"{name}: skipped, it has no anomaly column to score against")
+    normal = doc["unlabelled"]
+    if normal is not None:
+        typer.echo(f"without labels, taken as normal operation ({', '.join(normal['files'])}): "
+                   f"{normal['test_rows']} rows, FAR {normal['far_pct']:.2f} %, "
+                   f"false alarms per hour {normal['false_alarms_per_hour']}")
 
 
 history_app = typer.Typer(help="Put history into a gateway's buffer.", no_args_is_help=True)

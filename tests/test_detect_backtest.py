@@ -14,7 +14,9 @@ import duckdb
 import numpy as np
 import pytest
 
-from gateway.detect.backtest import read_series, replay, train_on
+from gateway.detect.backtest import FEATURE, read_series, replay, train_on
+from gateway.detect.core import DetectorCore
+from gateway.detect.rules import load_rules
 from tests.helpers import EGIZ
 
 START = 1_780_000_000.0
@@ -125,6 +127,19 @@ def test_backtest_labels_are_causal_and_labels_are_never_inputs(tmp_path: Path) 
     scores_flipped, labels_flipped = replay(bundle, warmup, flipped, "lab:pump")
     assert np.array_equal(labels, labels_flipped) and np.allclose(scores, scores_flipped)
     assert np.array_equal(labels, got)
+
+    # the same version in the gateway's detector: one anomaly, explained in words by the property that left
+    core = DetectorCore(load_rules(None), None, {bundle.type: bundle})
+    opened = []
+    for part in (warmup, read_series(test)):
+        for ts, row in zip(part.times.tolist(), part.values.tolist(), strict=True):
+            core.add("lab:pump", "pump", FEATURE, ts, list(zip(COLUMNS, row, strict=True)))
+            opened += [tr.anomaly for tr in core.tick() if tr.kind == "opened"]
+    assert len(opened) == 1, [a.explanation for a in opened]
+    a = opened[0]
+    assert a.anomaly_type == "operating_profile" and 650 <= a.opened_at - START <= 700, a
+    assert a.explanation.startswith("flow ") and " below its normal operation" in a.explanation, a.explanation
+    assert a.top_features[0]["property"] == "flow" and a.top_features[0]["share"] > 0.5, a.top_features
 
     # online: the rows up to 700 get the same labels whether or not the rest of the file follows
     cut = read_series(write(tmp_path / "cut.csv", x[:700], label[:700]))

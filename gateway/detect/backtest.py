@@ -22,7 +22,7 @@ import math
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -231,7 +231,7 @@ class BacktestReport:
     """Every file's result and the pooled figures."""
 
     files: list[FileResult] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)  # files without an `anomaly` column
+    normal: list[FileResult] = field(default_factory=list)  # files without an `anomaly` column: normal operation
 
     @property
     def counts(self) -> Counts:
@@ -239,6 +239,10 @@ class BacktestReport:
         for f in self.files:
             total.add(f.counts)
         return total
+
+    def _unlabelled(self) -> dict[str, Any] | None:
+        """Files without labels, taken as normal operation: how often the detector alarms on them."""
+        return _unlabelled_json(self.normal)
 
     def to_json(self) -> dict[str, Any]:
         c = self.counts
@@ -258,8 +262,21 @@ class BacktestReport:
             "false_alarms_per_hour": round(sum(f.false_alarms for f in self.files) / hours, 2) if hours else None,
             "train_s_per_file": round(sum(f.train_s for f in self.files) / len(self.files), 2) if self.files else None,
             "readings_per_s": round(sum(f.readings for f in self.files) / replay_s) if replay_s else None,
-            "per_file": [f.to_json() for f in self.files], "skipped": self.skipped,
+            "per_file": [f.to_json() for f in self.files],
+            "unlabelled": self._unlabelled(),
         }
+
+
+def _unlabelled_json(files: list[FileResult]) -> dict[str, Any] | None:
+    if not files:
+        return None
+    c = Counts()
+    for f in files:
+        c.add(f.counts)
+    hours = sum(f.normal_hours for f in files)
+    return {"files": [f.name for f in files], "test_rows": c.fp + c.tn, "far_pct": round(c.far, 2),
+            "false_alarms_per_hour": round(sum(f.false_alarms for f in files) / hours, 2) if hours else None,
+            "alarms": sum(f.alarms for f in files)}
 
 
 def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
@@ -320,14 +337,14 @@ def backtest_directory(directory: Path, train_rows: int, thing_type: str = "equi
         if progress is not None:
             progress(path.name)
         series = read_series(path)
-        if series.anomaly is None:  # nothing to score against; point-wise figures pool labelled files only
-            report.skipped.append(str(path.relative_to(directory)) if path.is_relative_to(directory) else path.name)
-            continue
         if len(series) <= train_rows:
             raise BacktestError(f"{path}: {len(series)} rows, not more than --train-rows {train_rows}",
                                 path=str(path))
         name = str(path.relative_to(directory)) if path.is_relative_to(directory) else path.name
+        labelled = series.anomaly is not None
+        if not labelled:  # normal operation throughout: scored apart, the pooled figures stay comparable
+            series = replace(series, anomaly=np.zeros(len(series), dtype=np.int8))
         result, _scores, _labels = backtest_series(series.part(0, train_rows), series.part(train_rows), thing_type,
                                                    name=name)
-        report.files.append(result)
+        (report.files if labelled else report.normal).append(result)
     return report

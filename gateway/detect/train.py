@@ -130,8 +130,9 @@ def calibrate_statistics(rows: FeatureRows, settings: StatsSettings | None = Non
     return z_lim.round(3).tolist(), c_lim.round(3).tolist(), g_lim
 
 
-def train_profile(rows: FeatureRows) -> Profile:
-    """The operating profile from each Thing's rows in time order (see `gateway.detect.profile`)."""
+def train_profile(rows: FeatureRows) -> Profile | None:
+    """The operating profile from each Thing's rows in time order (see `gateway.detect.profile`); None when
+    no Thing has enough rows for one."""
     blocks, gaps = [], []
     for tid in sorted(set(rows.things.tolist())):
         mask = rows.things == tid
@@ -140,7 +141,11 @@ def train_profile(rows: FeatureRows) -> Profile:
         gaps.append(np.diff(rows.ts[mask][order]))
     dt = np.concatenate(gaps) if gaps else np.empty(0)
     dt = dt[dt > 0]
-    return fit_profile(blocks, float(np.median(dt)) if len(dt) else 1.0)
+    try:
+        return fit_profile(blocks, float(np.median(dt)) if len(dt) else 1.0)
+    except ValueError as exc:
+        log.warning("no operating profile", extra={"reason": str(exc)})
+        return None
 
 
 def train_model(rows: FeatureRows, thing_type: str, out_root: Path, *, seed: int = 0,
@@ -221,7 +226,7 @@ def train_model(rows: FeatureRows, thing_type: str, out_root: Path, *, seed: int
                  "things": sorted(set(rows.things.tolist()))},
         "features": rows.keys, "scaling": {"mean": mean.tolist(), "std": std.tolist()},
         "statistics": {"z_limit": z_limits, "chart_limit": chart_limits, "groups": group_limits},
-        "profile": profile.to_json(),
+        **({"profile": profile.to_json()} if profile is not None else {}),
         "autoencoder": {"file": AE_FILE, "sha256": file_sha256(directory / AE_FILE),
                         "residual_std": resid_std.astype(float).tolist(), "threshold": ae_thr, "median": ae_med},
         "isolation_forest": {"file": IF_FILE, "sha256": file_sha256(directory / IF_FILE), "threshold": if_thr,
