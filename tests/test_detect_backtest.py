@@ -131,10 +131,10 @@ def test_backtest_labels_are_causal_and_labels_are_never_inputs(tmp_path: Path) 
     # the same version in the gateway's detector: one anomaly, explained in words by the property that left
     core = DetectorCore(load_rules(None), None, {bundle.type: bundle})
     opened = []
-    for part in (warmup, read_series(test)):
-        for ts, row in zip(part.times.tolist(), part.values.tolist(), strict=True):
-            core.add("lab:pump", "pump", FEATURE, ts, list(zip(COLUMNS, row, strict=True)))
-            opened += [tr.anomaly for tr in core.tick() if tr.kind == "opened"]
+    whole = read_series(test)  # the training rows and what follows, in one stream as a gateway sees them
+    for ts, row in zip(whole.times.tolist(), whole.values.tolist(), strict=True):
+        core.add("lab:pump", "pump", FEATURE, ts, list(zip(COLUMNS, row, strict=True)))
+        opened += [tr.anomaly for tr in core.tick() if tr.kind == "opened"]
     assert len(opened) == 1, [a.explanation for a in opened]
     a = opened[0]
     assert a.anomaly_type == "operating_profile" and 650 <= a.opened_at - START <= 700, a

@@ -336,10 +336,10 @@ class DetectorCore:
             tiers["autoencoder"] = float(scores.ae[i])
             tiers["isolation_forest"] = float(scores.forest[i])
             if ratios is not None and bundle.profile is not None and bundle.short_history:
-                # Trained on minutes, not hours: the autoencoder and the forest judge single rows at levels a
-                # short history never bounded, the statistics' limits come from a few hundred readings; on real
+                # A short history (models.SHORT_HISTORY_ROWS): the autoencoder and the forest judge single rows
+                # at levels it never bounded, the statistics' limits come from a few hundred readings; on real
                 # equipment both alarm on normal operation (docs/detect.md). The profile decides; their scores
-                # stay in `tiers` for the operator. With hours of history the profile only reports.
+                # stay in `tiers` for the operator. With a longer history the profile only reports.
                 s_model, s_stat = s_profile, 0.0
         blended = max(s_stat, s_model or 0.0)
         combined = max(s_rule, blended)

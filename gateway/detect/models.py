@@ -35,7 +35,10 @@ AE_FILE = "autoencoder.onnx"
 IF_FILE = "isolation_forest.onnx"
 MANIFEST = "model.json"
 ACTIVE = "active.json"
-SHORT_HISTORY_ROWS = 3600  # an hour at 1 Hz: less normal history than this has not shown the equipment's variation
+# Fewer training rows per Thing than this is a short history, decided by the operating profile alone: the
+# statistics' control chart needs its warm-up and a 600-reading baseline before its limits mean anything
+# (StatsSettings: 120 + 600), and the autoencoder and forest have seen as little; twice that is the least.
+SHORT_HISTORY_ROWS = 2 * (120 + 600)
 _VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 _TYPE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 

@@ -30,6 +30,7 @@ HOLDOUT = 0.25
 MARGIN = 4.0  # the limit times this opens an anomaly ...
 EXIT_RATIO = 0.8  # ... and this share of it counts as clear again
 SKIP = 50  # the first training rows only settle the averages
+SETTLE = 30  # live: rows before a Thing's profile may score (the first reading's weight is then below 5 %)
 # the score is 0.5 * (ratio / margin) ** POWER: 0.5 at the margin, 0.3 (the detector's exit) at EXIT_RATIO
 POWER = math.log(0.6) / math.log(EXIT_RATIO)
 
@@ -69,14 +70,16 @@ class Profile:
 
 
 class ProfileState:
-    """The averages of one Thing: advanced by each scored row, in device time."""
+    """The averages of one Thing: advanced by each scored row, in device time. Until they have settled
+    (`SETTLE` rows after the first, as after a restart) the ratios are zero."""
 
-    __slots__ = ("fast", "slow", "ts")
+    __slots__ = ("fast", "n", "slow", "ts")
 
     def __init__(self) -> None:
         self.fast: np.ndarray | None = None
         self.slow: np.ndarray | None = None
         self.ts = 0.0
+        self.n = 0
 
     def update(self, profile: Profile, x: np.ndarray, ts: float) -> np.ndarray:
         """Take one row of raw values; return each property's deviation as a multiple of its limit."""
@@ -87,6 +90,9 @@ class ProfileState:
             self.ts = max(self.ts, ts)
             self.fast += _weight(FAST_HALF_LIFE, steps) * (x - self.fast)
             self.slow += _weight(SLOW_HALF_LIFE, steps) * (x - self.slow)
+        self.n += 1
+        if self.n <= SETTLE:
+            return np.zeros(len(x))
         return ratios(profile, self.fast, self.slow)
 
     def expected(self, profile: Profile) -> np.ndarray:
