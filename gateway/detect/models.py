@@ -131,11 +131,9 @@ class ModelBundle:
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"{man_path}: manifest is missing or has a bad {exc}", path=str(man_path)) from None
         self.manifest = man
-        data = man.get("data", {})
-        things = data.get("things") or [None]
-        # rows per Thing the version was trained on: below SHORT_HISTORY_ROWS only its profile may alarm
-        self.rows_per_thing = int(data.get("rows", 0)) / len(things)
-        self.short_history = self.rows_per_thing < SHORT_HISTORY_ROWS
+        # trained on fewer than SHORT_HISTORY_ROWS per Thing: only its profile may alarm (decided at training,
+        # inside the hashed manifest)
+        self.short_history = self.profile is not None and self.profile.decides
         d = len(self.features)
         if fmt != FORMAT:
             raise ModelError(f"{man_path}: format {fmt}, this gateway reads format {FORMAT}", path=str(man_path))

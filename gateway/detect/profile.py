@@ -49,17 +49,18 @@ class Profile:
     std: tuple[float, ...]
     limit: tuple[float, ...]  # the calibrated |z| of each property
     margin: float = MARGIN
+    decides: bool = False  # trained on a short history: the profile alone decides (models.SHORT_HISTORY_ROWS)
 
     def to_json(self) -> dict[str, Any]:
         return {"period_s": self.period_s, "drifting": list(self.drifting), "mean": list(self.mean),
-                "std": list(self.std), "limit": list(self.limit), "margin": self.margin,
+                "std": list(self.std), "limit": list(self.limit), "margin": self.margin, "decides": self.decides,
                 "fast_half_life": FAST_HALF_LIFE, "slow_half_life": SLOW_HALF_LIFE}
 
     @classmethod
     def from_json(cls, doc: dict[str, Any], d: int) -> Profile:
         p = cls(float(doc["period_s"]), tuple(bool(v) for v in doc["drifting"]),
                 tuple(float(v) for v in doc["mean"]), tuple(float(v) for v in doc["std"]),
-                tuple(float(v) for v in doc["limit"]), float(doc.get("margin", MARGIN)))
+                tuple(float(v) for v in doc["limit"]), float(doc.get("margin", MARGIN)), bool(doc.get("decides")))
         if any(len(a) != d for a in (p.drifting, p.mean, p.std, p.limit)) or p.period_s <= 0:
             raise ValueError("profile does not match the features")
         return p
@@ -120,7 +121,7 @@ def _smooth(block: np.ndarray, half_life: float) -> np.ndarray:
 
 
 def fit_profile(blocks: list[np.ndarray], period_s: float, *, quantile: float = QUANTILE,
-                holdout: float = HOLDOUT, margin: float = MARGIN) -> Profile:
+                holdout: float = HOLDOUT, margin: float = MARGIN, decides: bool = False) -> Profile:
     """Fit on the time-ordered rows of one or more Things (each block: rows x features, raw units)."""
     usable = [b for b in blocks if len(b) >= 40]
     if not usable:
@@ -147,4 +148,4 @@ def fit_profile(blocks: list[np.ndarray], period_s: float, *, quantile: float = 
                        np.quantile(np.abs((fit - mean) / std), quantile, axis=0))
     limit = np.maximum(limit, 1.0)
     return Profile(float(period_s), tuple(bool(v) for v in drifting), tuple(mean.tolist()), tuple(std.tolist()),
-                   tuple(limit.tolist()), float(margin))
+                   tuple(limit.tolist()), float(margin), decides)

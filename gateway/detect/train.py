@@ -23,7 +23,16 @@ import numpy as np
 import pyarrow as pa
 
 from gateway.common.timefmt import iso_seconds
-from gateway.detect.models import AE_FILE, FORMAT, IF_FILE, MANIFEST, ModelError, file_sha256, model_hash
+from gateway.detect.models import (
+    AE_FILE,
+    FORMAT,
+    IF_FILE,
+    MANIFEST,
+    SHORT_HISTORY_ROWS,
+    ModelError,
+    file_sha256,
+    model_hash,
+)
 from gateway.detect.profile import Profile, fit_profile
 from gateway.detect.rules import glob_match
 from gateway.detect.stats import PropertyStats, StatsSettings, group_of
@@ -141,8 +150,9 @@ def train_profile(rows: FeatureRows) -> Profile | None:
         gaps.append(np.diff(rows.ts[mask][order]))
     dt = np.concatenate(gaps) if gaps else np.empty(0)
     dt = dt[dt > 0]
+    short = max((len(b) for b in blocks), default=0) < SHORT_HISTORY_ROWS
     try:
-        return fit_profile(blocks, float(np.median(dt)) if len(dt) else 1.0)
+        return fit_profile(blocks, float(np.median(dt)) if len(dt) else 1.0, decides=short)
     except ValueError as exc:
         log.warning("no operating profile", extra={"reason": str(exc)})
         return None
