@@ -21,6 +21,7 @@ import csv
 import math
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -145,7 +146,9 @@ def points(series: LabelledSeries, thing_id: str, thing_type: str) -> pa.Table:
 def train_on(series: LabelledSeries, thing_type: str, models_dir: Path) -> ModelBundle:
     """A model version trained on `series` with the project's training code, loaded and checked."""
     rows = feature_rows(points(series, f"backtest:{series.path.stem}", thing_type))
-    directory = train_model(rows, thing_type, models_dir)
+    with warnings.catch_warnings():  # a few hundred rows are fewer than one of the autoencoder's batches
+        warnings.filterwarnings("ignore", message="Got `batch_size`", category=UserWarning)
+        directory = train_model(rows, thing_type, models_dir)
     return ModelBundle(directory, thing_type)
 
 
