@@ -24,6 +24,8 @@ from aiohttp import WSMsgType, web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from cloud_sync.config import AggregatorConfig, GatewayToken
+from cloud_sync.oee import CentralOee, foreign_oee
+from cloud_sync.oee import routes as oee_routes
 from cloud_sync.store import AggregatorStore, StoreError
 from gateway import __version__
 from gateway.common import systemd, viewer
@@ -90,6 +92,7 @@ class Aggregator:
         self.http_port: int | None = None
         self.started = time.time()
         self.models = ModelRegistry(Path(config.aggregator.data_dir) / "models")  # what gateways fetch
+        self.oee = CentralOee(Path(config.aggregator.data_dir) / "oee.sqlite")
         self.app = self._build_app()
 
     async def write(self, fn: Any, *args: Any) -> Any:
@@ -101,6 +104,7 @@ class Aggregator:
     # ----------------------------------------------------------------- lifecycle
     async def start(self) -> None:
         await self.write(self.store.open)
+        await self.oee.open()
         self._runner, self.http_port = await serve(self.app, self.config.http.host, self.config.http.port)
         self._tasks = [asyncio.create_task(self._maintenance(), name="aggregator-maintenance"),
                        asyncio.create_task(self._summaries(), name="aggregator-summaries")]
@@ -114,6 +118,7 @@ class Aggregator:
             await self._runner.cleanup()
             self._runner = None
         await self.write(self.store.close)
+        await self.oee.close()
         self._writer.shutdown(wait=True)
         self._readers.shutdown(wait=True)
         log.info("aggregator stopped")
@@ -170,6 +175,7 @@ class Aggregator:
             ("GET", "/health", self.health, None),
             ("GET", "/ready", self.ready, None),
             ("GET", "/metrics", self.prometheus, None),
+            *oee_routes(self.oee),
         ]
         for method, path, handler, role in routes:
             app.router.add_route(method, path, requires(role)(handler))
@@ -200,7 +206,7 @@ class Aggregator:
             except WireError as exc:
                 self.metrics.batches.labels(f"refused_{exc.reason}").inc()
                 return error_body(400, exc.reason, exc.detail)
-            problem = _foreign(batch, gw)
+            problem = _foreign(batch, gw) or foreign_oee(batch)
             if problem:
                 self.metrics.batches.labels("refused_forbidden").inc()
                 self.metrics.refused(403)
@@ -220,6 +226,8 @@ class Aggregator:
         if result.status == "out_of_order":
             return error_body(409, "out_of_order", f"expected batch {result.expected}", expected=result.expected)
         self.metrics.points.inc(result.points)
+        if result.status in ("applied", "duplicate"):  # newest-wins records: a repeat is harmless, a retry heals
+            await self.oee.apply(batch)
         if result.status == "applied" and (batch.anomalies or batch.things):
             sent = round(time.time() * 1000, 1)  # lets a viewer measure how long an event took to reach it
             placed = {"site": batch.site, "line": batch.line, "gatewayId": batch.gateway_id}

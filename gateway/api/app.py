@@ -9,7 +9,7 @@ import time
 from aiohttp import web
 
 from gateway import __version__
-from gateway.api import anomalies, history, nodes, openapi, things, ws
+from gateway.api import anomalies, history, nodes, oee, openapi, things, ws
 from gateway.api.parts import PARTS, Parts
 from gateway.common import viewer
 from gateway.common.errors import EgizError
@@ -30,6 +30,7 @@ def build_app(parts: Parts) -> web.Application:
     history.add_routes(app)
     anomalies.add_routes(app)
     nodes.add_routes(app)
+    oee.add_routes(app)
     ws.add_routes(app)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)

@@ -212,6 +212,66 @@ SPEC: dict[str, Any] = {
 }
 
 
+
+def _q(name: str, description: str, **schema: Any) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "schema": {"type": "string", **schema},
+            "description": description}
+
+
+_SCOPE = [_q("scope", "machine, line or site", enum=["machine", "line", "site"], default="site"),
+          _q("id", "the Thing id, the line, or the site (default this gateway's)"),
+          _q("from", "ISO 8601 or epoch seconds; default 24 h before `to`"), _q("to", "ISO 8601 or epoch; default now")]
+_REASON_BODY = {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "required": ["reason"], "additionalProperties": False,
+    "properties": {"reason": {"type": "string"}, "note": {"type": "string", "maxLength": 2000}}}}}}
+_STATE_BODY = {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "required": ["state"], "additionalProperties": False,
+    "properties": {"state": {"type": "string", "enum": ["planned_stop", "changeover", "auto"]},
+                   "reason": {"type": "string"}, "note": {"type": "string", "maxLength": 2000}}}}}}
+SPEC["paths"]["/api/v1/anomalies"]["get"]["parameters"] += [
+    _q(n, d) for n, d in (("site", "this gateway's site"), ("line", "a line of this site"),
+                          ("type", "anomalyType, comma-separated"), ("acknowledgedBy", "API key names"),
+                          ("shelved", "true or false"), ("format", "json or csv"))]
+SPEC["paths"].update({  # the alarm journal
+    "/api/v1/anomalies/{id}/journal": {"get": _op("Who acknowledged, resolved or shelved an anomaly, with comments",
+                                                  "viewer", {"200": _resp("actions"), **ERRORS}, parameters=[ID])},
+    "/api/v1/anomalies/{id}/shelve": {"post": _op("Silence the anomaly's condition for some hours, saying why",
+                                                  "operator", {"200": _resp("the shelf"), **ERRORS}, parameters=[ID],
+                                                  requestBody={"required": True, "content": {"application/json": {
+                                                      "schema": {"type": "object", "required": ["hours", "reason"],
+                                                                 "properties": {"hours": {"type": "number"},
+                                                                                "reason": {"type": "string"}}}}}})},
+    "/api/v1/alarm-shelves": {"get": _op("Shelves silencing now (or all)", "viewer",
+                                         {"200": _resp("shelves"), **ERRORS},
+                                         parameters=[_q("active", "true (default) or false")])},
+    "/api/v1/alarm-shelves/{id}": {"delete": _op("End a shelf early", "operator", {"200": _resp("the shelf"), **ERRORS},
+                                                 parameters=[ID])},
+})
+SPEC["paths"].update({  # OEE and downtime (docs/oee.md)
+    "/api/v1/oee": {"get": _op("OEE with availability, performance and quality of a machine, line or site", "viewer",
+                               {"200": _resp("figures, total and per bucket"), **ERRORS},
+                               parameters=[*_SCOPE, _q("by", "bucket", enum=["shift", "hour", "day", "none"],
+                                                       default="shift")])},
+    "/api/v1/downtime": {"get": _op("The six big losses and the stops by reason (a Pareto)", "viewer",
+                                    {"200": _resp("losses and Pareto"), **ERRORS},
+                                    parameters=[*_SCOPE, _q("state", "stop states, comma-separated")])},
+    "/api/v1/oee/events": {"get": _op("State events overlapping the range, oldest first", "viewer",
+                                      {"200": _resp("events"), **ERRORS},
+                                      parameters=[*_SCOPE, _q("state", "comma-separated"),
+                                                  _q("limit", "1..50000, default 5000")])},
+    "/api/v1/oee/states": {"get": _op("Every tracked machine's state now", "viewer", {"200": _resp("states"), **ERRORS},
+                                      parameters=[_q("thingId", "one machine"), _q("line", "one line")])},
+    "/api/v1/oee/reasons": {"get": _op("The site's reason codes", "viewer", {"200": _resp("reasons"), **ERRORS})},
+    "/api/v1/oee/events/{id}/reason": {
+        "put": _op("Set or correct the reason of a state event (its times never change)", "operator",
+                   {"200": _resp("the event"), **ERRORS},
+                   parameters=[{**ID, "example": "4f3c9a0e2b7d4c18a1e5f6b7c8d9e0f1"}], requestBody=_REASON_BODY)},
+    "/api/v1/oee/machines/{id}/state": {
+        "post": _op("Start a planned stop or changeover, or hand back to the rules (auto)", "operator",
+                    {"200": _resp("the machine's state"), **ERRORS}, parameters=[ID], requestBody=_STATE_BODY)},
+})
+
+
 @requires(None)
 async def handler(request: web.Request) -> web.Response:
     return web.json_response(SPEC)

@@ -157,6 +157,93 @@ class Action:
         return cls(doc["anomalyId"], doc["action"], by[:200], note[:2000], fp)
 
 
+@dataclass(frozen=True)
+class OeePeriodDoc:
+    """One machine's OEE period record (hour, shift, planned or not) with its whole totals so far;
+    the newest `updated_at` wins, so sending it again, or late, is harmless."""
+
+    thing_id: str
+    line: str
+    hour: float
+    day: str
+    shift: str
+    planned: bool
+    totals: Mapping[str, float]  # OEE_FIELDS
+    updated_at: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"thingId": self.thing_id, "line": self.line, "hour": self.hour, "day": self.day, "shift": self.shift,
+                "planned": self.planned, "totals": dict(self.totals), "updatedAt": self.updated_at}
+
+    @classmethod
+    def parse(cls, doc: Any) -> OeePeriodDoc:
+        if not isinstance(doc, dict):
+            raise ValueError("an OEE period must be an object")
+        fields: list[Any] = [doc.get(k) for k in ("thingId", "line", "hour", "day", "shift", "planned", "totals",
+                                                   "updatedAt")]
+        tid, line, hour, day, shift, planned, totals, updated = fields
+        if not isinstance(tid, str) or not THING_ID_RE.match(tid):
+            raise ValueError(f"OEE period: thingId {str(tid)[:80]!r} is not a Thing id")
+        for name, value in (("line", line), ("day", day), ("shift", shift)):
+            if not isinstance(value, str) or len(value) > MAX_ID:
+                raise ValueError(f"OEE period of {tid}: {name} must be a string of at most {MAX_ID} characters")
+        if not isinstance(planned, bool):
+            raise ValueError(f"OEE period of {tid}: planned must be true or false")
+        for name, value in (("hour", hour), ("updatedAt", updated)):
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise ValueError(f"OEE period of {tid}: {name} must be a finite number")
+        if not isinstance(totals, dict) or set(totals) != set(OEE_FIELDS) or not all(
+                isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+                for v in totals.values()):
+            raise ValueError(f"OEE period of {tid}: totals must hold {', '.join(OEE_FIELDS)} as numbers >= 0")
+        return cls(tid, line, float(hour), day, shift, planned, {k: float(v) for k, v in totals.items()},
+                   float(updated))
+
+
+@dataclass(frozen=True)
+class OeeEventDoc:
+    """A machine state event as it travels upstream (the newest `updated_at` wins)."""
+
+    id: str
+    thing_id: str
+    line: str
+    state: str
+    start: float
+    end: float
+    planned_s: float
+    reason: str
+    updated_at: float
+    doc: Mapping[str, Any]
+
+    @classmethod
+    def parse(cls, doc: Any) -> OeeEventDoc:
+        if not isinstance(doc, dict):
+            raise ValueError("an OEE event must be an object")
+        fields: list[Any] = [doc.get(k) for k in ("id", "thingId", "line", "state", "reason")]
+        eid, tid, line, state, reason = fields
+        if not isinstance(eid, str) or not 0 < len(eid) <= MAX_ID:
+            raise ValueError(f"OEE event id must be a string of 1-{MAX_ID} characters")
+        if not isinstance(tid, str) or not THING_ID_RE.match(tid):
+            raise ValueError(f"OEE event {eid}: thingId {str(tid)[:80]!r} is not a Thing id")
+        if state not in OEE_STATES:
+            raise ValueError(f"OEE event {eid}: state must be one of {', '.join(OEE_STATES)}")
+        for name, value in (("line", line), ("reason", reason)):
+            if not isinstance(value, str) or len(value) > MAX_ID:
+                raise ValueError(f"OEE event {eid}: {name} must be a string of at most {MAX_ID} characters")
+        nums = [doc.get(k) for k in ("start", "end", "plannedS", "updatedAt")]
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in nums):
+            raise ValueError(f"OEE event {eid}: start, end, plannedS and updatedAt must be finite numbers")
+        start, end, planned_s, updated = (float(v) for v in nums)  # type: ignore[arg-type]
+        if end < start or planned_s < 0:
+            raise ValueError(f"OEE event {eid}: end must not be before start, plannedS not negative")
+        return cls(eid, tid, line, state, start, end, planned_s, reason, updated, doc)
+
+
+OEE_FIELDS = ("running_s", "idle_s", "down_s", "changeover_s", "planned_stop_s", "offline_s", "good", "rejected",
+              "rejected_startup", "ideal_good_s", "ideal_total_s", "ideal_startup_reject_s")
+OEE_STATES = ("running", "idle", "down", "changeover", "planned_stop", "offline")
+
+
 @dataclass
 class Batch:
     """One uplink batch, decoded: a header and the points as columns."""
@@ -174,6 +261,8 @@ class Batch:
     backlog: dict[str, float] = field(default_factory=dict)  # points, bytes, age_s
     sent_at: float = 0.0
     anomalies: list[AnomalyDoc] = field(default_factory=list)  # anomaly documents changed since the last batch
+    oee_periods: list[OeePeriodDoc] = field(default_factory=list)  # OEE period records changed since the last batch
+    oee_events: list[OeeEventDoc] = field(default_factory=list)  # machine state events changed since then
 
 
 POINTS = pa.schema([
@@ -240,6 +329,9 @@ def encode(batch: Batch) -> bytes:
         "things": [t.doc for t in batch.things], "deleted": batch.deleted, "backlog": batch.backlog,
         "sent_at": batch.sent_at, "anomalies": [a.doc for a in batch.anomalies],
     }
+    if batch.oee_periods or batch.oee_events:  # only when there is some: other batches stay as they were
+        header["oee"] = {"periods": [p.to_json() for p in batch.oee_periods],
+                         "events": [dict(e.doc) for e in batch.oee_events]}
     raw = json.dumps(header, allow_nan=False, separators=(",", ":")).encode()
     packed = pa.compress(raw, codec="zstd", asbytes=True)
     table = pa.table(columns).replace_schema_metadata({"egiz": packed, "egiz_size": str(len(raw))})
@@ -320,9 +412,26 @@ def decode(data: bytes) -> Batch:
         "text": text,
     }, schema=POINTS)
     keys = [(k[0], k[1], k[2]) for k in series]
+    periods, events = _oee(header.get("oee"))
     return Batch(header["gateway_id"], header["batch_seq"], header["site"], header["line"], header["first_id"],
                  header["last_id"], keys, points, things, deleted, _backlog(header.get("backlog")),
-                 float(header.get("sent_at") or 0.0), anomalies)
+                 float(header.get("sent_at") or 0.0), anomalies, periods, events)
+
+
+def _oee(raw: Any) -> tuple[list[OeePeriodDoc], list[OeeEventDoc]]:
+    """The OEE section of a header (absent in batches without OEE), each record checked."""
+    if raw is None:
+        return [], []
+    if not isinstance(raw, dict) or not isinstance(raw.get("periods", []), list) \
+            or not isinstance(raw.get("events", []), list):
+        raise WireError("bad_header", "oee must be {periods: [...], events: [...]}")
+    periods, events = raw.get("periods", []), raw.get("events", [])
+    if len(periods) > MAX_THINGS * 10 or len(events) > MAX_THINGS * 10:
+        raise WireError("too_large", f"more than {MAX_THINGS * 10} OEE records")
+    try:
+        return [OeePeriodDoc.parse(p) for p in periods], [OeeEventDoc.parse(e) for e in events]
+    except ValueError as exc:
+        raise WireError("bad_document", str(exc)) from None
 
 
 def _documents(header: dict[str, Any]) -> tuple[list[ThingDoc], list[str], list[AnomalyDoc]]:

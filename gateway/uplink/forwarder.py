@@ -27,10 +27,11 @@ import pyarrow as pa
 from gateway.buffer.buffer import TelemetryBuffer
 from gateway.common.backoff import full_jitter, retry_after
 from gateway.common.errors import Conflict, NotFound
-from gateway.common.wire import Action, AnomalyDoc, Batch, ThingDoc, encode
+from gateway.common.wire import Action, AnomalyDoc, Batch, OeeEventDoc, OeePeriodDoc, ThingDoc, encode
 from gateway.config import GatewayConfig
 from gateway.detect.detector import AnomalyDetector
 from gateway.metrics import GatewayMetrics
+from gateway.oee.tracker import OeeTracker
 from gateway.twin.registry import TwinRegistry
 from gateway.uplink.client import UplinkClient
 
@@ -60,7 +61,8 @@ class Forwarder(UplinkClient):
     """Sends the buffer's outbox to the aggregator; started by the gateway service when `[uplink]` has a url."""
 
     def __init__(self, config: GatewayConfig, buffer: TelemetryBuffer, registry: TwinRegistry,
-                 metrics: GatewayMetrics, detector: AnomalyDetector | None = None) -> None:
+                 metrics: GatewayMetrics, detector: AnomalyDetector | None = None,
+                 oee: OeeTracker | None = None) -> None:
         super().__init__(config.uplink)
         self._cfg = config
         self._buffer = buffer
@@ -76,6 +78,8 @@ class Forwarder(UplinkClient):
         self._deleted_sent_at = 0.0
         self._detector = detector
         self._anomalies_sent_at = 0.0  # updated_at of the newest anomaly change the aggregator confirmed
+        self._oee = oee
+        self._oee_sent_at = 0.0  # the same for OEE period records and state events
         self.last_error = ""
         self.failing_since: float | None = None
         self.last_success = 0.0
@@ -143,9 +147,14 @@ class Forwarder(UplinkClient):
         if things_due and self._detector is not None:
             changed, anomalies_upto = await self._detector.log.changed_since(self._anomalies_sent_at)
             anomalies = [AnomalyDoc.parse(a.to_json()) for a in changed]
+        oee_periods: list[OeePeriodDoc] = []
+        oee_events: list[OeeEventDoc] = []
+        oee_upto = self._oee_sent_at
+        if things_due and self._oee is not None:
+            oee_periods, oee_events, oee_upto = await self._oee.changed_since(self._oee_sent_at)
         if plan is None:
-            if not anomalies and not self._registry.changed_since(self._things_sent_at) \
-                    and not self._deleted_since():
+            if not anomalies and not oee_periods and not oee_events \
+                    and not self._registry.changed_since(self._things_sent_at) and not self._deleted_since():
                 self._things_sent_at = now
                 await self._report_backlog()
                 await self._poll_actions()
@@ -157,6 +166,7 @@ class Forwarder(UplinkClient):
         backlog = await self._backlog()
         batch = self._batch(plan, points, things, deleted, backlog)
         batch.anomalies = anomalies
+        batch.oee_periods, batch.oee_events = oee_periods, oee_events
         if self._inflight is None:
             # The batch, and the live window it may have opened, are durable before anything is sent.
             await self._buffer.set_state({"uplink.inflight_seq": plan.seq, "uplink.inflight_lo": plan.lo,
@@ -170,6 +180,7 @@ class Forwarder(UplinkClient):
             self._things_sent_at = now
             self._deleted_sent_at = now
             self._anomalies_sent_at = anomalies_upto
+            self._oee_sent_at = oee_upto
         await self._apply_actions(actions)
         return True
 
