@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import re
 import sqlite3
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from gateway.common.errors import ConfigError
+from gateway.common.names import THING_ID_RE, TYPE_RE
 from gateway.config import AGGREGATOR_SECTIONS, GatewayConfig, load_config
 from images.cli import image_app
 
@@ -340,8 +340,8 @@ def model_backtest(
         import sklearn  # noqa: F401  (the `train` extra)
     except ImportError:
         fail("backtests train a model and need the train extra: pip install 'openegiz[train]'", code=1)
-    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,63}", thing_type):
-        fail(f"--type {thing_type!r}: lower-case letters, digits, - and _")
+    if not TYPE_RE.match(thing_type):
+        fail(f"--type {thing_type!r}: a lower-case letter, then letters, digits, - and _")
     report = BacktestReport()
     try:
         if directory is not None:
@@ -417,8 +417,10 @@ def history_import(
     from gateway.detect.backtest import BacktestError
     from gateway.detect.offline import OfflineError, import_csv
 
-    if not re.fullmatch(r"[A-Za-z0-9._-]+:[A-Za-z0-9._-]+", thing):
+    if not THING_ID_RE.match(thing):
         fail(f"--thing {thing!r}: expected site:equipment_id")
+    if not TYPE_RE.match(thing_type):
+        fail(f"--type {thing_type!r}: a lower-case letter, then letters, digits, - and _")
     try:
         n = import_csv(data_dir, file, thing, thing_type)
     except (BacktestError, OfflineError) as exc:
