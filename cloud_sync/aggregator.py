@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -363,7 +364,7 @@ class Aggregator:
         for t in things:
             status = feature_properties(t, "status")
             offline = feature_properties(t, "connectivity").get("state") == "offline"
-            score = float(status.get("anomaly_score") or 0.0) if status.get("anomaly") else 0.0
+            score = _number(status.get("anomaly_score")) if status.get("anomaly") else 0.0
             if score or offline:
                 ranked.append((score, offline, t))
         ranked.sort(key=lambda r: (-r[0], not r[1], r[2]["id"]))
@@ -560,6 +561,17 @@ class Aggregator:
 
 MODEL_FILES = ("model.json", "autoencoder.onnx", "isolation_forest.onnx")
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+
+
+def _number(value: Any) -> float:
+    """A score from a gateway's document: a finite number, else 0 (documents are the gateways' own)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0.0
+    try:
+        number = float(value)
+    except OverflowError:
+        return 0.0
+    return number if math.isfinite(number) else 0.0
 
 
 def _foreign(batch: Batch, gw: GatewayToken) -> str:

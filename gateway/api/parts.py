@@ -16,6 +16,7 @@ from gateway.ingest.mqtt import MqttIngest
 from gateway.metrics import GatewayMetrics
 from gateway.provision import Provisioner
 from gateway.twin.registry import TwinRegistry
+from gateway.uplink.quarantine import Quarantine
 
 
 @dataclass
@@ -33,6 +34,7 @@ class Parts:
     buffer: TelemetryBuffer
     detector: AnomalyDetector | None = None
     provisioner: Provisioner | None = None
+    quarantine: Quarantine | None = None  # the forwarder's, when the gateway forwards
 
 
 PARTS = web.AppKey("parts", Parts)

@@ -20,6 +20,7 @@ from typing import Any, Literal, TypeVar
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 
 from gateway.common.names import THING_ID_RE
@@ -280,6 +281,7 @@ def decode(data: bytes, now: float | None = None) -> Batch:
         raise WireError("malformed", "the batch header is missing or not zstd-compressed JSON") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise WireError("unsupported", f"format must be {FORMAT}")
+    _check_strings(header)
     for name, tp in (("gateway_id", str), ("site", str), ("line", str), ("batch_seq", int), ("first_id", int),
                      ("last_id", int)):
         if not isinstance(header.get(name), tp) or isinstance(header.get(name), bool):
@@ -323,6 +325,7 @@ def decode(data: bytes, now: float | None = None) -> Batch:
         raise WireError("bad_values", "values must be finite")
     if n and np.any(~is_num & np.asarray(text.is_null())):
         raise WireError("bad_values", "a point has neither a number nor a text")
+    _check_texts(text, sid, series)
     _check_times(ts_ms, recv_ms, sid, series, time.time() if now is None else now)
     points = pa.table({
         "series": pa.array(sid.astype(np.int32), pa.int32()),
@@ -374,6 +377,58 @@ def _backlog(raw: Any) -> dict[str, float]:
     return {k: float(v) for k, v in raw.items() if k in ("points", "bytes", "age_s")
             and isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v)}
 
+
+
+def _check_strings(header: dict[str, Any]) -> None:
+    """Every string of the header (keys too) is valid Unicode without NUL: what every store can hold.
+    A document with a bad string is refused naming its Thing."""
+    for key in ("things", "anomalies", "deleted", "series"):
+        docs = header.get(key)
+        for doc in docs if isinstance(docs, list) else []:
+            bad = _bad_string(doc)
+            if bad is not None:
+                tid = doc.get("id" if key == "things" else "thingId") if isinstance(doc, dict) else \
+                    doc[0] if isinstance(doc, list) and doc else doc
+                named = (tid,) if isinstance(tid, str) and THING_ID_RE.match(tid) else ()
+                raise WireError("bad_document", f"a string in {key} {bad}", thing_ids=named)
+    rest = {k: v for k, v in header.items() if k not in ("things", "anomalies", "deleted", "series")}
+    bad = _bad_string(rest)
+    if bad is not None:
+        raise WireError("bad_header", f"a string of the header {bad}")
+
+
+def _bad_string(value: Any) -> str | None:
+    """Why some string inside `value` cannot be stored (NUL, a lone surrogate), or None."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+        elif isinstance(v, str):
+            if "\x00" in v:
+                return "holds a NUL character"
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return "is not valid Unicode (a lone surrogate)"
+    return None
+
+
+def _check_texts(text: pa.ChunkedArray, sid: np.ndarray, series: list[Any]) -> None:
+    """Text values are valid UTF-8 without NUL, or a WireError naming the Thing of the first bad one."""
+    try:
+        text.validate(full=True)
+    except pa.ArrowInvalid:
+        raise WireError("bad_values", "a text value is not valid UTF-8") from None
+    if not len(text) or not text.null_count < len(text):
+        return
+    nul = np.asarray(pc.fill_null(pc.match_substring(text, "\x00"), False), dtype=bool)
+    if nul.any():
+        thing = str(series[int(sid[int(np.argmax(nul))])][0])
+        raise WireError("bad_values", f"Thing {thing[:80]!r}: a text value holds a NUL character", thing_ids=(thing,))
 
 
 def _check_times(ts_ms: np.ndarray, recv_ms: np.ndarray, sid: np.ndarray, series: list[Any], now: float) -> None:
