@@ -25,6 +25,7 @@ from aiohttp import WSMsgType, web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from cloud_sync.config import AggregatorConfig, GatewayToken
+from cloud_sync.openapi import SPEC
 from cloud_sync.store import AggregatorStore, Refused, StoreError
 from gateway import __version__
 from gateway.common import systemd, viewer
@@ -182,6 +183,7 @@ class Aggregator:
             ("GET", "/health", self.health, None),
             ("GET", "/ready", self.ready, None),
             ("GET", "/metrics", self.prometheus, None),
+            ("GET", "/api/v1/openapi.json", self.openapi, None),
         ]
         for method, path, handler, role in routes:
             app.router.add_route(method, path, requires(role)(handler))
@@ -553,6 +555,10 @@ class Aggregator:
             warnings.append("auth.open is on: every API request is admin, without a key (demo mode)")
         return web.json_response({"ready": True, "checks": {"store": "ok"}, "warnings": warnings,
                                   "backend": self.config.storage.backend})
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        """The OpenAPI document of this API."""
+        return web.json_response(SPEC)
 
     async def prometheus(self, request: web.Request) -> web.Response:
         self.metrics.ws_clients.set(len(self._sockets))

@@ -8,17 +8,14 @@ from aiohttp import web
 
 from gateway import __version__
 from gateway.common.http import requires
+from gateway.common.openapi import operation, response
 
 ERROR = {"$ref": "#/components/schemas/Error"}
 THING = {"$ref": "#/components/schemas/Thing"}
 PAGE = {"$ref": "#/components/schemas/ThingPage"}
 
 
-def _resp(desc: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
-    out: dict[str, Any] = {"description": desc}
-    if schema is not None:
-        out["content"] = {"application/json": {"schema": schema}}
-    return out
+_resp = response
 
 
 ERRORS = {
@@ -37,12 +34,7 @@ HELD_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "str
 CONFLICT = {"409": _resp("version conflict or id exists", ERROR)}
 
 
-def _op(summary: str, role: str | None, responses: dict[str, Any], **more: Any) -> dict[str, Any]:
-    op: dict[str, Any] = {"summary": summary, "responses": responses, **more}
-    op["security"] = [] if role is None else [{"bearer": []}]
-    if role is not None:
-        op["x-egiz-role"] = role
-    return op
+_op = operation
 
 
 SPEC: dict[str, Any] = {

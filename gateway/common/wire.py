@@ -451,7 +451,10 @@ def _read_limited(data: bytes) -> pa.Table:
     decompressed sizes as its metadata declares them) before it is decompressed."""
     try:
         messages = ipc.MessageReader.open_stream(pa.BufferReader(data))
-        first = messages.read_next_message()
+        try:
+            first = messages.read_next_message()
+        except StopIteration:  # never let it out: raised into a Future it would hang the caller
+            raise WireError("malformed", "an empty body: an Arrow IPC stream starts with its schema") from None
         if first.type != "schema":
             raise WireError("malformed", "an Arrow IPC stream starts with its schema")
         schema = ipc.read_schema(first)
