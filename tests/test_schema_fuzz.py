@@ -32,7 +32,7 @@ from tests.helpers import (
 
 SCHEMATHESIS = Path(sys.executable).with_name("schemathesis")
 CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"
-EXAMPLES = 6
+EXAMPLES = 5
 SEED = 20261207
 KEYS = {"admin": ADMIN_KEY, "operator": OPERATOR_KEY, "viewer": VIEWER_KEY}
 # The WebSocket upgrade is not HTTP request/response; the viewer's redirect and files are static.

@@ -304,6 +304,8 @@ async def test_negative_absurd_times_deep_headers_and_bad_strings_are_a_400_nami
                               "things": [doc]})
             status, err = await post(http, agg, raw_batch(raw), TOKEN)
             assert (status, err["error"], err["thingIds"]) == (400, "bad_document", [oven]), doc
+        status, err = await post(http, agg, b"", TOKEN)  # an empty body: a 400 at once, not a hung request
+        assert status == 400 and err["error"] == "malformed"
         deep = '{"format": "egiz-batch/1", "x": ' + "[" * 200_000 + "]" * 200_000 + "}"
         status, err = await post(http, agg, raw_batch(deep), TOKEN)
         assert status == 400 and err["error"] == "malformed"
@@ -365,6 +367,37 @@ async def test_a_batch_spanning_many_days_creates_only_the_partitions_it_needs_a
         status, err = await post(http, agg, encode(Batch("gw-a", 3, site, "line-1", 0, 60, series, table)), TOKEN)
         assert (status, err["error"], err["thingIds"]) == (400, "too_many_partitions", [stray])
         assert partitions() == 2 and agg.store.point_count() == 2
+
+
+async def test_a_batch_rolled_back_by_postgresql_leaves_no_series_or_partition_cached(
+        tmp_path: Path, pg_dsn: str, start_aggregator: AggregatorFactory) -> None:
+    import psycopg
+
+    site = unique_site()
+    agg = await start_aggregator(aggregator_config(tmp_path, *lines_of(site), **{
+        "storage.backend": "postgres", "storage.dsn": pg_dsn}))
+    new = f"{site}:new"
+    day = NOW - 30 * 86400  # a day no partition exists for yet
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:  # the database fails the batch after its points went in
+        conn.execute("CREATE FUNCTION egiz_t_fail() RETURNS trigger LANGUAGE plpgsql AS "
+                     "$$ BEGIN RAISE EXCEPTION 'disk full (test)'; END $$")
+        conn.execute("CREATE TRIGGER egiz_t_fail BEFORE INSERT ON egiz_things FOR EACH ROW "
+                     "EXECUTE FUNCTION egiz_t_fail()")
+    body = batch("gw-a", 1, site, "line-1", points={new: [1.0, 2.0, 3.0]}, things=[thing_doc(new, 1, "line-1")],
+                 ts=day)
+    async with aiohttp.ClientSession() as http:
+        status, err = await post(http, agg, body, TOKEN)
+        assert status == 503 and err["error"] == "store_unavailable"
+        assert new not in {k.thing_id for k, _t in agg.store.series_keys.values()}
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            conn.execute("DROP TRIGGER egiz_t_fail ON egiz_things")
+        status, ok = await post(http, agg, body, TOKEN)  # the gateway's retry
+        assert (status, ok["status"], ok["points"]) == (200, "applied", 3)
+    assert agg.store.stored_seqs(new, "temperature") == [(1, 1), (2, 1), (3, 1)]
+    with psycopg.connect(pg_dsn) as conn:
+        orphans = conn.execute("SELECT count(*) FROM egiz_points p LEFT JOIN egiz_series s ON p.series = s.id "
+                               "WHERE s.id IS NULL").fetchone()
+    assert orphans == (0,)
 
 
 # --------------------------------------------------------------------------------- the service's own guards
