@@ -32,7 +32,16 @@ from gateway.common import systemd, viewer
 from gateway.common.auth import Authenticator, role_allows
 from gateway.common.errors import Invalid, NotFound
 from gateway.common.history import parse_history_request, run_query
-from gateway.common.http import error_body, error_middleware, int_param, parse_json, read_json, requires, serve
+from gateway.common.http import (
+    error_body,
+    error_middleware,
+    int_param,
+    parse_json,
+    read_json,
+    read_object,
+    requires,
+    serve,
+)
 from gateway.common.tasks import cancel_and_wait
 from gateway.common.wire import ANOMALY_STATES, Action, Batch, WireError, decode, feature_properties
 from gateway.detect.models import ModelRegistry, file_sha256
@@ -476,8 +485,7 @@ class Aggregator:
         """Give a Thing to another gateway of its site (the machine moved lines): body `{"gateway": id}`.
         From then on only that gateway may write the Thing; its next document replaces the stored one."""
         thing_id = request.match_info["id"]
-        body = await read_json(request)
-        target = body.get("gateway") if isinstance(body, dict) and set(body) == {"gateway"} else None
+        target = (await read_object(request, frozenset({"gateway"}), '"gateway"')).get("gateway")
         if not isinstance(target, str):
             raise Invalid('send {"gateway": "<gateway id>"}')
         token = next((g for g in self.config.auth.gateway_tokens if g.gateway == target), None)

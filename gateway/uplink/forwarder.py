@@ -183,6 +183,11 @@ class Forwarder(UplinkClient):
         resent: Range | None = None
         if resend is not None:
             resent = await self.quarantine.first_range(resend)
+            if resent is not None and not self._behind_cursor(resent):
+                # Not confirmed yet: the range's own batch carries these points now that the Thing is
+                # no longer held; sending them here too would double them.
+                await self.quarantine.sent(resent, resend)
+                resent = None
             if resent is not None:
                 held = await self._buffer.read_outbox(self._up.batch_points, after=resent.lo, upto=resent.hi)
                 points = pa.concat_tables([points, self._of_things(held, {resend})])
@@ -222,6 +227,11 @@ class Forwarder(UplinkClient):
         uniq, index = np.unique(sids, return_inverse=True)
         names = np.array([keys[int(sid)][0].thing_id for sid in uniq], dtype=object)
         return names[index] if len(uniq) else np.array([], dtype=object)
+
+    def _behind_cursor(self, rng: Range) -> bool:
+        """Whether the aggregator confirmed the batch that covered this outbox range."""
+        return rng.hi <= self._buffer.synced_id or (bool(self.live_from) and rng.lo >= self.live_from
+                                                     and rng.hi <= self.live)
 
     def _of_things(self, points: pa.Table, thing_ids: set[str]) -> pa.Table:
         if not points.num_rows:
