@@ -444,3 +444,27 @@ async def test_open_mode_warns_and_the_websocket_has_a_client_cap(
             assert (await again.receive_json())["event"] == "SiteSummaries"
         async with http.get(base + "/metrics") as r:
             assert "egiz_aggregator_ws_refused_total 1.0" in await r.text()
+
+
+async def test_a_thing_the_aggregator_can_never_take_is_held_and_the_line_keeps_forwarding(
+        tmp_path: Path, mosquitto: tuple[str, int], start_gateway: GatewayFactory,
+        start_aggregator: AggregatorFactory) -> None:
+    site = unique_site()
+    agg = await start_aggregator(aggregator_config(tmp_path, ("gw-a", TOKEN, site, "line-a")))
+    gw = await start_line(start_gateway, mosquitto, tmp_path / "gw-a", site, "gw-a", "line-a", TOKEN, agg)
+    odd = f"{site}:odd-1"
+    status, _ = await gw.send("POST", "/api/v1/things", {"id": odd, "type": "oven",
+                                                         "metadata": {"name": "nul \u0000 in a name"}})
+    assert status == 201  # the line accepts it; the aggregator refuses it (400 naming it) for ever
+    await publish(mosquitto, site, "odd-1", range(1, 6), 1.0)
+    await publish(mosquitto, site, "oven-ok", range(1, 11), 1.0)
+    await wait_for(lambda: agg.store.stored_seqs(f"{site}:oven-ok", "temperature") == [(s, 1) for s in range(1, 11)],
+                   timeout=20)
+    fwd = gw.service.forwarder
+    assert fwd is not None
+    await wait_for(lambda: fwd.quarantine.points == 5, timeout=10)
+    (held,) = (await gw.get("/api/v1/uplink/quarantine"))[1]["items"]
+    assert held["id"] == odd and "bad_document" in held["reason"]
+    assert agg.store.thing(odd) is None and agg.store.stored_seqs(odd, "temperature") == []
+    _, metrics = await gw.get("/metrics")
+    assert 'egiz_uplink_batches_total{result="refused"}' in metrics
