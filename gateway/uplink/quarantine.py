@@ -68,8 +68,12 @@ class Quarantine:
         self.held: dict[str, Held] = {}
 
     async def start(self) -> None:
+        def create(db: sqlite_utils.Database) -> None:
+            for statement in _SCHEMA:
+                db.execute(statement)
+
         await self._db.open()
-        await self._db.call(lambda db: [db.execute(s) for s in _SCHEMA] and None)
+        await self._db.call(create)
         await self._reload()
 
     async def stop(self) -> None:
