@@ -184,16 +184,16 @@ async def test_two_lines_of_one_site_the_forwarder_quarantines_a_foreign_thing_a
         gw_a = await start_line(start_gateway, b1, tmp_path / "gw-a", site, "gw-a", "line-1", TOKEN, agg)
         await publish(b2, site, "oven-b", range(1, 21), 100.0)
         await wait_for(lambda: agg.store.stored_seqs(oven_b, "temperature") == [(s, 1) for s in range(1, 21)],
-                       timeout=20)
-        await wait_for(lambda: agg.store.owner(oven_b) == "gw-b", timeout=10)
+                       timeout=40)
+        await wait_for(lambda: agg.store.owner(oven_b) == "gw-b", timeout=30)
         # line 1 has a machine with the same equipment id (or pretends to): its points are held back
         await publish(b1, site, "oven-b", range(1, 11), 900.0)
         await publish(b1, site, "oven-a", range(1, 21), 500.0)
         await wait_for(lambda: agg.store.stored_seqs(oven_a, "temperature") == [(s, 1) for s in range(1, 21)],
-                       timeout=20)
+                       timeout=40)
         fwd = gw_a.service.forwarder
         assert fwd is not None
-        await wait_for(lambda: fwd.quarantine.points == 10, timeout=10)
+        await wait_for(lambda: fwd.quarantine.points == 10, timeout=30)
         status, held = await gw_a.get("/api/v1/uplink/quarantine", key=VIEWER_KEY)
         assert status == 200 and [h["id"] for h in held["items"]] == [oven_b]
         assert held["items"][0]["points"] == 10 and "another gateway" in held["items"][0]["reason"]
@@ -208,7 +208,7 @@ async def test_two_lines_of_one_site_the_forwarder_quarantines_a_foreign_thing_a
         # the forwarder is not stuck: new points of line 1 keep flowing
         await publish(b1, site, "oven-a", range(21, 31), 500.0)
         await wait_for(lambda: agg.store.stored_seqs(oven_a, "temperature") == [(s, 1) for s in range(1, 31)],
-                       timeout=20)
+                       timeout=40)
         assert fwd.failing_since is None
         # only an admin may decide; a viewer may not
         assert (await gw_a.send("POST", f"/api/v1/uplink/quarantine/{oven_b}/resend", key=VIEWER_KEY))[0] == 403
@@ -219,16 +219,16 @@ async def test_two_lines_of_one_site_the_forwarder_quarantines_a_foreign_thing_a
             assert r.status == 200
         status, _ = await gw_a.send("POST", f"/api/v1/uplink/quarantine/{oven_b}/resend")
         assert status == 202
-        await wait_for(lambda: not fwd.quarantine.held, timeout=20)
+        await wait_for(lambda: not fwd.quarantine.held, timeout=40)
         await wait_for(lambda: agg.store.stored_seqs(oven_b, "temperature")
-                       == [(s, 2) for s in range(1, 11)] + [(s, 1) for s in range(11, 21)], timeout=20)
-        await wait_for(lambda: (agg.store.thing(oven_b) or {}).get("line") == "line-1", timeout=20)
+                       == [(s, 2) for s in range(1, 11)] + [(s, 1) for s in range(11, 21)], timeout=40)
+        await wait_for(lambda: (agg.store.thing(oven_b) or {}).get("line") == "line-1", timeout=40)
         assert (await gw_a.get("/api/v1/uplink/quarantine"))[1]["items"] == []
         # and now it is gw-b whose points of that Thing are held, while its other machines flow
         await publish(b2, site, "oven-b", range(21, 26), 100.0)
         fwd_b = gw_b.service.forwarder
         assert fwd_b is not None
-        await wait_for(lambda: fwd_b.quarantine.points == 5, timeout=20)
+        await wait_for(lambda: fwd_b.quarantine.points == 5, timeout=40)
         status, dropped = await gw_b.send("DELETE", f"/api/v1/uplink/quarantine/{oven_b}")
         assert status == 200 and dropped["state"] == "dropped" and not fwd_b.quarantine.held
         await gw_a.http.close()
@@ -459,13 +459,13 @@ async def test_a_thing_the_aggregator_can_never_take_is_held_and_the_line_keeps_
     await publish(mosquitto, site, "odd-1", range(1, 6), 1.0)
     await publish(mosquitto, site, "oven-ok", range(1, 11), 1.0)
     await wait_for(lambda: agg.store.stored_seqs(f"{site}:oven-ok", "temperature") == [(s, 1) for s in range(1, 11)],
-                   timeout=20)
+                   timeout=40)
     fwd = gw.service.forwarder
     assert fwd is not None
     # Its points may have gone up before its document was first refused; from then on they are held:
     # every one of the five is either stored once or held, none lost, none doubled.
     await wait_for(lambda: fwd.quarantine.points + len(agg.store.stored_seqs(odd, "temperature")) == 5,
-                   timeout=20)
+                   timeout=40)
     assert all(copies == 1 for _seq, copies in agg.store.stored_seqs(odd, "temperature"))
     (held,) = (await gw.get("/api/v1/uplink/quarantine"))[1]["items"]
     assert held["id"] == odd and "bad_document" in held["reason"]
