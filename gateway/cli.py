@@ -8,7 +8,6 @@ import dataclasses
 import json
 import sqlite3
 import sys
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -129,17 +128,11 @@ def aggregator_check(config: ConfigOpt) -> None:
     typer.echo(json.dumps(_masked(cfg), indent=2, default=str))
 
 
-def _masked(value: Any, key: str = "") -> Any:
+def _masked(value: Any) -> Any:
     """Plain JSON data of a config, with secrets replaced by ***."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _masked(getattr(value, f.name), f.name) for f in dataclasses.fields(value)}
-    if isinstance(value, Mapping):
-        return {k: _masked(v, k) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_masked(v, key) for v in value]
-    if key in ("password", "key", "token", "dsn") and value:
-        return "***"
-    return value
+    from gateway.common.settings import masked
+
+    return masked(value)
 
 
 model_app = typer.Typer(help="Train, evaluate, list, activate and roll back anomaly models.", no_args_is_help=True)

@@ -70,6 +70,8 @@ class IngestSection:
     default_type: str = "device"
     max_payload_bytes: int = 65536
     max_samples: int = 1000
+    max_features_per_thing: int = 64  # a node cannot make a Thing grow without end
+    max_series_per_thing: int = 2000  # flattened properties (`voltage.a`, `zones[3]`) over all features
     devices: Mapping[str, DeviceMapping] = field(default_factory=dict)
     dead_letter_keep: int = 10000
 
@@ -354,6 +356,8 @@ def _check_ingest(cfg: GatewayConfig, check: _Checks) -> None:
                   reads=("ingest.payload_format",))
     check("ingest.max_payload_bytes", lambda: 256 <= ing.max_payload_bytes <= 16 * 2**20, "must be 256..16777216")
     check("ingest.max_samples", lambda: 1 <= ing.max_samples <= 100_000, "must be 1..100000")
+    check("ingest.max_features_per_thing", lambda: 1 <= ing.max_features_per_thing <= 10_000, "must be 1..10000")
+    check("ingest.max_series_per_thing", lambda: 1 <= ing.max_series_per_thing <= 1_000_000, "must be 1..1000000")
     check("ingest.dead_letter_keep", lambda: ing.dead_letter_keep >= 1, "must be >= 1")
     check("ingest.default_type", lambda: bool(TYPE_RE.match(ing.default_type)),
           "must be lowercase letters, digits, _ or - (e.g. 'oven')")

@@ -18,6 +18,17 @@ class GatewayMetrics:
             "egiz_ingest_duplicate_samples_total", "Samples dropped as duplicates (seq)", registry=r
         )
         self.gaps = Counter("egiz_ingest_seq_gap_messages_total", "Messages missing according to seq gaps", registry=r)
+        self.seq_late = Counter(
+            "egiz_ingest_seq_late_messages_total", "Messages applied late: inside the seq window, after a higher seq",
+            registry=r,
+        )
+        self.seq_too_old = Counter(
+            "egiz_ingest_seq_too_old_total", "Samples dropped: seq below the anti-replay window", registry=r
+        )
+        self.provision_mismatch = Counter(
+            "egiz_provision_mismatch_total",
+            "Announcements of an approved node from another MAC or address (ignored)", registry=r,
+        )
         self.reboots = Counter("egiz_ingest_node_reboots_total", "New boot ids seen", registry=r)
         self.dead_letter_overflow = Counter(
             "egiz_dead_letter_overflow_total", "Dead letters not stored (queue full)", registry=r

@@ -63,7 +63,7 @@ class GatewayService:
             self.model_fetcher = ModelFetcher(config, self.detector, self.metrics)
         self.provisioner: Provisioner | None = None
         if config.discovery.enabled:
-            self.provisioner = Provisioner(config, self.registry)
+            self.provisioner = Provisioner(config, self.registry, self.metrics)
         self.discovery: GatewayDiscovery | None = None
         self.parts = Parts(config, self.registry, self.bus, self.ingest, self.dead_letters, self.metrics,
                            Authenticator(config.auth.api_keys, open_access=config.auth.open), time.time(),
