@@ -39,14 +39,16 @@ KEYS = {"admin": ADMIN_KEY, "operator": OPERATOR_KEY, "viewer": VIEWER_KEY}
 EXCLUDE = r"^/api/v1/ws$|^/viewer/|^/$"
 
 
-async def fuzz(url: str, key: str) -> str:
-    """One schemathesis run against `url`'s OpenAPI document with Bearer `key`; its report."""
+async def fuzz(url: str, key: str, workdir: Path) -> str:
+    """One schemathesis run against `url`'s OpenAPI document with Bearer `key` (its cache in `workdir`);
+    its report."""
     need(SCHEMATHESIS.exists(), "needs schemathesis: pip install -e '.[dev]'")
     proc = await asyncio.create_subprocess_exec(
         str(SCHEMATHESIS), "run", f"{url}/api/v1/openapi.json", "--checks", CHECKS, "--header",
         f"Authorization: Bearer {key}", "--max-examples", str(EXAMPLES), "--seed", str(SEED),
         "--generation-deterministic", "--exclude-path-regex", EXCLUDE, "--phases", "examples,fuzzing",
-        "--workers", "1", "--no-color", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        "--workers", "1", "--no-color", cwd=workdir, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT)
     out, _ = await asyncio.wait_for(proc.communicate(), 300)
     report = out.decode(errors="replace")
     assert proc.returncode == 0, report[-6000:]
@@ -85,15 +87,15 @@ async def aggregator_url(tmp_path: Path) -> AsyncIterator[str]:
         yield url
 
 
-async def test_the_gateway_api_survives_the_fuzzer_with_every_role(gateway_url: str) -> None:
-    reports = await asyncio.gather(*(fuzz(gateway_url, key) for key in KEYS.values()))
+async def test_the_gateway_api_survives_the_fuzzer_with_every_role(gateway_url: str, tmp_path: Path) -> None:
+    reports = await asyncio.gather(*(fuzz(gateway_url, key, tmp_path) for key in KEYS.values()))
     for role, report in zip(KEYS, reports, strict=True):
         print(f"gateway/{role}: {summary(report)}")
 
 
 async def test_the_aggregator_api_survives_the_fuzzer_with_every_role_and_a_gateway_token(
-        aggregator_url: str) -> None:
+        aggregator_url: str, tmp_path: Path) -> None:
     keys = {**KEYS, "gateway": TOKEN}
-    reports = await asyncio.gather(*(fuzz(aggregator_url, key) for key in keys.values()))
+    reports = await asyncio.gather(*(fuzz(aggregator_url, key, tmp_path) for key in keys.values()))
     for role, report in zip(keys, reports, strict=True):
         print(f"aggregator/{role}: {summary(report)}")
