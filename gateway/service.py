@@ -73,7 +73,8 @@ class GatewayService:
         self.parts = Parts(config, self.registry, self.bus, self.ingest, self.dead_letters, self.metrics,
                            Authenticator(config.auth.api_keys, open_access=config.auth.open), time.time(),
                            self.buffer, self.detector, self.provisioner, self.oee,
-                           self.journal)
+                           self.journal,
+                           self.forwarder.quarantine if self.forwarder is not None else None)
         self.app = build_app(self.parts)
         self._runner: web.AppRunner | None = None
         self.http_port: int | None = None
