@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from cloud_sync.config import AggregatorConfig, GatewayToken
 from cloud_sync.store import AggregatorStore, StoreError
 from gateway import __version__
-from gateway.common import systemd, viewer
+from gateway.common import signing, systemd, viewer
 from gateway.common.auth import Authenticator, role_allows
 from gateway.common.errors import Invalid, NotFound
 from gateway.common.history import parse_history_request, run_query
@@ -89,6 +89,7 @@ class Aggregator:
         self.http_port: int | None = None
         self.started = time.time()
         self.models = ModelRegistry(Path(config.aggregator.data_dir) / "models")  # what gateways fetch
+        self._signing_key = signing.load_or_create_key(config.model_signing_key_file)
         self.app = self._build_app()
 
     async def write(self, fn: Any, *args: Any) -> Any:
@@ -100,7 +101,7 @@ class Aggregator:
     # ----------------------------------------------------------------- lifecycle
     async def start(self) -> None:
         await self.write(self.store.open)
-        self._runner, self.http_port = await serve(self.app, self.config.http.host, self.config.http.port)
+        self._runner, self.http_port = await serve(self.app, self.config.http)
         self._tasks = [asyncio.create_task(self._maintenance(), name="aggregator-maintenance"),
                        asyncio.create_task(self._summaries(), name="aggregator-summaries")]
         log.info("aggregator started", extra={"http_port": self.http_port, "backend": self.config.storage.backend})
@@ -360,7 +361,8 @@ class Aggregator:
             for tt in reg.types()]})
 
     async def active_models(self, request: web.Request) -> web.Response:
-        """What gateways fetch: the active version of each type and each file's SHA-256."""
+        """What gateways fetch: the active version of each type, each file's SHA-256 and the
+        aggregator's signature over both (checked by the gateway before it downloads a file)."""
         if not self._gateway_or_viewer(request):
             return error_body(401, "unauthorized", "a gateway token or an API key is required")
         out: dict[str, Any] = {}
@@ -374,7 +376,8 @@ class Aggregator:
             except OSError:
                 log.warning("an active model version is missing files", extra={"type": tt, "version": version})
                 continue
-            out[tt] = {"version": version, "files": files}
+            out[tt] = {"version": version, "files": files,
+                       "signature": signing.sign(self._signing_key, tt, version, files)}
         return web.json_response({"models": out})
 
     async def model_file(self, request: web.Request) -> web.StreamResponse:

@@ -21,8 +21,10 @@ from tests.helpers import (
     AggregatorFactory,
     GatewayFactory,
     RunningGateway,
+    SitePki,
     all_stopped,
     gateway_config,
+    make_site_pki,
     need_service,
 )
 
@@ -65,3 +67,9 @@ async def start_aggregator() -> AsyncIterator[AggregatorFactory]:
             return await start(Aggregator(cfg))
 
         yield aggregator
+
+
+@pytest.fixture(scope="session")
+def site_pki(tmp_path_factory: pytest.TempPathFactory) -> SitePki:
+    """A site CA with server and client certificates, and a foreign CA (made once per run)."""
+    return make_site_pki(tmp_path_factory.mktemp("pki"))
