@@ -617,17 +617,26 @@ def _gateway_call(method: str, path: str, url: str, api_key: str, config: Path |
     import urllib.error
     import urllib.request
 
+    context = None
     if config is not None:
         cfg = load_gateway_config(config, {})
         host = "127.0.0.1" if cfg.http.host in ("0.0.0.0", "::", "") else cfg.http.host
-        url = url or f"http://{host}:{cfg.http.port}"
+        if cfg.http.tls_cert_file and not url:
+            import ssl
+
+            # The gateway of this very config: trust exactly the certificate it serves, by whatever
+            # address it is reached here (a client certificate, when it requires one, is not ours to give).
+            context = ssl.create_default_context(cafile=cfg.http.tls_cert_file)
+            context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+            context.check_hostname = False
+        url = url or f"{'https' if context else 'http'}://{host}:{cfg.http.port}"
         api_key = api_key or next((k.key for k in cfg.auth.api_keys if k.role == "admin"), "")
     req = urllib.request.Request((url or "http://127.0.0.1:8080").rstrip("/") + path, method=method,
                                  data=b"{}" if method == "POST" else None,
                                  headers={"Content-Type": "application/json",
                                           **({"Authorization": f"Bearer {api_key}"} if api_key else {})})
     try:
-        with urllib.request.urlopen(req, timeout=30) as r:
+        with urllib.request.urlopen(req, timeout=30, context=context) as r:
             return json.loads(r.read())
     except urllib.error.HTTPError as exc:
         try:

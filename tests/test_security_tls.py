@@ -40,6 +40,7 @@ from tests.helpers import (
     aggregator_config,
     auth,
     exact,
+    gateway_toml,
     private_mosquitto,
     publish_ovens,
     serve,
@@ -165,8 +166,9 @@ async def test_client_certificates_are_required_where_configured(
 
 
 async def test_the_gateway_serves_https_its_api_keys_still_apply(
-        mosquitto: tuple[str, int], site_pki: SitePki, start_gateway: GatewayFactory) -> None:
-    gw = await start_gateway(mosquitto, **tls_server(site_pki.server))
+        tmp_path: Path, mosquitto: tuple[str, int], site_pki: SitePki, start_gateway: GatewayFactory) -> None:
+    port = find_free_port()
+    gw = await start_gateway(mosquitto, **tls_server(site_pki.server), **{"http.port": port})
     url = f"https://127.0.0.1:{gw.service.http_port}/api/v1/things"
     async with aiohttp.ClientSession() as http:
         async with http.get(url, ssl=ssl.create_default_context(cafile=str(site_pki.ca)), headers=auth()) as r:
@@ -175,6 +177,13 @@ async def test_the_gateway_serves_https_its_api_keys_still_apply(
             assert r.status == 401
         with pytest.raises(aiohttp.ClientConnectorCertificateError):
             await http.get(url, ssl=ssl.create_default_context(cafile=str(site_pki.foreign_ca)), headers=auth())
+    # the CLI's calls to the gateway of a config file go over HTTPS, trusting the certificate it serves
+    config = gateway_toml(tmp_path / "gateway.toml", gw.site, http={
+        "host": "127.0.0.1", "port": port, "tls_cert_file": str(site_pki.server[0]),
+        "tls_key_file": str(site_pki.server[1])})
+    done = await asyncio.to_thread(subprocess.run, [EGIZ, "nodes", "list", "--config", str(config)],
+                                   capture_output=True, text=True, timeout=60)
+    assert "404 node discovery is switched off" in done.stderr, done.stderr
 
 
 def test_tls_files_are_checked_at_start_naming_the_key(tmp_path: Path, site_pki: SitePki) -> None:
