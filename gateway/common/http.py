@@ -18,7 +18,6 @@ from gateway.common.auth import Authenticator, role_allows
 from gateway.common.errors import Conflict, EgizError, Invalid, NotFound
 from gateway.common.readings import loads_strict
 from gateway.common.settings import HttpSection
-from gateway.common.tls import loopback_host, server_context
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -157,6 +156,8 @@ def parse_json(text: str, what: str) -> Any:
 async def serve(app: web.Application, http: HttpSection) -> tuple[web.AppRunner, int]:
     """Start serving `app` as `http` says (HTTPS when it names a certificate); returns the runner
     (clean it up to stop) and the port bound (`http.port` 0: any)."""
+    from gateway.common.tls import loopback_host, server_context
+
     context = None
     if http.tls_cert_file:
         context = server_context(http.tls_cert_file, http.tls_key_file, http.tls_client_ca_file)

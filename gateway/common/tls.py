@@ -14,9 +14,10 @@ import ipaddress
 import ssl
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+if TYPE_CHECKING:  # cryptography is imported only where a certificate is read: a plain service never loads it
+    from cryptography import x509
 
 _HEX = frozenset("0123456789abcdef")
 
@@ -39,6 +40,9 @@ def normalise_pin(pin: str) -> str | None:
 
 def fingerprints(der: bytes) -> tuple[str, str]:
     """The certificate's SHA-256 and its public key's (SPKI) SHA-256, both as hex."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
     cert = x509.load_der_x509_certificate(der)
     spki = cert.public_key().public_bytes(serialization.Encoding.DER,
                                           serialization.PublicFormat.SubjectPublicKeyInfo)
@@ -122,6 +126,8 @@ def check_client_files(prefix: str, ca_file: str, cert_file: str, key_file: str)
 
 def key_matches(key_name: str, key_file: str, key_pem: bytes, cert: x509.Certificate) -> list[tuple[str, str]]:
     """[] when the PEM private key belongs to `cert`; otherwise the problem, under the key's name."""
+    from cryptography.hazmat.primitives import serialization
+
     try:
         key = serialization.load_pem_private_key(key_pem, password=None)
     except TypeError:
@@ -148,6 +154,8 @@ def _read_file(key: str, path: str, problems: list[tuple[str, str]]) -> bytes | 
 
 
 def _read_cert(key: str, path: str, problems: list[tuple[str, str]]) -> x509.Certificate | None:
+    from cryptography import x509
+
     data = _read_file(key, path, problems)
     if data is None:
         return None
