@@ -117,7 +117,7 @@ async def test_a_pinned_certificate_that_changes_is_refused(
         await second.stop()
 
 
-async def test_a_public_key_pin_survives_nothing_but_its_key(
+async def test_a_public_key_pin_accepts_its_key_and_refuses_another(
         tmp_path: Path, mosquitto: tuple[str, int], site_pki: SitePki, start_gateway: GatewayFactory,
         start_aggregator: AggregatorFactory) -> None:
     site, other = unique_site(), unique_site()
@@ -131,8 +131,9 @@ async def test_a_public_key_pin_survives_nothing_but_its_key(
     await publish_ovens(mosquitto, pinned, things=1, per_thing=3)
     await publish_ovens(mosquitto, wrong, things=1, per_thing=3)
     await wait_for(lambda: exact(agg, site, 1, 3), timeout=20)
-    assert wrong.service.forwarder is not None
-    await wait_for(lambda: "pin mismatch" in wrong.service.forwarder.last_error, timeout=10)  # type: ignore[union-attr]
+    forwarder = wrong.service.forwarder
+    assert forwarder is not None
+    await wait_for(lambda: "pin mismatch" in forwarder.last_error, timeout=10)
     assert agg.store.stored_seqs(f"{other}:oven-00", "temperature") == []
 
 
