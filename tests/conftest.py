@@ -26,6 +26,7 @@ from tests.helpers import (
     gateway_config,
     make_site_pki,
     need_service,
+    train_press_versions,
 )
 
 
@@ -73,3 +74,12 @@ async def start_aggregator() -> AsyncIterator[AggregatorFactory]:
 def site_pki(tmp_path_factory: pytest.TempPathFactory) -> SitePki:
     """A site CA with server and client certificates, and a foreign CA (made once per run)."""
     return make_site_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="session")
+def press_versions(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
+    """Two model versions of the `press` type, trained once per run: (registry root, first, second).
+    Copy `root / "press"` into a registry of the test's own before changing anything."""
+    root = tmp_path_factory.mktemp("press-models")
+    first, second = train_press_versions(root, (1, 2))
+    return root, first, second

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import shutil
 import ssl
 import stat
 import subprocess
@@ -17,19 +18,20 @@ from typing import Any
 
 import aiohttp
 import aiomqtt
-import numpy as np
 import pytest
 from aiohttp import web
+from typer.testing import CliRunner, Result
 
 from cloud_sync.aggregator import Aggregator
+from cloud_sync.config import AggregatorConfig
 from gateway.broker import find_free_port
+from gateway.cli import app
 from gateway.common import signing
 from gateway.common.errors import ConfigError
 from gateway.common.pki import describe
 from gateway.common.tls import fingerprints
 from gateway.config import GatewayConfig, load_config
 from gateway.detect.models import ModelRegistry
-from gateway.detect.train import FeatureRows, train_model
 from tests.helpers import (
     EGIZ,
     OTHER_TOKEN,
@@ -52,7 +54,8 @@ from tests.helpers import (
 )
 
 
-def https_uplink(site: str, port: int, token: str = TOKEN, **more: Any) -> dict[str, Any]:
+def https_uplink(site: str, port: int | None, *, token: str = TOKEN, **more: Any) -> dict[str, Any]:
+    assert port is not None
     return {**uplink(site, port, **more), "uplink.url": f"https://localhost:{port}", "uplink.token": token}
 
 
@@ -73,7 +76,7 @@ async def test_uplink_accepts_the_site_ca_and_refuses_another(
         tmp_path, (f"gw-{good}", TOKEN, good, "line-a"), (f"gw-{bad}", OTHER_TOKEN, bad, "line-a"),
         **tls_server(site_pki.server)))
     gw = await start_gateway(mosquitto, **https_uplink(good, agg.http_port, **{"uplink.ca_file": str(site_pki.ca)}))
-    fooled = await start_gateway(mosquitto, **https_uplink(bad, agg.http_port, OTHER_TOKEN,
+    fooled = await start_gateway(mosquitto, **https_uplink(bad, agg.http_port, token=OTHER_TOKEN,
                                                            **{"uplink.ca_file": str(site_pki.foreign_ca)}))
     await publish_ovens(mosquitto, gw, things=1, per_thing=5)
     await publish_ovens(mosquitto, fooled, things=1, per_thing=5)
@@ -97,8 +100,9 @@ async def test_a_pinned_certificate_that_changes_is_refused(
     await first.start()
     try:
         pin = describe(site_pki.server[0]).sha256  # the certificate's fingerprint, as `egiz pki list` shows it
-        gw = await start_gateway(mosquitto, **https_uplink(site, port, **{
-            "uplink.ca_file": str(site_pki.ca), "uplink.pin_sha256": [pin.upper()[:2] + ":" + pin[2:]]}))
+        pinned: dict[str, Any] = {"uplink.ca_file": str(site_pki.ca),
+                                  "uplink.pin_sha256": [pin.upper()[:2] + ":" + pin[2:]]}  # as people write it
+        gw = await start_gateway(mosquitto, **https_uplink(site, port, **pinned))
         await publish_ovens(mosquitto, gw, things=1, per_thing=5)
         await wait_for(lambda: exact(first, site, 1, 5), timeout=20)
     finally:
@@ -124,9 +128,9 @@ async def test_a_public_key_pin_accepts_its_key_and_refuses_another(
     agg = await start_aggregator(aggregator_config(
         tmp_path, (f"gw-{site}", TOKEN, site, "line-a"), (f"gw-{other}", OTHER_TOKEN, other, "line-a"),
         **tls_server(site_pki.server)))
-    pinned = await start_gateway(mosquitto, **https_uplink(site, agg.http_port, **{
-        "uplink.ca_file": str(site_pki.ca), "uplink.pin_sha256": [spki_pin(site_pki.server[0])]}))
-    wrong = await start_gateway(mosquitto, **https_uplink(other, agg.http_port, OTHER_TOKEN, **{
+    right: dict[str, Any] = {"uplink.ca_file": str(site_pki.ca), "uplink.pin_sha256": [spki_pin(site_pki.server[0])]}
+    pinned = await start_gateway(mosquitto, **https_uplink(site, agg.http_port, **right))
+    wrong = await start_gateway(mosquitto, **https_uplink(other, agg.http_port, token=OTHER_TOKEN, **{
         "uplink.ca_file": str(site_pki.ca), "uplink.pin_sha256": [spki_pin(site_pki.server2[0])]}))
     await publish_ovens(mosquitto, pinned, things=1, per_thing=3)
     await publish_ovens(mosquitto, wrong, things=1, per_thing=3)
@@ -259,24 +263,26 @@ async def test_the_gateways_mqtt_client_over_tls_with_a_client_certificate(
 def test_pki_cli_makes_a_ca_and_certificates_and_lists_them(tmp_path: Path) -> None:
     pki = tmp_path / "pki"
 
-    def egiz(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([EGIZ, "pki", *args, "--dir", str(pki)], capture_output=True, text=True, timeout=60)
+    def egiz(*args: str) -> Result:  # the CLI in this process; the console script itself is run once below
+        return CliRunner().invoke(app, ["pki", *args, "--dir", str(pki)])
 
-    assert egiz("init", "--name", "Izmir bakery CA").returncode == 0
-    assert egiz("issue", "aggregator", "--dns", "aggregator.izmir.example", "--ip", "10.0.0.5").returncode == 0
-    assert egiz("issue", "gw-line-a", "--kind", "client").returncode == 0
+    done = subprocess.run([EGIZ, "pki", "init", "--name", "Izmir bakery CA", "--dir", str(pki)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert egiz("issue", "aggregator", "--dns", "aggregator.izmir.example", "--ip", "10.0.0.5").exit_code == 0
+    assert egiz("issue", "gw-line-a", "--kind", "client").exit_code == 0
     for name in ("ca.key", "aggregator.key", "gw-line-a.key"):
         assert stat.S_IMODE((pki / name).stat().st_mode) == 0o600
     again = egiz("init")
-    assert again.returncode == 2 and "already holds a CA" in again.stderr
-    assert egiz("issue", "bad", "--ip", "not-an-ip").returncode == 2
-    listed = [json.loads(line) for line in egiz("list", "--json").stdout.splitlines()]
+    assert again.exit_code == 2 and "already holds a CA" in again.output
+    assert egiz("issue", "bad", "--ip", "not-an-ip").exit_code == 2
+    listed = [json.loads(line) for line in egiz("list", "--json").output.splitlines()]
     assert [(c["file"], c["kind"]) for c in listed] == [("ca.crt", "ca"), ("aggregator.crt", "server"),
                                                         ("gw-line-a.crt", "client")]
     assert listed[1]["dns"] == ["aggregator.izmir.example"] and listed[1]["ips"] == ["10.0.0.5"]
     assert listed[1]["subject"] == "CN=aggregator" and "Izmir bakery CA" in listed[1]["issuer"]
     assert 820 <= listed[1]["days_left"] <= 825 and listed[0]["days_left"] >= 3640
-    text = egiz("list").stdout
+    text = egiz("list").output
     assert "aggregator.izmir.example, 10.0.0.5" in text and "expires" in text
     # what it issued verifies against its CA the way every client here checks it
     ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
@@ -284,14 +290,6 @@ def test_pki_cli_makes_a_ca_and_certificates_and_lists_them(tmp_path: Path) -> N
 
 
 # ----------------------------------------------------------------------------- signed models
-
-def rows(seed: int) -> FeatureRows:
-    rng = np.random.default_rng(seed)
-    n = 1000
-    level = rng.uniform(80, 200, n)
-    x = np.column_stack([level + rng.normal(0, 0.4, n), level + 2 + rng.normal(0, 0.4, n)])
-    return FeatureRows(["thermal/a", "thermal/b"], x, np.arange(n, dtype=float), np.array(["x:p-1"] * n, dtype=object))
-
 
 class Tamperer:
     """Someone on the uplink's path (plain HTTP: TLS left off): passes everything through to the
@@ -328,17 +326,25 @@ def sha256_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def central_registry(cfg: AggregatorConfig, press_versions: tuple[Path, str, str]) -> ModelRegistry:
+    """The aggregator's model registry, holding the two trained press versions."""
+    central = ModelRegistry(Path(cfg.aggregator.data_dir) / "models")
+    shutil.copytree(press_versions[0] / "press", central.root / "press")
+    return central
+
+
 async def test_a_swapped_model_is_refused_by_a_running_gateway_and_the_previous_one_stays(
         tmp_path: Path, mosquitto: tuple[str, int], start_gateway: GatewayFactory,
-        start_aggregator: AggregatorFactory) -> None:
+        start_aggregator: AggregatorFactory, press_versions: tuple[Path, str, str]) -> None:
     site = unique_site()
     cfg = aggregator_config(tmp_path, (f"gw-{site}", TOKEN, site, "line-a"))
-    central = ModelRegistry(Path(cfg.aggregator.data_dir) / "models")
-    v1 = train_model(rows(1), "press", central.root, seed=1).name
-    v2 = train_model(rows(2), "press", central.root, seed=2).name
+    central = central_registry(cfg, press_versions)
+    _, v1, v2 = press_versions
     central.activate("press", v1)
-    attacker = ModelRegistry(tmp_path / "attacker")
-    evil = train_model(rows(7), "press", attacker.root, seed=7)  # a well-formed model: only its origin is wrong
+    evil = shutil.copytree(central.root / "press" / v1, tmp_path / "attacker")  # the attacker's model files
+    blob = bytearray((evil / "autoencoder.onnx").read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    (evil / "autoencoder.onnx").write_bytes(bytes(blob))
     public = signing.public_key_text(signing.load_or_create_key(cfg.model_signing_key_file))
     agg = await start_aggregator(cfg)
     mitm = Tamperer(f"http://127.0.0.1:{agg.http_port}", evil)
@@ -359,7 +365,7 @@ async def test_a_swapped_model_is_refused_by_a_running_gateway_and_the_previous_
         for mode, reason, count in (("forged", "does not match the aggregator's key", 1),
                                     ("unsigned", "the model is not signed", 2)):
             mitm.mode = mode
-            await wait_for(lambda reason=reason: reason in fetcher.errors.get("press", ""), timeout=10)
+            await wait_for(lambda: reason in fetcher.errors.get("press", ""), timeout=10)  # noqa: B023
             await asyncio.sleep(0.6)  # a few more rounds: refused once, not again and again
             metrics = await (await gw.http.get(f"{gw.url}/metrics")).text()
             assert f'egiz_uplink_models_total{{result="bad_signature"}} {count}.0' in metrics
@@ -377,19 +383,19 @@ async def test_a_swapped_model_is_refused_by_a_running_gateway_and_the_previous_
 
 async def test_a_gateway_without_the_aggregators_key_takes_no_central_model(
         tmp_path: Path, mosquitto: tuple[str, int], start_gateway: GatewayFactory,
-        start_aggregator: AggregatorFactory) -> None:
+        start_aggregator: AggregatorFactory, press_versions: tuple[Path, str, str]) -> None:
     site = unique_site()
     cfg = aggregator_config(tmp_path, (f"gw-{site}", TOKEN, site, "line-a"))
-    central = ModelRegistry(Path(cfg.aggregator.data_dir) / "models")
-    central.activate("press", train_model(rows(1), "press", central.root, seed=1).name)
+    central_registry(cfg, press_versions).activate("press", press_versions[1])
     agg = await start_aggregator(cfg)
     someone_else = signing.public_key_text(signing.load_or_create_key(tmp_path / "other.key"))
     for key, reason in (("", "uplink.model_signing_key is not set"),
                         (someone_else, "does not match the aggregator's key")):
+        assert agg.http_port is not None
         gw = await start_gateway(mosquitto, **uplink(unique_site(), agg.http_port), **{
             "detect.enabled": True, "uplink.models_interval_s": 0.2, "uplink.model_signing_key": key})
         fetcher = gw.service.model_fetcher
         assert fetcher is not None and gw.service.detector is not None
-        await wait_for(lambda fetcher=fetcher: "press" in fetcher.errors, timeout=15)
+        await wait_for(lambda: "press" in fetcher.errors, timeout=15)  # noqa: B023
         assert reason in fetcher.errors["press"]
         assert "press" not in gw.service.detector.in_use
