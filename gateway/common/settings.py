@@ -265,7 +265,7 @@ def check_http_tls(http: Any, problems: list[tuple[str, str]]) -> None:
     names = ("http.tls_cert_file", "http.tls_key_file", "http.tls_client_ca_file")
     if not reported.isdisjoint(names):
         return
-    from gateway.common.tls import check_server_files  # late: cryptography only when a config is checked
+    from gateway.common.tls import check_server_files  # late: the floor's TLS module is only for the sections
 
     problems += check_server_files("http", http.tls_cert_file, http.tls_key_file, http.tls_client_ca_file)
 
