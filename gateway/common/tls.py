@@ -10,7 +10,6 @@ and the host name: a pin narrows trust, it never replaces it.
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import ssl
 from collections.abc import Iterable
 from pathlib import Path
@@ -20,16 +19,6 @@ if TYPE_CHECKING:  # cryptography is imported only where a certificate is read: 
     from cryptography import x509
 
 _HEX = frozenset("0123456789abcdef")
-
-
-def loopback_host(host: str) -> bool:
-    """True for a host name or address that only this machine reaches (nothing crosses a network)."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def normalise_pin(pin: str) -> str | None:
