@@ -116,9 +116,11 @@ def aggregator_run(
     from gateway.common.logs import setup_logging
 
     setup_logging(cfg.log.level, cfg.log.format)
+    from gateway.common.signing import SignatureError
+
     try:
         asyncio.run(Aggregator(cfg).run_until_signalled())
-    except OSError as exc:
+    except (OSError, SignatureError) as exc:
         fail(f"cannot start the aggregator: {exc}", code=1)
 
 
@@ -129,11 +131,89 @@ def aggregator_check(config: ConfigOpt) -> None:
     typer.echo(json.dumps(_masked(cfg), indent=2, default=str))
 
 
+@aggregator_app.command("signing-key")
+def aggregator_signing_key(config: ConfigOpt) -> None:
+    """Print the public key gateways check models with (`uplink.model_signing_key`); makes the key pair
+    (aggregator.model_signing_key_file, 0600) when it does not exist yet."""
+    cfg = load_aggregator(config, {})
+    from gateway.common.signing import SignatureError, load_or_create_key, public_key_text
+
+    try:
+        typer.echo(public_key_text(load_or_create_key(cfg.model_signing_key_file)))
+    except (SignatureError, OSError) as exc:
+        fail(str(exc), code=1)
+
+
 def _masked(value: Any) -> Any:
     """Plain JSON data of a config, with secrets replaced by ***."""
     from gateway.common.settings import masked
 
     return masked(value)
+
+
+pki_app = typer.Typer(help="The site's certificate authority: make it, issue certificates, list them.",
+                      no_args_is_help=True)
+app.add_typer(pki_app, name="pki")
+PkiDirOpt = Annotated[Path, typer.Option("--dir", help="where the CA and the certificates are kept")]
+
+
+@pki_app.command("init")
+def pki_init(
+    directory: PkiDirOpt = Path("pki"),
+    name: Annotated[str, typer.Option(help="the CA's common name, e.g. the site's")] = "OpenEgiz site CA",
+    days: Annotated[int, typer.Option(min=1, max=36500, help="validity in days")] = 3650,
+) -> None:
+    """Make a site CA: ca.crt (give it to every client) and ca.key (0600; keep it offline)."""
+    from gateway.common.pki import PkiError, init_ca
+
+    try:
+        path = init_ca(directory, name, days=days)
+    except PkiError as exc:
+        fail(exc.detail)
+    typer.echo(f"wrote {path} and {path.with_name('ca.key')} (0600)")
+
+
+@pki_app.command("issue")
+def pki_issue(
+    name: Annotated[str, typer.Argument(help="the certificate's name: files NAME.crt and NAME.key, its CN")],
+    directory: PkiDirOpt = Path("pki"),
+    kind: Annotated[str, typer.Option(help="server, client or both")] = "server",
+    dns: Annotated[list[str] | None, typer.Option("--dns", help="a DNS name it serves (repeat)")] = None,
+    ip: Annotated[list[str] | None, typer.Option("--ip", help="an IP address it serves (repeat)")] = None,
+    days: Annotated[int, typer.Option(min=1, max=3650, help="validity in days")] = 825,
+) -> None:
+    """Issue a server or client certificate signed by the site CA (key 0600)."""
+    from gateway.common.pki import PkiError, issue
+
+    if kind not in ("server", "client", "both"):
+        fail("--kind must be server, client or both")
+    try:
+        cert, key = issue(directory, name, kind=kind, dns=tuple(dns or ()), ips=tuple(ip or ()),  # type: ignore[arg-type]
+                          days=days)
+    except PkiError as exc:
+        fail(exc.detail)
+    typer.echo(f"wrote {cert} and {key} (0600)")
+
+
+@pki_app.command("list")
+def pki_list(directory: PkiDirOpt = Path("pki"),
+             as_json: Annotated[bool, typer.Option("--json", help="one JSON object per certificate")] = False) -> None:
+    """Every certificate in the directory: subject, kind, SANs, expiry, SHA-256 fingerprint."""
+    from gateway.common.pki import PkiError, list_certificates
+
+    try:
+        certs = list_certificates(directory)
+    except PkiError as exc:
+        fail(exc.detail)
+    for c in certs:
+        sans = [*c.dns, *c.ips]
+        if as_json:
+            typer.echo(json.dumps({"file": c.path.name, "subject": c.subject, "issuer": c.issuer, "kind": c.kind,
+                                   "dns": list(c.dns), "ips": list(c.ips), "not_after": c.not_after.isoformat(),
+                                   "days_left": c.days_left, "sha256": c.sha256}))
+        else:
+            typer.echo(f"{c.path.name:24} {c.kind:14} {c.subject:36} SANs: {', '.join(sans) or '-':30} "
+                       f"expires {c.not_after:%Y-%m-%d} ({c.days_left} days)  sha256 {c.sha256}")
 
 
 model_app = typer.Typer(help="Train, evaluate, list, activate and roll back anomaly models.", no_args_is_help=True)
@@ -655,17 +735,26 @@ def _gateway_call(method: str, path: str, url: str, api_key: str, config: Path |
     import urllib.error
     import urllib.request
 
+    context = None
     if config is not None:
         cfg = load_gateway_config(config, {})
         host = "127.0.0.1" if cfg.http.host in ("0.0.0.0", "::", "") else cfg.http.host
-        url = url or f"http://{host}:{cfg.http.port}"
+        if cfg.http.tls_cert_file and not url:
+            import ssl
+
+            # The gateway of this very config: trust exactly the certificate it serves, by whatever
+            # address it is reached here (a client certificate, when it requires one, is not ours to give).
+            context = ssl.create_default_context(cafile=cfg.http.tls_cert_file)
+            context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+            context.check_hostname = False
+        url = url or f"{'https' if context else 'http'}://{host}:{cfg.http.port}"
         api_key = api_key or next((k.key for k in cfg.auth.api_keys if k.role == "admin"), "")
     req = urllib.request.Request((url or "http://127.0.0.1:8080").rstrip("/") + path, method=method,
                                  data=b"{}" if method == "POST" else None,
                                  headers={"Content-Type": "application/json",
                                           **({"Authorization": f"Bearer {api_key}"} if api_key else {})})
     try:
-        with urllib.request.urlopen(req, timeout=30) as r:
+        with urllib.request.urlopen(req, timeout=30, context=context) as r:
             return json.loads(r.read())
     except urllib.error.HTTPError as exc:
         try:
