@@ -70,6 +70,12 @@ class GatewayMetrics:
         self.uplink_backlog_points = Gauge("egiz_uplink_backlog_points", "Points not yet confirmed", registry=r)
         self.uplink_backlog_bytes = Gauge("egiz_uplink_backlog_bytes", "Estimated bytes not yet confirmed",
                                           registry=r)
+        self.uplink_quarantined = Counter("egiz_uplink_quarantined_total",
+                                          "Things and anomalies the aggregator refused, set aside", registry=r)
+        self.uplink_quarantine_things = Gauge("egiz_uplink_quarantine_things", "Things held in the quarantine",
+                                              registry=r)
+        self.uplink_quarantine_points = Gauge("egiz_uplink_quarantine_points",
+                                              "Points of held Things waiting to be re-sent or dropped", registry=r)
         self.uplink_backlog_age = Gauge("egiz_uplink_backlog_age_seconds", "Age of the oldest unconfirmed point",
                                         registry=r)
         self.detect_readings = Counter("egiz_detect_readings_total", "Feature readings the detector took", registry=r)

@@ -83,7 +83,8 @@ class GatewayService:
         self.parts = Parts(config, self.registry, self.bus, self.ingest, self.dead_letters, self.metrics,
                            Authenticator(config.auth.api_keys, open_access=config.auth.open), time.time(),
                            self.buffer, self.detector, self.provisioner, self.connectors, self.oee,
-                           self.journal)
+                           self.journal,
+                           self.forwarder.quarantine if self.forwarder is not None else None)
         self.app = build_app(self.parts)
         self._runner: web.AppRunner | None = None
         self.http_port: int | None = None
@@ -114,7 +115,7 @@ class GatewayService:
             await self.forwarder.start()
         if self.model_fetcher is not None:
             await self.model_fetcher.start()
-        self._runner, self.http_port = await serve(self.app, cfg.http.host, cfg.http.port)
+        self._runner, self.http_port = await serve(self.app, cfg.http)
         if self.provisioner is not None:
             from gateway.discovery import GatewayDiscovery
 

@@ -4,7 +4,8 @@ tmp_path. Their helpers live in tests/helpers."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +22,15 @@ from tests.helpers import (
     AggregatorFactory,
     GatewayFactory,
     RunningGateway,
+    SitePki,
     all_stopped,
     gateway_config,
+    make_site_pki,
     need_service,
+    train_press_versions,
 )
+
+PG_HOST, PG_PORT = "127.0.0.1", 5432
 
 
 @pytest.fixture
@@ -32,6 +38,21 @@ def mosquitto() -> tuple[str, int]:
     """The machine's Mosquitto (each test uses its own site, so topics never collide)."""
     need_service(BROKER_HOST, BROKER_PORT, "Mosquitto", "apt-get install mosquitto")
     return BROKER_HOST, BROKER_PORT
+
+
+@pytest.fixture
+def pg_dsn() -> Iterator[str]:
+    """A fresh PostgreSQL database of the test's own on the machine's server (trust auth), dropped after."""
+    need_service(PG_HOST, PG_PORT, "PostgreSQL", "apt-get install postgresql")
+    import psycopg
+
+    name = f"egiz_t_{uuid.uuid4().hex[:12]}"
+    admin = f"postgresql://postgres@{PG_HOST}:{PG_PORT}/postgres"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    yield f"postgresql://postgres@{PG_HOST}:{PG_PORT}/{name}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 @pytest.fixture
@@ -65,3 +86,18 @@ async def start_aggregator() -> AsyncIterator[AggregatorFactory]:
             return await start(Aggregator(cfg))
 
         yield aggregator
+
+
+@pytest.fixture(scope="session")
+def site_pki(tmp_path_factory: pytest.TempPathFactory) -> SitePki:
+    """A site CA with server and client certificates, and a foreign CA (made once per run)."""
+    return make_site_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="session")
+def press_versions(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
+    """Two model versions of the `press` type, trained once per run: (registry root, first, second).
+    Copy `root / "press"` into a registry of the test's own before changing anything."""
+    root = tmp_path_factory.mktemp("press-models")
+    first, second = train_press_versions(root, (1, 2))
+    return root, first, second

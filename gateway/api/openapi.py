@@ -8,17 +8,14 @@ from aiohttp import web
 
 from gateway import __version__
 from gateway.common.http import requires
+from gateway.common.openapi import operation, response
 
 ERROR = {"$ref": "#/components/schemas/Error"}
 THING = {"$ref": "#/components/schemas/Thing"}
 PAGE = {"$ref": "#/components/schemas/ThingPage"}
 
 
-def _resp(desc: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
-    out: dict[str, Any] = {"description": desc}
-    if schema is not None:
-        out["content"] = {"application/json": {"schema": schema}}
-    return out
+_resp = response
 
 
 ERRORS = {
@@ -32,16 +29,13 @@ FEATURE = {"name": "feature", "in": "path", "required": True, "schema": {"type":
 TYPE = {"name": "type", "in": "path", "required": True, "schema": {"type": "string"}, "example": "oven"}
 IF_MATCH = {"name": "If-Match", "in": "header", "required": False, "schema": {"type": "string"},
             "description": 'the version the write is based on, e.g. "7"; a stale one gives 409'}
+HELD_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"},
+           "description": "a held Thing id or anomaly id", "example": "izmir-bakery:oven-001"}
 CONFLICT = {"409": _resp("version conflict or id exists", ERROR)}
 DEVICE = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}, "example": "oven-plc"}
 
 
-def _op(summary: str, role: str | None, responses: dict[str, Any], **more: Any) -> dict[str, Any]:
-    op: dict[str, Any] = {"summary": summary, "responses": responses, **more}
-    op["security"] = [] if role is None else [{"bearer": []}]
-    if role is not None:
-        op["x-egiz-role"] = role
-    return op
+_op = operation
 
 
 SPEC: dict[str, Any] = {
@@ -51,6 +45,11 @@ SPEC: dict[str, Any] = {
         "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
                                        "description": "API key; roles viewer < operator < admin"}},
         "schemas": {
+            "Held": {"type": "object", "required": ["id", "kind", "reason", "since", "state", "points"],
+                     "properties": {"id": {"type": "string"}, "kind": {"enum": ["thing", "anomaly"]},
+                                    "reason": {"type": "string"}, "since": {"type": "number"},
+                                    "state": {"enum": ["held", "resend", "dropped"]},
+                                    "points": {"type": "integer"}, "ranges": {"type": "integer"}}},
             "Error": {"type": "object", "required": ["error", "detail"],
                       "properties": {"error": {"type": "string"}, "detail": {"type": "string"}}},
             "ConnectorDevice": {"type": "object", "required": ["protocol", "name", "url", "thing", "tags"],
@@ -234,6 +233,19 @@ SPEC: dict[str, Any] = {
                                              "schema": {"type": "boolean"}}],
                         requestBody={"required": True, "content": {"text/csv": {"schema": {"type": "string"}}}}),
         },
+        "/api/v1/uplink/quarantine": {"get": _op(
+            "Things and anomalies the aggregator refused, held back by the forwarder", "viewer",
+            {"200": _resp("held items", {"type": "object", "required": ["items", "total"], "properties": {
+                "items": {"type": "array", "items": {"$ref": "#/components/schemas/Held"}},
+                "total": {"type": "integer"}}}), **ERRORS})},
+        "/api/v1/uplink/quarantine/{id}/resend": {"post": _op(
+            "Send a held Thing's points again (refused again, it is held again)", "admin",
+            {"202": _resp("being re-sent", {"$ref": "#/components/schemas/Held"}), **ERRORS},
+            parameters=[HELD_ID])},
+        "/api/v1/uplink/quarantine/{id}": {"delete": _op(
+            "Give up what is held of a Thing or anomaly: never sent (local history keeps it)", "admin",
+            {"200": _resp("dropped", {"$ref": "#/components/schemas/Held"}), **ERRORS},
+            parameters=[HELD_ID])},
         "/api/v1/layout": {"get": _op("The floor layout of the line (layout.json in the data directory)",
                                       "viewer", {"200": _resp("layout"), **ERRORS})},
         "/health": {"get": _op("Liveness", None, {"200": _resp("alive")})},

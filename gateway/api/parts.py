@@ -19,6 +19,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.oee.tracker import OeeTracker
 from gateway.provision import Provisioner
 from gateway.twin.registry import TwinRegistry
+from gateway.uplink.quarantine import Quarantine
 
 
 @dataclass
@@ -39,6 +40,7 @@ class Parts:
     connectors: ConnectorManager | None = None
     oee: OeeTracker | None = None
     journal: AlarmJournal | None = None
+    quarantine: Quarantine | None = None  # the forwarder's, when the gateway forwards
 
 
 PARTS = web.AppKey("parts", Parts)
