@@ -17,10 +17,11 @@ import numpy as np
 from aiohttp import web
 
 from gateway.alarms.journal import MAX_SHELVE_HOURS, AlarmJournal
-from gateway.api.parts import PARTS, Parts
+from gateway.api.parts import PARTS, Parts, required
 from gateway.common.errors import Invalid, NotFound
 from gateway.common.history import parse_time
 from gateway.common.http import int_param, read_json, read_object, requires
+from gateway.detect.anomalies import Anomaly
 from gateway.detect.detector import AnomalyDetector
 from gateway.detect.explain import label
 from gateway.detect.rul import estimate_rul
@@ -32,25 +33,11 @@ STATES = {"open", "acknowledged", "resolved"}
 SEVERITIES = {"info", "warning", "critical"}
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_get("/api/v1/anomalies", list_anomalies)
-    app.router.add_get("/api/v1/anomalies/{id}", get_anomaly)
-    app.router.add_post("/api/v1/anomalies/{id}/ack", ack)
-    app.router.add_post("/api/v1/anomalies/{id}/resolve", resolve)
-    app.router.add_get("/api/v1/anomalies/{id}/journal", journal)
-    app.router.add_post("/api/v1/anomalies/{id}/shelve", shelve)
-    app.router.add_get("/api/v1/alarm-shelves", list_shelves)
-    app.router.add_delete("/api/v1/alarm-shelves/{id}", unshelve)
-    app.router.add_get("/api/v1/things/{id}/rul", rul)
-    app.router.add_get("/api/v1/models", list_models)
-    app.router.add_post("/api/v1/models/{type}/activate", activate)
-    app.router.add_post("/api/v1/models/{type}/rollback", rollback)
+routes = web.RouteTableDef()
 
 
 def _detector(parts: Parts) -> AnomalyDetector:
-    if parts.detector is None:
-        raise NotFound("anomaly detection is switched off on this gateway (detect.enabled = false)")
-    return parts.detector
+    return required(parts.detector, "anomaly detection is switched off on this gateway (detect.enabled = false)")
 
 
 def _list(value: str | None, allowed: set[str] | None, name: str) -> list[str]:
@@ -63,6 +50,7 @@ def _list(value: str | None, allowed: set[str] | None, name: str) -> list[str]:
 
 
 
+@routes.get("/api/v1/anomalies")
 @requires("viewer")
 async def list_anomalies(request: web.Request) -> web.Response:
     """The alarm journal, newest first. `state=active` means open or acknowledged; `format=csv` exports."""
@@ -146,13 +134,19 @@ def _is_number(text: str) -> bool:
     return True
 
 
+@routes.get("/api/v1/anomalies/{id}")
 @requires("viewer")
 async def get_anomaly(request: web.Request) -> web.Response:
-    det = _detector(request.app[PARTS])
-    a = await det.log.get(request.match_info["id"])
+    return web.json_response((await _anomaly(request)).to_json())
+
+
+async def _anomaly(request: web.Request) -> Anomaly:
+    """The anomaly the path names, or 404."""
+    ident = request.match_info["id"]
+    a = await _detector(request.app[PARTS]).log.get(ident)
     if a is None:
-        raise NotFound(f"no anomaly {request.match_info['id']!r}")
-    return web.json_response(a.to_json())
+        raise NotFound(f"no anomaly {ident!r}")
+    return a
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
@@ -171,6 +165,7 @@ async def _body(request: web.Request) -> dict[str, Any]:
     return doc
 
 
+@routes.post("/api/v1/anomalies/{id}/ack")
 @requires("operator")
 async def ack(request: web.Request) -> web.Response:
     """Acknowledged: someone is investigating (US-SYS-003). `falsePositive` is not taken here: resolve does."""
@@ -185,6 +180,7 @@ async def ack(request: web.Request) -> web.Response:
     return web.json_response(a.to_json())
 
 
+@routes.post("/api/v1/anomalies/{id}/resolve")
 @requires("operator")
 async def resolve(request: web.Request) -> web.Response:
     """Resolved by an operator, optionally labelled a false positive (kept for retraining)."""
@@ -199,29 +195,25 @@ async def resolve(request: web.Request) -> web.Response:
 
 
 def _journal(parts: Parts) -> AlarmJournal:
-    if parts.journal is None:
-        raise NotFound("the alarm journal needs anomaly detection (detect.enabled = true)")
-    return parts.journal
+    return required(parts.journal, "the alarm journal needs anomaly detection (detect.enabled = true)")
 
 
+@routes.get("/api/v1/anomalies/{id}/journal")
 @requires("viewer")
 async def journal(request: web.Request) -> web.Response:
     """Who did what to one anomaly, oldest first."""
     parts = request.app[PARTS]
-    a = await _detector(parts).log.get(request.match_info["id"])
-    if a is None:
-        raise NotFound(f"no anomaly {request.match_info['id']!r}")
+    a = await _anomaly(request)
     actions = await _journal(parts).actions(a.id)
     return web.json_response({"anomalyId": a.id, "items": [x.to_json() for x in actions]})
 
 
+@routes.post("/api/v1/anomalies/{id}/shelve")
 @requires("operator")
 async def shelve(request: web.Request) -> web.Response:
     """Silence the anomaly's condition (its Thing and type) for `hours`, saying why."""
     parts = request.app[PARTS]
-    a = await _detector(parts).log.get(request.match_info["id"])
-    if a is None:
-        raise NotFound(f"no anomaly {request.match_info['id']!r}")
+    a = await _anomaly(request)
     doc = await read_object(request, frozenset({"hours", "reason"}), "hours and reason")
     hours = doc.get("hours")
     if isinstance(hours, bool) or not isinstance(hours, int | float) or not 0 < hours <= MAX_SHELVE_HOURS:
@@ -234,6 +226,7 @@ async def shelve(request: web.Request) -> web.Response:
     return web.json_response(shelf.to_json())
 
 
+@routes.get("/api/v1/alarm-shelves")
 @requires("viewer")
 async def list_shelves(request: web.Request) -> web.Response:
     """Shelves silencing now (`active=true`, the default) or all of them."""
@@ -245,6 +238,7 @@ async def list_shelves(request: web.Request) -> web.Response:
     return web.json_response({"items": [s.to_json() for s in shelves]})
 
 
+@routes.delete("/api/v1/alarm-shelves/{id}")
 @requires("operator")
 async def unshelve(request: web.Request) -> web.Response:
     """End a shelf before its time."""
@@ -255,6 +249,7 @@ async def unshelve(request: web.Request) -> web.Response:
     return web.json_response(shelf.to_json())
 
 
+@routes.get("/api/v1/things/{id}/rul")
 @requires("viewer")
 async def rul(request: web.Request) -> web.Response:
     """Remaining useful life per health indicator: every property a threshold rule limits, fitted over the
@@ -306,6 +301,7 @@ def _flat(feature: Any) -> dict[str, float]:
             if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)}
 
 
+@routes.get("/api/v1/models")
 @requires("viewer")
 async def list_models(request: web.Request) -> web.Response:
     det = _detector(request.app[PARTS])
@@ -316,6 +312,7 @@ async def list_models(request: web.Request) -> web.Response:
     return web.json_response({"types": types})
 
 
+@routes.post("/api/v1/models/{type}/activate")
 @requires("admin")
 async def activate(request: web.Request) -> web.Response:
     """Check a version completely, make it active, and put it in use now (no restart)."""
@@ -328,6 +325,7 @@ async def activate(request: web.Request) -> web.Response:
     return web.json_response({"type": ttype, "active": body["version"]})
 
 
+@routes.post("/api/v1/models/{type}/rollback")
 @requires("admin")
 async def rollback(request: web.Request) -> web.Response:
     det = _detector(request.app[PARTS])

@@ -27,13 +27,8 @@ def build_app(parts: Parts) -> web.Application:
     mw = error_middleware(parts.auth, parts.metrics, service="gateway", status_of=STATUS_OF)
     app = web.Application(middlewares=[mw], client_max_size=MAX_BODY)
     app[PARTS] = parts
-    things.add_routes(app)
-    history.add_routes(app)
-    anomalies.add_routes(app)
-    nodes.add_routes(app)
-    connectors.add_routes(app)
-    oee.add_routes(app)
-    uplink.add_routes(app)
+    for module in (things, history, anomalies, nodes, connectors, oee, uplink):
+        app.router.add_routes(module.routes)
     ws.add_routes(app)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)

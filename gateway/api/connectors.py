@@ -9,7 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.api.parts import PARTS
+from gateway.api.parts import PARTS, required
 from gateway.common.errors import Conflict, Invalid, NotFound
 from gateway.common.http import read_json, requires
 from gateway.connectors.config import ModbusDevice
@@ -19,21 +19,11 @@ from gateway.connectors.register_map import RegisterMapError, parse_register_map
 MAX_CSV = 256 * 1024
 
 
-def add_routes(app: web.Application) -> None:
-    r = app.router
-    r.add_get("/api/v1/connectors/devices", list_devices)
-    r.add_post("/api/v1/connectors/devices", create_device)
-    r.add_get("/api/v1/connectors/devices/{name}", get_device)
-    r.add_put("/api/v1/connectors/devices/{name}", put_device)
-    r.add_delete("/api/v1/connectors/devices/{name}", delete_device)
-    r.add_post("/api/v1/connectors/devices/{name}/register-map", import_register_map)
+routes = web.RouteTableDef()
 
 
 def _manager(request: web.Request) -> ConnectorManager:
-    manager = request.app[PARTS].connectors
-    if manager is None:
-        raise NotFound("this gateway runs no connectors")
-    return manager
+    return required(request.app[PARTS].connectors, "this gateway runs no connectors")
 
 
 HIDDEN = "***"
@@ -52,6 +42,7 @@ def entry_document(entry: DeviceEntry, site: str) -> dict[str, Any]:
     return doc
 
 
+@routes.get("/api/v1/connectors/devices")
 @requires("operator")
 async def list_devices(request: web.Request) -> web.Response:
     """Every device (configured and added over the API) with its health."""
@@ -60,12 +51,14 @@ async def list_devices(request: web.Request) -> web.Response:
     return web.json_response({"items": items, "total": len(items)})
 
 
+@routes.get("/api/v1/connectors/devices/{name}")
 @requires("operator")
 async def get_device(request: web.Request) -> web.Response:
     entry = _manager(request).entry(request.match_info["name"])
     return web.json_response(entry_document(entry, request.app[PARTS].config.gateway.site))
 
 
+@routes.post("/api/v1/connectors/devices")
 @requires("admin")
 async def create_device(request: web.Request) -> web.Response:
     manager = _manager(request)
@@ -76,6 +69,7 @@ async def create_device(request: web.Request) -> web.Response:
     return _saved(request, manager, device.name, 201)
 
 
+@routes.put("/api/v1/connectors/devices/{name}")
 @requires("admin")
 async def put_device(request: web.Request) -> web.Response:
     """Add or replace one device; only its own connection restarts."""
@@ -111,12 +105,14 @@ def _saved(request: web.Request, manager: ConnectorManager, name: str, status: i
     return resp
 
 
+@routes.delete("/api/v1/connectors/devices/{name}")
 @requires("admin")
 async def delete_device(request: web.Request) -> web.Response:
     await _manager(request).delete(request.match_info["name"])
     return web.Response(status=204)
 
 
+@routes.post("/api/v1/connectors/devices/{name}/register-map")
 @requires("admin")
 async def import_register_map(request: web.Request) -> web.Response:
     """A register-map CSV (address,name,type,scale,unit,...) into a Modbus device's tags: a tag of the

@@ -11,11 +11,10 @@ from gateway.common.errors import NotFound
 from gateway.common.history import parse_history_request, run_query
 from gateway.common.http import requires
 
-
-def add_routes(app: web.Application) -> None:
-    app.router.add_get("/api/v1/things/{id}/history", history)
+routes = web.RouteTableDef()
 
 
+@routes.get("/api/v1/things/{id}/history")
 @requires("viewer")
 async def history(request: web.Request) -> web.Response:
     """Raw points or min/max/avg/count/last buckets; `resolution=auto` keeps answers small."""

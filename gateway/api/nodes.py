@@ -4,24 +4,18 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.api.parts import PARTS, Parts
-from gateway.common.errors import NotFound
+from gateway.api.parts import PARTS, Parts, required
 from gateway.common.http import requires
 from gateway.provision import Provisioner, check_node_id
 
-
-def add_routes(app: web.Application) -> None:
-    app.router.add_get("/api/v1/nodes", list_nodes)
-    app.router.add_post("/api/v1/nodes/{id}/approve", approve)
-    app.router.add_post("/api/v1/nodes/{id}/reject", reject)
+routes = web.RouteTableDef()
 
 
 def _provisioner(parts: Parts) -> Provisioner:
-    if parts.provisioner is None:
-        raise NotFound("node discovery is switched off on this gateway (discovery.enabled = false)")
-    return parts.provisioner
+    return required(parts.provisioner, "node discovery is switched off on this gateway (discovery.enabled = false)")
 
 
+@routes.get("/api/v1/nodes")
 @requires("admin")
 async def list_nodes(request: web.Request) -> web.Response:
     """Every node seen: pending (waiting for approval), approved or rejected."""
@@ -32,6 +26,7 @@ async def list_nodes(request: web.Request) -> web.Response:
     return web.json_response({"items": items, "total": len(items)})
 
 
+@routes.post("/api/v1/nodes/{id}/approve")
 @requires("admin")
 async def approve(request: web.Request) -> web.Response:
     """Create the node's Thing and MQTT user, update the broker, hand the credentials to the node."""
@@ -40,6 +35,7 @@ async def approve(request: web.Request) -> web.Response:
     return web.json_response(node.to_json(parts.config.gateway.site))
 
 
+@routes.post("/api/v1/nodes/{id}/reject")
 @requires("admin")
 async def reject(request: web.Request) -> web.Response:
     """Refuse the node: no MQTT user (any it had is removed); it stays listed as rejected."""

@@ -14,7 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.api.parts import PARTS, Parts
+from gateway.api.parts import PARTS, Parts, required
 from gateway.common.errors import Invalid, NotFound
 from gateway.common.history import parse_time
 from gateway.common.http import int_param, read_object, requires
@@ -28,26 +28,26 @@ MAX_RANGE_S = 400 * 86400.0
 BY = ("shift", "hour", "day", "none")
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_get("/api/v1/oee", get_oee)
-    app.router.add_get("/api/v1/downtime", get_downtime)
-    app.router.add_get("/api/v1/oee/states", get_states)
-    app.router.add_get("/api/v1/oee/events", get_events)
-    app.router.add_get("/api/v1/oee/reasons", get_reasons)
-    app.router.add_put("/api/v1/oee/events/{id}/reason", put_reason)
-    app.router.add_post("/api/v1/oee/machines/{id}/state", post_state)
+routes = web.RouteTableDef()
 
 
 def _tracker(parts: Parts) -> OeeTracker:
-    if parts.oee is None:
-        raise NotFound("OEE is switched off on this gateway (oee.enabled = false)")
-    return parts.oee
+    return required(parts.oee, "OEE is switched off on this gateway (oee.enabled = false)")
 
 
 def _known(q: Mapping[str, str], allowed: set[str]) -> None:
     unknown = sorted(set(q) - allowed)
     if unknown:
         raise Invalid(f"unknown parameter(s) {', '.join(unknown)}")
+
+
+def _opened(request: web.Request, param: str) -> tuple[Parts, OeeTracker, Mapping[str, str]]:
+    """The parts, the tracker (or 404) and the query of a scoped request that also takes `param`, checked."""
+    parts = request.app[PARTS]
+    q = request.query
+    tracker = _tracker(parts)
+    _known(q, {"scope", "id", "from", "to", param})
+    return parts, tracker, q
 
 
 def scope_and_range(parts: Parts, q: Mapping[str, str], now: float) -> tuple[store.Scope, float, float]:
@@ -74,13 +74,11 @@ def scope_and_range(parts: Parts, q: Mapping[str, str], now: float) -> tuple[sto
     return store.Scope(kind, scope_id), start, end
 
 
+@routes.get("/api/v1/oee")
 @requires("viewer")
 async def get_oee(request: web.Request) -> web.Response:
     """Availability, performance, quality and OEE of a machine, line or the site, per shift, hour or day."""
-    parts = request.app[PARTS]
-    tracker = _tracker(parts)
-    q = request.query
-    _known(q, {"scope", "id", "from", "to", "by"})
+    parts, tracker, q = _opened(request, "by")
     by = q.get("by", "shift")
     if by not in BY:
         raise Invalid(f"by must be one of {', '.join(BY)}")
@@ -90,13 +88,11 @@ async def get_oee(request: web.Request) -> web.Response:
     return web.json_response(oee_answer(scope.kind, scope.id, hour_start, end, by, rows))
 
 
+@routes.get("/api/v1/downtime")
 @requires("viewer")
 async def get_downtime(request: web.Request) -> web.Response:
     """The six big losses and the stops of planned time by reason (a Pareto), largest first."""
-    parts = request.app[PARTS]
-    tracker = _tracker(parts)
-    q = request.query
-    _known(q, {"scope", "id", "from", "to", "state"})
+    parts, tracker, q = _opened(request, "state")
     states = tuple(s for s in q.get("state", ",".join(STOP_STATES)).split(",") if s)
     bad = [s for s in states if s not in STATES or s == "running"]
     if bad or not states:
@@ -114,6 +110,7 @@ async def get_downtime(request: web.Request) -> web.Response:
     return web.json_response(await tracker.query(read))
 
 
+@routes.get("/api/v1/oee/states")
 @requires("viewer")
 async def get_states(request: web.Request) -> web.Response:
     """Every tracked machine's state now (or one: `thingId`), with the open event's id and reason."""
@@ -125,6 +122,7 @@ async def get_states(request: web.Request) -> web.Response:
     return web.json_response({"items": items})
 
 
+@routes.get("/api/v1/oee/events")
 @requires("viewer")
 async def get_events(request: web.Request) -> web.Response:
     """State events overlapping the range, oldest first: the state band of the line page."""
@@ -150,6 +148,7 @@ def event_json(r: Mapping[str, Any]) -> dict[str, Any]:
             "reasonAt": iso_utc(r["reason_at"]) if r["reason_at"] else None}
 
 
+@routes.get("/api/v1/oee/reasons")
 @requires("viewer")
 async def get_reasons(request: web.Request) -> web.Response:
     """The site's reason codes (`oee.reasons`)."""
@@ -165,6 +164,7 @@ async def _object(request: web.Request, allowed: set[str], what: str) -> dict[st
     return doc
 
 
+@routes.put("/api/v1/oee/events/{id}/reason")
 @requires("operator")
 async def put_reason(request: web.Request) -> web.Response:
     """Set or correct the reason of a state event (`{"reason", "note"}`); its times never change."""
@@ -178,6 +178,7 @@ async def put_reason(request: web.Request) -> web.Response:
     return web.json_response(event_json(row))
 
 
+@routes.post("/api/v1/oee/machines/{id}/state")
 @requires("operator")
 async def post_state(request: web.Request) -> web.Response:
     """An operator starts a planned stop or changeover of a machine, or `auto` hands it back to its rules."""

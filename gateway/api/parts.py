@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeVar
 
 from aiohttp import web
 
@@ -10,6 +11,7 @@ from gateway.alarms.journal import AlarmJournal
 from gateway.buffer.buffer import TelemetryBuffer
 from gateway.bus import EventBus
 from gateway.common.auth import Authenticator
+from gateway.common.errors import NotFound
 from gateway.config import GatewayConfig
 from gateway.connectors.manager import ConnectorManager
 from gateway.detect.detector import AnomalyDetector
@@ -44,3 +46,13 @@ class Parts:
 
 
 PARTS = web.AppKey("parts", Parts)
+
+
+T = TypeVar("T")
+
+
+def required(part: T | None, absent: str) -> T:
+    """The optional part a route needs, or a 404 saying why this gateway runs without it (`absent`)."""
+    if part is None:
+        raise NotFound(absent)
+    return part

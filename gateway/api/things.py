@@ -19,17 +19,7 @@ MAX_LIMIT = 1000
 DEFAULT_LIMIT = 100
 
 
-def add_routes(app: web.Application) -> None:
-    r = app.router
-    r.add_get("/api/v1/things", list_things)
-    r.add_post("/api/v1/things", create_thing)
-    r.add_get("/api/v1/things/{id}", get_thing)
-    r.add_put("/api/v1/things/{id}", replace_thing)
-    r.add_delete("/api/v1/things/{id}", delete_thing)
-    r.add_get("/api/v1/things/{id}/features/{feature}", get_feature)
-    r.add_put("/api/v1/things/{id}/features/{feature}", put_feature)
-    r.add_post("/api/v1/query", query)
-    r.add_get("/api/v1/deadletters", dead_letters)
+routes = web.RouteTableDef()
 
 
 def _expected_version(request: web.Request, body: Any = None) -> int | None:
@@ -61,6 +51,7 @@ def _page(request: web.Request, flt: ThingFilter, limit: int, offset: int) -> di
             "nextOffset": offset + limit if offset + limit < total else None}
 
 
+@routes.get("/api/v1/things")
 @requires("viewer")
 async def list_things(request: web.Request) -> web.Response:
     """Things, paginated; `type=`, `metadata.<k>=` shortcuts and `filter=<JSON>` narrow the list."""
@@ -80,6 +71,7 @@ async def list_things(request: web.Request) -> web.Response:
     return web.json_response(_page(request, ThingFilter.parse(doc), limit, offset))
 
 
+@routes.post("/api/v1/query")
 @requires("viewer")
 async def query(request: web.Request) -> web.Response:
     """`{"filter": {...}, "limit": 50, "offset": 0}` → the same page shape as GET /things."""
@@ -93,6 +85,7 @@ async def query(request: web.Request) -> web.Response:
     return web.json_response(_page(request, ThingFilter.parse(body.get("filter")), limit, offset))
 
 
+@routes.post("/api/v1/things")
 @requires("admin")
 async def create_thing(request: web.Request) -> web.Response:
     thing = await request.app[PARTS].registry.create(await read_json(request))
@@ -101,11 +94,13 @@ async def create_thing(request: web.Request) -> web.Response:
     return resp
 
 
+@routes.get("/api/v1/things/{id}")
 @requires("viewer")
 async def get_thing(request: web.Request) -> web.Response:
     return _thing_response(request.app[PARTS].registry.require(request.match_info["id"]))
 
 
+@routes.put("/api/v1/things/{id}")
 @requires("admin")
 async def replace_thing(request: web.Request) -> web.Response:
     body = await read_json(request)
@@ -116,12 +111,14 @@ async def replace_thing(request: web.Request) -> web.Response:
     return _thing_response(thing)
 
 
+@routes.delete("/api/v1/things/{id}")
 @requires("admin")
 async def delete_thing(request: web.Request) -> web.Response:
     await request.app[PARTS].registry.delete(request.match_info["id"], expected_version=_expected_version(request))
     return web.Response(status=204)
 
 
+@routes.get("/api/v1/things/{id}/features/{feature}")
 @requires("viewer")
 async def get_feature(request: web.Request) -> web.Response:
     thing = request.app[PARTS].registry.require(request.match_info["id"])
@@ -132,6 +129,7 @@ async def get_feature(request: web.Request) -> web.Response:
     return web.json_response(feature.to_document(), headers={"ETag": f'"{thing.version}"'})
 
 
+@routes.put("/api/v1/things/{id}/features/{feature}")
 @requires("operator")
 async def put_feature(request: web.Request) -> web.Response:
     """Partial merge (RFC 7386) of properties and/or desiredProperties; desired ones become a command."""
@@ -196,6 +194,7 @@ async def _connector_command(request: web.Request, thing_id: str, feature: str, 
     return web.json_response(result, headers={"ETag": f'"{thing.version}"'})
 
 
+@routes.get("/api/v1/deadletters")
 @requires("viewer")
 async def dead_letters(request: web.Request) -> web.Response:
     """The newest rejected MQTT messages with their reasons (for diagnosing a misbehaving node)."""

@@ -5,24 +5,19 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.api.parts import PARTS, Parts
+from gateway.api.parts import PARTS, Parts, required
 from gateway.common.errors import NotFound
 from gateway.common.http import requires
 from gateway.uplink.quarantine import Quarantine
 
-
-def add_routes(app: web.Application) -> None:
-    app.router.add_get("/api/v1/uplink/quarantine", list_held)
-    app.router.add_post("/api/v1/uplink/quarantine/{id}/resend", resend)
-    app.router.add_delete("/api/v1/uplink/quarantine/{id}", drop)
+routes = web.RouteTableDef()
 
 
 def _quarantine(parts: Parts) -> Quarantine:
-    if parts.quarantine is None:
-        raise NotFound("this gateway does not forward (no uplink.url)")
-    return parts.quarantine
+    return required(parts.quarantine, "this gateway does not forward (no uplink.url)")
 
 
+@routes.get("/api/v1/uplink/quarantine")
 @requires("viewer")
 async def list_held(request: web.Request) -> web.Response:
     """Things and anomalies held back: why, since when, points waiting, and whether they are being re-sent."""
@@ -30,6 +25,7 @@ async def list_held(request: web.Request) -> web.Response:
     return web.json_response({"items": items, "total": len(items)})
 
 
+@routes.post("/api/v1/uplink/quarantine/{id}/resend")
 @requires("admin")
 async def resend(request: web.Request) -> web.Response:
     """Send a held Thing's points again (e.g. after an admin transferred it at the aggregator); a held
@@ -41,6 +37,7 @@ async def resend(request: web.Request) -> web.Response:
     return web.json_response({**held.to_json(), "state": "resend"}, status=202)
 
 
+@routes.delete("/api/v1/uplink/quarantine/{id}")
 @requires("admin")
 async def drop(request: web.Request) -> web.Response:
     """Give up what is held: it is never sent (the gateway's own history keeps the points)."""
