@@ -109,18 +109,22 @@ def demo_config(opts: DemoOptions, mqtt_port: int, *, site: str | None = None, l
     return load_config(GatewayConfig, None, environ={}, overrides=overrides)
 
 
+def proofer_tags(node: str) -> list[dict[str, Any]]:
+    """The tags of an OPC UA proofer PLC whose variables are named `node` + `Temperature`, `Humidity`, ..."""
+    return [
+        {"feature": "climate", "property": "temperature", "node": node + "Temperature", "unit": "degC"},
+        {"feature": "climate", "property": "humidity", "node": node + "Humidity", "unit": "percent"},
+        {"feature": "climate", "property": "setpoint", "node": node + "Setpoint", "unit": "degC",
+         "writable": True, "min": 20, "max": 45},
+        {"feature": "state", "property": "running", "node": node + "Running"},
+        {"feature": "state", "property": "batch_count", "node": node + "BatchCount"},
+    ]
+
+
 def opcua_proofer(port: int) -> dict[str, Any]:
     """The `[[connectors.opcua]]` device of the demo's OPC UA proofer PLC (subscribed, 250 ms)."""
-    node = "ns=2;s=Proofer."
     return {"name": "proofer-opcua-plc", "url": f"opc.tcp://127.0.0.1:{port}", "thing": OPCUA_PROOFER,
-            "type": "proofer", "poll_s": 1.0, "publishing_ms": 250, "tags": [
-                {"feature": "climate", "property": "temperature", "node": node + "Temperature", "unit": "degC"},
-                {"feature": "climate", "property": "humidity", "node": node + "Humidity", "unit": "percent"},
-                {"feature": "climate", "property": "setpoint", "node": node + "Setpoint", "unit": "degC",
-                 "writable": True, "min": 20, "max": 45},
-                {"feature": "state", "property": "running", "node": node + "Running"},
-                {"feature": "state", "property": "batch_count", "node": node + "BatchCount"},
-            ]}
+            "type": "proofer", "poll_s": 1.0, "publishing_ms": 250, "tags": proofer_tags("ns=2;s=Proofer.")}
 
 
 def plan_lines(opts: DemoOptions, faults: tuple[FaultItem, ...], aggregator_port: int) -> list[DemoLine]:

@@ -12,24 +12,13 @@ from pathlib import Path
 
 import aiomqtt
 
-from tests.helpers import OPERATOR_KEY, VIEWER_KEY, GatewayFactory
-
-RULES = """
-rules:
-  - name: zone too hot
-    kind: threshold
-    type: oven
-    feature: thermal
-    property: "temperature_zones[*]"
-    above: 250
-    severity: critical
-"""
+from tests.helpers import OPERATOR_KEY, VIEWER_KEY, ZONE_TOO_HOT_RULES, GatewayFactory
 
 
 async def test_the_journal_filters_pages_exports_and_shelves(mosquitto: tuple[str, int],
                                                              start_gateway: GatewayFactory, tmp_path: Path) -> None:
     rules = tmp_path / "rules.yaml"
-    rules.write_text(RULES)
+    rules.write_text(ZONE_TOO_HOT_RULES)
     gw = await start_gateway(mosquitto, **{"detect.enabled": True, "detect.rules_file": str(rules)})
     assert (await gw.send("POST", "/api/v1/things", {"id": gw.thing_id("oven-003"), "type": "oven",
                                                      "metadata": {"line": "line-b"}}))[0] == 201

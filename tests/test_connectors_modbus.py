@@ -26,6 +26,7 @@ from tests.helpers import (
     RunningGateway,
     aggregator_config,
     auth,
+    open_gateway_toml,
     unique_site,
     uplink,
     wait_for,
@@ -368,14 +369,7 @@ def test_bad_connector_config_is_named_at_start(tmp_path: Path) -> None:
 
     (tmp_path / "map.csv").write_text("address,name,type,scale\n1,thermal.t,real,x\n")
     path = tmp_path / "bad.toml"
-    path.write_text(f"""
-[gateway]
-site = "s1"
-line = "l1"
-id = "gw1"
-data_dir = "{tmp_path / 'data'}"
-[auth]
-open = true
+    path.write_text(open_gateway_toml(tmp_path) + f"""
 [[connectors.modbus]]
 name = "oven-plc"
 url = "tcp//127.0.0.1:5020"

@@ -18,10 +18,11 @@ from asyncua import ua
 
 from gateway.common.errors import ConfigError
 from gateway.config import GatewayConfig, load_config
+from gateway.demo import proofer_tags
 from gateway.sim.plc_image import POINTS
 from gateway.sim.plc_opcua import OpcUaPlc, OpcUaServe
 from gateway.sim.plc_s7 import HEATER, LAYOUT, S7Plc
-from tests.helpers import GatewayFactory, RunningGateway, wait_for
+from tests.helpers import GatewayFactory, RunningGateway, open_gateway_toml, wait_for
 
 
 def free_port() -> int:
@@ -52,19 +53,10 @@ async def test_opcua_proofer_into_twin_and_history_with_quality_offline_and_back
         stamp = time.time() - 5.0
         await plc.publish({"Temperature": 35.5, "Humidity": 78.25, "Setpoint": 36.0, "Running": True,
                            "BatchCount": 12}, stamp)
-        node = f"ns={plc.ns};s=Proofer."
         poll = 0.5
         gw = await start_gateway(mosquitto, **{"connectors.opcua": [{
             "name": "proofer-plc", "url": plc.serve.url, "thing": "proofer-201", "type": "proofer",
-            "poll_s": poll, "timeout_s": 1.0, "publishing_ms": 100,
-            "tags": [
-                {"feature": "climate", "property": "temperature", "node": node + "Temperature", "unit": "degC"},
-                {"feature": "climate", "property": "humidity", "node": node + "Humidity", "unit": "percent"},
-                {"feature": "climate", "property": "setpoint", "node": node + "Setpoint", "unit": "degC",
-                 "writable": True, "min": 20, "max": 45},
-                {"feature": "state", "property": "running", "node": node + "Running"},
-                {"feature": "state", "property": "batch_count", "node": node + "BatchCount"},
-            ]}]})
+            "poll_s": poll, "timeout_s": 1.0, "publishing_ms": 100, "tags": proofer_tags(f"ns={plc.ns};s=Proofer.")}]})
         await wait_for(lambda: props(gw, "proofer-201", "state").get("batch_count") == 12, 30)
         climate = props(gw, "proofer-201", "climate")
         assert climate == {"temperature": 35.5, "humidity": 78.25, "setpoint": 36.0}
@@ -199,14 +191,7 @@ async def test_s7_oven_into_twin_and_history_offline_and_back(
 
 def test_bad_opcua_and_s7_config_is_named_key_by_key(tmp_path: Path) -> None:
     path = tmp_path / "bad.toml"
-    path.write_text(f"""
-[gateway]
-site = "s1"
-line = "l1"
-id = "gw1"
-data_dir = "{tmp_path / 'data'}"
-[auth]
-open = true
+    path.write_text(open_gateway_toml(tmp_path) + f"""
 [[connectors.opcua]]
 name = "proofer-plc"
 url = "http://127.0.0.1:4840"

@@ -17,7 +17,7 @@ import aiomqtt
 import duckdb
 import pytest
 
-from tests.helpers import T_BASE, THINGS, auth, gateway_process, private_mosquitto, publish_lines
+from tests.helpers import T_BASE, THINGS, auth, gateway_process, private_mosquitto, publish_lines, stored_lines
 
 pytestmark = pytest.mark.slow
 
@@ -57,12 +57,7 @@ async def test_kill_9_at_random_moments_loses_and_doubles_nothing(tmp_path: Path
                 await asyncio.sleep(0.5)
             proc.send_signal(signal.SIGTERM)
             assert await asyncio.wait_for(proc.wait(), 20) == 0
-        con = duckdb.connect(str(tmp_path / "data" / "buffer.duckdb"), read_only=True)
-        rows = con.execute("SELECT s.thing_id, p.seq, count(*) FROM points p JOIN series s ON p.series = s.id "
-                           "WHERE s.path = 'v' GROUP BY ALL").fetchall()
-        con.close()
-        doubled = [(t, s, n) for t, s, n in rows if n > 1]
-        stored = {(t.split(":", 1)[1], s) for t, s, _ in rows}
+        doubled, stored = stored_lines(tmp_path / "data" / "buffer.duckdb")
         assert kills == 4
         assert not doubled, f"stored twice: {doubled[:10]}"
         assert stored == set(acked), (f"lost {len(set(acked) - stored)}, "

@@ -22,18 +22,7 @@ from aiohttp import web
 from gateway.detect.anomalies import exclusions
 from gateway.detect.models import ModelRegistry
 from gateway.detect.train import FeatureRows, train_model
-from tests.helpers import OPERATOR_KEY, VIEWER_KEY, GatewayFactory, auth, serve, wait_for
-
-RULES = """
-rules:
-  - name: zone too hot
-    kind: threshold
-    type: oven
-    feature: thermal
-    property: "temperature_zones[*]"
-    above: 250
-    severity: critical
-"""
+from tests.helpers import OPERATOR_KEY, VIEWER_KEY, ZONE_TOO_HOT_RULES, GatewayFactory, auth, serve, wait_for
 
 
 async def _webhook(fail_first: int) -> tuple[web.AppRunner, str, list[dict[str, Any]], list[str]]:
@@ -59,7 +48,7 @@ async def _webhook(fail_first: int) -> tuple[web.AppRunner, str, list[dict[str, 
 async def test_anomaly_reaches_websocket_status_api_and_webhook_then_operator_flow(
         mosquitto: tuple[str, int], start_gateway: GatewayFactory, tmp_path: Path) -> None:
     rules = tmp_path / "rules.yaml"
-    rules.write_text(RULES)
+    rules.write_text(ZONE_TOO_HOT_RULES)
     runner, url, got, keys = await _webhook(fail_first=2)
     try:
         gw = await start_gateway(mosquitto, **{"detect.enabled": True, "detect.rules_file": str(rules),
@@ -130,7 +119,7 @@ async def test_anomaly_reaches_websocket_status_api_and_webhook_then_operator_fl
 async def test_every_sample_of_a_batched_message_is_scored(mosquitto: tuple[str, int],
                                                            start_gateway: GatewayFactory, tmp_path: Path) -> None:
     rules = tmp_path / "rules.yaml"
-    rules.write_text(RULES)
+    rules.write_text(ZONE_TOO_HOT_RULES)
     gw = await start_gateway(mosquitto, **{"detect.enabled": True, "detect.rules_file": str(rules),
                                            "detect.tick_ms": 1000})
     now = time.time()
@@ -153,7 +142,7 @@ async def test_every_sample_of_a_batched_message_is_scored(mosquitto: tuple[str,
 async def test_deleting_a_thing_resolves_its_anomaly(mosquitto: tuple[str, int], start_gateway: GatewayFactory,
                                                      tmp_path: Path) -> None:
     rules = tmp_path / "rules.yaml"
-    rules.write_text(RULES)
+    rules.write_text(ZONE_TOO_HOT_RULES)
     gw = await start_gateway(mosquitto, **{"detect.enabled": True, "detect.rules_file": str(rules)})
     async with aiomqtt.Client(*mosquitto) as mqtt:
         await mqtt.publish(f"openegiz/{gw.site}/oven/oven-003/thermal/telemetry", json.dumps(
@@ -246,7 +235,7 @@ async def test_remaining_useful_life_from_a_rising_indicator(mosquitto: tuple[st
                                                               start_gateway: GatewayFactory,
                                                               tmp_path: Path) -> None:
     rules = tmp_path / "rules.yaml"
-    rules.write_text(RULES)
+    rules.write_text(ZONE_TOO_HOT_RULES)
     gw = await start_gateway(mosquitto, **{"detect.enabled": True, "detect.rules_file": str(rules)})
     now = time.time()
     # the last 3 hours, one reading a minute: zone 2 climbs 5 °C an hour from 200 °C (limit 250)

@@ -38,6 +38,7 @@ from tests.helpers import (
     TOKEN,
     AggregatorFactory,
     GatewayFactory,
+    RunningGateway,
     SitePki,
     aggregator_config,
     auth,
@@ -50,6 +51,7 @@ from tests.helpers import (
     topic,
     unique_site,
     uplink,
+    version_in_use,
     wait_for,
 )
 
@@ -68,6 +70,19 @@ def spki_pin(cert: Path) -> str:
     return fingerprints(ssl.PEM_cert_to_DER_cert(cert.read_text()))[1]
 
 
+async def one_through_one_refused(mosquitto: tuple[str, int], agg: Aggregator, through: tuple[RunningGateway, str],
+                                  refused: tuple[RunningGateway, str], per_thing: int, error: str) -> None:
+    """Both gateways (with their sites) publish `per_thing` points of one oven: the first's reach the aggregator
+    exactly, the second's forwarder fails with `error` and nothing of its site is stored."""
+    await publish_ovens(mosquitto, through[0], things=1, per_thing=per_thing)
+    await publish_ovens(mosquitto, refused[0], things=1, per_thing=per_thing)
+    await wait_for(lambda: exact(agg, through[1], 1, per_thing), timeout=20)
+    forwarder = refused[0].service.forwarder
+    assert forwarder is not None
+    await wait_for(lambda: error in forwarder.last_error, timeout=10)
+    assert agg.store.stored_seqs(f"{refused[1]}:oven-00", "temperature") == []
+
+
 async def test_uplink_accepts_the_site_ca_and_refuses_another(
         tmp_path: Path, mosquitto: tuple[str, int], site_pki: SitePki, start_gateway: GatewayFactory,
         start_aggregator: AggregatorFactory) -> None:
@@ -78,13 +93,7 @@ async def test_uplink_accepts_the_site_ca_and_refuses_another(
     gw = await start_gateway(mosquitto, **https_uplink(good, agg.http_port, **{"uplink.ca_file": str(site_pki.ca)}))
     fooled = await start_gateway(mosquitto, **https_uplink(bad, agg.http_port, token=OTHER_TOKEN,
                                                            **{"uplink.ca_file": str(site_pki.foreign_ca)}))
-    await publish_ovens(mosquitto, gw, things=1, per_thing=5)
-    await publish_ovens(mosquitto, fooled, things=1, per_thing=5)
-    await wait_for(lambda: exact(agg, good, 1, 5), timeout=20)
-    forwarder = fooled.service.forwarder
-    assert forwarder is not None
-    await wait_for(lambda: "certificate verify failed" in forwarder.last_error, timeout=10)
-    assert agg.store.stored_seqs(f"{bad}:oven-00", "temperature") == []
+    await one_through_one_refused(mosquitto, agg, (gw, good), (fooled, bad), 5, "certificate verify failed")
     # plain HTTP to the TLS port is no way around it
     async with aiohttp.ClientSession() as http:
         with pytest.raises(aiohttp.ClientError):
@@ -132,13 +141,7 @@ async def test_a_public_key_pin_accepts_its_key_and_refuses_another(
     pinned = await start_gateway(mosquitto, **https_uplink(site, agg.http_port, **right))
     wrong = await start_gateway(mosquitto, **https_uplink(other, agg.http_port, token=OTHER_TOKEN, **{
         "uplink.ca_file": str(site_pki.ca), "uplink.pin_sha256": [spki_pin(site_pki.server2[0])]}))
-    await publish_ovens(mosquitto, pinned, things=1, per_thing=3)
-    await publish_ovens(mosquitto, wrong, things=1, per_thing=3)
-    await wait_for(lambda: exact(agg, site, 1, 3), timeout=20)
-    forwarder = wrong.service.forwarder
-    assert forwarder is not None
-    await wait_for(lambda: "pin mismatch" in forwarder.last_error, timeout=10)
-    assert agg.store.stored_seqs(f"{other}:oven-00", "temperature") == []
+    await one_through_one_refused(mosquitto, agg, (pinned, site), (wrong, other), 3, "pin mismatch")
 
 
 async def test_client_certificates_are_required_where_configured(
@@ -355,12 +358,8 @@ async def test_a_swapped_model_is_refused_by_a_running_gateway_and_the_previous_
         det, fetcher = gw.service.detector, gw.service.model_fetcher
         assert det is not None and fetcher is not None
 
-        def in_use() -> str | None:
-            b = det.in_use.get("press")
-            return b.version if b is not None else None
-
-        await wait_for(lambda: in_use() == v1 or "press" in fetcher.errors, timeout=15)
-        assert in_use() == v1 and not fetcher.errors
+        await wait_for(lambda: version_in_use(det, "press") == v1 or "press" in fetcher.errors, timeout=15)
+        assert version_in_use(det, "press") == v1 and not fetcher.errors
 
         for mode, reason, count in (("forged", "does not match the aggregator's key", 1),
                                     ("unsigned", "the model is not signed", 2)):
@@ -369,13 +368,13 @@ async def test_a_swapped_model_is_refused_by_a_running_gateway_and_the_previous_
             await asyncio.sleep(0.6)  # a few more rounds: refused once, not again and again
             metrics = await (await gw.http.get(f"{gw.url}/metrics")).text()
             assert f'egiz_uplink_models_total{{result="bad_signature"}} {count}.0' in metrics
-            assert in_use() == v1
+            assert version_in_use(det, "press") == v1
             assert not (Path(gw.config.models_dir) / "press" / "evil").exists()  # not even downloaded
 
         # the genuine path again: the aggregator's own next version is taken
         mitm.mode = "pass"
         central.activate("press", v2)
-        await wait_for(lambda: in_use() == v2, timeout=15)
+        await wait_for(lambda: version_in_use(det, "press") == v2, timeout=15)
         assert "press" not in fetcher.errors
     finally:
         await runner.cleanup()

@@ -13,7 +13,6 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import aiohttp
-import duckdb
 import pytest
 
 from gateway.broker import find_free_port
@@ -26,6 +25,7 @@ from tests.helpers import (
     gateway_process,
     private_mosquitto,
     publish_lines,
+    stored_lines,
 )
 
 pytestmark = pytest.mark.slow
@@ -81,12 +81,7 @@ async def test_kills_and_outages_on_both_ends_lose_and_double_nothing(tmp_path: 
             agg.send_signal(signal.SIGTERM)
             assert await asyncio.wait_for(gw.wait(), 20) == 0
             assert await asyncio.wait_for(agg.wait(), 20) == 0
-        con = duckdb.connect(str(tmp_path / "aggregator" / "aggregator.duckdb"), read_only=True)
-        rows = con.execute("SELECT s.thing_id, p.seq, count(*) FROM points p JOIN series s ON p.series = s.id "
-                           "WHERE s.path = 'v' GROUP BY ALL").fetchall()
-        con.close()
-        doubled = [(t, s, c) for t, s, c in rows if c > 1]
-        stored = {(t.split(":", 1)[1], s) for t, s, _ in rows}
+        doubled, stored = stored_lines(tmp_path / "aggregator" / "aggregator.duckdb")
         assert not doubled, f"stored twice centrally: {doubled[:10]}"
         assert stored == set(acked), f"lost {len(set(acked) - stored)}, unexpected {len(stored - set(acked))}"
         assert len(acked) == THINGS * per_thing

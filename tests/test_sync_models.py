@@ -27,6 +27,7 @@ from tests.helpers import (
     aggregator_config,
     unique_site,
     uplink,
+    version_in_use,
     wait_for,
 )
 
@@ -55,16 +56,12 @@ async def test_gateway_fetches_central_models_and_refuses_a_broken_one(
     det, fetcher = gw.service.detector, gw.service.model_fetcher
     assert det is not None and fetcher is not None
 
-    def in_use() -> str | None:
-        b = det.in_use.get("press")
-        return b.version if b is not None else None
-
-    await wait_for(lambda: in_use() == v1 or "press" in fetcher.errors, timeout=10)
-    assert not fetcher.errors and in_use() == v1, fetcher.errors
+    await wait_for(lambda: version_in_use(det, "press") == v1 or "press" in fetcher.errors, timeout=10)
+    assert not fetcher.errors and version_in_use(det, "press") == v1, fetcher.errors
     assert (Path(gw.config.gateway.data_dir) / "models" / "press" / v1 / "model.json").is_file()
     central.activate("press", v2)
-    await wait_for(lambda: in_use() == v2 or "press" in fetcher.errors, timeout=10)
-    assert not fetcher.errors and in_use() == v2, fetcher.errors
+    await wait_for(lambda: version_in_use(det, "press") == v2 or "press" in fetcher.errors, timeout=10)
+    assert not fetcher.errors and version_in_use(det, "press") == v2, fetcher.errors
 
     # a version whose ONNX file does not match its own manifest, published without the central check
     broken = central.root / "press" / "broken"
@@ -74,7 +71,7 @@ async def test_gateway_fetches_central_models_and_refuses_a_broken_one(
     (broken / "autoencoder.onnx").write_bytes(bytes(blob))
     (central.root / "press" / "active.json").write_text(json.dumps({"version": "broken", "history": [v1, v2]}))
     await wait_for(lambda: "press" in fetcher.errors, timeout=10)
-    assert "corrupt" in fetcher.errors["press"] and in_use() == v2
+    assert "corrupt" in fetcher.errors["press"] and version_in_use(det, "press") == v2
     metrics = await (await gw.http.get(f"{gw.url}/metrics")).text()
     assert 'egiz_uplink_models_total{result="refused"} 1.0' in metrics
 

@@ -6,14 +6,11 @@ import asyncio
 import itertools
 import random
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import numpy as np
 import pyarrow as pa
-import pytest
 
 from gateway.common.wire import POINTS, Batch, encode
 from tests.helpers import (
@@ -23,28 +20,11 @@ from tests.helpers import (
     aggregator_config,
     auth,
     exact,
-    need_service,
     publish_ovens,
     unique_site,
     uplink,
     wait_for,
 )
-
-PG_HOST, PG_PORT = "127.0.0.1", 5432
-
-
-@pytest.fixture
-def pg_dsn() -> Iterator[str]:
-    need_service(PG_HOST, PG_PORT, "PostgreSQL", "apt-get install postgresql")
-    import psycopg
-
-    name = f"egiz_t_{uuid.uuid4().hex[:12]}"
-    admin = f"postgresql://postgres@{PG_HOST}:{PG_PORT}/postgres"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    yield f"postgresql://postgres@{PG_HOST}:{PG_PORT}/{name}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 def batches(gateway: str, site: str, count: int, per_batch: int) -> list[bytes]:

@@ -14,6 +14,7 @@ from tests.helpers.configs import (
     auth,
     gateway_config,
     gateway_toml,
+    open_gateway_toml,
     unique_site,
     uplink,
     write_toml,
@@ -26,20 +27,31 @@ from tests.helpers.gateways import (
     gateway_process,
 )
 from tests.helpers.lifecycle import all_stopped
-from tests.helpers.models import press_rows, train_press_versions
+from tests.helpers.models import ZONE_TOO_HOT_RULES, press_rows, train_press_versions, version_in_use
 from tests.helpers.pki import SitePki, make_site_pki
 from tests.helpers.processes import EGIZ, egiz_process, wait_ready
 from tests.helpers.services import BROKER_HOST, BROKER_PORT, need, need_mosquitto, need_service
-from tests.helpers.telemetry import T_BASE, THINGS, exact, publish_lines, publish_ovens, reading, telemetry, topic
+from tests.helpers.telemetry import (
+    T_BASE,
+    THINGS,
+    exact,
+    publish_lines,
+    publish_ovens,
+    reading,
+    stored_lines,
+    telemetry,
+    topic,
+)
 from tests.helpers.waiting import wait_for, wait_until
 from tests.helpers.web import serve
 
 __all__ = [
     "ADMIN_KEY", "BROKER_HOST", "BROKER_PORT", "EGIZ", "OPERATOR_KEY", "OTHER_TOKEN", "THINGS", "TOKEN", "T_BASE",
-    "VIEWER_KEY", "AggregatorFactory", "GatewayFactory", "GatewayProcess", "RunningGateway", "aggregator_config",
+    "VIEWER_KEY", "ZONE_TOO_HOT_RULES", "AggregatorFactory", "GatewayFactory", "GatewayProcess", "RunningGateway",
+    "aggregator_config",
     "aggregator_toml", "all_stopped", "auth", "egiz_process", "exact", "gateway_config", "gateway_process",
     "gateway_toml", "need", "need_mosquitto", "need_service", "private_mosquitto", "publish_lines", "publish_ovens",
-    "reading", "receive", "serve", "telemetry", "topic", "unique_site", "uplink", "wait_for", "wait_ready",
-    "wait_until", "write_toml",
+    "reading", "receive", "serve", "telemetry", "topic", "unique_site", "uplink", "version_in_use", "wait_for",
+    "wait_ready", "wait_until", "write_toml",
 ]
-__all__ += ["SitePki", "make_site_pki", "press_rows", "train_press_versions"]
+__all__ += ["SitePki", "make_site_pki", "open_gateway_toml", "press_rows", "stored_lines", "train_press_versions"]

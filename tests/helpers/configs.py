@@ -132,3 +132,16 @@ def aggregator_toml(tmp: Path, port: int, site: str, token: str = TOKEN, **secti
         "log": {"format": "json", "level": "warning"},
     }
     return write_toml(tmp / "aggregator.toml", merged(base, sections))
+
+
+def open_gateway_toml(tmp_path: Path) -> str:
+    """The head of a gateway TOML that needs nothing more: site s1, line l1, gateway gw1, its data under
+    `tmp_path`, an open API; a test adds the sections it is about."""
+    return f"""
+[gateway]
+site = "s1"
+line = "l1"
+id = "gw1"
+data_dir = "{tmp_path / 'data'}"
+[auth]
+open = true"""

@@ -1,4 +1,5 @@
-"""Telemetry as nodes send it: payload builders and publishers onto a broker."""
+"""Telemetry as nodes send it: payload builders and publishers onto a broker, and what a store file kept of
+`publish_lines`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aiomqtt
+import duckdb
 
 if TYPE_CHECKING:
     from cloud_sync.aggregator import Aggregator
@@ -75,3 +77,14 @@ def exact(agg: Aggregator, site: str, things: int, per_thing: int) -> bool:
         if seqs != [(s, 1) for s in range(1, per_thing + 1)]:
             return False
     return True
+
+
+def stored_lines(db: Path) -> tuple[list[tuple[str, int, int]], set[tuple[str, int]]]:
+    """What the DuckDB file `db` (closed by its owner) holds of `publish_lines`: `(thing, seq, copies)` of
+    every value stored twice or more, and every `(equipment id, seq)` stored."""
+    con = duckdb.connect(str(db), read_only=True)
+    rows = con.execute("SELECT s.thing_id, p.seq, count(*) FROM points p JOIN series s ON p.series = s.id "
+                       "WHERE s.path = 'v' GROUP BY ALL").fetchall()
+    con.close()
+    doubled = [(t, s, n) for t, s, n in rows if n > 1]
+    return doubled, {(t.split(":", 1)[1], s) for t, s, _ in rows}
