@@ -204,17 +204,14 @@ class AnomalyDetector:
     async def acknowledge(self, anomaly_id: str, by: str, note: str = "") -> Anomaly:
         now = time.time()
         a = await self._call(self.core.acknowledge, anomaly_id, by, note, now)
-        if a is not None:
-            a = copy.copy(a)
-        else:
-            stored = await self.log.get(anomaly_id)
-            if stored is None:
-                raise AnomalyNotFound(f"no anomaly {anomaly_id!r}", anomaly_id=anomaly_id)
-            if stored.state == "resolved":
+        if a is None:  # not active in the core
+            a = await self._logged(anomaly_id)
+            if a.state == "resolved":
                 raise AnomalyStateError(f"anomaly {anomaly_id} is already resolved", anomaly_id=anomaly_id)
-            stored.state, stored.acknowledged_at, stored.acknowledged_by = "acknowledged", now, by
-            stored.note = note or stored.note
-            a = stored
+            a.state, a.acknowledged_at, a.acknowledged_by = "acknowledged", now, by
+            a.note = note or a.note
+        else:
+            a = copy.copy(a)
         await self.log.save([a])
         self._announce("AnomalyAcknowledged", a, a.to_json(), now)
         return a
@@ -223,21 +220,25 @@ class AnomalyDetector:
         """An operator closes an anomaly, optionally as a false positive (kept, labelled, for retraining)."""
         now = time.time()
         a = await self._call(self.core.close, anomaly_id, by, note, false_positive, now)
-        if a is not None:
-            a = copy.copy(a)
+        if a is None:  # not active in the core
+            a = await self._logged(anomaly_id)
+            if a.state != "resolved":  # active in the log but not in the core (its Thing was deleted)
+                a.state, a.resolved_at, a.resolved_by = "resolved", now, by
+            a.note = note or a.note
+            a.false_positive = a.false_positive or false_positive  # a later label is still welcome
         else:
-            stored = await self.log.get(anomaly_id)
-            if stored is None:
-                raise AnomalyNotFound(f"no anomaly {anomaly_id!r}", anomaly_id=anomaly_id)
-            if stored.state != "resolved":  # active in the log but not in the core (its Thing was deleted)
-                stored.state, stored.resolved_at, stored.resolved_by = "resolved", now, by
-            stored.note = note or stored.note
-            stored.false_positive = stored.false_positive or false_positive  # a later label is still welcome
-            a = stored
+            a = copy.copy(a)
         await self.log.save([a])
         self._announce("AnomalyResolved", a, a.to_json(), now)
         self._m.anomalies_active.set(len(await self.log.active()))
         return a
+
+    async def _logged(self, anomaly_id: str) -> Anomaly:
+        """The anomaly as the log holds it, or AnomalyNotFound."""
+        stored = await self.log.get(anomaly_id)
+        if stored is None:
+            raise AnomalyNotFound(f"no anomaly {anomaly_id!r}", anomaly_id=anomaly_id)
+        return stored
 
     # ----------------------------------------------------------------- models
     async def _housekeeping(self) -> None:
