@@ -30,15 +30,20 @@ async def list_nodes(request: web.Request) -> web.Response:
 @requires("admin")
 async def approve(request: web.Request) -> web.Response:
     """Create the node's Thing and MQTT user, update the broker, hand the credentials to the node."""
-    parts = request.app[PARTS]
-    node = await _provisioner(parts).approve(check_node_id(request.match_info["id"]))
-    return web.json_response(node.to_json(parts.config.gateway.site))
+    return await _decide(request, approve=True)
 
 
 @routes.post("/api/v1/nodes/{id}/reject")
 @requires("admin")
 async def reject(request: web.Request) -> web.Response:
     """Refuse the node: no MQTT user (any it had is removed); it stays listed as rejected."""
+    return await _decide(request, approve=False)
+
+
+async def _decide(request: web.Request, *, approve: bool) -> web.Response:
+    """An admin's decision on the node the path names; the node as it stands after it."""
     parts = request.app[PARTS]
-    node = await _provisioner(parts).reject(check_node_id(request.match_info["id"]))
+    prov = _provisioner(parts)
+    node_id = check_node_id(request.match_info["id"])
+    node = await (prov.approve(node_id) if approve else prov.reject(node_id))
     return web.json_response(node.to_json(parts.config.gateway.site))

@@ -107,6 +107,28 @@ class ThingDoc:
         return feature_properties(self.doc, "connectivity").get("state") == "offline"
 
 
+def _members(doc: Any, what: str, *keys: str) -> list[Any]:
+    """The values of `keys` in the upstream document `doc` (None where absent), or ValueError unless it is an
+    object."""
+    if not isinstance(doc, dict):
+        raise ValueError(f"{what} must be an object")
+    return [doc.get(k) for k in keys]
+
+
+def _document_id(value: Any, what: str) -> str:
+    """The id of an upstream document: a string of 1 to MAX_ID characters."""
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_ID:
+        raise ValueError(f"{what} id must be a string of 1-{MAX_ID} characters")
+    return value
+
+
+def _thing_ref(value: Any, what: str) -> str:
+    """The `thingId` a document of `what` names: a Thing id (site:equipment)."""
+    if not isinstance(value, str) or not THING_ID_RE.match(value):
+        raise ValueError(f"{what}: thingId {str(value)[:80]!r} is not a Thing id")
+    return value
+
+
 @dataclass(frozen=True)
 class AnomalyDoc:
     """An anomaly document as it travels upstream, checked once."""
@@ -121,14 +143,10 @@ class AnomalyDoc:
 
     @classmethod
     def parse(cls, doc: Any) -> AnomalyDoc:
-        if not isinstance(doc, dict):
-            raise ValueError("an anomaly document must be an object")
-        aid, tid, state, sev, opened, score = (doc.get(k) for k in
-                                                ("id", "thingId", "state", "severity", "openedAt", "score"))
-        if not isinstance(aid, str) or not 0 < len(aid) <= MAX_ID:
-            raise ValueError(f"anomaly id must be a string of 1-{MAX_ID} characters")
-        if not isinstance(tid, str) or not THING_ID_RE.match(tid):
-            raise ValueError(f"anomaly {aid}: thingId {str(tid)[:80]!r} is not a Thing id")
+        aid, tid, state, sev, opened, score = _members(doc, "an anomaly document", "id", "thingId", "state",
+                                                       "severity", "openedAt", "score")
+        aid = _document_id(aid, "anomaly")
+        tid = _thing_ref(tid, f"anomaly {aid}")
         if state not in ANOMALY_STATES:
             raise ValueError(f"anomaly {aid}: state must be one of {', '.join(sorted(ANOMALY_STATES))}")
         if not isinstance(sev, str) or len(sev) > 32:
@@ -186,13 +204,9 @@ class OeePeriodDoc:
 
     @classmethod
     def parse(cls, doc: Any) -> OeePeriodDoc:
-        if not isinstance(doc, dict):
-            raise ValueError("an OEE period must be an object")
-        fields: list[Any] = [doc.get(k) for k in ("thingId", "line", "hour", "day", "shift", "planned", "totals",
-                                                   "updatedAt")]
-        tid, line, hour, day, shift, planned, totals, updated = fields
-        if not isinstance(tid, str) or not THING_ID_RE.match(tid):
-            raise ValueError(f"OEE period: thingId {str(tid)[:80]!r} is not a Thing id")
+        tid, line, hour, day, shift, planned, totals, updated = _members(
+            doc, "an OEE period", "thingId", "line", "hour", "day", "shift", "planned", "totals", "updatedAt")
+        tid = _thing_ref(tid, "OEE period")
         for name, value in (("line", line), ("day", day), ("shift", shift)):
             if not isinstance(value, str) or len(value) > MAX_ID:
                 raise ValueError(f"OEE period of {tid}: {name} must be a string of at most {MAX_ID} characters")
@@ -226,14 +240,9 @@ class OeeEventDoc:
 
     @classmethod
     def parse(cls, doc: Any) -> OeeEventDoc:
-        if not isinstance(doc, dict):
-            raise ValueError("an OEE event must be an object")
-        fields: list[Any] = [doc.get(k) for k in ("id", "thingId", "line", "state", "reason")]
-        eid, tid, line, state, reason = fields
-        if not isinstance(eid, str) or not 0 < len(eid) <= MAX_ID:
-            raise ValueError(f"OEE event id must be a string of 1-{MAX_ID} characters")
-        if not isinstance(tid, str) or not THING_ID_RE.match(tid):
-            raise ValueError(f"OEE event {eid}: thingId {str(tid)[:80]!r} is not a Thing id")
+        eid, tid, line, state, reason = _members(doc, "an OEE event", "id", "thingId", "line", "state", "reason")
+        eid = _document_id(eid, "OEE event")
+        tid = _thing_ref(tid, f"OEE event {eid}")
         if state not in OEE_STATES:
             raise ValueError(f"OEE event {eid}: state must be one of {', '.join(OEE_STATES)}")
         for name, value in (("line", line), ("reason", reason)):
@@ -242,7 +251,7 @@ class OeeEventDoc:
         nums = [doc.get(k) for k in ("start", "end", "plannedS", "updatedAt")]
         if not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in nums):
             raise ValueError(f"OEE event {eid}: start, end, plannedS and updatedAt must be finite numbers")
-        start, end, planned_s, updated = (float(v) for v in nums)  # type: ignore[arg-type]
+        start, end, planned_s, updated = (float(v) for v in nums)
         if end < start or planned_s < 0:
             raise ValueError(f"OEE event {eid}: end must not be before start, plannedS not negative")
         return cls(eid, tid, line, state, start, end, planned_s, reason, updated, doc)
