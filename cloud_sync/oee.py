@@ -9,11 +9,9 @@ combination of their lines.
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,6 +20,7 @@ from aiohttp import web
 from gateway.common.errors import Invalid
 from gateway.common.history import parse_time
 from gateway.common.oee import STOP_STATES, SUMMED, Totals, downtime_answer, oee_answer
+from gateway.common.sqlite import SqliteWorker
 from gateway.common.wire import OEE_STATES, Batch
 
 T = TypeVar("T")
@@ -71,34 +70,17 @@ class CentralOee:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="aggregator-oee")
-        self._conn: sqlite3.Connection | None = None
+        self._worker = SqliteWorker(path)
 
     async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        def run() -> T:
-            assert self._conn is not None, "CentralOee.open() was not awaited"
-            return fn(self._conn)
-
-        return await asyncio.get_running_loop().run_in_executor(self._executor, run)
+        return await self._worker.call(lambda db: fn(db.conn))
 
     async def open(self) -> None:
-        def open_() -> None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=NORMAL")
-            self._conn.executescript(SCHEMA)
-
-        await asyncio.get_running_loop().run_in_executor(self._executor, open_)
+        await self._worker.open()
+        await self._call(lambda conn: conn.executescript(SCHEMA))
 
     async def close(self) -> None:
-        def close() -> None:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-        await asyncio.get_running_loop().run_in_executor(self._executor, close)
-        self._executor.shutdown(wait=True)
+        await self._worker.close()
 
     async def apply(self, batch: Batch) -> None:
         """Keep the batch's records where they are newer than what is stored."""

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gateway.common.sqlite import SqliteWorker
 from gateway.common.timefmt import iso_utc
-from gateway.sqlite import SqliteWorker
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS alarm_actions (

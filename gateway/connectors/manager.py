@@ -22,12 +22,12 @@ import sqlite_utils
 
 from gateway.common import settings
 from gateway.common.errors import Conflict, Invalid, NotFound
+from gateway.common.sqlite import SqliteWorker
 from gateway.connectors.base import DeviceConfig, DeviceError, ProtocolSpec, SharedLinks, TagValue, WriteRefused
 from gateway.connectors.config import ConnectorsSection, ModbusDevice, OpcUaDevice, S7Device, device_problems
 from gateway.connectors.health import ConnectorMetrics, HealthSnapshot
 from gateway.connectors.register_map import RegisterMapError, with_register_map
 from gateway.connectors.runner import DeviceRunner, HealthSink
-from gateway.sqlite import SqliteWorker
 
 log = logging.getLogger(__name__)
 TABLE = "connector_devices"

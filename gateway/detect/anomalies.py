@@ -14,8 +14,8 @@ from typing import Any
 
 import sqlite_utils
 
+from gateway.common.sqlite import SqliteWorker
 from gateway.detect.core import Anomaly
-from gateway.sqlite import SqliteWorker
 
 TABLE = "anomalies"
 STATES = ("open", "acknowledged", "resolved")

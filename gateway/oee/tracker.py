@@ -22,13 +22,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from gateway.bus import EventBus, StateChanged, Subscription, ThingLifecycle
 from gateway.common.errors import Invalid, NotFound
 from gateway.common.oee import Totals
+from gateway.common.sqlite import SqliteWorker
 from gateway.common.tasks import cancel_and_wait
 from gateway.common.wire import OeeEventDoc, OeePeriodDoc
 from gateway.oee import store
 from gateway.oee.calendar import ShiftCalendar
 from gateway.oee.machine import MachineTracker, OperatorState, Period, PeriodKey, StateEvent
 from gateway.oee.settings import OPERATOR_STATES, MachineRules, OeeSection, TypeRules
-from gateway.sqlite import SqliteWorker
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -20,7 +20,7 @@ from typing import Literal
 
 import sqlite_utils
 
-from gateway.sqlite import SqliteWorker
+from gateway.common.sqlite import SqliteWorker
 
 State = Literal["held", "resend"]
 
