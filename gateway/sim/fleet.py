@@ -29,6 +29,7 @@ from aiomqtt.exceptions import MqttConnectError
 
 from gateway import __version__
 from gateway.common.backoff import full_jitter
+from gateway.sim.clock import RunClock
 from gateway.sim.equipment import BUSINESS_CONTEXT, EQUIPMENT_TYPES, ActiveFault, Properties, make_model
 from gateway.sim.faults import FaultItem, FaultSchedule, SimError, TruthRecord, TruthWriter, check_faults
 from gateway.sim.production import ProductionModel, ProductionTruth
@@ -588,10 +589,6 @@ class _Node:
 
 
 # ------------------------------------------------------------------------------------------ fleet
-def _local_hour(ts: float) -> float:
-    return ((ts + time.localtime(ts).tm_gmtoff) % 86_400.0) / 3600.0
-
-
 def _seeded(seed: int | None, name: str) -> random.Random:
     # One stream per name, so a node's signals do not change when the fleet around it does.
     return random.Random(f"{seed}:{name}") if seed is not None else random.Random()
@@ -638,35 +635,31 @@ class _Fleet:
         """Sample every node on a fixed schedule until the duration is over or `stop` is set."""
         o = self.options
         loop = asyncio.get_running_loop()
-        period = 1.0 / o.rate_hz
-        dt_s = period * o.time_scale
-        t0 = loop.time()
-        end = t0 + o.duration_s if o.duration_s is not None else math.inf
-        clock0 = o.clock_start if o.clock_start is not None else time.time()
+        clock = RunClock.start(o.rate_hz, o.time_scale, o.duration_s, o.clock_start)
         tick = 0
-        next_progress = t0
+        next_progress = clock.t0
         try:
             while not stop.is_set():
                 now = loop.time()
-                if now >= end:
+                if now >= clock.end:
                     break
-                due = t0 + tick * period
+                due = clock.t0 + tick * clock.period
                 if now < due:
-                    await _wait(stop, min(due, end) - now)
+                    await _wait(stop, min(due, clock.end) - now)
                     continue
-                behind = int((now - due) / period)
+                behind = int((now - due) / clock.period)
                 if behind:  # like a node whose loop overran: the missed samples are simply not taken
                     tick += behind
                     self.stats.late_ticks += behind
-                elapsed_s = tick * dt_s
-                self._tick(elapsed_s, dt_s, _local_hour(clock0 + elapsed_s), truth)
+                elapsed_s = tick * clock.dt_s
+                self._tick(elapsed_s, clock.dt_s, clock.hour(elapsed_s), truth)
                 tick += 1
-                self.stats.elapsed_s = now - t0
+                self.stats.elapsed_s = now - clock.t0
                 if on_progress is not None and now >= next_progress:
                     next_progress = now + PROGRESS_EVERY_S
                     on_progress(self.stats)
         finally:
-            self.stats.elapsed_s = loop.time() - t0
+            self.stats.elapsed_s = loop.time() - clock.t0
             self._finish(truth, loop.time() + o.drain_timeout_s)
 
     def _tick(self, elapsed_s: float, dt_s: float, hour: float, truth: TruthWriter) -> None:

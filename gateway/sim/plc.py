@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.connectors.config import ModbusTag
+from gateway.sim.clock import RunClock, local_hour
 from gateway.sim.equipment import EquipmentModel, make_model
 from gateway.sim.faults import ActiveFault, FaultItem, FaultSchedule, TruthRecord, TruthWriter
 from gateway.sim.modbus_plc import ModbusPlcServer, RegisterMemory
@@ -201,28 +202,24 @@ class PlcLine:
     async def run(self, stop: asyncio.Event, on_ready: Callable[[PlcLine], None] | None = None) -> None:
         """Serve until `stop` (or the duration); faults still open at the end are written to the truth."""
         o = self.opts
-        period = 1.0 / o.rate_hz
-        dt_s = period * o.time_scale
         with TruthWriter(o.truth_path) as truth:
-            self.tick(0.0, dt_s, _local_hour(time.time()), truth)
+            self.tick(0.0, 1.0 / o.rate_hz * o.time_scale, local_hour(time.time()), truth)
             await self.server.start()
             if on_ready is not None:
                 on_ready(self)
             loop = asyncio.get_running_loop()
-            t0 = loop.time()
-            clock0 = time.time()
-            end = t0 + o.duration_s if o.duration_s is not None else math.inf
+            clock = RunClock.start(o.rate_hz, o.time_scale, o.duration_s)
             tick = 1
             try:
-                while not stop.is_set() and loop.time() < end:
-                    due = t0 + tick * period
+                while not stop.is_set() and loop.time() < clock.end:
+                    due = clock.t0 + tick * clock.period
                     delay = due - loop.time()
                     if delay > 0:
                         with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(stop.wait(), timeout=min(delay, end - loop.time()))
+                            await asyncio.wait_for(stop.wait(), timeout=min(delay, clock.end - loop.time()))
                         continue
-                    elapsed_s = tick * dt_s
-                    self.tick(elapsed_s, dt_s, _local_hour(clock0 + elapsed_s), truth)
+                    elapsed_s = tick * clock.dt_s
+                    self.tick(elapsed_s, clock.dt_s, clock.hour(elapsed_s), truth)
                     tick += 1
             finally:
                 now = time.time()
@@ -230,10 +227,6 @@ class PlcLine:
                     self._record(fault, now, truth)
                 self.schedule.active.clear()
                 await self.server.stop()
-
-
-def _local_hour(ts: float) -> float:
-    return ((ts + time.localtime(ts).tm_gmtoff) % 86_400.0) / 3600.0
 
 
 def gateway_toml(line: PlcLine, poll_s: float = 1.0, host: str | None = None) -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import random
 import time
 from collections.abc import Mapping
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Literal
 
 from gateway.common.series import flatten
+from gateway.sim.clock import RunClock
 from gateway.sim.equipment import ActiveFault, make_model, production_level
 from gateway.sim.faults import FaultItem, FaultSchedule, SimError, TruthRecord, TruthWriter
 from gateway.sim.plc_image import PLC_TYPES, POINTS, PlcImage, PlcPoint, PlcValues
@@ -94,11 +94,7 @@ class PlcSimulation:
         """Serve until `duration_s` is over or `stop` is set; the server is stopped on the way out."""
         o = self.options
         loop = asyncio.get_running_loop()
-        period = 1.0 / o.rate_hz
-        dt_s = period * o.time_scale
-        t0 = loop.time()
-        end = t0 + o.duration_s if o.duration_s is not None else math.inf
-        clock0 = o.clock_start if o.clock_start is not None else time.time()
+        clock = RunClock.start(o.rate_hz, o.time_scale, o.duration_s, o.clock_start)
         # building a server can take seconds (asyncua's address space): a stop meanwhile ends it at once
         starting = asyncio.ensure_future(self.image.start())
         stopped = asyncio.ensure_future(stop.wait())
@@ -113,16 +109,16 @@ class PlcSimulation:
         tick = 0
         with TruthWriter(o.truth_path) as truth:
             try:
-                while not stop.is_set() and loop.time() < end:
-                    elapsed_s = tick * dt_s
-                    await self._tick(elapsed_s, dt_s, _local_hour(clock0 + elapsed_s), truth)
+                while not stop.is_set() and loop.time() < clock.end:
+                    elapsed_s = tick * clock.dt_s
+                    await self._tick(elapsed_s, clock.dt_s, clock.hour(elapsed_s), truth)
                     tick += 1
-                    due = t0 + tick * period
+                    due = clock.t0 + tick * clock.period
                     if due > loop.time():
                         with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(stop.wait(), timeout=min(due, end) - loop.time())
+                            await asyncio.wait_for(stop.wait(), timeout=min(due, clock.end) - loop.time())
                     else:
-                        tick += int((loop.time() - due) / period)  # overran: skip, do not burst
+                        tick += int((loop.time() - due) / clock.period)  # overran: skip, do not burst
             finally:
                 now = time.time()
                 for fault in self.schedule.active:
@@ -194,10 +190,6 @@ class PlcSimulation:
         truth.write(TruthRecord(f"{self.options.site}:{fault.equipment_id}", fault.kind, round(fault.started_at, 3),
                                 round(end, 3), fault.target.feature, fault.target.property))
         self.stats.faults += 1
-
-
-def _local_hour(ts: float) -> float:
-    return ((ts + time.localtime(ts).tm_gmtoff) % 86_400.0) / 3600.0
 
 
 def _same(a: object, b: object) -> bool:

@@ -9,9 +9,10 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from gateway.sim.clock import local_hour
 from gateway.sim.equipment import Properties, make_model
 from gateway.sim.faults import FaultItem, FaultSchedule, TruthRecord
-from gateway.sim.fleet import FleetOptions, _local_hour, _seeded, fleet_things
+from gateway.sim.fleet import FleetOptions, _seeded, fleet_things
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ class Trace:
                     down.add(f.equipment_id)
                 else:
                     models[f.equipment_id].faults.append(f)
-            hour = _local_hour(ts)
+            hour = local_hour(ts)
             for eid, etype in things:
                 if eid in down:
                     continue
