@@ -60,6 +60,14 @@ def lines_of(site: str) -> tuple[tuple[str, str, str, str], ...]:
             ("gw-c", THIRD_TOKEN, "other-site", "line-1"))
 
 
+@pytest.fixture
+async def site_aggregator(tmp_path: Path, backend: dict[str, Any],
+                          start_aggregator: AggregatorFactory) -> tuple[str, Aggregator]:
+    """A site of the test's own and an aggregator on the test's backend taking the gateways of `lines_of` it."""
+    site = unique_site()
+    return site, await start_aggregator(aggregator_config(tmp_path, *lines_of(site), **backend))
+
+
 def thing_doc(tid: str, version: int, line: str) -> dict[str, Any]:
     return {"id": tid, "type": "oven", "version": version, "lastUpdated": "2026-01-01T00:00:00Z",
             "metadata": {"name": tid, "line": line}, "features": {}}
@@ -102,9 +110,8 @@ async def post(http: aiohttp.ClientSession, agg: Aggregator | int, body: bytes, 
 # --------------------------------------------------------------------------------- ownership
 
 async def test_a_gateway_with_its_own_token_cannot_touch_another_gateways_thing_or_anomaly(
-        tmp_path: Path, backend: dict[str, Any], start_aggregator: AggregatorFactory) -> None:
-    site = unique_site()
-    agg = await start_aggregator(aggregator_config(tmp_path, *lines_of(site), **backend))
+        site_aggregator: tuple[str, Aggregator]) -> None:
+    site, agg = site_aggregator
     oven_b = f"{site}:oven-b"
     async with aiohttp.ClientSession() as http:
         # gw-b registers its oven, five points and an anomaly: the first to write them, it owns them
@@ -172,10 +179,8 @@ async def publish(broker: tuple[str, int], site: str, equipment: str, seqs: rang
 
 
 async def test_two_lines_of_one_site_the_forwarder_quarantines_a_foreign_thing_and_sends_the_rest(
-        tmp_path: Path, backend: dict[str, Any], start_gateway: GatewayFactory,
-        start_aggregator: AggregatorFactory) -> None:
-    site = unique_site()
-    agg = await start_aggregator(aggregator_config(tmp_path, *lines_of(site), **backend))
+        tmp_path: Path, site_aggregator: tuple[str, Aggregator], start_gateway: GatewayFactory) -> None:
+    site, agg = site_aggregator
     oven_a, oven_b = f"{site}:oven-a", f"{site}:oven-b"
     # each line has its own broker, as on the floor
     async with private_mosquitto(tmp_path / "line-1") as broker_1, private_mosquitto(tmp_path / "line-2") as broker_2:
@@ -284,9 +289,8 @@ async def test_a_decompression_bomb_is_refused_before_it_is_inflated(tmp_path: P
 
 
 async def test_negative_absurd_times_deep_headers_and_bad_strings_are_a_400_naming_the_thing(
-        tmp_path: Path, backend: dict[str, Any], start_aggregator: AggregatorFactory) -> None:
-    site = unique_site()
-    agg = await start_aggregator(aggregator_config(tmp_path, *lines_of(site), **backend))
+        site_aggregator: tuple[str, Aggregator]) -> None:
+    site, agg = site_aggregator
     oven = f"{site}:oven-a"
     async with aiohttp.ClientSession() as http:
         for ts in (-5.0, 0.0, 1e12, NOW + 365 * 86400):
