@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import resource
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,25 @@ def emit(figure: str, value: float, unit: str, target: str, **extra: Any) -> Non
 
 
 # ------------------------------------------------------------------------------------ OPC UA
+@contextlib.asynccontextmanager
+async def serving(args: list[str], what: str, start_timeout_s: float) -> AsyncIterator[None]:
+    """This script again in a process of its own with `args`, serving `what` until the block ends (its stdin
+    closes): the servers never share the measured gateway's CPU."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, *args,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), start_timeout_s)
+        if line.strip() != b"ready":
+            raise SystemExit(f"{what} did not start: {line!r}")
+        yield
+    finally:
+        if proc.stdin is not None:
+            proc.stdin.close()
+        await asyncio.wait_for(proc.wait(), 30)
+
+
 async def serve_opcua(port: int, items: int) -> None:
     """asyncua's server with `items` Double variables, each rewritten with the time of writing as fast
     as the server takes it, until stdin closes."""
@@ -70,14 +91,7 @@ async def opcua_subscription_updates(items: int, seconds: float, publishing_ms: 
     """Data-change notifications/s of one OPC UA subscription (`items` monitored items, sampling 0: every
     change) that reach the twin through the gateway, and the server write → StateChanged latency."""
     port = find_free_port()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, __file__, "--serve-opcua", str(port), "--opcua-items", str(items),
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    try:
-        assert proc.stdout is not None
-        line = await asyncio.wait_for(proc.stdout.readline(), 120)
-        if line.strip() != b"ready":
-            raise SystemExit(f"the OPC UA server did not start: {line!r}")
+    async with serving(["--serve-opcua", str(port), "--opcua-items", str(items)], "the OPC UA server", 120):
         tags = [{"feature": "bench", "property": f"v{i}", "node": f"ns=2;s=V{i}", "sampling_ms": 0, "queue_size": 10}
                 for i in range(items)]
         cfg = load_config(GatewayConfig, None, environ={}, overrides={
@@ -118,10 +132,6 @@ async def opcua_subscription_updates(items: int, seconds: float, publishing_ms: 
         finally:
             consumer.cancel()
             await service.stop()
-    finally:
-        if proc.stdin is not None:
-            proc.stdin.close()
-        await asyncio.wait_for(proc.wait(), 30)
     cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
     emit("opcua_subscription_updates_per_s", got / elapsed, "updates/s", "-", monitored_items=items,
          publishing_ms=publishing_ms, seconds=round(elapsed, 1),
@@ -257,21 +267,10 @@ async def main() -> None:
         port = find_free_port()
         if port not in ports:
             ports.append(port)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, __file__, "--serve", ",".join(map(str, ports)), "--tags", str(args.tags),
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    try:
-        assert proc.stdout is not None
-        line = await asyncio.wait_for(proc.stdout.readline(), 60)
-        if line.strip() != b"ready":
-            raise SystemExit(f"the PLC servers did not start: {line!r}")
+    async with serving(["--serve", ",".join(map(str, ports)), "--tags", str(args.tags)], "the PLC servers", 60):
         for poll_s in (1.0, 0.1):
             with tempfile.TemporaryDirectory() as tmp:
                 await measure(ports, args.tags, poll_s, args.seconds, Path(tmp))
-    finally:
-        if proc.stdin is not None:
-            proc.stdin.close()
-        await asyncio.wait_for(proc.wait(), 30)
     with tempfile.TemporaryDirectory() as tmp:
         await opcua_subscription_updates(args.opcua_items, args.seconds, args.opcua_publishing_ms, Path(tmp))
 

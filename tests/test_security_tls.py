@@ -70,6 +70,17 @@ def spki_pin(cert: Path) -> str:
     return fingerprints(ssl.PEM_cert_to_DER_cert(cert.read_text()))[1]
 
 
+async def https_aggregator_of_two_sites(tmp_path: Path, site_pki: SitePki,
+                                       start_aggregator: AggregatorFactory) -> tuple[Aggregator, str, str]:
+    """An aggregator serving HTTPS with the site CA's server certificate, and two new sites whose gateways it
+    takes (`TOKEN` for the first, `OTHER_TOKEN` for the second)."""
+    site, other = unique_site(), unique_site()
+    agg = await start_aggregator(aggregator_config(
+        tmp_path, (f"gw-{site}", TOKEN, site, "line-a"), (f"gw-{other}", OTHER_TOKEN, other, "line-a"),
+        **tls_server(site_pki.server)))
+    return agg, site, other
+
+
 async def one_through_one_refused(mosquitto: tuple[str, int], agg: Aggregator, through: tuple[RunningGateway, str],
                                   refused: tuple[RunningGateway, str], per_thing: int, error: str) -> None:
     """Both gateways (with their sites) publish `per_thing` points of one oven: the first's reach the aggregator
@@ -86,10 +97,7 @@ async def one_through_one_refused(mosquitto: tuple[str, int], agg: Aggregator, t
 async def test_uplink_accepts_the_site_ca_and_refuses_another(
         tmp_path: Path, mosquitto: tuple[str, int], site_pki: SitePki, start_gateway: GatewayFactory,
         start_aggregator: AggregatorFactory) -> None:
-    good, bad = unique_site(), unique_site()
-    agg = await start_aggregator(aggregator_config(
-        tmp_path, (f"gw-{good}", TOKEN, good, "line-a"), (f"gw-{bad}", OTHER_TOKEN, bad, "line-a"),
-        **tls_server(site_pki.server)))
+    agg, good, bad = await https_aggregator_of_two_sites(tmp_path, site_pki, start_aggregator)
     gw = await start_gateway(mosquitto, **https_uplink(good, agg.http_port, **{"uplink.ca_file": str(site_pki.ca)}))
     fooled = await start_gateway(mosquitto, **https_uplink(bad, agg.http_port, token=OTHER_TOKEN,
                                                            **{"uplink.ca_file": str(site_pki.foreign_ca)}))
@@ -133,10 +141,7 @@ async def test_a_pinned_certificate_that_changes_is_refused(
 async def test_a_public_key_pin_accepts_its_key_and_refuses_another(
         tmp_path: Path, mosquitto: tuple[str, int], site_pki: SitePki, start_gateway: GatewayFactory,
         start_aggregator: AggregatorFactory) -> None:
-    site, other = unique_site(), unique_site()
-    agg = await start_aggregator(aggregator_config(
-        tmp_path, (f"gw-{site}", TOKEN, site, "line-a"), (f"gw-{other}", OTHER_TOKEN, other, "line-a"),
-        **tls_server(site_pki.server)))
+    agg, site, other = await https_aggregator_of_two_sites(tmp_path, site_pki, start_aggregator)
     right: dict[str, Any] = {"uplink.ca_file": str(site_pki.ca), "uplink.pin_sha256": [spki_pin(site_pki.server[0])]}
     pinned = await start_gateway(mosquitto, **https_uplink(site, agg.http_port, **right))
     wrong = await start_gateway(mosquitto, **https_uplink(other, agg.http_port, token=OTHER_TOKEN, **{

@@ -95,10 +95,7 @@ class ModelFetcher(UplinkClient):
             except signing.SignatureError as exc:
                 # Not marked applied: the genuine entry of this version is still taken once it comes.
                 self._refused[ttype] = offered
-                self.errors[ttype] = str(exc)
-                self._m.uplink_models.labels("bad_signature").inc()
-                log.error("central model refused: its signature does not hold; the previous one stays active",
-                          extra={"type": ttype, "version": version, "reason": str(exc)})
+                self._refuse(ttype, version, exc, "bad_signature", "its signature does not hold")
                 continue
             self._refused.pop(ttype, None)
             self.applied[ttype] = version  # once per central version, applied or refused
@@ -106,14 +103,18 @@ class ModelFetcher(UplinkClient):
                 await self._install(base, ttype, version, files)
                 await self._detector.activate(ttype, version)
             except ModelError as exc:
-                self.errors[ttype] = str(exc)
-                self._m.uplink_models.labels("refused").inc()
-                log.error("central model refused; the previous one stays active",
-                          extra={"type": ttype, "version": version, "reason": str(exc)})
+                self._refuse(ttype, version, exc, "refused")
                 continue
             self.errors.pop(ttype, None)
             self._m.uplink_models.labels("activated").inc()
             log.info("central model activated", extra={"type": ttype, "version": version})
+
+    def _refuse(self, ttype: str, version: str, exc: Exception, outcome: str, why: str = "") -> None:
+        """A central version not taken: its error kept in `errors`, counted by outcome, logged."""
+        self.errors[ttype] = str(exc)
+        self._m.uplink_models.labels(outcome).inc()
+        log.error(f"central model refused{': ' + why if why else ''}; the previous one stays active",
+                  extra={"type": ttype, "version": version, "reason": str(exc)})
 
     def _check_signature(self, ttype: str, version: str, files: dict[str, Any], signature: object) -> None:
         if self._public is None:
