@@ -36,10 +36,16 @@ def _manager(request: web.Request) -> ConnectorManager:
     return manager
 
 
+HIDDEN = "***"
+SECRET_KEYS = ("password",)
+
+
 def entry_document(entry: DeviceEntry, site: str) -> dict[str, Any]:
+    """The device as the API shows it: secrets replaced by `***` (sent back unchanged, they are kept)."""
     doc = device_document(entry.device)
-    if doc.pop("password", None):  # a secret is written, never read back: a PUT gives it again
-        doc["passwordSet"] = True
+    for key in SECRET_KEYS:
+        if doc.get(key):
+            doc[key] = HIDDEN
     doc["source"] = entry.source
     doc["thingId"] = f"{site}:{entry.device.thing}"
     doc["health"] = (entry.health.properties(entry.device.name, entry.device.protocol)
@@ -81,9 +87,21 @@ async def put_device(request: web.Request) -> web.Response:
         body.setdefault("name", name)
         if body["name"] != name:
             raise Invalid(f"the body names device {body['name']!r}, the path {name!r}")
+    if isinstance(body, dict):
+        _keep_secrets(manager, name, body)
     device = parse_device(body)
     created = await manager.put(device)
     return _saved(request, manager, name, 201 if created else 200)
+
+
+def _keep_secrets(manager: ConnectorManager, name: str, body: dict[str, Any]) -> None:
+    """A secret sent back as `***` (as GET shows it) keeps the stored value."""
+    for key in SECRET_KEYS:
+        if body.get(key) == HIDDEN:
+            try:
+                body[key] = getattr(manager.entry(name).device, key, "")
+            except NotFound:
+                raise Invalid(f"{key}: give the value (*** stands for a stored one)") from None
 
 
 def _saved(request: web.Request, manager: ConnectorManager, name: str, status: int) -> web.Response:

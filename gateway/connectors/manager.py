@@ -153,8 +153,13 @@ class ConnectorManager:
     async def _start_runner(self, dev: DeviceConfig) -> None:
         if not dev.enabled:
             return
-        runner = DeviceRunner(dev, protocol_spec(dev.protocol), self._links, self._sink, self._m,
-                              first_delay_s=self._first_delay(dev))
+        try:
+            spec = protocol_spec(dev.protocol)
+        except ImportError as exc:  # a protocol module or its library missing from this installation
+            log.error("connector protocol not available; the device is not polled",
+                      extra={"device": dev.name, "protocol": dev.protocol, "error": str(exc)})
+            return
+        runner = DeviceRunner(dev, spec, self._links, self._sink, self._m, first_delay_s=self._first_delay(dev))
         self._runners[dev.name] = runner
         await runner.start()
 
@@ -188,6 +193,10 @@ class ConnectorManager:
     # ----------------------------------------------------------------- changing
     async def put(self, device: DeviceConfig) -> bool:
         """Add or replace an API device; only its own runner restarts. True when it was created."""
+        try:
+            protocol_spec(device.protocol)
+        except ImportError as exc:
+            raise Invalid(f"protocol {device.protocol} is not available in this installation ({exc})") from None
         async with self._lock:
             if device.name in self._configured:
                 raise Conflict(f"{device.name!r} is defined in the configuration file; change it there")
