@@ -56,7 +56,7 @@ async def test_opcua_proofer_into_twin_and_history_with_quality_offline_and_back
         poll = 0.5
         gw = await start_gateway(mosquitto, **{"connectors.opcua": [{
             "name": "proofer-plc", "url": plc.serve.url, "thing": "proofer-201", "type": "proofer",
-            "poll_s": poll, "timeout_s": 1.0, "publishing_ms": 100,
+            "poll_s": poll, "timeout_s": 2.0, "publishing_ms": 100,
             "tags": [
                 {"feature": "climate", "property": "temperature", "node": node + "Temperature", "unit": "degC"},
                 {"feature": "climate", "property": "humidity", "node": node + "Humidity", "unit": "percent"},
@@ -70,8 +70,9 @@ async def test_opcua_proofer_into_twin_and_history_with_quality_offline_and_back
         assert climate == {"temperature": 35.5, "humidity": 78.25, "setpoint": 36.0}
         state = props(gw, "proofer-201", "state")
         assert state["running"] is True and isinstance(state["batch_count"], int)
-        conn = props(gw, "proofer-201", "connectivity")
-        assert conn["state"] == "online" and conn["protocol"] == "opcua"
+        # subscribed values may land before the first liveness read reports the device online
+        await wait_for(lambda: props(gw, "proofer-201", "connectivity").get("state") == "online", 10)
+        assert props(gw, "proofer-201", "connectivity")["protocol"] == "opcua"
         assert await history(gw, "proofer-201", "climate", "temperature") == [35.5]
         status, doc = await gw.get(f"/api/v1/things/{gw.thing_id('proofer-201')}/history?feature=climate"
                                    "&property=temperature&resolution=raw")
