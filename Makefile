@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/sync.py
 	$(BIN)/python bench/detect.py
 	$(BIN)/python bench/viewer.py
+	$(BIN)/python bench/footprint.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .egiz-demo
