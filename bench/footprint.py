@@ -259,6 +259,7 @@ class Run:
     peak_rss_mib: float
     delays: list[tuple[float, float]]
     started: float
+    ws_closed_slow: int
 
     @property
     def lost(self) -> int:
@@ -293,8 +294,9 @@ async def run_load(gw: Gateway, port: int, load: Load, boot: str, *, ws: bool = 
                     await asyncio.sleep(0.05)
         applied = await accepted(http, gw.url) - before
         dup = await duplicates(http, gw.url) - dup_before
+        slow = await metric(http, gw.url, "egiz_ws_slow_disconnects_total")
     return Run(sent, applied, dup, len(watcher.seen), watcher.doubled, cpu1 - cpu0, n1 - n0,
-               memory_kib(gw.pid, "VmHWM") / 1024, watcher.delays, pubs.start_at)
+               memory_kib(gw.pid, "VmHWM") / 1024, watcher.delays, pubs.start_at, int(slow))
 
 
 PROFILE_DIR: Path | None = None
@@ -319,7 +321,7 @@ async def _nothing() -> AsyncIterator[None]:
 
 def counts(run: Run) -> dict[str, Any]:
     return {"lost": run.lost, "doubled": int(run.doubled_applied), "ws_missed": run.sent - run.ws_received,
-            "ws_doubled": run.ws_doubled, "sent": run.sent}
+            "ws_doubled": run.ws_doubled, "ws_closed_slow": run.ws_closed_slow, "sent": run.sent}
 
 
 # --------------------------------------------------------------------- scenarios

@@ -42,7 +42,6 @@ MAX_THING_IDS = 1000
 MAX_FILTERS = 32
 CLOSE_TIMEOUT_S = 2.0
 BURST = 256  # events sent in one write when a client's queue has several waiting
-COALESCE_S = 0.005  # after the first event, wait this long for more, so a steady stream goes out in bursts
 WRITE_HIGH = 1 << 20  # bytes waiting in the socket's buffer above which sending pauses (the queue then fills)
 
 
@@ -104,8 +103,9 @@ async def _send_loop(ws: web.WebSocketResponse, sub: Subscription, heartbeat_s: 
             await ws.send_str(heartbeat[:-1] + f', "timestamp": "{iso_utc(time.time())}"}}')
             next_beat = time.monotonic() + heartbeat_s
             continue
-        if sub.qsize() < BURST - 1:
-            await asyncio.sleep(COALESCE_S)
+        # One turn of the event loop lets the messages of the same broker read join this burst; a
+        # longer wait would let a burst overflow a small queue and close a client that keeps up.
+        await asyncio.sleep(0)
         burst = [event, *sub.drain(BURST - 1)]
         if transport is None:
             for e in burst:

@@ -78,45 +78,6 @@ class BrokerAcks:
 
 
 _PUBACK = struct.Struct("!BBH")
-READ_CHUNK = 65536
-
-
-class BufferedSocket:
-    """The broker socket as paho sees it, reading ahead in large chunks.
-
-    paho reads every packet with several small `recv()` calls (the type byte, each length byte,
-    then the body), one packet per wake-up of the event loop: four or more system calls per
-    message. This wrapper reads up to 64 KiB at once and serves paho's small reads from memory;
-    `pending()` reports the bytes held, so aiomqtt's reader keeps calling paho until they are
-    consumed (the same hook it uses for TLS records already decrypted). Everything else goes to
-    the socket unchanged.
-    """
-
-    def __init__(self, sock: Any) -> None:
-        self._sock = sock
-        self._buf = b""
-        self._pos = 0
-
-    def recv(self, size: int) -> bytes:
-        if self._pos >= len(self._buf):
-            data = self._sock.recv(READ_CHUNK)  # BlockingIOError and the like reach paho as before
-            if len(data) <= size:
-                return data  # paho takes it all (or b"": the broker closed the connection)
-            self._buf, self._pos = data, 0
-        start = self._pos
-        self._pos = min(start + size, len(self._buf))
-        return self._buf[start:self._pos]
-
-    def pending(self) -> int:
-        held = len(self._buf) - self._pos
-        more = getattr(self._sock, "pending", None)
-        return held + (more() if more is not None else 0)
-
-    def send(self, data: Any) -> int:
-        return int(self._sock.send(data))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._sock, name)
 
 
 class MqttIngest:
@@ -197,19 +158,11 @@ class MqttIngest:
         self._paho = client._client
         self._paho.manual_ack_set(True)
         acks = BrokerAcks(self._paho)
-        opened = self._paho.on_socket_open
-
-        def on_socket_open(c: paho.Client, userdata: Any, sock: Any) -> None:
-            if opened is not None:
-                opened(c, userdata, sock)  # aiomqtt registers its reader, which will call loop_read
-            c._sock = BufferedSocket(sock)  # before the first read: the reader runs on the event loop
-
 
         def on_message(c: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
             self._on_message(acks, message)
 
         self._paho.on_message = on_message
-        self._paho.on_socket_open = on_socket_open
         return client
 
     async def _run(self) -> None:
