@@ -31,6 +31,7 @@ from gateway.common.auth import Authenticator, role_allows
 from gateway.common.errors import Invalid, NotFound
 from gateway.common.history import parse_history_request, run_query
 from gateway.common.http import error_body, error_middleware, int_param, parse_json, read_json, requires, serve
+from gateway.common.tasks import cancel_and_wait
 from gateway.common.wire import ANOMALY_STATES, Action, Batch, WireError, decode, feature_properties
 from gateway.detect.models import ModelRegistry, file_sha256
 
@@ -106,10 +107,7 @@ class Aggregator:
         log.info("aggregator started", extra={"http_port": self.http_port, "backend": self.config.storage.backend})
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*self._tasks)
         for ws in list(self._sockets):
             await ws.close(code=1001, message=b"aggregator shutting down")
         if self._runner is not None:

@@ -220,17 +220,21 @@ class GatewayConfig:
     def thing_id(self, equipment_id: str) -> str:
         return f"{self.gateway.site}:{equipment_id}"
 
+    def under_data_dir(self, configured: str | Path | None, *default: str) -> Path:
+        """`configured` when set, else `default` inside `gateway.data_dir`."""
+        return Path(configured) if configured else Path(self.gateway.data_dir).joinpath(*default)
+
     @property
     def models_dir(self) -> Path:
-        return Path(self.detect.models_dir) if self.detect.models_dir else Path(self.gateway.data_dir) / "models"
+        return self.under_data_dir(self.detect.models_dir, "models")
 
     @property
     def password_file(self) -> Path:
-        return Path(self.broker.password_file or Path(self.gateway.data_dir) / "mosquitto" / "passwords")
+        return self.under_data_dir(self.broker.password_file, "mosquitto", "passwords")
 
     @property
     def acl_file(self) -> Path:
-        return Path(self.broker.acl_file or Path(self.gateway.data_dir) / "mosquitto" / "acl")
+        return self.under_data_dir(self.broker.acl_file, "mosquitto", "acl")
 
 
 T = TypeVar("T")

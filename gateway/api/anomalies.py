@@ -17,7 +17,7 @@ from aiohttp import web
 from gateway.api.parts import PARTS, Parts
 from gateway.common.errors import Invalid, NotFound
 from gateway.common.history import parse_time
-from gateway.common.http import read_json, requires
+from gateway.common.http import int_param, read_json, requires
 from gateway.detect.detector import AnomalyDetector
 from gateway.detect.explain import label
 
@@ -53,17 +53,6 @@ def _list(value: str | None, allowed: set[str] | None, name: str) -> list[str]:
     return items
 
 
-def _int(value: str | None, name: str, default: int, low: int, high: int) -> int:
-    if value is None:
-        return default
-    try:
-        n = int(value)
-    except ValueError:
-        raise Invalid(f"{name} must be an integer") from None
-    if not low <= n <= high:
-        raise Invalid(f"{name} must be {low}..{high}")
-    return n
-
 
 @requires("viewer")
 async def list_anomalies(request: web.Request) -> web.Response:
@@ -76,8 +65,8 @@ async def list_anomalies(request: web.Request) -> web.Response:
     states = _list(q.get("state"), STATES | {"active"}, "state")
     if "active" in states:
         states = sorted((set(states) - {"active"}) | {"open", "acknowledged"})
-    limit = _int(q.get("limit"), "limit", 100, 1, MAX_LIMIT)
-    offset = _int(q.get("offset"), "offset", 0, 0, 10**9)
+    limit = int_param(q.get("limit"), "limit", 100, 1, MAX_LIMIT)
+    offset = int_param(q.get("offset"), "offset", 0, 0, 10**9)
     items, total = await det.log.query(
         states=states, thing_ids=_list(q.get("thingId"), None, "thingId"),
         severities=_list(q.get("severity"), SEVERITIES, "severity"),

@@ -8,7 +8,7 @@ from aiohttp import web
 
 from gateway.api.parts import PARTS
 from gateway.common.errors import Invalid
-from gateway.common.http import error_body, int_param, parse_json, read_json, requires
+from gateway.common.http import error_body, int_param, parse_json, read_json, read_object, requires
 from gateway.ingest.mqtt import CommandNotSent
 from gateway.twin.model import Thing, check_name
 from gateway.twin.query import ThingFilter
@@ -81,12 +81,7 @@ async def list_things(request: web.Request) -> web.Response:
 @requires("viewer")
 async def query(request: web.Request) -> web.Response:
     """`{"filter": {...}, "limit": 50, "offset": 0}` → the same page shape as GET /things."""
-    body = await read_json(request)
-    if not isinstance(body, dict):
-        raise Invalid("the body must be an object with filter, limit, offset")
-    extra = set(body) - {"filter", "limit", "offset"}
-    if extra:
-        raise Invalid(f"unknown keys {sorted(extra)}")
+    body = await read_object(request, frozenset({"filter", "limit", "offset"}), "filter, limit, offset")
     limit = body.get("limit", DEFAULT_LIMIT)
     offset = body.get("offset", 0)
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
@@ -139,12 +134,8 @@ async def get_feature(request: web.Request) -> web.Response:
 async def put_feature(request: web.Request) -> web.Response:
     """Partial merge (RFC 7386) of properties and/or desiredProperties; desired ones become a command."""
     parts = request.app[PARTS]
-    body = await read_json(request)
-    if not isinstance(body, dict):
-        raise Invalid("the body must be an object with properties and/or desiredProperties")
-    extra = set(body) - {"properties", "desiredProperties", "version"}
-    if extra:
-        raise Invalid(f"unknown keys {sorted(extra)}")
+    body = await read_object(request, frozenset({"properties", "desiredProperties", "version"}),
+                             "properties and/or desiredProperties")
     props = body.get("properties")
     desired = body.get("desiredProperties")
     for name, value in (("properties", props), ("desiredProperties", desired)):

@@ -29,6 +29,7 @@ from gateway.buffer.points import Deadband, PointBatch, deadband_for, sample_poi
 from gateway.buffer.store import BufferStore, Maintenance, OpenState, directory_bytes
 from gateway.common.readings import Sample
 from gateway.common.series import SeriesCatalogue, SeriesIndexed, SeriesKey
+from gateway.common.tasks import cancel_and_wait
 from gateway.config import GatewayConfig
 from gateway.memory import duckdb_limit_mb, machine_memory_mb
 from gateway.metrics import GatewayMetrics
@@ -104,10 +105,7 @@ class TelemetryBuffer(SeriesIndexed):
 
     async def stop(self) -> None:
         """Commit what is pending (acknowledging it), then checkpoint and close the file."""
-        for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*self._tasks)
         self._tasks = []
         if self._opened:
             try:

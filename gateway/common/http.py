@@ -127,6 +127,20 @@ async def read_json(request: web.Request, *, empty: Any = ...) -> Any:
     return parse_json(text, "the body")
 
 
+async def read_object(request: web.Request, allowed: frozenset[str], what: str) -> dict[str, Any]:
+    """The request body as a strict JSON object with only `allowed` keys, or a 400 naming the problem.
+
+    `what` completes "the body must be an object with ...", e.g. "filter, limit, offset".
+    """
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise Invalid(f"the body must be an object with {what}")
+    extra = set(body) - allowed
+    if extra:
+        raise Invalid(f"unknown keys {sorted(extra)}")
+    return body
+
+
 def parse_json(text: str, what: str) -> Any:
     """JSON from a client, strictly: NaN, Infinity and deep nesting are an Invalid (400), never a 500."""
     try:

@@ -235,17 +235,12 @@ def _parse_env(tp: Any, value: _EnvValue, key: str, problems: list[tuple[str, st
             return False
         problems.append((key, f"{value.name} must be true or false{_echo(key, raw)}"))
         return _BAD
-    if tp is int:
+    if tp is int or tp is float:
         try:
-            return int(raw)
+            return tp(raw)
         except ValueError:
-            problems.append((key, f"{value.name} must be an integer{_echo(key, raw)}"))
-            return _BAD
-    if tp is float:
-        try:
-            return float(raw)
-        except ValueError:
-            problems.append((key, f"{value.name} must be a number{_echo(key, raw)}"))
+            kind = "an integer" if tp is int else "a number"
+            problems.append((key, f"{value.name} must be {kind}{_echo(key, raw)}"))
             return _BAD
     try:
         return json.loads(raw)

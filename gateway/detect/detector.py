@@ -22,6 +22,7 @@ from typing import Any
 from gateway.bus import AnomalyEvent, EventBus, StateChanged, ThingLifecycle
 from gateway.common.errors import Conflict, NotFound
 from gateway.common.series import flatten
+from gateway.common.tasks import cancel_and_wait
 from gateway.config import GatewayConfig
 from gateway.detect.anomalies import AnomalyLog
 from gateway.detect.core import Anomaly, DetectorCore, DetectSettings, Transition
@@ -103,10 +104,7 @@ class AnomalyDetector:
 
     async def stop(self) -> None:
         """Finish what arrived (a last tick), persist every active anomaly, then close."""
-        for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*self._tasks)
         self._tasks = []
         try:
             events = self._sub.drain(MAX_DRAIN)

@@ -7,7 +7,6 @@ file in batches, so a flood of bad input costs one insert per batch, never one p
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -16,6 +15,7 @@ from typing import Any
 
 import sqlite_utils
 
+from gateway.common.tasks import cancel_and_wait
 from gateway.metrics import GatewayMetrics
 from gateway.sqlite import SqliteWorker
 
@@ -67,10 +67,7 @@ class DeadLetterLog:
         self._task = asyncio.create_task(self._loop(), name="dead-letter-flush")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         await self.flush()
 
     async def _loop(self) -> None:

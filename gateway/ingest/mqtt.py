@@ -10,7 +10,6 @@ Every rejection is dead-lettered with a reason and never disturbs good traffic.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import struct
@@ -27,6 +26,7 @@ from gateway.common.backoff import full_jitter
 from gateway.common.errors import RejectedMessage
 from gateway.common.names import THING_ID_RE, TYPE_RE
 from gateway.common.readings import count_points
+from gateway.common.tasks import cancel_and_wait
 from gateway.config import GatewayConfig
 from gateway.ingest.deadletter import DeadLetterLog
 from gateway.ingest.payload import decode_json, parse_status, parse_telemetry
@@ -122,11 +122,8 @@ class MqttIngest:
             await self._buffer.flush()
         except Exception:
             log.exception("could not commit the last messages; the broker will redeliver them")
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     @property
     def subscriptions(self) -> list[tuple[str, int]]:

@@ -9,7 +9,6 @@ written before the API answers, so an acknowledged admin change survives a crash
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import json
 import logging
@@ -25,6 +24,7 @@ import sqlite_utils
 from gateway.bus import EventBus, StateChanged, ThingLifecycle
 from gateway.common.errors import Conflict, Invalid, NotFound
 from gateway.common.readings import Sample, Status
+from gateway.common.tasks import cancel_and_wait
 from gateway.common.timefmt import iso_utc
 from gateway.sqlite import SqliteWorker
 from gateway.twin.model import (
@@ -108,11 +108,8 @@ class TwinRegistry:
 
     async def stop(self) -> None:
         """Write what is dirty and close the file."""
-        if self._flusher is not None:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
-            self._flusher = None
+        await cancel_and_wait(self._flusher)
+        self._flusher = None
         await self.flush()
         await self._sqlite.close()
 

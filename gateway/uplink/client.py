@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Coroutine
 from typing import Any
 
 import aiohttp
 
+from gateway.common.tasks import cancel_and_wait
 from gateway.config import UplinkSection
 
 
@@ -26,11 +26,8 @@ class UplinkClient:
         self._task = asyncio.create_task(loop, name=name)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         if self._http is not None:
             await self._http.close()
             self._http = None
