@@ -132,6 +132,30 @@ async def test_a_steady_inflow_is_committed_once_per_window_with_the_default_set
         await buf.stop()
 
 
+async def test_ten_thousand_new_series_are_stored_in_one_commit_and_known_after_a_restart(tmp_path: Path) -> None:
+    # Auto-registration of a large line brings tens of thousands of series at once; row-by-row
+    # inserts (about 700 rows/s) would hold the writer, and every acknowledgement, for many seconds.
+    cfg = config(tmp_path)
+    buf = await open_buffer(cfg)
+    things = 5000
+    try:
+        for i in range(things):
+            buf.add(f"s:oven-{i:05d}", "oven", [Sample("thermal", T0, 1, {"a": 1.0, "b": 2.0, "c": 3.0, "d": "x"})],
+                    T0, ("b1", 1))
+        start = time.monotonic()
+        await buf.flush()
+        took = time.monotonic() - start
+    finally:
+        await buf.stop()
+    assert took < 15, f"committing {things * 4} new series took {took:.1f} s"
+    again = await open_buffer(cfg)
+    try:
+        assert len(again.series_keys) == things * 4
+        assert sum(1 for sid in again.series_keys if sid in again.numeric_series) == things * 3
+    finally:
+        await again.stop()
+
+
 def reference_buckets(ts: np.ndarray, vals: np.ndarray, width: int) -> dict[float, tuple[float, ...]]:
     out = {}
     buckets = np.floor(ts / width) * width
