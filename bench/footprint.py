@@ -12,8 +12,9 @@ Figures, each for every gateway given with `--gateway`, run alternately under th
   ws_p99_5k                publish → WebSocket p99 at 5k msg/s     target <= 50 ms, flat per 10 s window
   peak_rss_200_things      at 1k msg/s                             target <= 120 MiB
   peak_rss_10k_things      10k Things with 3 features each          target <= 200 MiB
-Each line also carries `lost` and `doubled` (messages the gateway did not apply / applied twice, and
-StateChanged events the WebSocket client missed / saw twice).
+Each line also carries `lost` (acknowledged to the publisher, not applied by the gateway within two
+minutes of the end), `duplicates_dropped` (redeliveries the gateway recognised and dropped),
+`ws_missed` / `ws_doubled` (StateChanged events the WebSocket client missed / saw twice).
 
     python bench/footprint.py [--seconds 30] [--gateway main=/path/to/egiz --gateway new=egiz] [--quick]
 """
@@ -251,7 +252,7 @@ def pct(values: list[float], p: float) -> float:
 class Run:
     sent: int
     applied: float
-    doubled_applied: float
+    duplicates_dropped: float
     ws_received: int
     ws_doubled: int
     cpu_s: float
@@ -323,8 +324,9 @@ async def _nothing() -> AsyncIterator[None]:
 
 
 def counts(run: Run) -> dict[str, Any]:
-    return {"lost": run.lost, "doubled": int(run.doubled_applied), "ws_missed": run.sent - run.ws_received,
-            "ws_doubled": run.ws_doubled, "ws_closed_slow": run.ws_closed_slow, "sent": run.sent}
+    return {"lost": run.lost, "duplicates_dropped": int(run.duplicates_dropped),
+            "ws_missed": run.sent - run.ws_received, "ws_doubled": run.ws_doubled,
+            "ws_closed_slow": run.ws_closed_slow, "sent": run.sent}
 
 
 # --------------------------------------------------------------------- scenarios
@@ -364,7 +366,7 @@ async def rss_10k(label: str, egiz: str, tmp: Path, port: int, things: int) -> N
         emit("peak_rss_10k_things", run.peak_rss_mib, "MiB", "<= 200", gateway=label, things=things,
              rss_now_mib=round(memory_kib(gw.pid, "VmRSS") / 1024, 1), rss_at_ready_mib=round(gw.ready_rss_mib, 1),
              lost=run.lost,
-             doubled=int(run.doubled_applied))
+             duplicates_dropped=int(run.duplicates_dropped))
 
 
 async def main() -> None:
