@@ -68,7 +68,7 @@ async def main(series: int, quick: bool) -> None:
                 vals = values[i]
                 batch = [Sample("thermal", T0 + s, s + 1, {p: float(vals[p][s]) for p in ("t0", "t1", "t2", "power")})
                          for s in range(chunk, min(chunk + 10, seconds))]
-                buf.add(f"bench:oven-{i:03d}", "oven", batch, T0 + chunk, ("b", chunk + 10))
+                buf.add(f"bench:oven-{i:03d}", "oven", batch, T0 + chunk, ("b", chunk + 10, (1 << 10) - 1))
                 appended += 4 * len(batch)
             if len(buf._batch) >= 50_000:
                 await buf.flush()

@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,13 +25,25 @@ from aiohttp import WSMsgType, web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from cloud_sync.config import AggregatorConfig, GatewayToken
-from cloud_sync.store import AggregatorStore, StoreError
+from cloud_sync.oee import CentralOee, foreign_oee
+from cloud_sync.oee import routes as oee_routes
+from cloud_sync.openapi import SPEC
+from cloud_sync.store import AggregatorStore, Refused, StoreError
 from gateway import __version__
 from gateway.common import systemd, viewer
 from gateway.common.auth import Authenticator, role_allows
 from gateway.common.errors import Invalid, NotFound
 from gateway.common.history import parse_history_request, run_query
-from gateway.common.http import error_body, error_middleware, int_param, parse_json, read_json, requires, serve
+from gateway.common.http import (
+    error_body,
+    error_middleware,
+    int_param,
+    parse_json,
+    read_json,
+    read_object,
+    requires,
+    serve,
+)
 from gateway.common.tasks import cancel_and_wait
 from gateway.common.wire import ANOMALY_STATES, Action, Batch, WireError, decode, feature_properties
 from gateway.detect.models import ModelRegistry, file_sha256
@@ -53,6 +66,9 @@ class AggregatorMetrics:
                                      registry=r)
         self.http_requests = Counter("egiz_aggregator_http_requests_total", "HTTP requests", ["method", "status"],
                                      registry=r)
+        self.ws_refused = Counter("egiz_aggregator_ws_refused_total",
+                                  "WebSocket clients refused at aggregator.ws_max_clients", registry=r)
+        self.ws_clients = Gauge("egiz_aggregator_ws_clients", "WebSocket clients connected", registry=r)
 
     def refused(self, status: int) -> None:
         self.auth_failures.labels(str(status)).inc()
@@ -65,7 +81,8 @@ def make_store(cfg: AggregatorConfig) -> AggregatorStore:
     if cfg.storage.backend == "postgres":
         from cloud_sync.store.pg import PgStore
 
-        return PgStore(cfg.storage.dsn, partition_days=cfg.storage.partition_days)
+        return PgStore(cfg.storage.dsn, partition_days=cfg.storage.partition_days,
+                       max_partitions=cfg.storage.max_partitions_per_batch)
     from cloud_sync.store.duck import DuckStore
 
     return DuckStore(Path(cfg.aggregator.data_dir))
@@ -90,6 +107,7 @@ class Aggregator:
         self.http_port: int | None = None
         self.started = time.time()
         self.models = ModelRegistry(Path(config.aggregator.data_dir) / "models")  # what gateways fetch
+        self.oee = CentralOee(Path(config.aggregator.data_dir) / "oee.sqlite")
         self.app = self._build_app()
 
     async def write(self, fn: Any, *args: Any) -> Any:
@@ -101,6 +119,10 @@ class Aggregator:
     # ----------------------------------------------------------------- lifecycle
     async def start(self) -> None:
         await self.write(self.store.open)
+        await self.oee.open()
+        if self.config.auth.open:
+            log.warning("auth.open is on: every API request is admin, without a key (demo mode)",
+                        extra={"host": self.config.http.host})
         self._runner, self.http_port = await serve(self.app, self.config.http.host, self.config.http.port)
         self._tasks = [asyncio.create_task(self._maintenance(), name="aggregator-maintenance"),
                        asyncio.create_task(self._summaries(), name="aggregator-summaries")]
@@ -114,6 +136,7 @@ class Aggregator:
             await self._runner.cleanup()
             self._runner = None
         await self.write(self.store.close)
+        await self.oee.close()
         self._writer.shutdown(wait=True)
         self._readers.shutdown(wait=True)
         log.info("aggregator stopped")
@@ -166,10 +189,14 @@ class Aggregator:
             ("GET", "/api/v1/anomalies/{id}", self.get_anomaly, "viewer"),
             ("POST", "/api/v1/anomalies/{id}/ack", self.anomaly_action, "operator"),
             ("POST", "/api/v1/anomalies/{id}/resolve", self.anomaly_action, "operator"),
+            ("GET", "/api/v1/things/{id}/owner", self.get_owner, "viewer"),
+            ("PUT", "/api/v1/things/{id}/owner", self.transfer, "admin"),
             ("GET", "/api/v1/ws", self.websocket, "viewer"),
             ("GET", "/health", self.health, None),
             ("GET", "/ready", self.ready, None),
             ("GET", "/metrics", self.prometheus, None),
+            ("GET", "/api/v1/openapi.json", self.openapi, None),
+            *oee_routes(self.oee),
         ]
         for method, path, handler, role in routes:
             app.router.add_route(method, path, requires(role)(handler))
@@ -199,17 +226,35 @@ class Aggregator:
                 batch: Batch = await self.read(decode, body)
             except WireError as exc:
                 self.metrics.batches.labels(f"refused_{exc.reason}").inc()
-                return error_body(400, exc.reason, exc.detail)
-            problem = _foreign(batch, gw)
+                log.warning("refused a batch", extra={"gateway": gw.gateway, "reason": exc.reason,
+                                                      "detail": exc.detail[:300]})
+                return error_body(400, exc.reason, exc.detail, thingIds=list(exc.thing_ids), anomalyIds=[])
+            problem = _foreign(batch, gw) or foreign_oee(batch)
             if problem:
                 self.metrics.batches.labels("refused_forbidden").inc()
                 self.metrics.refused(403)
                 log.warning("a gateway tried to write what is not its own",
                             extra={"token_of": gw.gateway, "detail": problem})
                 return error_body(403, "forbidden", problem)
+            strays = _other_site(batch, gw)
+            if strays:
+                self.metrics.batches.labels("refused_foreign_thing").inc()
+                self.metrics.refused(403)
+                log.warning("a gateway tried to write another site's Things",
+                            extra={"gateway": gw.gateway, "things": strays[:5]})
+                return error_body(403, "foreign_thing", f"Thing {strays[0][:80]!r} is not of site {gw.site}; "
+                                  "nothing of this batch was applied", thingIds=strays, anomalyIds=[])
             start = time.perf_counter()
             try:
                 result = await self.write(self.store.apply, batch, time.time())
+            except Refused as exc:
+                self.metrics.batches.labels(f"refused_{exc.reason}").inc()
+                if exc.status == 403:
+                    self.metrics.refused(403)
+                log.warning("refused a batch", extra={"gateway": gw.gateway, "reason": exc.reason,
+                                                      "detail": exc.detail[:300]})
+                return error_body(exc.status, exc.reason, exc.detail, thingIds=list(exc.thing_ids),
+                                  anomalyIds=list(exc.anomaly_ids))
             except StoreError as exc:
                 self.metrics.batches.labels("store_error").inc()
                 log.error("could not store a batch; the gateway will retry", extra={"error": str(exc)[:300]})
@@ -220,6 +265,8 @@ class Aggregator:
         if result.status == "out_of_order":
             return error_body(409, "out_of_order", f"expected batch {result.expected}", expected=result.expected)
         self.metrics.points.inc(result.points)
+        if result.status in ("applied", "duplicate"):  # newest-wins records: a repeat is harmless, a retry heals
+            await self.oee.apply(batch)
         if result.status == "applied" and (batch.anomalies or batch.things):
             sent = round(time.time() * 1000, 1)  # lets a viewer measure how long an event took to reach it
             placed = {"site": batch.site, "line": batch.line, "gatewayId": batch.gateway_id}
@@ -334,7 +381,7 @@ class Aggregator:
         for t in things:
             status = feature_properties(t, "status")
             offline = feature_properties(t, "connectivity").get("state") == "offline"
-            score = float(status.get("anomaly_score") or 0.0) if status.get("anomaly") else 0.0
+            score = _number(status.get("anomaly_score")) if status.get("anomaly") else 0.0
             if score or offline:
                 ranked.append((score, offline, t))
         ranked.sort(key=lambda r: (-r[0], not r[1], r[2]["id"]))
@@ -434,14 +481,49 @@ class Aggregator:
             bool(body.get("falsePositive", False))))
         return web.json_response({**doc, "pending": sorted({*doc.get("pending", []), action})}, status=202)
 
-    async def websocket(self, request: web.Request) -> web.WebSocketResponse:
+    async def get_owner(self, request: web.Request) -> web.Response:
+        """The gateway that owns a Thing: the first that wrote it, or the one an admin gave it to."""
+        thing_id = request.match_info["id"]
+        owner = await self.read(self.store.owner, thing_id)
+        if owner is None:
+            raise NotFound(f"no gateway has written Thing {thing_id!r}", thing_id=thing_id)
+        return web.json_response({"thingId": thing_id, "gatewayId": owner})
+
+    async def transfer(self, request: web.Request) -> web.Response:
+        """Give a Thing to another gateway of its site (the machine moved lines): body `{"gateway": id}`.
+        From then on only that gateway may write the Thing; its next document replaces the stored one."""
+        thing_id = request.match_info["id"]
+        target = (await read_object(request, frozenset({"gateway"}), '"gateway"')).get("gateway")
+        if not isinstance(target, str):
+            raise Invalid('send {"gateway": "<gateway id>"}')
+        token = next((g for g in self.config.auth.gateway_tokens if g.gateway == target), None)
+        if token is None:
+            raise Invalid(f"gateway {target[:80]!r} is not one of auth.gateway_tokens")
+        if not thing_id.startswith(f"{token.site}:"):
+            raise Invalid(f"gateway {target} serves site {token.site}; Thing {thing_id[:80]!r} is of another site")
+        former = await self.write(self.store.transfer, thing_id, target, token.line)
+        if former is None:
+            raise NotFound(f"no gateway has written Thing {thing_id!r}", thing_id=thing_id)
+        log.warning("a Thing changed owner", extra={"thing": thing_id, "from": former, "to": target,
+                                                    "by": self.auth.caller(request)})
+        return web.json_response({"thingId": thing_id, "gatewayId": target, "formerGatewayId": former})
+
+    async def websocket(self, request: web.Request) -> web.StreamResponse:
         """Site summaries every `aggregator.summary_interval_s` (the first right away), every anomaly
         change as it arrives (`{"event": "Anomaly", "anomaly": {...}}`), and the Thing documents of the
         lines a client follows (`{"action": "subscribe", "lines": ["site/line", ...]}`, `"*"` for all) as
         each batch brings them (`{"event": "Things", ...}`)."""
+        if len(self._sockets) >= self.config.aggregator.ws_max_clients:
+            self.metrics.ws_refused.inc()
+            return error_body(503, "too_many_clients", f"{self.config.aggregator.ws_max_clients} WebSocket clients "
+                              "are connected (aggregator.ws_max_clients); retry later", headers={"Retry-After": "5"})
         ws = web.WebSocketResponse(heartbeat=30, max_msg_size=64 * 1024)
-        await ws.prepare(request)
-        self._sockets.add(ws)
+        self._sockets.add(ws)  # counted before the handshake's await, so concurrent upgrades respect the cap
+        try:
+            await ws.prepare(request)
+        except BaseException:
+            self._sockets.discard(ws)
+            raise
         try:
             await ws.send_str(json.dumps({"event": "SiteSummaries", "sites": await self.site_summaries(),
                                           "timestamp": time.time()}))
@@ -482,10 +564,18 @@ class Aggregator:
             await self.read(self.store.point_count)
         except Exception as exc:
             return web.json_response({"ready": False, "checks": {"store": str(exc)[:200]}}, status=503)
-        return web.json_response({"ready": True, "checks": {"store": "ok"},
+        warnings = []
+        if self.config.auth.open:
+            warnings.append("auth.open is on: every API request is admin, without a key (demo mode)")
+        return web.json_response({"ready": True, "checks": {"store": "ok"}, "warnings": warnings,
                                   "backend": self.config.storage.backend})
 
+    async def openapi(self, request: web.Request) -> web.Response:
+        """The OpenAPI document of this API."""
+        return web.json_response(SPEC)
+
     async def prometheus(self, request: web.Request) -> web.Response:
+        self.metrics.ws_clients.set(len(self._sockets))
         return web.Response(body=generate_latest(self.metrics.registry), content_type="text/plain", charset="utf-8")
 
 
@@ -493,17 +583,33 @@ MODEL_FILES = ("model.json", "autoencoder.onnx", "isolation_forest.onnx")
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 
 
+def _number(value: Any) -> float:
+    """A score from a gateway's document: a finite number, else 0 (documents are the gateways' own)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0.0
+    try:
+        number = float(value)
+    except OverflowError:
+        return 0.0
+    return number if math.isfinite(number) else 0.0
+
+
 def _foreign(batch: Batch, gw: GatewayToken) -> str:
-    """Why a batch is not this gateway's to write, or "" when it is."""
+    """Why a batch is not this gateway's to write at all, or "" when it is (its Things are checked by
+    `_other_site` and the store)."""
     if batch.gateway_id != gw.gateway:
         return f"this token belongs to gateway {gw.gateway}, not {batch.gateway_id}"
     if (batch.site, batch.line) != (gw.site, gw.line):
         return f"gateway {gw.gateway} writes {gw.site}/{gw.line} only"
+    return ""
+
+
+def _other_site(batch: Batch, gw: GatewayToken) -> list[str]:
+    """The Things of another site the batch touches (never this gateway's to write)."""
     prefix = f"{gw.site}:"
-    ids = [k[0] for k in batch.series] + [d.id for d in batch.things] + batch.deleted \
-        + [a.thing_id for a in batch.anomalies]
-    bad = next((i for i in ids if not i.startswith(prefix)), None)
-    return f"Thing {bad[:80]!r} is not of site {gw.site}" if bad else ""
+    ids = {k[0] for k in batch.series} | {d.id for d in batch.things} | set(batch.deleted) \
+        | {a.thing_id for a in batch.anomalies}
+    return sorted(i for i in ids if not i.startswith(prefix))
 
 
 

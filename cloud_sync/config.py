@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from gateway.common.names import SITE_RE as NAME_RE
+from gateway.common.names import is_loopback
 from gateway.common.settings import ApiKey, HttpSection, LogSection, load_config
 
 GATEWAY_SECTIONS = frozenset({"gateway", "mqtt", "ingest", "twin", "ws", "buffer", "uplink"})
@@ -33,6 +34,7 @@ class AggregatorSection:
     max_batch_mb: float = 64.0
     summary_interval_s: float = 2.0  # WebSocket site summaries
     offline_after_s: float = 60.0  # a gateway not heard from this long is shown offline
+    ws_max_clients: int = 200  # WebSocket clients at once; more are refused with 503
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class StorageSection:
     backend: Literal["duckdb", "postgres"] = "duckdb"
     dsn: str = ""  # postgres: e.g. "postgresql://egiz@db/egiz"
     partition_days: int = 1  # postgres: one points partition per this many days
+    max_partitions_per_batch: int = 16  # postgres: partitions one batch may span; more: 400
 
     def __repr__(self) -> str:
         return f"StorageSection(backend={self.backend!r}, dsn=***)"
@@ -49,6 +52,7 @@ class StorageSection:
 class AggregatorAuth:
     api_keys: tuple[ApiKey, ...] = ()
     open: bool = False  # demo only: every API request is admin (gateways still need their tokens)
+    open_remote: bool = False  # allow open mode on an address other than loopback (refused otherwise)
     gateway_tokens: tuple[GatewayToken, ...] = ()
 
 
@@ -95,12 +99,18 @@ def _check(cfg: Any, problems: list[tuple[str, str]]) -> None:
     check("storage.dsn", lambda: st.backend != "postgres" or st.dsn.startswith(("postgresql://", "postgres://")),
           "give a postgresql:// DSN when storage.backend = \"postgres\"")
     check("storage.partition_days", lambda: 1 <= st.partition_days <= 31, "must be 1..31")
+    check("storage.max_partitions_per_batch", lambda: 1 <= st.max_partitions_per_batch <= 1000, "must be 1..1000")
+    check("aggregator.ws_max_clients", lambda: 1 <= a.ws_max_clients <= 100_000, "must be 1..100000")
+    check("auth.open", lambda: not auth.open or auth.open_remote or is_loopback(cfg.http.host),
+          f"open mode (no API keys) listens only on a loopback address, not {cfg.http.host!r}; "
+          "set auth.open_remote = true to force it")
     check("auth.api_keys", lambda: auth.open or bool(auth.api_keys),
           "give at least one key (or set auth.open = true for a demo)")
     for i, k in enumerate(auth.api_keys or ()):
         check(f"auth.api_keys[{i}].key", lambda: isinstance(k.key, str) and len(k.key) >= 16,
               "must be at least 16 characters")
     seen: set[str] = set()
+    tokens: dict[str, str] = {}
     for i, g in enumerate(auth.gateway_tokens or ()):
         if not isinstance(g, GatewayToken):
             continue
@@ -111,5 +121,9 @@ def _check(cfg: Any, problems: list[tuple[str, str]]) -> None:
               "must be at least 16 characters")
         check(f"auth.gateway_tokens[{i}].gateway", lambda: g.gateway not in seen,
               "is listed twice")
+        check(f"auth.gateway_tokens[{i}].token", lambda: not isinstance(g.token, str) or g.token not in tokens,
+              f"is the same token as gateway {tokens.get(g.token, '')!r}'s: each gateway needs its own")
         seen.add(g.gateway)
+        if isinstance(g.token, str):
+            tokens.setdefault(g.token, g.gateway)
 

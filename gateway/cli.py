@@ -8,7 +8,6 @@ import dataclasses
 import json
 import sqlite3
 import sys
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -129,17 +128,11 @@ def aggregator_check(config: ConfigOpt) -> None:
     typer.echo(json.dumps(_masked(cfg), indent=2, default=str))
 
 
-def _masked(value: Any, key: str = "") -> Any:
+def _masked(value: Any) -> Any:
     """Plain JSON data of a config, with secrets replaced by ***."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _masked(getattr(value, f.name), f.name) for f in dataclasses.fields(value)}
-    if isinstance(value, Mapping):
-        return {k: _masked(v, k) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_masked(v, key) for v in value]
-    if key in ("password", "key", "token", "dsn") and value:
-        return "***"
-    return value
+    from gateway.common.settings import masked
+
+    return masked(value)
 
 
 model_app = typer.Typer(help="Train, evaluate, list, activate and roll back anomaly models.", no_args_is_help=True)
@@ -344,6 +337,8 @@ def sim(
                                             "to the broker the gateway names")] = False,
     advertise_address: Annotated[str, typer.Option(help="with --provision: the address to advertise and serve "
                                                    "on ('': this host's first address)")] = "",
+    production: Annotated[bool, typer.Option(help="also publish each machine's PLC production feature: state, "
+                                             "good and reject counters, recipe (for OEE)")] = False,
 ) -> None:
     """Simulate a line of ESP32 nodes publishing telemetry (with optional faults) until Ctrl-C."""
     from gateway.sim import FleetOptions, parse_faults
@@ -361,7 +356,7 @@ def sim(
         opts = FleetOptions(site=site, line=line, nodes=nodes, rate_hz=rate, host=host, port=port,
                             username=username, password=password, faults=fault_specs, truth_path=truth,
                             duration_s=duration, batch=batch, seed=seed, shared_connection=shared_connection,
-                            types=kinds, time_scale=time_scale)
+                            types=kinds, time_scale=time_scale, production=production)
     except ValueError as exc:  # SimError: every bad option at once, or a fault naming no node of the fleet
         fail(_sim_options_problem(exc))
     if into is not None:

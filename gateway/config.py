@@ -16,6 +16,8 @@ from gateway.common import settings
 from gateway.common.names import EQUIPMENT_RE, TYPE_RE
 from gateway.common.names import SITE_RE as NAME_RE
 from gateway.common.settings import ROLES, ApiKey, HttpSection, LogSection, http_url, is_secret
+from gateway.oee.settings import OeeSection
+from gateway.oee.settings import check as check_oee
 
 AGGREGATOR_SECTIONS = frozenset({"aggregator", "storage"})  # the aggregator's own: a gateway skips them in the env
 __all__ = ["ROLES", "ApiKey", "GatewayConfig", "HttpSection", "LogSection", "is_secret", "load_config"]
@@ -70,6 +72,8 @@ class IngestSection:
     default_type: str = "device"
     max_payload_bytes: int = 65536
     max_samples: int = 1000
+    max_features_per_thing: int = 64  # a node cannot make a Thing grow without end
+    max_series_per_thing: int = 2000  # flattened properties (`voltage.a`, `zones[3]`) over all features
     devices: Mapping[str, DeviceMapping] = field(default_factory=dict)
     dead_letter_keep: int = 10000
 
@@ -212,6 +216,7 @@ class GatewayConfig:
     discovery: DiscoverySection = field(default_factory=DiscoverySection)
     broker: BrokerSection = field(default_factory=BrokerSection)
     log: LogSection = field(default_factory=LogSection)
+    oee: OeeSection = field(default_factory=OeeSection)
 
     @property
     def mqtt_client_id(self) -> str:
@@ -264,7 +269,7 @@ def _check_semantics(cfg: Any, problems: list[tuple[str, str]]) -> None:
         return
     check = _Checks(problems)
     for section in (_check_gateway, _check_mqtt, _check_http, _check_auth, _check_ingest, _check_discovery,
-                    _check_broker, _check_twin, _check_buffer, _check_uplink, _check_detect, _check_ws):
+                    _check_broker, _check_twin, _check_buffer, _check_uplink, _check_detect, _check_ws, _check_oee):
         section(cfg, check)
 
 
@@ -355,6 +360,8 @@ def _check_ingest(cfg: GatewayConfig, check: _Checks) -> None:
                   reads=("ingest.payload_format",))
     check("ingest.max_payload_bytes", lambda: 256 <= ing.max_payload_bytes <= 16 * 2**20, "must be 256..16777216")
     check("ingest.max_samples", lambda: 1 <= ing.max_samples <= 100_000, "must be 1..100000")
+    check("ingest.max_features_per_thing", lambda: 1 <= ing.max_features_per_thing <= 10_000, "must be 1..10000")
+    check("ingest.max_series_per_thing", lambda: 1 <= ing.max_series_per_thing <= 1_000_000, "must be 1..1000000")
     check("ingest.dead_letter_keep", lambda: ing.dead_letter_keep >= 1, "must be >= 1")
     check("ingest.default_type", lambda: bool(TYPE_RE.match(ing.default_type)),
           "must be lowercase letters, digits, _ or - (e.g. 'oven')")
@@ -461,3 +468,15 @@ def _check_ws(cfg: GatewayConfig, check: _Checks) -> None:
     check("ws.queue_size", lambda: cfg.ws.queue_size >= 1, "must be >= 1")
     check("ws.max_clients", lambda: cfg.ws.max_clients >= 1, "must be >= 1")
     check("ws.heartbeat_s", lambda: cfg.ws.heartbeat_s > 0, "must be > 0")
+
+
+def _check_oee(cfg: GatewayConfig, check: _Checks) -> None:
+    if not isinstance(cfg.oee, OeeSection):
+        return
+    found: list[tuple[str, str]] = []
+    try:
+        check_oee(cfg.oee, found)
+    except (TypeError, AttributeError, ValueError):
+        return  # a value of the wrong type, already reported
+    for key, message in found:
+        check(key, False, message)

@@ -20,7 +20,9 @@ from gateway.broker import BrokerSettings, find_free_port, start_broker
 from gateway.config import GatewayConfig, load_config
 from gateway.service import GatewayService
 from gateway.sim import FleetOptions, SimError, run_fleet
+from gateway.sim.equipment import EQUIPMENT_TYPES
 from gateway.sim.faults import FaultItem
+from gateway.sim.production import DEMO_SHIFTS, oee_rules
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,9 @@ def demo_config(opts: DemoOptions, mqtt_port: int, *, site: str | None = None, l
         "http.port": http_port if http_port is not None else (opts.http_port + index if opts.http_port else 0),
         "auth.open": True,
         "ingest.auto_register": True,
+        "oee.enabled": True,  # the simulated PLCs publish state and counters (FleetOptions.production)
+        "oee.types": oee_rules(EQUIPMENT_TYPES),
+        "oee.shifts": list(DEMO_SHIFTS),
     }
     if aggregator_port:
         overrides.update({"uplink.url": f"http://127.0.0.1:{aggregator_port}",
@@ -107,7 +112,7 @@ def plan_lines(opts: DemoOptions, faults: tuple[FaultItem, ...], aggregator_port
         fleet = FleetOptions(site=site, line=line, nodes=opts.nodes, rate_hz=opts.rate_hz, host="127.0.0.1",
                              port=mqtt_port, faults=faults if i == 0 else (), start_index=k * NODES_PER_LINE_STRIDE + 1,
                              truth_path=opts.data_dir / "faults.jsonl" if i == 0 else None,
-                             duration_s=opts.duration_s, seed=i)
+                             duration_s=opts.duration_s, seed=i, production=True)
         out.append(DemoLine(i, site, line, mqtt_port, config, fleet))
     return out
 

@@ -18,6 +18,17 @@ class GatewayMetrics:
             "egiz_ingest_duplicate_samples_total", "Samples dropped as duplicates (seq)", registry=r
         )
         self.gaps = Counter("egiz_ingest_seq_gap_messages_total", "Messages missing according to seq gaps", registry=r)
+        self.seq_late = Counter(
+            "egiz_ingest_seq_late_messages_total", "Messages applied late: inside the seq window, after a higher seq",
+            registry=r,
+        )
+        self.seq_too_old = Counter(
+            "egiz_ingest_seq_too_old_total", "Samples dropped: seq below the anti-replay window", registry=r
+        )
+        self.provision_mismatch = Counter(
+            "egiz_provision_mismatch_total",
+            "Announcements of an approved node from another MAC or address (ignored)", registry=r,
+        )
         self.reboots = Counter("egiz_ingest_node_reboots_total", "New boot ids seen", registry=r)
         self.dead_letter_overflow = Counter(
             "egiz_dead_letter_overflow_total", "Dead letters not stored (queue full)", registry=r
@@ -59,6 +70,12 @@ class GatewayMetrics:
         self.uplink_backlog_points = Gauge("egiz_uplink_backlog_points", "Points not yet confirmed", registry=r)
         self.uplink_backlog_bytes = Gauge("egiz_uplink_backlog_bytes", "Estimated bytes not yet confirmed",
                                           registry=r)
+        self.uplink_quarantined = Counter("egiz_uplink_quarantined_total",
+                                          "Things and anomalies the aggregator refused, set aside", registry=r)
+        self.uplink_quarantine_things = Gauge("egiz_uplink_quarantine_things", "Things held in the quarantine",
+                                              registry=r)
+        self.uplink_quarantine_points = Gauge("egiz_uplink_quarantine_points",
+                                              "Points of held Things waiting to be re-sent or dropped", registry=r)
         self.uplink_backlog_age = Gauge("egiz_uplink_backlog_age_seconds", "Age of the oldest unconfirmed point",
                                         registry=r)
         self.detect_readings = Counter("egiz_detect_readings_total", "Feature readings the detector took", registry=r)

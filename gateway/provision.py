@@ -2,7 +2,13 @@
 Approval creates the Thing, gives the node its own MQTT user with an ACL entry limited to its own
 topics, rewrites Mosquitto's password and ACL files, has the broker reload them, and hands the
 credentials to the node over its provisioning endpoint. A node that is not approved has no user,
-so the broker refuses it."""
+so the broker refuses it.
+
+Approval pins the node to the MAC and address it announced while pending: credentials go only to
+that address, and a later announcement of the same id from another MAC or address is ignored,
+logged and counted (`egiz_provision_mismatch_total`). The hand-over itself is plain HTTP on the
+line's network (docs/security.md); the password waits in `nodes.sqlite` (mode 0600) only until
+the node has it, and is then overwritten, not just unlinked from a row."""
 
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ from gateway.common.errors import Conflict, EgizError, Invalid, NotFound
 from gateway.common.names import TYPE_RE
 from gateway.common.timefmt import iso_seconds
 from gateway.config import GatewayConfig
+from gateway.metrics import GatewayMetrics
 from gateway.twin.registry import TwinRegistry
 
 log = logging.getLogger(__name__)
@@ -83,8 +90,15 @@ class NodeStore:
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        # a password waits here until its node has it: readable by the gateway's user only (SQLite
+        # gives the -wal and -shm files the mode of the database file)
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        for f in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+            if f.exists():  # also a file an older version left readable by others
+                os.chmod(f, 0o600)
         self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA secure_delete=ON")  # a delivered password is overwritten with zeros
         self.db.execute(
             "CREATE TABLE IF NOT EXISTS nodes (id TEXT PRIMARY KEY, type TEXT, state TEXT, fw TEXT, mac TEXT, "
             "address TEXT, port INTEGER, first_seen REAL, last_seen REAL, username TEXT, password_hash TEXT, "
@@ -106,6 +120,10 @@ class NodeStore:
     def delete(self, node_id: str) -> None:
         self.db.execute("DELETE FROM nodes WHERE id = ?", (node_id,))
 
+    def forget_old_versions(self) -> None:
+        """Checkpoint and empty the write-ahead log, which still holds pages written before."""
+        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
     def close(self) -> None:
         self.db.close()
 
@@ -123,7 +141,8 @@ def fill_topic(template: str, **values: str) -> str:
 class Provisioner:
     """Pending, approved and rejected nodes, and the Mosquitto files that follow from them."""
 
-    def __init__(self, config: GatewayConfig, registry: TwinRegistry) -> None:
+    def __init__(self, config: GatewayConfig, registry: TwinRegistry, metrics: GatewayMetrics | None = None) -> None:
+        self._m = metrics or GatewayMetrics()
         self.config = config
         self.registry = registry
         self.store = NodeStore(Path(config.gateway.data_dir) / "nodes.sqlite")
@@ -158,6 +177,13 @@ class Provisioner:
                 node = Node(node_id, node_type, first_seen=now)
                 log.info("new node waiting for approval", extra={"node_id": node_id, "type": node_type,
                                                                  "address": address})
+            elif node.state == "approved" and (mac.lower() != node.mac.lower() or address != node.address):
+                # approval pinned the node to what the admin saw: another device using its id gets nothing
+                self._m.provision_mismatch.inc()
+                log.warning("ignored an announcement of an approved node from another MAC or address",
+                            extra={"node_id": node_id, "mac": mac[:40], "address": address[:64],
+                                   "approved_mac": node.mac, "approved_address": node.address})
+                return node
             node.fw, node.mac, node.address, node.port, node.last_seen = fw, mac, address, port, now
             if node.state == "pending":
                 node.type = node_type
@@ -261,6 +287,7 @@ class Provisioner:
             return
         node.password, node.delivered_at, node.delivery_error = "", time.time(), ""  # only the hash is kept
         self.store.put(node)
+        self.store.forget_old_versions()
         log.info("credentials delivered to node", extra={"node_id": node.id, "address": node.address})
 
     def _delivery_failed(self, node: Node, error: str) -> None:

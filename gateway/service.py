@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from gateway.alarms.journal import AlarmJournal
 from gateway.api.app import build_app
 from gateway.api.parts import Parts
 from gateway.buffer.buffer import TelemetryBuffer
@@ -25,6 +26,7 @@ from gateway.ingest.mqtt import MqttIngest
 from gateway.ingest.sequence import SequenceTracker
 from gateway.memory import budget, check_budget, limit_native_caches, machine_memory_mb, resident_mb
 from gateway.metrics import GatewayMetrics
+from gateway.oee.tracker import OeeTracker
 from gateway.provision import Provisioner
 from gateway.twin.registry import TwinRegistry
 
@@ -53,11 +55,14 @@ class GatewayService:
         self.ingest = MqttIngest(config, self.registry, self.dead_letters, self.metrics, self.buffer, self.sequences)
         self.detector = AnomalyDetector(config, self.registry, self.bus, self.metrics) if config.detect.enabled \
             else None
+        self.oee = OeeTracker(config.oee, data, config.gateway.line, self.bus, self.metrics.registry) \
+            if config.oee.enabled else None
+        self.journal = AlarmJournal(data / "alarms.sqlite") if self.detector is not None else None
         self.forwarder: Forwarder | None = None
         if config.uplink.url:
             from gateway.uplink.forwarder import Forwarder
 
-            self.forwarder = Forwarder(config, self.buffer, self.registry, self.metrics, self.detector)
+            self.forwarder = Forwarder(config, self.buffer, self.registry, self.metrics, self.detector, self.oee)
         self.model_fetcher: ModelFetcher | None = None
         if config.uplink.url and config.uplink.models_interval_s and self.detector is not None:
             from gateway.uplink.models import ModelFetcher
@@ -65,11 +70,13 @@ class GatewayService:
             self.model_fetcher = ModelFetcher(config, self.detector, self.metrics)
         self.provisioner: Provisioner | None = None
         if config.discovery.enabled:
-            self.provisioner = Provisioner(config, self.registry)
+            self.provisioner = Provisioner(config, self.registry, self.metrics)
         self.discovery: GatewayDiscovery | None = None
         self.parts = Parts(config, self.registry, self.bus, self.ingest, self.dead_letters, self.metrics,
                            Authenticator(config.auth.api_keys, open_access=config.auth.open), time.time(),
-                           self.buffer, self.detector, self.provisioner)
+                           self.buffer, self.detector, self.provisioner, self.oee,
+                           self.journal,
+                           self.forwarder.quarantine if self.forwarder is not None else None)
         self.app = build_app(self.parts)
         self._runner: web.AppRunner | None = None
         self.http_port: int | None = None
@@ -91,6 +98,10 @@ class GatewayService:
         self._check_memory()
         if self.detector is not None:
             await self.detector.start()  # before ingest: the first reading is already watched
+        if self.oee is not None:
+            await self.oee.start()
+        if self.journal is not None:
+            await self.journal.start()
         await self.ingest.start()
         if self.forwarder is not None:
             await self.forwarder.start()
@@ -133,6 +144,10 @@ class GatewayService:
             self._runner = None
         if self.detector is not None:
             await self.detector.stop()
+        if self.oee is not None:
+            await self.oee.stop()
+        if self.journal is not None:
+            await self.journal.stop()
         await self.buffer.stop()
         await self.dead_letters.stop()
         if self.provisioner is not None:

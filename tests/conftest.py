@@ -4,7 +4,8 @@ tmp_path. Their helpers live in tests/helpers."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +27,29 @@ from tests.helpers import (
     need_service,
 )
 
+PG_HOST, PG_PORT = "127.0.0.1", 5432
+
 
 @pytest.fixture
 def mosquitto() -> tuple[str, int]:
     """The machine's Mosquitto (each test uses its own site, so topics never collide)."""
     need_service(BROKER_HOST, BROKER_PORT, "Mosquitto", "apt-get install mosquitto")
     return BROKER_HOST, BROKER_PORT
+
+
+@pytest.fixture
+def pg_dsn() -> Iterator[str]:
+    """A fresh PostgreSQL database of the test's own on the machine's server (trust auth), dropped after."""
+    need_service(PG_HOST, PG_PORT, "PostgreSQL", "apt-get install postgresql")
+    import psycopg
+
+    name = f"egiz_t_{uuid.uuid4().hex[:12]}"
+    admin = f"postgresql://postgres@{PG_HOST}:{PG_PORT}/postgres"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    yield f"postgresql://postgres@{PG_HOST}:{PG_PORT}/{name}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The fleet's Ansible content: ansible-lint's production profile and a syntax check of every playbook
+"""The fleet's Ansible content: plain `ansible-lint` (production profile) and a syntax check of every playbook
 pass, and the roles' configuration templates, rendered by Ansible, are accepted by the gateway's and
 the aggregator's own configuration checks, secrets with quotes and backslashes included. The roles
 themselves are applied for real by the image test (tests/test_image.py)."""
@@ -39,7 +39,8 @@ def run(*args: str, cwd: Path = ANSIBLE) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.timeout(300)
 def test_ansible_lint_production_profile_passes() -> None:
-    r = run(tool("ansible-lint"), "--profile", "production", "--offline", "--nocolor", "site.yml", "image.yml", "roles")
+    # as a user runs it: plain `ansible-lint` in ansible/ (its .ansible-lint asks for the production profile)
+    r = run(tool("ansible-lint"), "--nocolor")
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     assert "Profile 'production' was required, and it passed" in r.stdout + r.stderr
 

@@ -59,7 +59,7 @@ async def test_messages_are_acknowledged_only_after_their_points_are_committed(t
     buf = await open_buffer(config(tmp_path, **{"buffer.commit_interval_ms": 5000, "buffer.commit_idle_ms": 5000}))
     try:
         client = Acks()
-        buf.add("s:oven-1", "oven", samples([1.0, 2.0], [T0, T0 + 1]), T0 + 2, ("b1", 2))
+        buf.add("s:oven-1", "oven", samples([1.0, 2.0], [T0, T0 + 1]), T0 + 2, ("b1", 2, 0b11))
         buf.ack_later(client, 7, 1)
         await asyncio.sleep(0.2)
         assert client.acked == []  # nothing committed yet, so nothing acknowledged
@@ -69,7 +69,7 @@ async def test_messages_are_acknowledged_only_after_their_points_are_committed(t
         assert buf.store.point_count() == 2
         # acknowledgements of a connection that is gone are not sent (the broker redelivers instead)
         client.connected = False
-        buf.add("s:oven-1", "oven", samples([3.0], [T0 + 3], first_seq=3), T0 + 4, ("b1", 3))
+        buf.add("s:oven-1", "oven", samples([3.0], [T0 + 3], first_seq=3), T0 + 4, ("b1", 3, 0b111))
         buf.ack_later(client, 8, 1)
         await buf.flush()
         assert client.acked == [7]
@@ -78,7 +78,7 @@ async def test_messages_are_acknowledged_only_after_their_points_are_committed(t
     # sequence marks are stored with the points: a restart knows what is already stored
     buf = await open_buffer(config(tmp_path))
     try:
-        assert ("s:oven-1", "b1", 3) in [(t, b, s) for t, b, s, _ in buf.marks]
+        assert ("s:oven-1", "b1", 3, 0b111) in [(t, b, s, w) for t, b, s, _, w in buf.marks]
         assert buf.store.point_count() == 3
     finally:
         await buf.stop()

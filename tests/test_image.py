@@ -203,20 +203,58 @@ def start_vm(disk: Path, tmp: Path, http: int, mqtt: int, console: Path, accel: 
     ], stdout=subprocess.DEVNULL, stderr=(tmp / f"qemu-{accel}.err").open("wb"))
 
 
+KVM_SILENT_S = 30.0  # a KVM guest that prints nothing on its console this long is taken as stuck
+
+
+def kvm_guest_runs(vm: subprocess.Popen[bytes], err: Path, console: Path, *, silent_s: float = KVM_SILENT_S,
+                   interval: float = 0.2) -> bool:
+    """Whether a VM started with KVM really runs: False as soon as qemu exits or reports a KVM internal
+    error (often so in nested virtual machines), or when the guest prints nothing on its console for
+    `silent_s` (seen on machines whose /dev/kvm exists but runs no guest); True once it prints."""
+    deadline = time.monotonic() + silent_s
+    while time.monotonic() < deadline:
+        if vm.poll() is not None or (err.exists() and b"KVM internal error" in err.read_bytes()):
+            return False
+        if console.exists() and console.stat().st_size > 0:
+            return True
+        time.sleep(interval)
+    return False
+
+
 def boot_vm(disk: Path, tmp: Path, http: int, mqtt: int, console: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """Start the VM with KVM; if KVM fails at once (often so in nested virtual machines), emulate."""
+    """Start the VM with KVM; if KVM fails or the guest stays silent, emulate (TCG) instead."""
     if kvm_usable():
         vm = start_vm(disk, tmp, http, mqtt, console, "kvm")
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and vm.poll() is None:
-            if b"KVM internal error" in (tmp / "qemu-kvm.err").read_bytes():
-                break
-            time.sleep(0.2)
-        if vm.poll() is None and b"KVM internal error" not in (tmp / "qemu-kvm.err").read_bytes():
+        if kvm_guest_runs(vm, tmp / "qemu-kvm.err", console):
             return vm, "kvm"
         vm.kill()
         vm.wait(30)
+        console.unlink(missing_ok=True)
     return start_vm(disk, tmp, http, mqtt, console, "tcg"), "tcg"
+
+
+def fake_qemu(tmp: Path, script: str) -> subprocess.Popen[bytes]:
+    """A process standing in for qemu (a shell script: what it prints and when), stderr to qemu-kvm.err."""
+    return subprocess.Popen(["sh", "-c", script], cwd=tmp, stdout=subprocess.DEVNULL,
+                            stderr=(tmp / "qemu-kvm.err").open("wb"))
+
+
+@pytest.mark.parametrize(("script", "runs"), [
+    ("sleep 1; echo 'Linux version 6.1' > console.log; sleep 30", True),  # a guest that boots
+    ("sleep 30", False),  # /dev/kvm exists, the guest prints nothing: fall back
+    ("echo 'KVM internal error. Suberror: 1' >&2; sleep 30", False),
+    ("exit 1", False),  # qemu refused to start
+])
+def test_kvm_fallback_to_emulation(tmp_path: Path, script: str, runs: bool) -> None:
+    vm = fake_qemu(tmp_path, script)
+    try:
+        t0 = time.monotonic()
+        assert kvm_guest_runs(vm, tmp_path / "qemu-kvm.err", tmp_path / "console.log", silent_s=3) is runs
+        if script == "sleep 30":
+            assert time.monotonic() - t0 >= 3  # it waited the silent period, not less
+    finally:
+        vm.kill()
+        vm.wait(10)
 
 
 @pytest.mark.timeout(900)

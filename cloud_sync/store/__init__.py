@@ -6,6 +6,7 @@ code on the gateway and on the aggregator (`gateway.common.history`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -61,6 +62,9 @@ class AggregatorStore(Protocol):
                   limit: int, offset: int) -> tuple[list[dict[str, Any]], int]: ...
     def anomaly(self, anomaly_id: str) -> dict[str, Any] | None: ...
     def add_action(self, gateway_id: str, act: Action) -> None: ...
+    # ownership: the gateway that first wrote a Thing, until an admin transfers it
+    def owner(self, thing_id: str) -> str | None: ...
+    def transfer(self, thing_id: str, gateway_id: str, line: str) -> str | None: ...
     def actions_for(self, gateway_id: str) -> list[Action]: ...
     # the history reads, as the gateway's store has them
     def raw(self, series: list[int], start: float, end: float, limit: int, *,
@@ -72,3 +76,17 @@ class AggregatorStore(Protocol):
 
 class StoreError(Exception):
     """The backend could not apply or answer; the batch is not applied (the gateway retries)."""
+
+
+class Refused(StoreError):
+    """The batch may never be applied as it is (nothing of it was): answered with `status` (400 or 403)
+    and `reason`, naming the Things and anomalies at fault so the gateway can set them aside."""
+
+    def __init__(self, status: int, reason: str, detail: str, thing_ids: Sequence[str] = (),
+                 anomaly_ids: Sequence[str] = ()) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.reason = reason
+        self.detail = detail
+        self.thing_ids = tuple(thing_ids)
+        self.anomaly_ids = tuple(anomaly_ids)

@@ -12,14 +12,14 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from cloud_sync.store import Applied, GatewayRow, StoreError
+from cloud_sync.store import Applied, GatewayRow, Refused, StoreError
 from cloud_sync.store.anomalies import AnomalySql, Execute, where
 from gateway.common.series import SeriesCatalogue, SeriesIndexed, SeriesKey
 from gateway.common.wire import Action, Batch
@@ -83,6 +83,7 @@ class CentralSql:
         self.p = placeholder
         self.gateways = f"{prefix}gateways"
         self.things = f"{prefix}things"
+        self.owners = f"{prefix}owners"
         self.lock_row = lock_row  # " FOR UPDATE" where replicas share the database
         self.anomaly = AnomalySql(placeholder, prefix=prefix)
 
@@ -94,8 +95,54 @@ class CentralSql:
             f"CREATE TABLE IF NOT EXISTS {self.things} (id VARCHAR PRIMARY KEY, site VARCHAR, line VARCHAR, "
             "gateway_id VARCHAR, type VARCHAR, version BIGINT, last_updated DOUBLE PRECISION, doc VARCHAR, "
             "deleted BOOLEAN NOT NULL DEFAULT false)",
+            f"CREATE TABLE IF NOT EXISTS {self.owners} (thing_id VARCHAR PRIMARY KEY, gateway_id VARCHAR NOT NULL)",
             *self.anomaly.schema(),
+            # a store written before owners were kept: each Thing belongs to the gateway that sent it
+            f"INSERT INTO {self.owners} SELECT id, gateway_id FROM {self.things} WHERE gateway_id IS NOT NULL "
+            "ON CONFLICT (thing_id) DO NOTHING",
         ]
+
+    def claim(self, execute: Execute, batch: Batch) -> None:
+        """Inside the batch's transaction: every Thing the batch touches becomes the batch's gateway's if
+        nobody owns it yet; raises Refused (403 foreign_thing) naming the Things and anomalies that
+        belong to another gateway (the transaction is then rolled back: nothing is applied)."""
+        p, gw = self.p, batch.gateway_id
+        touched = sorted({k[0] for k in batch.series} | {d.id for d in batch.things} | set(batch.deleted)
+                         | {a.thing_id for a in batch.anomalies})
+        foreign: list[str] = []
+        for chunk in _chunks(touched, CHUNK):
+            execute(f"INSERT INTO {self.owners} VALUES {', '.join([f'({p}, {p})'] * len(chunk))} "
+                    "ON CONFLICT (thing_id) DO NOTHING", [v for tid in chunk for v in (tid, gw)])
+            foreign += [r[0] for r in execute(
+                f"SELECT thing_id FROM {self.owners} WHERE gateway_id <> {p} AND thing_id IN "
+                f"({', '.join([p] * len(chunk))})", [gw, *chunk]).fetchall()]
+        anomalies: list[str] = []
+        for chunk in _chunks(sorted({a.id for a in batch.anomalies}), CHUNK):
+            anomalies += [r[0] for r in execute(
+                f"SELECT id FROM {self.anomaly.anomalies} WHERE gateway_id <> {p} AND id IN "
+                f"({', '.join([p] * len(chunk))})", [gw, *chunk]).fetchall()]
+        if foreign or anomalies:
+            named = [f"Thing {t}" for t in sorted(foreign)[:5]] + [f"anomaly {a}" for a in sorted(anomalies)[:5]]
+            raise Refused(403, "foreign_thing", f"{', '.join(named)}"
+                          f"{' and more' if len(foreign) + len(anomalies) > len(named) else ''} "
+                          f"belong{'s' if len(foreign) + len(anomalies) == 1 else ''} to another gateway; "
+                          "nothing of this batch was applied", sorted(foreign), sorted(anomalies))
+
+    def owner(self, execute: Execute, thing_id: str) -> str | None:
+        rows = execute(f"SELECT gateway_id FROM {self.owners} WHERE thing_id = {self.p}", [thing_id]).fetchall()
+        return str(rows[0][0]) if rows else None
+
+    def transfer(self, execute: Execute, thing_id: str, gateway_id: str, line: str) -> str | None:
+        """Give a Thing to another gateway (the machine moved lines); returns its former owner, or None
+        when no gateway ever wrote it. Its stored version is reset so the new owner's document wins."""
+        p = self.p
+        former = self.owner(execute, thing_id)
+        if former is None:
+            return None
+        execute(f"UPDATE {self.owners} SET gateway_id = {p} WHERE thing_id = {p}", [gateway_id, thing_id])
+        execute(f"UPDATE {self.things} SET gateway_id = {p}, line = {p}, version = -1 WHERE id = {p}",
+                [gateway_id, line, thing_id])
+        return former
 
     def last_seq(self, execute: Execute, batch: Batch) -> int:
         """The gateway's last applied batch number, its row locked for this transaction."""
@@ -185,11 +232,14 @@ class CentralStore(SeriesIndexed):
                         return Applied("duplicate")
                     if batch.batch_seq != last + 1:
                         return Applied("out_of_order", expected=last + 1)
+                    self.sql.claim(execute, batch)
                     new = new_series_of(batch, self.catalogue)
                     prepared = prepare(batch, self._series_ids(execute, batch, new), new, received_at)
                     if prepared.points.num_rows:
                         self._insert_points(execute, prepared)
                     self.sql.apply(execute, batch, prepared, received_at)
+            except Refused:
+                raise
             except refused as exc:
                 raise StoreError(f"could not apply batch {batch.batch_seq} of {batch.gateway_id}: {exc}") from exc
             for sid, s in prepared.new_series:
@@ -222,6 +272,21 @@ class CentralStore(SeriesIndexed):
     def actions_for(self, gateway_id: str) -> list[Action]:
         with self._write_lock, self._transaction() as execute:
             return self.sql.anomaly.actions_for(execute, gateway_id)
+
+    def owner(self, thing_id: str) -> str | None:
+        return self.sql.owner(self._reader(), thing_id)
+
+    def transfer(self, thing_id: str, gateway_id: str, line: str) -> str | None:
+        with self._write_lock, self._transaction() as execute:
+            return self.sql.transfer(execute, thing_id, gateway_id, line)
+
+
+CHUNK = 500  # ids per statement: well under every engine's parameter limit
+
+
+def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
 
 
 def _json(value: Any) -> Any:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import math
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -19,7 +18,7 @@ import numpy as np
 import psycopg
 import pyarrow.csv as pacsv
 
-from cloud_sync.store import StoreError
+from cloud_sync.store import Refused, StoreError
 from cloud_sync.store.anomalies import Execute
 from cloud_sync.store.central import CentralSql, CentralStore, NewSeries, Prepared
 from gateway.common.series import SeriesKey
@@ -42,10 +41,11 @@ class PgStore(CentralStore):
     sql = CentralSql("%s", prefix="egiz_", lock_row=" FOR UPDATE")
     engine_errors = (psycopg.Error,)
 
-    def __init__(self, dsn: str, *, partition_days: int = 1) -> None:
+    def __init__(self, dsn: str, *, partition_days: int = 1, max_partitions: int = 16) -> None:
         super().__init__()
         self._dsn = dsn
         self._width = partition_days * 86400
+        self._max_partitions = max_partitions  # partitions one batch may span (each may be created)
         self._local = threading.local()
         self._all: list[psycopg.Connection[Any]] = []
         self._partitions: set[int] = set()
@@ -116,23 +116,43 @@ class PgStore(CentralStore):
         return ids
 
     def _insert_points(self, execute: Execute, prepared: Prepared) -> None:
-        ts = prepared.points.column("ts").to_numpy()
-        self._ensure_partitions(execute, float(ts.min()), float(ts.max()))
+        self._ensure_partitions(execute, prepared)
         buf = io.BytesIO()
         pacsv.write_csv(prepared.points, buf, pacsv.WriteOptions(include_header=False))
         with self._conn().cursor().copy("COPY egiz_points (series, ts, recv, seq, value, text) FROM STDIN "
                                         "(FORMAT csv)") as copy:
             copy.write(buf.getvalue())
 
-    def _ensure_partitions(self, execute: Execute, lo: float, hi: float) -> None:
+    def _ensure_partitions(self, execute: Execute, prepared: Prepared) -> None:
+        """The partitions the batch's points fall in (only those: not every one between its oldest and
+        newest point), at most `max_partitions` of them, or Refused (400) naming the Things whose points
+        lie outside the busiest ones."""
         w = self._width
-        for start in range(math.floor(lo / w) * w, math.floor(hi / w) * w + 1, w):
+        cells = np.floor(prepared.points.column("ts").to_numpy() / w).astype(np.int64)
+        starts, counts = np.unique(cells, return_counts=True)
+        if len(starts) > self._max_partitions:
+            keep = starts[np.argsort(-counts, kind="stable")[:self._max_partitions]]
+            stray = np.unique(prepared.points.column("series").to_numpy()[~np.isin(cells, keep)])
+            things = sorted({self._thing_of(int(sid), prepared) for sid in stray})
+            raise Refused(400, "too_many_partitions",
+                          f"the batch's points span {len(starts)} storage partitions of {w // 86400} day(s), "
+                          f"limit {self._max_partitions} (storage.max_partitions_per_batch); device times of "
+                          f"{', '.join(things[:5])} are far apart", things)
+        for cell in starts.tolist():
+            start = int(cell) * w
             if start in self._partitions or start in self._pending_partitions:
                 continue
             execute("SELECT pg_advisory_xact_lock(%s)", [_LOCK_PARTITION])
             execute(f"CREATE TABLE IF NOT EXISTS egiz_points_p{start} PARTITION OF egiz_points "
                     f"FOR VALUES FROM ({start}) TO ({start + w})", [])
             self._pending_partitions.add(start)
+
+    def _thing_of(self, sid: int, prepared: Prepared) -> str:
+        """The Thing of a store series id: a known one, or one this batch adds."""
+        known = self.catalogue.series_keys.get(sid)
+        if known is not None:
+            return known[0].thing_id
+        return next((s.key.thing_id for i, s in prepared.new_series if i == sid), "?")
 
     def _committed(self, prepared: Prepared) -> None:
         self._partitions |= self._pending_partitions  # only partitions whose transaction committed

@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 import time
 from typing import Any
@@ -14,14 +16,16 @@ from typing import Any
 import numpy as np
 from aiohttp import web
 
+from gateway.alarms.journal import MAX_SHELVE_HOURS, AlarmJournal
 from gateway.api.parts import PARTS, Parts
 from gateway.common.errors import Invalid, NotFound
 from gateway.common.history import parse_time
-from gateway.common.http import int_param, read_json, requires
+from gateway.common.http import int_param, read_json, read_object, requires
 from gateway.detect.detector import AnomalyDetector
 from gateway.detect.explain import label
 
 MAX_LIMIT = 1000
+MAX_EXPORT = 100_000  # rows of one CSV export
 RUL_WINDOW_S = 24 * 3600.0
 STATES = {"open", "acknowledged", "resolved"}
 SEVERITIES = {"info", "warning", "critical"}
@@ -32,6 +36,10 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/v1/anomalies/{id}", get_anomaly)
     app.router.add_post("/api/v1/anomalies/{id}/ack", ack)
     app.router.add_post("/api/v1/anomalies/{id}/resolve", resolve)
+    app.router.add_get("/api/v1/anomalies/{id}/journal", journal)
+    app.router.add_post("/api/v1/anomalies/{id}/shelve", shelve)
+    app.router.add_get("/api/v1/alarm-shelves", list_shelves)
+    app.router.add_delete("/api/v1/alarm-shelves/{id}", unshelve)
     app.router.add_get("/api/v1/things/{id}/rul", rul)
     app.router.add_get("/api/v1/models", list_models)
     app.router.add_post("/api/v1/models/{type}/activate", activate)
@@ -56,24 +64,85 @@ def _list(value: str | None, allowed: set[str] | None, name: str) -> list[str]:
 
 @requires("viewer")
 async def list_anomalies(request: web.Request) -> web.Response:
-    """Newest first. `state=active` means open or acknowledged."""
-    det = _detector(request.app[PARTS])
+    """The alarm journal, newest first. `state=active` means open or acknowledged; `format=csv` exports."""
+    parts = request.app[PARTS]
+    det = _detector(parts)
     q = request.query
-    unknown = sorted(set(q) - {"state", "thingId", "severity", "from", "to", "limit", "offset"})
+    unknown = sorted(set(q) - {"state", "thingId", "severity", "from", "to", "limit", "offset", "site", "line",
+                               "type", "acknowledgedBy", "shelved", "format"})
     if unknown:
         raise Invalid(f"unknown parameter(s) {', '.join(unknown)}")
     states = _list(q.get("state"), STATES | {"active"}, "state")
     if "active" in states:
         states = sorted((set(states) - {"active"}) | {"open", "acknowledged"})
-    limit = int_param(q.get("limit"), "limit", 100, 1, MAX_LIMIT)
+    fmt = q.get("format", "json")
+    if fmt not in ("json", "csv"):
+        raise Invalid("format must be json or csv")
+    limit = int_param(q.get("limit"), "limit", 100, 1, MAX_LIMIT if fmt == "json" else MAX_EXPORT)
     offset = int_param(q.get("offset"), "offset", 0, 0, 10**9)
+    thing_ids = _list(q.get("thingId"), None, "thingId")
+    site, line = q.get("site"), q.get("line")
+    if site and site != parts.config.gateway.site:
+        thing_ids = [""]  # another site's anomalies are not on this gateway
+    if line:
+        on_line = [t.id for t in parts.registry.changed_since(float("-inf"))
+                   if str(t.metadata.get("line") or parts.config.gateway.line) == line]
+        thing_ids = [t for t in thing_ids if t in on_line] if thing_ids else (on_line or [""])
+    shelves = await parts.journal.shelves(active_at=time.time()) if parts.journal else []
+    shelf_of = {(s.thing_id, s.anomaly_type): s for s in shelves}
+    shelved = q.get("shelved")
+    if shelved not in (None, "true", "false"):
+        raise Invalid("shelved must be true or false")
     items, total = await det.log.query(
-        states=states, thing_ids=_list(q.get("thingId"), None, "thingId"),
+        states=states, thing_ids=thing_ids,
         severities=_list(q.get("severity"), SEVERITIES, "severity"),
         since=parse_time(q["from"], "from") if q.get("from") else None,
-        until=parse_time(q["to"], "to") if q.get("to") else None, limit=limit, offset=offset)
-    return web.json_response({"items": [a.to_json() for a in items], "total": total, "limit": limit,
-                              "offset": offset})
+        until=parse_time(q["to"], "to") if q.get("to") else None, limit=limit, offset=offset,
+        anomaly_types=_list(q.get("type"), None, "type"),
+        acknowledged_by=_list(q.get("acknowledgedBy"), None, "acknowledgedBy"),
+        conditions=list(shelf_of) if shelved == "true" else None,
+        without_conditions=list(shelf_of) if shelved == "false" else ())
+    docs = []
+    for a in items:
+        doc = a.to_json()
+        shelf = shelf_of.get((a.thing_id, a.anomaly_type))
+        doc["shelved"] = shelf.to_json() if shelf is not None and a.state != "resolved" else None
+        docs.append(doc)
+    if fmt == "csv":
+        return web.Response(text=journal_csv(docs), content_type="text/csv", charset="utf-8",
+                            headers={"Content-Disposition": 'attachment; filename="alarms.csv"',
+                                     "X-Total-Count": str(total)})
+    return web.json_response({"items": docs, "total": total, "limit": limit, "offset": offset})
+
+
+CSV_COLUMNS = ("id", "thingId", "thingType", "anomalyType", "severity", "state", "openedAt", "lastSeenAt",
+               "acknowledgedAt", "acknowledgedBy", "resolvedAt", "resolvedBy", "note", "falsePositive", "score",
+               "explanation", "shelvedUntil", "shelvedBy")
+
+
+def journal_csv(docs: list[dict[str, Any]]) -> str:
+    """The journal as CSV, one anomaly a row (spreadsheet formulas neutralised)."""
+    out = io.StringIO()
+    w = csv.writer(out)
+    w.writerow(CSV_COLUMNS)
+    for d in docs:
+        shelf = d.get("shelved") or {}
+        row = [*(d.get(c) for c in CSV_COLUMNS[:-2]), shelf.get("until"), shelf.get("by")]
+        w.writerow(["" if v is None else _cell(v) for v in row])
+    return out.getvalue()
+
+
+def _cell(v: Any) -> str:
+    text = str(v).lower() if isinstance(v, bool) else str(v)
+    return "'" + text if text[:1] in ("=", "+", "-", "@") and not _is_number(text) else text
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 @requires("viewer")
@@ -108,7 +177,10 @@ async def ack(request: web.Request) -> web.Response:
     body = await _body(request)
     if body.get("falsePositive"):
         raise Invalid("mark a false positive with POST .../resolve")
-    a = await _detector(parts).acknowledge(request.match_info["id"], parts.auth.caller(request), body.get("note", ""))
+    by = parts.auth.caller(request)
+    a = await _detector(parts).acknowledge(request.match_info["id"], by, body.get("note", ""))
+    if parts.journal is not None:
+        await parts.journal.record(a.id, "acknowledged", by, body.get("note", ""))
     return web.json_response(a.to_json())
 
 
@@ -117,9 +189,69 @@ async def resolve(request: web.Request) -> web.Response:
     """Resolved by an operator, optionally labelled a false positive (kept for retraining)."""
     parts = request.app[PARTS]
     body = await _body(request)
-    a = await _detector(parts).resolve(request.match_info["id"], parts.auth.caller(request), body.get("note", ""),
+    by = parts.auth.caller(request)
+    a = await _detector(parts).resolve(request.match_info["id"], by, body.get("note", ""),
                                        bool(body.get("falsePositive", False)))
+    if parts.journal is not None:
+        await parts.journal.record(a.id, "resolved", by, body.get("note", ""))
     return web.json_response(a.to_json())
+
+
+def _journal(parts: Parts) -> AlarmJournal:
+    if parts.journal is None:
+        raise NotFound("the alarm journal needs anomaly detection (detect.enabled = true)")
+    return parts.journal
+
+
+@requires("viewer")
+async def journal(request: web.Request) -> web.Response:
+    """Who did what to one anomaly, oldest first."""
+    parts = request.app[PARTS]
+    a = await _detector(parts).log.get(request.match_info["id"])
+    if a is None:
+        raise NotFound(f"no anomaly {request.match_info['id']!r}")
+    actions = await _journal(parts).actions(a.id)
+    return web.json_response({"anomalyId": a.id, "items": [x.to_json() for x in actions]})
+
+
+@requires("operator")
+async def shelve(request: web.Request) -> web.Response:
+    """Silence the anomaly's condition (its Thing and type) for `hours`, saying why."""
+    parts = request.app[PARTS]
+    a = await _detector(parts).log.get(request.match_info["id"])
+    if a is None:
+        raise NotFound(f"no anomaly {request.match_info['id']!r}")
+    doc = await read_object(request, frozenset({"hours", "reason"}), "hours and reason")
+    hours = doc.get("hours")
+    if isinstance(hours, bool) or not isinstance(hours, int | float) or not 0 < hours <= MAX_SHELVE_HOURS:
+        raise Invalid(f"hours must be a number > 0 and <= {MAX_SHELVE_HOURS}")
+    reason = doc.get("reason")
+    if not isinstance(reason, str) or not reason.strip() or len(reason) > 2000:
+        raise Invalid("give the reason (a string of at most 2000 characters)")
+    shelf = await _journal(parts).shelve(a.id, a.thing_id, a.anomaly_type, float(hours), parts.auth.caller(request),
+                                         reason.strip())
+    return web.json_response(shelf.to_json())
+
+
+@requires("viewer")
+async def list_shelves(request: web.Request) -> web.Response:
+    """Shelves silencing now (`active=true`, the default) or all of them."""
+    parts = request.app[PARTS]
+    active = request.query.get("active", "true")
+    if active not in ("true", "false"):
+        raise Invalid("active must be true or false")
+    shelves = await _journal(parts).shelves(active_at=time.time() if active == "true" else None)
+    return web.json_response({"items": [s.to_json() for s in shelves]})
+
+
+@requires("operator")
+async def unshelve(request: web.Request) -> web.Response:
+    """End a shelf before its time."""
+    parts = request.app[PARTS]
+    shelf = await _journal(parts).unshelve(request.match_info["id"], parts.auth.caller(request))
+    if shelf is None:
+        raise NotFound(f"no shelf {request.match_info['id']!r}")
+    return web.json_response(shelf.to_json())
 
 
 @requires("viewer")

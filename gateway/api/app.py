@@ -9,7 +9,7 @@ import time
 from aiohttp import web
 
 from gateway import __version__
-from gateway.api import anomalies, history, nodes, openapi, things, ws
+from gateway.api import anomalies, history, nodes, oee, openapi, things, uplink, ws
 from gateway.api.parts import PARTS, Parts
 from gateway.common import viewer
 from gateway.common.errors import EgizError
@@ -30,6 +30,8 @@ def build_app(parts: Parts) -> web.Application:
     history.add_routes(app)
     anomalies.add_routes(app)
     nodes.add_routes(app)
+    oee.add_routes(app)
+    uplink.add_routes(app)
     ws.add_routes(app)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
@@ -74,6 +76,10 @@ async def ready(request: web.Request) -> web.Response:
         warnings.append(f"buffer commits are failing ({buf.last_error}); messages are kept unacknowledged")
     if buf.refusing:
         warnings.append(f"disk budget used up ({buf.used_bytes} bytes): new points are not stored")
+    held = parts.quarantine.held if parts.quarantine is not None else {}
+    if held:
+        warnings.append(f"{len(held)} Things or anomalies the aggregator refused are held in the uplink "
+                        "quarantine (GET /api/v1/uplink/quarantine)")
     ok = all(v == "ok" for v in checks.values())
     return web.json_response({"ready": ok, "checks": checks, "warnings": warnings,
                               "things": len(parts.registry)}, status=200 if ok else 503)
@@ -85,5 +91,9 @@ async def metrics(request: web.Request) -> web.Response:
     parts.metrics.things.set(len(parts.registry))
     parts.metrics.twin_flush_errors.set(parts.registry.flush_errors)
     parts.metrics.buffer_pending.set(parts.buffer.pending_points)
+    if parts.quarantine is not None:
+        held = parts.quarantine.held.values()
+        parts.metrics.uplink_quarantine_things.set(sum(h.kind == "thing" for h in held))
+        parts.metrics.uplink_quarantine_points.set(parts.quarantine.points)
     return web.Response(body=parts.metrics.render(), content_type="text/plain", charset="utf-8",
                         headers={"X-Content-Type-Options": "nosniff"})

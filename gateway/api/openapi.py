@@ -8,17 +8,14 @@ from aiohttp import web
 
 from gateway import __version__
 from gateway.common.http import requires
+from gateway.common.openapi import operation, response
 
 ERROR = {"$ref": "#/components/schemas/Error"}
 THING = {"$ref": "#/components/schemas/Thing"}
 PAGE = {"$ref": "#/components/schemas/ThingPage"}
 
 
-def _resp(desc: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
-    out: dict[str, Any] = {"description": desc}
-    if schema is not None:
-        out["content"] = {"application/json": {"schema": schema}}
-    return out
+_resp = response
 
 
 ERRORS = {
@@ -32,15 +29,12 @@ FEATURE = {"name": "feature", "in": "path", "required": True, "schema": {"type":
 TYPE = {"name": "type", "in": "path", "required": True, "schema": {"type": "string"}, "example": "oven"}
 IF_MATCH = {"name": "If-Match", "in": "header", "required": False, "schema": {"type": "string"},
             "description": 'the version the write is based on, e.g. "7"; a stale one gives 409'}
+HELD_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"},
+           "description": "a held Thing id or anomaly id", "example": "izmir-bakery:oven-001"}
 CONFLICT = {"409": _resp("version conflict or id exists", ERROR)}
 
 
-def _op(summary: str, role: str | None, responses: dict[str, Any], **more: Any) -> dict[str, Any]:
-    op: dict[str, Any] = {"summary": summary, "responses": responses, **more}
-    op["security"] = [] if role is None else [{"bearer": []}]
-    if role is not None:
-        op["x-egiz-role"] = role
-    return op
+_op = operation
 
 
 SPEC: dict[str, Any] = {
@@ -50,6 +44,11 @@ SPEC: dict[str, Any] = {
         "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
                                        "description": "API key; roles viewer < operator < admin"}},
         "schemas": {
+            "Held": {"type": "object", "required": ["id", "kind", "reason", "since", "state", "points"],
+                     "properties": {"id": {"type": "string"}, "kind": {"enum": ["thing", "anomaly"]},
+                                    "reason": {"type": "string"}, "since": {"type": "number"},
+                                    "state": {"enum": ["held", "resend", "dropped"]},
+                                    "points": {"type": "integer"}, "ranges": {"type": "integer"}}},
             "Error": {"type": "object", "required": ["error", "detail"],
                       "properties": {"error": {"type": "string"}, "detail": {"type": "string"}}},
             "Feature": {"type": "object", "properties": {
@@ -201,6 +200,19 @@ SPEC: dict[str, Any] = {
                         {"200": _resp("the node"), **ERRORS, "503": _resp("the broker files failed")},
                         parameters=[ID]),
         },
+        "/api/v1/uplink/quarantine": {"get": _op(
+            "Things and anomalies the aggregator refused, held back by the forwarder", "viewer",
+            {"200": _resp("held items", {"type": "object", "required": ["items", "total"], "properties": {
+                "items": {"type": "array", "items": {"$ref": "#/components/schemas/Held"}},
+                "total": {"type": "integer"}}}), **ERRORS})},
+        "/api/v1/uplink/quarantine/{id}/resend": {"post": _op(
+            "Send a held Thing's points again (refused again, it is held again)", "admin",
+            {"202": _resp("being re-sent", {"$ref": "#/components/schemas/Held"}), **ERRORS},
+            parameters=[HELD_ID])},
+        "/api/v1/uplink/quarantine/{id}": {"delete": _op(
+            "Give up what is held of a Thing or anomaly: never sent (local history keeps it)", "admin",
+            {"200": _resp("dropped", {"$ref": "#/components/schemas/Held"}), **ERRORS},
+            parameters=[HELD_ID])},
         "/api/v1/layout": {"get": _op("The floor layout of the line (layout.json in the data directory)",
                                       "viewer", {"200": _resp("layout"), **ERRORS})},
         "/health": {"get": _op("Liveness", None, {"200": _resp("alive")})},
@@ -210,6 +222,66 @@ SPEC: dict[str, Any] = {
         "/api/v1/openapi.json": {"get": _op("This document", None, {"200": _resp("OpenAPI 3.1")})},
     },
 }
+
+
+
+def _q(name: str, description: str, **schema: Any) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "schema": {"type": "string", **schema},
+            "description": description}
+
+
+_SCOPE = [_q("scope", "machine, line or site", enum=["machine", "line", "site"], default="site"),
+          _q("id", "the Thing id, the line, or the site (default this gateway's)"),
+          _q("from", "ISO 8601 or epoch seconds; default 24 h before `to`"), _q("to", "ISO 8601 or epoch; default now")]
+_REASON_BODY = {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "required": ["reason"], "additionalProperties": False,
+    "properties": {"reason": {"type": "string"}, "note": {"type": "string", "maxLength": 2000}}}}}}
+_STATE_BODY = {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "required": ["state"], "additionalProperties": False,
+    "properties": {"state": {"type": "string", "enum": ["planned_stop", "changeover", "auto"]},
+                   "reason": {"type": "string"}, "note": {"type": "string", "maxLength": 2000}}}}}}
+SPEC["paths"]["/api/v1/anomalies"]["get"]["parameters"] += [
+    _q(n, d) for n, d in (("site", "this gateway's site"), ("line", "a line of this site"),
+                          ("type", "anomalyType, comma-separated"), ("acknowledgedBy", "API key names"),
+                          ("shelved", "true or false"), ("format", "json or csv"))]
+SPEC["paths"].update({  # the alarm journal
+    "/api/v1/anomalies/{id}/journal": {"get": _op("Who acknowledged, resolved or shelved an anomaly, with comments",
+                                                  "viewer", {"200": _resp("actions"), **ERRORS}, parameters=[ID])},
+    "/api/v1/anomalies/{id}/shelve": {"post": _op("Silence the anomaly's condition for some hours, saying why",
+                                                  "operator", {"200": _resp("the shelf"), **ERRORS}, parameters=[ID],
+                                                  requestBody={"required": True, "content": {"application/json": {
+                                                      "schema": {"type": "object", "required": ["hours", "reason"],
+                                                                 "properties": {"hours": {"type": "number"},
+                                                                                "reason": {"type": "string"}}}}}})},
+    "/api/v1/alarm-shelves": {"get": _op("Shelves silencing now (or all)", "viewer",
+                                         {"200": _resp("shelves"), **ERRORS},
+                                         parameters=[_q("active", "true (default) or false")])},
+    "/api/v1/alarm-shelves/{id}": {"delete": _op("End a shelf early", "operator", {"200": _resp("the shelf"), **ERRORS},
+                                                 parameters=[ID])},
+})
+SPEC["paths"].update({  # OEE and downtime (docs/oee.md)
+    "/api/v1/oee": {"get": _op("OEE with availability, performance and quality of a machine, line or site", "viewer",
+                               {"200": _resp("figures, total and per bucket"), **ERRORS},
+                               parameters=[*_SCOPE, _q("by", "bucket", enum=["shift", "hour", "day", "none"],
+                                                       default="shift")])},
+    "/api/v1/downtime": {"get": _op("The six big losses and the stops by reason (a Pareto)", "viewer",
+                                    {"200": _resp("losses and Pareto"), **ERRORS},
+                                    parameters=[*_SCOPE, _q("state", "stop states, comma-separated")])},
+    "/api/v1/oee/events": {"get": _op("State events overlapping the range, oldest first", "viewer",
+                                      {"200": _resp("events"), **ERRORS},
+                                      parameters=[*_SCOPE, _q("state", "comma-separated"),
+                                                  _q("limit", "1..50000, default 5000")])},
+    "/api/v1/oee/states": {"get": _op("Every tracked machine's state now", "viewer", {"200": _resp("states"), **ERRORS},
+                                      parameters=[_q("thingId", "one machine"), _q("line", "one line")])},
+    "/api/v1/oee/reasons": {"get": _op("The site's reason codes", "viewer", {"200": _resp("reasons"), **ERRORS})},
+    "/api/v1/oee/events/{id}/reason": {
+        "put": _op("Set or correct the reason of a state event (its times never change)", "operator",
+                   {"200": _resp("the event"), **ERRORS},
+                   parameters=[{**ID, "example": "4f3c9a0e2b7d4c18a1e5f6b7c8d9e0f1"}], requestBody=_REASON_BODY)},
+    "/api/v1/oee/machines/{id}/state": {
+        "post": _op("Start a planned stop or changeover, or hand back to the rules (auto)", "operator",
+                    {"200": _resp("the machine's state"), **ERRORS}, parameters=[ID], requestBody=_STATE_BODY)},
+})
 
 
 @requires(None)

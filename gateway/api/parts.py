@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from gateway.alarms.journal import AlarmJournal
 from gateway.buffer.buffer import TelemetryBuffer
 from gateway.bus import EventBus
 from gateway.common.auth import Authenticator
@@ -14,8 +15,10 @@ from gateway.detect.detector import AnomalyDetector
 from gateway.ingest.deadletter import DeadLetterLog
 from gateway.ingest.mqtt import MqttIngest
 from gateway.metrics import GatewayMetrics
+from gateway.oee.tracker import OeeTracker
 from gateway.provision import Provisioner
 from gateway.twin.registry import TwinRegistry
+from gateway.uplink.quarantine import Quarantine
 
 
 @dataclass
@@ -33,6 +36,9 @@ class Parts:
     buffer: TelemetryBuffer
     detector: AnomalyDetector | None = None
     provisioner: Provisioner | None = None
+    oee: OeeTracker | None = None
+    journal: AlarmJournal | None = None
+    quarantine: Quarantine | None = None  # the forwarder's, when the gateway forwards
 
 
 PARTS = web.AppKey("parts", Parts)

@@ -75,7 +75,7 @@ class TelemetryBuffer(SeriesIndexed):
         self._commit_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self._opened = False
-        self.marks: list[tuple[str, str, int, float]] = []
+        self.marks: list[tuple[str, str, int, float, int | None]] = []
         self.used_bytes = 0
         self.refusing = False  # the disk budget is used up and nothing may be removed: new points refused
         self.commit_failing = False
@@ -126,11 +126,12 @@ class TelemetryBuffer(SeriesIndexed):
 
     # ----------------------------------------------------------------- hot path (event loop)
     def add(self, thing_id: str, thing_type: str, samples: Sequence[Sample], recv: float,
-            mark: tuple[str, int] | None) -> None:
-        """Queue the points of accepted samples, and the device's sequence mark, for the next commit."""
+            mark: tuple[str, int, int] | None) -> None:
+        """Queue the points of accepted samples, and the device's sequence mark (boot, highest seq,
+        anti-replay bitmap), for the next commit."""
         b = self._batch
         if mark is not None:
-            b.seq_marks[(thing_id, mark[0])] = mark[1]
+            b.seq_marks[(thing_id, mark[0])] = (mark[1], mark[2])
         if self.refusing:
             self._m.buffer_refused.inc(sum(1 for s in samples for _ in sample_points(s)))
             return
@@ -154,6 +155,13 @@ class TelemetryBuffer(SeriesIndexed):
                 b.value.append(num)
                 b.text.append(text)
         self._arrived()
+
+    def new_series(self, thing_id: str, samples: Sequence[Sample]) -> tuple[int, int]:
+        """(series the Thing has, how many more these samples would create)."""
+        ids = self.catalogue.ids
+        new = {(s.feature, path) for s in samples for path, _n, _t in sample_points(s)
+               if (thing_id, s.feature, path) not in ids}
+        return self.catalogue.count_of(thing_id), len(new)
 
     def ack_later(self, client: Ackable, mid: int, qos: int) -> None:
         """Acknowledge this message to the broker once everything received before it is committed."""

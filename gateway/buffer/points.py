@@ -73,7 +73,8 @@ class PointBatch:
     value: list[float | None] = field(default_factory=list)
     text: list[str | None] = field(default_factory=list)
     new_series: list[tuple[int, SeriesKey, str, bool]] = field(default_factory=list)  # id, key, type, numeric
-    seq_marks: dict[tuple[str, str], int] = field(default_factory=dict)  # (thing, boot) → last seq
+    # (thing, boot) → (highest seq, anti-replay bitmap as stored)
+    seq_marks: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.series)

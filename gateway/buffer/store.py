@@ -30,6 +30,8 @@ MAX_BOOTS_PER_THING = 4  # sequence marks kept per Thing, newest first
 
 _SCHEMA = [
     "CREATE TABLE IF NOT EXISTS seq_state (thing_id VARCHAR, boot VARCHAR, seq BIGINT, updated DOUBLE)",
+    # the anti-replay bitmap below `seq`; NULL in files written before it existed (= all seen)
+    "ALTER TABLE seq_state ADD COLUMN IF NOT EXISTS seen BLOB",
 ]
 
 
@@ -38,7 +40,7 @@ class OpenState:
     """What the async side needs to resume after a start: series ids, sequence marks, next point id."""
 
     series: list[tuple[int, SeriesKey, str, bool]]
-    seq_marks: list[tuple[str, str, int, float]]
+    seq_marks: list[tuple[str, str, int, float, int | None]]
     next_id: int
 
 
@@ -60,8 +62,8 @@ class BufferStore(PointFile):
         series = self.open_file()
         for stmt in _SCHEMA:
             self.con.execute(stmt)
-        marks = [(t, b, int(s), float(u)) for t, b, s, u in
-                 self.con.execute("SELECT thing_id, boot, seq, updated FROM seq_state").fetchall()]
+        marks = [(t, b, int(s), float(u), None if w is None else int.from_bytes(w, "little")) for t, b, s, u, w in
+                 self.con.execute("SELECT thing_id, boot, seq, updated, seen FROM seq_state").fetchall()]
         return OpenState(series, marks, self.high_id() + 1)
 
     # ----------------------------------------------------------------- writes (writer thread)
@@ -86,7 +88,9 @@ class BufferStore(PointFile):
             con.register("egiz_marks", pa.table({
                 "thing_id": [t for t, _ in batch.seq_marks],
                 "boot": [b for _, b in batch.seq_marks],
-                "seq": pa.array(list(batch.seq_marks.values()), pa.int64()),
+                "seq": pa.array([top for top, _ in batch.seq_marks.values()], pa.int64()),
+                "seen": pa.array([seen.to_bytes((seen.bit_length() + 7) // 8, "little")
+                                  for _, seen in batch.seq_marks.values()], pa.binary()),
             }))
             views.append("egiz_marks")
         try:
@@ -99,7 +103,7 @@ class BufferStore(PointFile):
                 if batch.seq_marks:
                     con.execute("DELETE FROM seq_state USING egiz_marks m "
                                 "WHERE seq_state.thing_id = m.thing_id AND seq_state.boot = m.boot")
-                    con.execute("INSERT INTO seq_state SELECT thing_id, boot, seq, epoch(now()) FROM egiz_marks")
+                    con.execute("INSERT INTO seq_state SELECT thing_id, boot, seq, epoch(now()), seen FROM egiz_marks")
                 con.execute("COMMIT")
             except BaseException:
                 with contextlib.suppress(duckdb.Error):  # a failed COMMIT has already ended it

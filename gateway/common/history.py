@@ -100,16 +100,22 @@ def parse_history_request(thing_id: str, query: Mapping[str, str], context_keys:
     )
 
 
+MAX_TIME = 253402300799.0  # 9999-12-31T23:59:59Z, the last second an ISO 8601 answer can name
+
+
 def parse_time(value: str, name: str) -> float:
-    """ISO 8601 (with zone, or UTC when none) or epoch seconds."""
+    """ISO 8601 (with zone, or UTC when none) or epoch seconds, from 1970 to the end of 9999."""
     try:
-        return float(value)
+        t = float(value)
     except ValueError:
-        pass
-    try:
-        return parse_iso(value)
-    except ValueError:
-        raise Invalid(f"{name} must be an ISO 8601 time or epoch seconds, got {value[:40]!r}") from None
+        try:
+            t = parse_iso(value)
+        except (ValueError, OverflowError):
+            raise Invalid(f"{name} must be an ISO 8601 time or epoch seconds, got {value[:40]!r}") from None
+    if not 0.0 <= t <= MAX_TIME:  # also NaN and infinities
+        raise Invalid(f"{name} must be between 0 (1970) and {MAX_TIME:.0f} (9999-12-31) epoch seconds, "
+                      f"got {value[:40]!r}")
+    return t
 
 
 def parse_resolution(value: str) -> str:
@@ -144,6 +150,9 @@ def run_query(buffer: SeriesIndex, store: PointReader, q: HistoryQuery) -> tuple
     if resolution == "raw":
         has_text = any(not _is_numeric(buffer, s) for s in series)
         data = store.raw(series, q.start, q.end, MAX_RAW + 1, text=has_text) if series else {}
+        if series and not has_text and np.ma.is_masked(data["value"]):
+            # a numeric series that also carried text (a node sending "NaN"): read the text too
+            data = store.raw(series, q.start, q.end, MAX_RAW + 1, text=True)
         if series and len(data["ts"]) > MAX_RAW:
             raise Invalid(f"more than {MAX_RAW} raw points in this range; ask for resolution=auto or a bucket "
                           "such as 1m, or a shorter range")
@@ -270,6 +279,8 @@ def _raw_series(buffer: SeriesIndex, data: Any, intervals: tuple[np.ndarray, np.
     for sid, a, b in _groups(series):
         numeric = sid in buffer.numeric_series
         values = _plain(data["value"][a:b]) if numeric else _plain(data["text"][a:b])
+        if numeric and "text" in data and None in values:  # a mixed-type series: text where no number
+            values = [t if v is None else v for v, t in zip(values, _plain(data["text"][a:b]), strict=True)]
         out.append({**_name(buffer, sid), "points": {"t": t_ms[a:b].tolist(), "value": values}})
     return out
 

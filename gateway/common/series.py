@@ -74,6 +74,10 @@ class SeriesCatalogue:
         if numeric:
             self.numeric_series.add(sid)
 
+    def count_of(self, thing_id: str) -> int:
+        """How many series a Thing has."""
+        return len(self._of_thing.get(thing_id, ()))
+
     def series_of(self, thing_id: str, feature: str | None = None, prop: str | None = None) -> list[int]:
         """Series ids of a Thing, optionally of one feature and one property (exact path or base name)."""
         return sorted(sid for sid, k in list(self._of_thing.get(thing_id, {}).items())

@@ -218,6 +218,37 @@ def is_secret(key: str) -> bool:
     return bool(_SECRET_PART.search(last))
 
 
+_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^/@\s:]*:)[^/@\s]+@")
+
+
+def shows_secret(key: str) -> bool:
+    """Leaves of a config whose values `masked` hides: passwords, tokens, keys, secrets, DSNs and
+    every header value (a webhook's `Authorization`); paths to key files are not secrets."""
+    last = re.sub(r"\[\d+\]", "", key.rsplit(".", 1)[-1])
+    if ".headers." in key:
+        return True
+    if last.endswith(("_file", "_dir")):
+        return False
+    return last == "dsn" or bool(_SECRET_PART.search(last))
+
+
+def masked(value: Any, key: str = "") -> Any:
+    """Plain JSON data of a config with every secret replaced by `***`, also a password written
+    into a URL (`mqtt://user:***@host`); what `egiz gateway check` and `egiz aggregator check` print."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: masked(getattr(value, f.name), f"{key}.{f.name}" if key else f.name)
+                for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {k: masked(v, f"{key}.{k}" if key else str(k)) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [masked(v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if value not in (None, "") and not isinstance(value, bool) and shows_secret(key):
+        return "***"
+    if isinstance(value, str):
+        return _URL_PASSWORD.sub(r"\g<head>***@", value)
+    return value
+
+
 def _got(key: str, value: Any) -> str:
     """`, got <value>` for a message; only the value's type when the key holds a secret."""
     return f", got {type(value).__name__}" if is_secret(key) else f", got {value!r}"

@@ -12,32 +12,41 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+import struct
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 
 from gateway.common.names import THING_ID_RE
 from gateway.common.readings import loads_strict
 from gateway.common.timefmt import parse_iso
 
+D = TypeVar("D")
 FORMAT = "egiz-batch/1"
 MAX_SCALE = 6  # up to six decimals are sent as exact integers
 MAX_POINTS = 2_000_000
 MAX_THINGS = 20_000
-MAX_HEADER = 64 * 2**20
+MAX_HEADER = 16 * 2**20
+MAX_COLUMN_BYTES = 192 * 2**20  # decompressed column buffers of one batch, summed while reading
+MIN_TS = 946_684_800.0  # 2000-01-01: a device time before it is a clock that was never set
+MAX_AHEAD_S = 7 * 86_400.0  # device times this far past the receiver's clock are refused
 
 
 class WireError(ValueError):
-    """A batch that cannot be decoded or does not satisfy the format; `reason` is a short code."""
+    """A batch that cannot be decoded or does not satisfy the format; `reason` is a short code,
+    `thing_ids` the Things the fault lies with when it lies with some (the sender can set them aside)."""
 
-    def __init__(self, reason: str, detail: str) -> None:
+    def __init__(self, reason: str, detail: str, thing_ids: tuple[str, ...] = ()) -> None:
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
+        self.thing_ids = thing_ids
 
 
 ANOMALY_STATES = frozenset({"open", "acknowledged", "resolved"})
@@ -157,6 +166,93 @@ class Action:
         return cls(doc["anomalyId"], doc["action"], by[:200], note[:2000], fp)
 
 
+@dataclass(frozen=True)
+class OeePeriodDoc:
+    """One machine's OEE period record (hour, shift, planned or not) with its whole totals so far;
+    the newest `updated_at` wins, so sending it again, or late, is harmless."""
+
+    thing_id: str
+    line: str
+    hour: float
+    day: str
+    shift: str
+    planned: bool
+    totals: Mapping[str, float]  # OEE_FIELDS
+    updated_at: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"thingId": self.thing_id, "line": self.line, "hour": self.hour, "day": self.day, "shift": self.shift,
+                "planned": self.planned, "totals": dict(self.totals), "updatedAt": self.updated_at}
+
+    @classmethod
+    def parse(cls, doc: Any) -> OeePeriodDoc:
+        if not isinstance(doc, dict):
+            raise ValueError("an OEE period must be an object")
+        fields: list[Any] = [doc.get(k) for k in ("thingId", "line", "hour", "day", "shift", "planned", "totals",
+                                                   "updatedAt")]
+        tid, line, hour, day, shift, planned, totals, updated = fields
+        if not isinstance(tid, str) or not THING_ID_RE.match(tid):
+            raise ValueError(f"OEE period: thingId {str(tid)[:80]!r} is not a Thing id")
+        for name, value in (("line", line), ("day", day), ("shift", shift)):
+            if not isinstance(value, str) or len(value) > MAX_ID:
+                raise ValueError(f"OEE period of {tid}: {name} must be a string of at most {MAX_ID} characters")
+        if not isinstance(planned, bool):
+            raise ValueError(f"OEE period of {tid}: planned must be true or false")
+        for name, value in (("hour", hour), ("updatedAt", updated)):
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise ValueError(f"OEE period of {tid}: {name} must be a finite number")
+        if not isinstance(totals, dict) or set(totals) != set(OEE_FIELDS) or not all(
+                isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+                for v in totals.values()):
+            raise ValueError(f"OEE period of {tid}: totals must hold {', '.join(OEE_FIELDS)} as numbers >= 0")
+        return cls(tid, line, float(hour), day, shift, planned, {k: float(v) for k, v in totals.items()},
+                   float(updated))
+
+
+@dataclass(frozen=True)
+class OeeEventDoc:
+    """A machine state event as it travels upstream (the newest `updated_at` wins)."""
+
+    id: str
+    thing_id: str
+    line: str
+    state: str
+    start: float
+    end: float
+    planned_s: float
+    reason: str
+    updated_at: float
+    doc: Mapping[str, Any]
+
+    @classmethod
+    def parse(cls, doc: Any) -> OeeEventDoc:
+        if not isinstance(doc, dict):
+            raise ValueError("an OEE event must be an object")
+        fields: list[Any] = [doc.get(k) for k in ("id", "thingId", "line", "state", "reason")]
+        eid, tid, line, state, reason = fields
+        if not isinstance(eid, str) or not 0 < len(eid) <= MAX_ID:
+            raise ValueError(f"OEE event id must be a string of 1-{MAX_ID} characters")
+        if not isinstance(tid, str) or not THING_ID_RE.match(tid):
+            raise ValueError(f"OEE event {eid}: thingId {str(tid)[:80]!r} is not a Thing id")
+        if state not in OEE_STATES:
+            raise ValueError(f"OEE event {eid}: state must be one of {', '.join(OEE_STATES)}")
+        for name, value in (("line", line), ("reason", reason)):
+            if not isinstance(value, str) or len(value) > MAX_ID:
+                raise ValueError(f"OEE event {eid}: {name} must be a string of at most {MAX_ID} characters")
+        nums = [doc.get(k) for k in ("start", "end", "plannedS", "updatedAt")]
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in nums):
+            raise ValueError(f"OEE event {eid}: start, end, plannedS and updatedAt must be finite numbers")
+        start, end, planned_s, updated = (float(v) for v in nums)  # type: ignore[arg-type]
+        if end < start or planned_s < 0:
+            raise ValueError(f"OEE event {eid}: end must not be before start, plannedS not negative")
+        return cls(eid, tid, line, state, start, end, planned_s, reason, updated, doc)
+
+
+OEE_FIELDS = ("running_s", "idle_s", "down_s", "changeover_s", "planned_stop_s", "offline_s", "good", "rejected",
+              "rejected_startup", "ideal_good_s", "ideal_total_s", "ideal_startup_reject_s")
+OEE_STATES = ("running", "idle", "down", "changeover", "planned_stop", "offline")
+
+
 @dataclass
 class Batch:
     """One uplink batch, decoded: a header and the points as columns."""
@@ -174,6 +270,8 @@ class Batch:
     backlog: dict[str, float] = field(default_factory=dict)  # points, bytes, age_s
     sent_at: float = 0.0
     anomalies: list[AnomalyDoc] = field(default_factory=list)  # anomaly documents changed since the last batch
+    oee_periods: list[OeePeriodDoc] = field(default_factory=list)  # OEE period records changed since the last batch
+    oee_events: list[OeeEventDoc] = field(default_factory=list)  # machine state events changed since then
 
 
 POINTS = pa.schema([
@@ -240,6 +338,9 @@ def encode(batch: Batch) -> bytes:
         "things": [t.doc for t in batch.things], "deleted": batch.deleted, "backlog": batch.backlog,
         "sent_at": batch.sent_at, "anomalies": [a.doc for a in batch.anomalies],
     }
+    if batch.oee_periods or batch.oee_events:  # only when there is some: other batches stay as they were
+        header["oee"] = {"periods": [p.to_json() for p in batch.oee_periods],
+                         "events": [dict(e.doc) for e in batch.oee_events]}
     raw = json.dumps(header, allow_nan=False, separators=(",", ":")).encode()
     packed = pa.compress(raw, codec="zstd", asbytes=True)
     table = pa.table(columns).replace_schema_metadata({"egiz": packed, "egiz_size": str(len(raw))})
@@ -249,13 +350,15 @@ def encode(batch: Batch) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def decode(data: bytes) -> Batch:
-    """Bytes → Batch, validating everything; raises WireError with a reason."""
-    try:
-        reader = ipc.open_stream(pa.BufferReader(data))
-        table = reader.read_all()
-    except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
-        raise WireError("malformed", f"not an Arrow IPC stream: {str(exc)[:160]}") from None
+def decode(data: bytes, now: float | None = None) -> Batch:
+    """Bytes → Batch, validating everything; raises WireError with a reason.
+
+    The stream is read one record batch at a time and each batch's row count and decompressed size
+    are checked from its metadata *before* it is decompressed, so a small body that would inflate to
+    gigabytes (a decompression bomb) is refused having cost nothing. Device times must lie between
+    2000-01-01 and `now` (default: the clock) plus `MAX_AHEAD_S`.
+    """
+    table = _read_limited(data)
     meta = table.schema.metadata or {}
     try:
         size = int(meta[b"egiz_size"])
@@ -270,6 +373,7 @@ def decode(data: bytes) -> Batch:
         raise WireError("malformed", "the batch header is missing or not zstd-compressed JSON") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise WireError("unsupported", f"format must be {FORMAT}")
+    _check_strings(header)
     for name, tp in (("gateway_id", str), ("site", str), ("line", str), ("batch_seq", int), ("first_id", int),
                      ("last_id", int)):
         if not isinstance(header.get(name), tp) or isinstance(header.get(name), bool):
@@ -313,6 +417,8 @@ def decode(data: bytes) -> Batch:
         raise WireError("bad_values", "values must be finite")
     if n and np.any(~is_num & np.asarray(text.is_null())):
         raise WireError("bad_values", "a point has neither a number nor a text")
+    _check_texts(text, sid, series)
+    _check_times(ts_ms, recv_ms, sid, series, time.time() if now is None else now)
     points = pa.table({
         "series": pa.array(sid.astype(np.int32), pa.int32()),
         "ts": pa.array(ts_ms / 1000.0, pa.float64()), "recv": pa.array(recv_ms / 1000.0, pa.float64()),
@@ -320,9 +426,26 @@ def decode(data: bytes) -> Batch:
         "text": text,
     }, schema=POINTS)
     keys = [(k[0], k[1], k[2]) for k in series]
+    periods, events = _oee(header.get("oee"))
     return Batch(header["gateway_id"], header["batch_seq"], header["site"], header["line"], header["first_id"],
                  header["last_id"], keys, points, things, deleted, _backlog(header.get("backlog")),
-                 float(header.get("sent_at") or 0.0), anomalies)
+                 float(header.get("sent_at") or 0.0), anomalies, periods, events)
+
+
+def _oee(raw: Any) -> tuple[list[OeePeriodDoc], list[OeeEventDoc]]:
+    """The OEE section of a header (absent in batches without OEE), each record checked."""
+    if raw is None:
+        return [], []
+    if not isinstance(raw, dict) or not isinstance(raw.get("periods", []), list) \
+            or not isinstance(raw.get("events", []), list):
+        raise WireError("bad_header", "oee must be {periods: [...], events: [...]}")
+    periods, events = raw.get("periods", []), raw.get("events", [])
+    if len(periods) > MAX_THINGS * 10 or len(events) > MAX_THINGS * 10:
+        raise WireError("too_large", f"more than {MAX_THINGS * 10} OEE records")
+    try:
+        return [OeePeriodDoc.parse(p) for p in periods], [OeeEventDoc.parse(e) for e in events]
+    except ValueError as exc:
+        raise WireError("bad_document", str(exc)) from None
 
 
 def _documents(header: dict[str, Any]) -> tuple[list[ThingDoc], list[str], list[AnomalyDoc]]:
@@ -334,10 +457,20 @@ def _documents(header: dict[str, Any]) -> tuple[list[ThingDoc], list[str], list[
         raise WireError("bad_header", "deleted must be a list of Thing ids")
     if len(things) + len(deleted) > MAX_THINGS or len(anomalies) > MAX_THINGS:
         raise WireError("too_large", f"more than {MAX_THINGS} Thing or anomaly changes")
-    try:
-        return [ThingDoc.parse(d) for d in things], deleted, [AnomalyDoc.parse(a) for a in anomalies]
-    except ValueError as exc:
-        raise WireError("bad_document", str(exc)) from None
+    return _each(things, ThingDoc.parse, "id"), deleted, _each(anomalies, AnomalyDoc.parse, "thingId")
+
+
+def _each(docs: list[Any], parse: Callable[[Any], D], key: str) -> list[D]:
+    """Every document parsed, or a WireError naming the Thing (its `key`) of the first bad one."""
+    out = []
+    for d in docs:
+        try:
+            out.append(parse(d))
+        except (ValueError, TypeError) as exc:
+            tid = d.get(key) if isinstance(d, dict) else None
+            named = (tid,) if isinstance(tid, str) and THING_ID_RE.match(tid) else ()
+            raise WireError("bad_document", str(exc)[:300], thing_ids=named) from None
+    return out
 
 
 def _int_column(table: pa.Table, name: str) -> np.ndarray:
@@ -353,3 +486,172 @@ def _backlog(raw: Any) -> dict[str, float]:
     return {k: float(v) for k, v in raw.items() if k in ("points", "bytes", "age_s")
             and isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v)}
 
+
+
+def _check_strings(header: dict[str, Any]) -> None:
+    """Every string of the header (keys too) is valid Unicode without NUL: what every store can hold.
+    A document with a bad string is refused naming its Thing."""
+    for key in ("things", "anomalies", "deleted", "series"):
+        docs = header.get(key)
+        for doc in docs if isinstance(docs, list) else []:
+            bad = _bad_string(doc)
+            if bad is not None:
+                tid = doc.get("id" if key == "things" else "thingId") if isinstance(doc, dict) else \
+                    doc[0] if isinstance(doc, list) and doc else doc
+                named = (tid,) if isinstance(tid, str) and THING_ID_RE.match(tid) else ()
+                raise WireError("bad_document", f"a string in {key} {bad}", thing_ids=named)
+    rest = {k: v for k, v in header.items() if k not in ("things", "anomalies", "deleted", "series")}
+    bad = _bad_string(rest)
+    if bad is not None:
+        raise WireError("bad_header", f"a string of the header {bad}")
+
+
+def _bad_string(value: Any) -> str | None:
+    """Why some string inside `value` cannot be stored (NUL, a lone surrogate), or None."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+        elif isinstance(v, str):
+            if "\x00" in v:
+                return "holds a NUL character"
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return "is not valid Unicode (a lone surrogate)"
+    return None
+
+
+def _check_texts(text: pa.ChunkedArray, sid: np.ndarray, series: list[Any]) -> None:
+    """Text values are valid UTF-8 without NUL, or a WireError naming the Thing of the first bad one."""
+    try:
+        text.validate(full=True)
+    except pa.ArrowInvalid:
+        raise WireError("bad_values", "a text value is not valid UTF-8") from None
+    if not len(text) or not text.null_count < len(text):
+        return
+    nul = np.asarray(pc.fill_null(pc.match_substring(text, "\x00"), False), dtype=bool)
+    if nul.any():
+        thing = str(series[int(sid[int(np.argmax(nul))])][0])
+        raise WireError("bad_values", f"Thing {thing[:80]!r}: a text value holds a NUL character", thing_ids=(thing,))
+
+
+def _check_times(ts_ms: np.ndarray, recv_ms: np.ndarray, sid: np.ndarray, series: list[Any], now: float) -> None:
+    """Device and receive times within 2000-01-01 .. now + MAX_AHEAD_S, or a WireError naming a Thing."""
+    if not len(ts_ms):
+        return
+    lo, hi = MIN_TS * 1000, (now + MAX_AHEAD_S) * 1000
+    bad = (ts_ms < lo) | (ts_ms > hi) | (recv_ms < lo) | (recv_ms > hi)
+    if not bad.any():
+        return
+    i = int(np.argmax(bad))
+    thing = str(series[int(sid[i])][0])
+    raise WireError("bad_time", f"Thing {thing[:80]!r}: point time {ts_ms[i] / 1000!r} (received "
+                                f"{recv_ms[i] / 1000!r}) is outside 2000-01-01 .. now + {MAX_AHEAD_S / 86400:g} days",
+                    thing_ids=(thing,))
+
+
+def _read_limited(data: bytes) -> pa.Table:
+    """The stream's record batches, each checked against MAX_POINTS and MAX_COLUMN_BYTES (rows and
+    decompressed sizes as its metadata declares them) before it is decompressed."""
+    try:
+        messages = ipc.MessageReader.open_stream(pa.BufferReader(data))
+        try:
+            first = messages.read_next_message()
+        except StopIteration:  # never let it out: raised into a Future it would hang the caller
+            raise WireError("malformed", "an empty body: an Arrow IPC stream starts with its schema") from None
+        if first.type != "schema":
+            raise WireError("malformed", "an Arrow IPC stream starts with its schema")
+        schema = ipc.read_schema(first)
+        batches, rows, size = [], 0, 0
+        while True:
+            try:
+                message = messages.read_next_message()
+            except StopIteration:
+                break
+            if message.type != "record batch":
+                raise WireError("malformed", f"unexpected {message.type} message in a batch")
+            n, declared = _declared_size(message)
+            rows, size = rows + n, size + declared
+            if rows > MAX_POINTS:
+                raise WireError("too_large", f"more than {MAX_POINTS} points")
+            if size > MAX_COLUMN_BYTES:
+                raise WireError("too_large", f"the points would take more than {MAX_COLUMN_BYTES} bytes decoded")
+            batches.append(ipc.read_record_batch(message, schema))
+        return pa.Table.from_batches(batches, schema)
+    except WireError:
+        raise
+    except (pa.ArrowInvalid, pa.ArrowIOError, OSError, struct.error, IndexError, ValueError) as exc:
+        raise WireError("malformed", f"not an Arrow IPC stream: {str(exc)[:160]}") from None
+
+
+def _declared_size(message: ipc.Message) -> tuple[int, int]:
+    """(rows, bytes its buffers take decompressed) of a record batch message, from its flatbuffer
+    metadata (Arrow's Message.fbs) and the 8-byte length in front of each compressed buffer."""
+    meta = memoryview(message.metadata)
+    body = memoryview(message.body) if message.body is not None else memoryview(b"")
+    root = _fb_table(meta, struct.unpack_from("<I", meta, 0)[0])
+    batch = root.child(2)  # Message.header: the RecordBatch
+    if batch is None:
+        raise WireError("malformed", "a record batch without its header")
+    rows = batch.scalar(0, "<q")  # RecordBatch.length
+    compressed = batch.child(3) is not None  # RecordBatch.compression
+    total = 0
+    for offset, length in batch.structs(2, "<qq"):  # RecordBatch.buffers: (offset, length) in the body
+        if offset < 0 or length < 0 or offset + length > len(body):
+            raise WireError("malformed", "a buffer lies outside the message body")
+        if compressed and length >= 8:
+            declared = struct.unpack_from("<q", body, offset)[0]
+            total += length if declared == -1 else max(declared, 0)  # -1: stored uncompressed
+        else:
+            total += length
+    if rows < 0:
+        raise WireError("malformed", "a record batch with a negative length")
+    return rows, total
+
+
+@dataclass(frozen=True)
+class _FbTable:
+    """A flatbuffer table: enough to read scalars, child tables and vectors of structs."""
+
+    buf: memoryview
+    pos: int
+
+    def _field(self, index: int) -> int:
+        vtable = self.pos - struct.unpack_from("<i", self.buf, self.pos)[0]
+        vsize = struct.unpack_from("<H", self.buf, vtable)[0]
+        at = 4 + 2 * index
+        return 0 if at >= vsize else struct.unpack_from("<H", self.buf, vtable + at)[0]
+
+    def scalar(self, index: int, fmt: str) -> int:
+        off = self._field(index)
+        return int(struct.unpack_from(fmt, self.buf, self.pos + off)[0]) if off else 0
+
+    def _target(self, index: int) -> int | None:
+        off = self._field(index)
+        if not off:
+            return None
+        return self.pos + off + struct.unpack_from("<I", self.buf, self.pos + off)[0]
+
+    def child(self, index: int) -> _FbTable | None:
+        target = self._target(index)
+        return None if target is None else _fb_table(self.buf, target)
+
+    def structs(self, index: int, fmt: str) -> list[tuple[int, ...]]:
+        target = self._target(index)
+        if target is None:
+            return []
+        count, width = struct.unpack_from("<I", self.buf, target)[0], struct.calcsize(fmt)
+        if count * width > len(self.buf):
+            raise WireError("malformed", "a vector longer than its message")
+        return [struct.unpack_from(fmt, self.buf, target + 4 + i * width) for i in range(count)]
+
+
+def _fb_table(buf: memoryview, pos: int) -> _FbTable:
+    if not 0 <= pos < len(buf):
+        raise WireError("malformed", "a metadata offset outside the message")
+    return _FbTable(buf, pos)

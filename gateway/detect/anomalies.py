@@ -101,12 +101,24 @@ class AnomalyLog:
 
     async def query(self, *, states: Sequence[str] = (), thing_ids: Sequence[str] = (), severities: Sequence[str] = (),
                     since: float | None = None, until: float | None = None, limit: int = 100,
-                    offset: int = 0) -> tuple[list[Anomaly], int]:
+                    offset: int = 0, anomaly_types: Sequence[str] = (), acknowledged_by: Sequence[str] = (),
+                    conditions: Sequence[tuple[str, str]] | None = None,
+                    without_conditions: Sequence[tuple[str, str]] = ()) -> tuple[list[Anomaly], int]:
+        """Newest first. `conditions`: only these (thing id, anomaly type) pairs; `without_conditions`: not these."""
         where, params = ["1 = 1"], []  # type: list[str], list[Any]
-        for col, values in (("state", states), ("thing_id", thing_ids), ("severity", severities)):
+        for col, values in (("state", states), ("thing_id", thing_ids), ("severity", severities),
+                            ("anomaly_type", anomaly_types), ("acknowledged_by", acknowledged_by)):
             if values:
                 where.append(f"{col} IN ({', '.join('?' * len(values))})")
                 params.extend(values)
+        for pairs, op in ((conditions, "IN"), (without_conditions, "NOT IN")):
+            if pairs is None or (op == "NOT IN" and not pairs):
+                continue
+            if not pairs:
+                where.append("0 = 1")
+                continue
+            where.append(f"(thing_id, anomaly_type) {op} (VALUES {', '.join('(?, ?)' for _ in pairs)})")
+            params.extend(x for pair in pairs for x in pair)
         if since is not None:
             where.append("COALESCE(resolved_at, 1e18) >= ?")
             params.append(since)

@@ -25,7 +25,7 @@ from gateway.buffer.buffer import TelemetryBuffer
 from gateway.common.backoff import full_jitter
 from gateway.common.errors import RejectedMessage
 from gateway.common.names import THING_ID_RE, TYPE_RE
-from gateway.common.readings import count_points
+from gateway.common.readings import Sample, count_points
 from gateway.common.tasks import cancel_and_wait
 from gateway.config import GatewayConfig
 from gateway.ingest.deadletter import DeadLetterLog
@@ -290,17 +290,42 @@ class MqttIngest:
             device_id=fields.get("device_id") or fields.get("equipment_id"),
         )
         thing = self._thing(ident)
-        fresh, mark = self._seq.fresh(thing.id, telemetry)
+        self._check_growth(thing, telemetry.samples)
+        accepted = self._seq.fresh(thing.id, telemetry)
+        fresh = accepted.samples
         if not fresh:
             return
         now = time.time()
-        self._registry.apply_samples(thing, fresh, now)
-        self._buffer.add(thing.id, thing.type, fresh, now, mark)
+        self._registry.apply_samples(thing, fresh, now, accepted.generation)
+        self._buffer.add(thing.id, thing.type, fresh, now, accepted.mark)
         points = sum(count_points(s.properties) for s in fresh)
         self._m.accepted.inc()
         self._m.points.inc(points)
         self.accepted_messages += 1
         self.accepted_points += points
+
+    def _check_growth(self, thing: Thing, samples: tuple[Sample, ...]) -> None:
+        """Refuse a message that would give a Thing more features or series than the caps allow, so
+        a faulty or hostile node cannot make the twin, the buffer and the uplink grow without end."""
+        feats = thing.features
+        known = True
+        for s in samples:
+            f = feats.get(s.feature)
+            if f is None or any(k not in f.properties or isinstance(v, list | dict) for k, v in s.properties.items()):
+                known = False
+                break
+        if known:  # the common case: only properties the Thing already has, all plain values
+            return
+        ing = self._ing
+        new_features = {s.feature for s in samples} - feats.keys()
+        if len(feats) + len(new_features) > ing.max_features_per_thing:
+            raise RejectedMessage("too_many_features", f"{thing.id} has {len(feats)} features; "
+                                  f"{len(new_features)} more would pass ingest.max_features_per_thing "
+                                  f"({ing.max_features_per_thing})")
+        have, more = self._buffer.new_series(thing.id, samples)
+        if more and have + more > ing.max_series_per_thing:
+            raise RejectedMessage("too_many_series", f"{thing.id} has {have} stored properties; {more} more "
+                                  f"would pass ingest.max_series_per_thing ({ing.max_series_per_thing})")
 
     def _status(self, fields: dict[str, str], raw: bytes) -> None:
         if not raw:

@@ -31,8 +31,10 @@ from gateway import __version__
 from gateway.common.backoff import full_jitter
 from gateway.sim.equipment import BUSINESS_CONTEXT, EQUIPMENT_TYPES, ActiveFault, Properties, make_model
 from gateway.sim.faults import FaultItem, FaultSchedule, SimError, TruthRecord, TruthWriter, check_faults
+from gateway.sim.production import ProductionModel, ProductionTruth
 
 log = logging.getLogger(__name__)
+PRODUCTION = "production"  # the feature of the PLC's production state and counters
 
 FIRMWARE = f"sim-{__version__}"
 PER_NODE_WINDOW = 16  # publishes in flight per connection: enough to hide the round trip
@@ -70,6 +72,7 @@ class FleetOptions:
     context_every_s: float = 300.0  # simulated seconds between production batches (business_context)
     ring_size: int = 1000  # unconfirmed messages each node keeps; the oldest is dropped when full
     clock_start: float | None = None  # epoch of the simulated clock at start; None: now
+    production: bool = False  # also publish the `production` feature: PLC state, unit counters, recipe
     drain_timeout_s: float = 10.0  # at stop, how long to keep trying to deliver what is unconfirmed
     # equipment id -> (user name, password) each node was given when provisioned; others use username/password
     credentials: Mapping[str, tuple[str, str]] = field(default_factory=dict, repr=False)
@@ -123,6 +126,7 @@ class FleetStats:
     elapsed_s: float = 0.0
     last_seq: dict[str, int] = field(default_factory=dict)  # equipment id -> last seq of its current boot
     boots: dict[str, str] = field(default_factory=dict)  # equipment id -> current boot id
+    production: dict[str, ProductionTruth] = field(default_factory=dict)  # equipment id -> what it really made
 
 
 def fleet_things(options: FleetOptions) -> list[tuple[str, str]]:
@@ -468,6 +472,10 @@ class _Node:
         self.seq = 0
         self.down = False
         self._buffers: dict[str, list[tuple[float, Properties]]] = {}
+        self.production = ProductionModel(etype, _seeded(options.seed, f"{equipment_id}:production")) \
+            if options.production else None
+        if self.production is not None:
+            stats.production[equipment_id] = self.production.truth
         stats.boots[equipment_id] = self.boot
         stats.last_seq[equipment_id] = 0
 
@@ -491,7 +499,10 @@ class _Node:
 
     def sample(self, ts: float, hour: float, elapsed_s: float, dt_s: float) -> None:
         """Read every feature now and publish (or buffer) it."""
-        for feature, props in self.model.read(hour, elapsed_s, dt_s).items():
+        readings = self.model.read(hour, elapsed_s, dt_s)
+        if self.production is not None:
+            readings[PRODUCTION] = dict(self.production.step(elapsed_s, dt_s))
+        for feature, props in readings.items():
             if self.options.batch <= 1:
                 self._single(feature, props, ts)
                 continue

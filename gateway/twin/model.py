@@ -16,12 +16,19 @@ from gateway.common.timefmt import iso_utc
 MAX_DOC_BYTES = 256 * 1024
 
 
+def message_rank(generation: int, seq: int) -> int:
+    """The order of a node's message: its boot's generation first, then its seq (below 2**48)."""
+    return (generation << 48) | seq
+
+
 @dataclass(slots=True)
 class Feature:
     """Reported `properties` (from the device) and `desiredProperties` (commands to it)."""
 
     properties: dict[str, Any] = field(default_factory=dict)
     desired: dict[str, Any] = field(default_factory=dict)
+    # order of the newest message applied (`message_rank`), so a late one cannot overwrite it
+    rank: int = field(default=-1, compare=False)
 
     def to_document(self) -> dict[str, Any]:
         out: dict[str, Any] = {"properties": self.properties}

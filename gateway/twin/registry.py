@@ -31,6 +31,7 @@ from gateway.twin.model import (
     Feature,
     Thing,
     check_name,
+    message_rank,
     parse_features,
     parse_relationships,
     thing_from_document,
@@ -287,8 +288,15 @@ class TwinRegistry:
         )
         return thing
 
-    def apply_samples(self, thing: Thing, samples: list[Sample], now: float) -> None:
+    def apply_samples(self, thing: Thing, samples: list[Sample], now: float,
+                      generation: int | None = None) -> None:
         """Telemetry: each property takes the newest value; one version step per message.
+
+        `generation` (of the node's boot, from the sequence tracker) and each sample's seq order the
+        messages of a node (`message_rank`). A late message — one
+        that arrives after a newer message of the same feature was applied — does not overwrite
+        the newer values: it only fills properties the feature does not have yet, and changes
+        nothing (no version step, no event) when there are none. Its points are stored anyway.
 
         The event and the live state share the samples' values (a `voltage` object, a list) without
         copying them: nothing changes those in place (`merge_patch` replaces nested objects).
@@ -299,12 +307,24 @@ class TwinRegistry:
             f = features.get(s.feature)
             if f is None:
                 f = features[s.feature] = Feature()
-            f.properties.update(s.properties)
+            props = s.properties
+            if generation is not None and s.seq is not None:
+                rank = message_rank(generation, s.seq)
+                if rank < f.rank:
+                    held = f.properties
+                    props = {k: v for k, v in props.items() if k not in held}
+                    if not props:
+                        continue
+                else:
+                    f.rank = rank
+            f.properties.update(props)
             c = changed.get(s.feature)
             if c is None:
-                changed[s.feature] = dict(s.properties)
+                changed[s.feature] = dict(props)
             else:
-                c.update(s.properties)
+                c.update(props)
+        if not changed:
+            return
         thing.version += 1
         thing.last_updated = now
         self._dirty.add(thing.id)

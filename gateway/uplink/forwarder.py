@@ -27,12 +27,14 @@ import pyarrow as pa
 from gateway.buffer.buffer import TelemetryBuffer
 from gateway.common.backoff import full_jitter, retry_after
 from gateway.common.errors import Conflict, NotFound
-from gateway.common.wire import Action, AnomalyDoc, Batch, ThingDoc, encode
+from gateway.common.wire import Action, AnomalyDoc, Batch, OeeEventDoc, OeePeriodDoc, ThingDoc, encode
 from gateway.config import GatewayConfig
 from gateway.detect.detector import AnomalyDetector
 from gateway.metrics import GatewayMetrics
+from gateway.oee.tracker import OeeTracker
 from gateway.twin.registry import TwinRegistry
 from gateway.uplink.client import UplinkClient
+from gateway.uplink.quarantine import Quarantine, Range
 
 log = logging.getLogger(__name__)
 BYTES_PER_POINT_ON_DISK = 7.6  # measured (bench/buffer.py); backlog bytes are estimated from it
@@ -48,6 +50,16 @@ class Plan:
     live: bool
 
 
+class SetAside(Exception):
+    """The aggregator will never take these Things or anomalies as they are: hold them, send the rest."""
+
+    def __init__(self, thing_ids: list[str], anomaly_ids: list[str], detail: str) -> None:
+        super().__init__(detail)
+        self.thing_ids = thing_ids
+        self.anomaly_ids = anomaly_ids
+        self.detail = detail
+
+
 class RetryLater(Exception):
     """The aggregator is unreachable or busy; `after` is its Retry-After, if it gave one."""
 
@@ -60,7 +72,8 @@ class Forwarder(UplinkClient):
     """Sends the buffer's outbox to the aggregator; started by the gateway service when `[uplink]` has a url."""
 
     def __init__(self, config: GatewayConfig, buffer: TelemetryBuffer, registry: TwinRegistry,
-                 metrics: GatewayMetrics, detector: AnomalyDetector | None = None) -> None:
+                 metrics: GatewayMetrics, detector: AnomalyDetector | None = None,
+                 oee: OeeTracker | None = None) -> None:
         super().__init__(config.uplink)
         self._cfg = config
         self._buffer = buffer
@@ -76,12 +89,16 @@ class Forwarder(UplinkClient):
         self._deleted_sent_at = 0.0
         self._detector = detector
         self._anomalies_sent_at = 0.0  # updated_at of the newest anomaly change the aggregator confirmed
+        self._oee = oee
+        self._oee_sent_at = 0.0  # the same for OEE period records and state events
         self.last_error = ""
         self.failing_since: float | None = None
         self.last_success = 0.0
+        self.quarantine = Quarantine(config.gateway.data_dir)
 
     # ----------------------------------------------------------------- lifecycle
     async def start(self) -> None:
+        await self.quarantine.start()
         b = self._buffer
         self.batch_seq = int(await b.get_state("uplink.batch_seq"))
         self.live_from = int(await b.get_state("uplink.live_from"))
@@ -95,12 +112,23 @@ class Forwarder(UplinkClient):
         log.info("uplink forwarding", extra={"url": self._up.url, "batch_seq": self.batch_seq,
                                              "cursor": b.synced_id, "order": self._up.order})
 
+    async def stop(self) -> None:
+        await super().stop()
+        await self.quarantine.stop()
+
     # ----------------------------------------------------------------- loop
     async def _run(self) -> None:
         attempt = 0
         while True:
             try:
                 sent = await self.step()
+            except SetAside as exc:
+                if await self._set_aside(exc):
+                    continue  # the same batch again at once, without them
+                attempt += 1  # it names nothing new: do not spin, back off as for any failure
+                self._failed(exc.detail)
+                await asyncio.sleep(full_jitter(attempt, self._up.retry_min_s, self._up.retry_max_s))
+                continue
             except RetryLater as exc:
                 attempt += 1
                 self._failed(str(exc))
@@ -136,16 +164,23 @@ class Forwarder(UplinkClient):
         plan = self._inflight or self._plan()
         now = time.time()
         things_due = now - self._things_sent_at >= self._up.things_interval_s
-        if plan is None and not things_due:
+        resend = self.quarantine.resending()
+        if plan is None and not things_due and resend is None:
             await self._report_backlog()
             return False
         anomalies, anomalies_upto = [], self._anomalies_sent_at
         if things_due and self._detector is not None:
             changed, anomalies_upto = await self._detector.log.changed_since(self._anomalies_sent_at)
-            anomalies = [AnomalyDoc.parse(a.to_json()) for a in changed]
+            anomalies = [AnomalyDoc.parse(a.to_json()) for a in changed
+                         if not self.quarantine.holds_anomaly(a.id) and not self.quarantine.holds_thing(a.thing_id)]
+        oee_periods: list[OeePeriodDoc] = []
+        oee_events: list[OeeEventDoc] = []
+        oee_upto = self._oee_sent_at
+        if things_due and self._oee is not None:
+            oee_periods, oee_events, oee_upto = await self._oee.changed_since(self._oee_sent_at)
         if plan is None:
-            if not anomalies and not self._registry.changed_since(self._things_sent_at) \
-                    and not self._deleted_since():
+            if resend is None and not anomalies and not oee_periods and not oee_events \
+                    and not self._registry.changed_since(self._things_sent_at) and not self._deleted_since():
                 self._things_sent_at = now
                 await self._report_backlog()
                 await self._poll_actions()
@@ -153,10 +188,25 @@ class Forwarder(UplinkClient):
             hi = self._buffer.synced_id
             plan = Plan(self.batch_seq + 1, hi, hi, False)
         points = await self._buffer.read_outbox(self._up.batch_points, after=plan.lo, upto=plan.hi)
+        points = await self._without_held(points, plan)
+        resent: Range | None = None
+        if resend is not None:
+            resent = await self.quarantine.first_range(resend)
+            if resent is not None and not self._behind_cursor(resent):
+                # Not confirmed yet: the range's own batch carries these points now that the Thing is
+                # no longer held; sending them here too would double them.
+                await self.quarantine.sent(resent, resend)
+                resent = None
+            if resent is not None:
+                held = await self._buffer.read_outbox(self._up.batch_points, after=resent.lo, upto=resent.hi)
+                points = pa.concat_tables([points, self._of_things(held, {resend})])
         things, deleted = ([], []) if not things_due else self._thing_changes()
+        things = [t for t in things if not self.quarantine.holds_thing(t.id)]
+        deleted = [d for d in deleted if not self.quarantine.holds_thing(d)]
         backlog = await self._backlog()
         batch = self._batch(plan, points, things, deleted, backlog)
         batch.anomalies = anomalies
+        batch.oee_periods, batch.oee_events = oee_periods, oee_events
         if self._inflight is None:
             # The batch, and the live window it may have opened, are durable before anything is sent.
             await self._buffer.set_state({"uplink.inflight_seq": plan.seq, "uplink.inflight_lo": plan.lo,
@@ -164,13 +214,66 @@ class Forwarder(UplinkClient):
                                           "uplink.live_from": self.live_from, "uplink.live": self.live})
             self._inflight = plan
         body = await asyncio.get_running_loop().run_in_executor(None, encode, batch)
-        actions = await self._send(plan, body, points.num_rows)
+        actions = await self._send(plan, body, batch)
         await self._confirmed(plan)
         if things_due:
             self._things_sent_at = now
             self._deleted_sent_at = now
             self._anomalies_sent_at = anomalies_upto
+            self._oee_sent_at = oee_upto
+        if resend is not None:
+            await self.quarantine.sent(resent, resend)
+            if resend not in self.quarantine.held:
+                self._things_sent_at = 0.0  # released: its document goes up with the next batch
+                log.warning("a held Thing was re-sent and released", extra={"thing": resend})
         await self._apply_actions(actions)
+        await self._report_backlog()
+        return True
+
+    # ----------------------------------------------------------------- quarantine
+    def _series_of_things(self, points: pa.Table) -> np.ndarray:
+        """The Thing id of each point (by its buffer series)."""
+        keys = self._buffer.series_keys
+        sids = points.column("series").to_numpy()
+        uniq, index = np.unique(sids, return_inverse=True)
+        names = np.array([keys[int(sid)][0].thing_id for sid in uniq], dtype=object)
+        return names[index] if len(uniq) else np.array([], dtype=object)
+
+    def _behind_cursor(self, rng: Range) -> bool:
+        """Whether the aggregator confirmed the batch that covered this outbox range."""
+        return rng.hi <= self._buffer.synced_id or (bool(self.live_from) and rng.lo >= self.live_from
+                                                     and rng.hi <= self.live)
+
+    def _of_things(self, points: pa.Table, thing_ids: set[str]) -> pa.Table:
+        if not points.num_rows:
+            return points
+        owners = self._series_of_things(points)
+        return points.filter(pa.array([t in thing_ids for t in owners], pa.bool_()))
+
+    async def _without_held(self, points: pa.Table, plan: Plan) -> pa.Table:
+        """The points of Things not held; the held ones' share of the range is recorded (durably, before
+        the batch goes out) so an admin can have it sent later."""
+        if not points.num_rows or not any(h.kind == "thing" and h.state == "held"
+                                          for h in self.quarantine.held.values()):
+            return points
+        owners = self._series_of_things(points)
+        held = np.array([self.quarantine.holds_thing(t) for t in owners], dtype=bool)
+        if not held.any():
+            return points
+        names, counts = np.unique(owners[held], return_counts=True)
+        await self.quarantine.record([Range(str(t), plan.lo, plan.hi, int(c)) for t, c in zip(names, counts,
+                                                                                            strict=True)])
+        return points.filter(pa.array(~held))
+
+    async def _set_aside(self, exc: SetAside) -> bool:
+        """Hold what a refusal names; False when it names nothing that was not held already."""
+        new = await self.quarantine.hold(exc.thing_ids, exc.anomaly_ids, exc.detail)
+        if not new:
+            return False
+        self._m.uplink_quarantined.inc(len(new))
+        log.warning("the aggregator refuses some Things; they are held in the quarantine and the rest is sent",
+                    extra={"things": exc.thing_ids[:10], "anomalies": exc.anomaly_ids[:10],
+                           "detail": exc.detail[:300]})
         return True
 
     async def _poll_actions(self) -> None:
@@ -237,7 +340,7 @@ class Forwarder(UplinkClient):
     def _deleted_since(self) -> list[str]:
         return [tid for when, tid in self._registry.deletions if when > self._deleted_sent_at]
 
-    async def _send(self, plan: Plan, body: bytes, n_points: int) -> list[Action]:
+    async def _send(self, plan: Plan, body: bytes, batch: Batch) -> list[Action]:
         """POST one batch; returns the operators' actions the aggregator hands back (see `_apply_actions`)."""
         assert self._http is not None
         url = self._up.url.rstrip("/") + INGEST_PATH
@@ -247,7 +350,7 @@ class Forwarder(UplinkClient):
                 doc = await r.json(content_type=None) if r.content_length != 0 else {}
                 if r.status == 200:
                     self._m.uplink_batches.labels(doc.get("status", "applied")).inc()
-                    self._m.uplink_points.inc(n_points)
+                    self._m.uplink_points.inc(batch.points.num_rows)
                     self._m.uplink_bytes.inc(len(body))
                     self.last_success = time.time()
                     return _actions(doc)
@@ -264,6 +367,17 @@ class Forwarder(UplinkClient):
                     raise RetryLater("renumbered", after=0)
                 after = retry_after(r.headers.get("Retry-After"))
                 detail = f"{r.status} {doc.get('error', '')}: {str(doc.get('detail', ''))[:200]}"
+                named = _named(doc)
+                if (r.status == 403 and doc.get("error") == "foreign_thing") or (r.status == 400 and any(named)):
+                    self._m.uplink_batches.labels("refused").inc()
+                    raise SetAside(*named, detail)
+                if r.status == 400:
+                    # Refused whole without naming a Thing: this batch can never go as it is. Its Things
+                    # and anomalies are held (an admin sees why) instead of retrying it for ever.
+                    self._m.uplink_batches.labels("refused").inc()
+                    every = sorted({k[0] for k in batch.series} | {t.id for t in batch.things} | set(batch.deleted))
+                    if every or batch.anomalies:
+                        raise SetAside(every, [a.id for a in batch.anomalies], detail)
                 if r.status in (401, 403):
                     log.error("the aggregator refuses this gateway's token", extra={"status": r.status})
                 elif r.status == 400:
@@ -301,6 +415,15 @@ class Forwarder(UplinkClient):
         self._m.uplink_backlog_points.set(b["points"])
         self._m.uplink_backlog_bytes.set(b["bytes"])
         self._m.uplink_backlog_age.set(b["age_s"])
+
+
+def _named(doc: Any) -> tuple[list[str], list[str]]:
+    """The Thing and anomaly ids a refusal names (`thingIds`, `anomalyIds`)."""
+    out: tuple[list[str], list[str]] = ([], [])
+    for key, into in (("thingIds", out[0]), ("anomalyIds", out[1])):
+        raw = doc.get(key) if isinstance(doc, dict) else None
+        into.extend(str(x)[:200] for x in (raw if isinstance(raw, list) else [])[:10_000] if isinstance(x, str))
+    return out
 
 
 def _actions(doc: Any) -> list[Action]:

@@ -30,6 +30,7 @@ async function request(method, path, body) {
 export const api = {
   get: (path) => request("GET", path),
   post: (path, body) => request("POST", path, body ?? {}),
+  put: (path, body) => request("PUT", path, body ?? {}),
 };
 
 /** "aggregator" or "gateway" (with its site and line), and whether a key is needed. */

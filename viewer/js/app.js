@@ -4,6 +4,8 @@
 import { api, auth, AuthError, detectMode, Live } from "./api.js";
 import { renderDashboard, renderSite } from "./dashboard.js";
 import { LineView } from "./lineview.js";
+import { AlarmsPage } from "./alarms.js";
+import { OeePage } from "./oee.js";
 import { toast } from "./toast.js";
 
 const main = document.getElementById("main");
@@ -63,21 +65,34 @@ async function route() {
   const params = new URLSearchParams(query || "");
   const parts = path.split("/").filter(Boolean).map(decodeURIComponent);
   try {
-    if (app.mode.kind === "gateway" && !["line", "table"].includes(parts[0])) {
+    if (app.mode.kind === "gateway" && !["line", "table", "oee", "alarms"].includes(parts[0])) {
       location.hash = `#/line/${encodeURIComponent(app.mode.site)}/${encodeURIComponent(app.mode.line)}`;
       return;
     }
-    if (parts[0] === "line" || parts[0] === "table") {
+    if (parts[0] === "alarms") {
+      setCrumbs(app.mode.kind === "aggregator" ? [["All sites", "#/"], ["Alarms"]] : [[app.mode.site], [app.mode.line,
+        `#/line/${encodeURIComponent(app.mode.site)}/${encodeURIComponent(app.mode.line)}`], ["Alarms"]]);
+      app.view = new AlarmsPage(main, app);
+      await app.view.load();
+    } else if (parts[0] === "oee") {
       const [, site, line] = parts;
+      const lineHref = `#/line/${encodeURIComponent(site)}/${encodeURIComponent(line)}`;
       setCrumbs(app.mode.kind === "aggregator" ? [["All sites", "#/"], [site, `#/site/${encodeURIComponent(site)}`],
-        [line]] : [[site], [line]]);
+        [line, lineHref], ["OEE"]] : [[site], [line, lineHref], ["OEE"]]);
+      app.view = new OeePage(main, app, { site, line });
+      await app.view.load();
+    } else if (parts[0] === "line" || parts[0] === "table") {
+      const [, site, line] = parts;
+      const oee = [`OEE`, `#/oee/${encodeURIComponent(site)}/${encodeURIComponent(line)}`];
+      setCrumbs(app.mode.kind === "aggregator" ? [["All sites", "#/"], [site, `#/site/${encodeURIComponent(site)}`],
+        [line], oee, ["Alarms", "#/alarms"]] : [[site], [line], oee, ["Alarms", "#/alarms"]]);
       app.view = new LineView(main, app, { site, line, table: parts[0] === "table", thing: params.get("thing") });
       await app.view.load();
     } else if (parts[0] === "site") {
       setCrumbs([["All sites", "#/"], [parts[1]]]);
       app.view = renderSite(main, app, parts[1]);
     } else {
-      setCrumbs([["All sites"]]);
+      setCrumbs([["All sites"], ["Alarms", "#/alarms"]]);
       app.view = renderDashboard(main, app);
     }
   } catch (e) {

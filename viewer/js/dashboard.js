@@ -3,6 +3,7 @@
 
 import { api } from "./api.js";
 import { el } from "./dom.js";
+import { oeeTile } from "./oee.js";
 
 const fmtLag = (s) => (s < 1 ? "< 1 s" : s < 120 ? `${Math.round(s)} s` : `${Math.round(s / 60)} min`);
 
@@ -34,7 +35,7 @@ function siteCard(s) {
       ["info", String(sev.info || 0), "sev-info", "info"],
       ["Lines", String(s.lines.length), "", "lines"],
       ["Uplink lag", fmtLag(s.uplinkLagS), "", "lag"],
-    ]));
+    ]), oeeTile("site", s.site));
   const open = () => { location.hash = `#/site/${encodeURIComponent(s.site)}`; };
   card.addEventListener("click", open);
   card.addEventListener("keydown", (e) => { if (e.key === "Enter") open(); });
@@ -80,8 +81,10 @@ export function renderSite(main, app, site) {
         el("h2", { textContent: l.line }),
         facts([["Gateway", l.gatewayId], ["Online", l.online ? "yes" : "no"], ["Uplink lag", fmtLag(l.lagS)],
                ["Backlog", `${Math.round(l.backlog?.points || 0)} points`], ["Points", String(l.points)]]),
+        oeeTile("line", `${site}/${l.line}`),
         el("p", {}, el("a", { href: `#/line/${encodeURIComponent(site)}/${encodeURIComponent(l.line)}`, textContent: "3D view" }),
-           " · ", el("a", { href: `#/table/${encodeURIComponent(site)}/${encodeURIComponent(l.line)}`, textContent: "table" })));
+           " · ", el("a", { href: `#/table/${encodeURIComponent(site)}/${encodeURIComponent(l.line)}`, textContent: "table" }),
+           " · ", el("a", { href: `#/oee/${encodeURIComponent(site)}/${encodeURIComponent(l.line)}`, textContent: "OEE" })));
       card.addEventListener("click", (e) => { if (e.target.tagName !== "A") location.hash = `#/line/${encodeURIComponent(site)}/${encodeURIComponent(l.line)}`; });
       return card;
     }));

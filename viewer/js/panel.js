@@ -6,6 +6,7 @@ import uPlot from "uplot";
 import { api, auth } from "./api.js";
 import { flatten } from "./model.js";
 import { el } from "./dom.js";
+import { oeeTile } from "./oee.js";
 
 
 const fmt = (v) => (typeof v === "number" ? (Number.isInteger(v) ? String(v) : v.toFixed(2)) : String(v));
@@ -47,6 +48,7 @@ export class DetailPanel {
     const parts = [
       el("h2", { textContent: t.metadata?.name || id }),
       el("p", { textContent: `${id} · ${t.type} · ` }, el("strong", { id: "panel-state", textContent: visual.state })),
+      oeeTile("machine", id),
     ];
     if (a) {
       const box = el("div", { className: "explanation", dataset: { state: a.state, anomaly: a.id || "" } },

@@ -1,0 +1,1 @@
+"""OEE at the gateway: machine states, counts, the shift calendar, state events with reasons, and OEE."""
