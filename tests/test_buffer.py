@@ -141,7 +141,7 @@ async def test_ten_thousand_new_series_are_stored_in_one_commit_and_known_after_
     try:
         for i in range(things):
             buf.add(f"s:oven-{i:05d}", "oven", [Sample("thermal", T0, 1, {"a": 1.0, "b": 2.0, "c": 3.0, "d": "x"})],
-                    T0, ("b1", 1))
+                    T0, ("b1", 1, 1))
         start = time.monotonic()
         await buf.flush()
         took = time.monotonic() - start

@@ -76,7 +76,7 @@ async def test_the_gateway_logs_its_memory_budget_at_start(mosquitto, start_gate
 async def test_events_of_every_size_reach_a_subscribe_all_client_whole_and_in_order(mosquitto, start_gateway):
     # Events go out in bursts written as whole WebSocket frames: frames with 7-bit, 16-bit and 64-bit
     # lengths must each arrive as one intact message, in order, among hundreds of small ones.
-    gw = await start_gateway(mosquitto, **{"ingest.max_payload_bytes": 400_000})
+    gw = await start_gateway(mosquitto, **{"ingest.max_payload_bytes": 400_000, "ingest.max_series_per_thing": 20_000})
     site = gw.site
     sizes = {"small": {"v": 1.0},
              "medium": {f"p{i}": [float(i)] * 8 for i in range(20)},  # a few hundred bytes
