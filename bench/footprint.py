@@ -141,11 +141,12 @@ def _publisher(port: int, load: Load, part: int, boot: str, start_at: float, out
     client.max_queued_messages_set(0)
     client.connect("127.0.0.1", port)
     client.loop_start()
-    share = [i for i in range(load.messages) if i % load.processes == part]
+    # Each device belongs to one process, so its sequence numbers rise one by one as a node's do.
+    share = [i for i in range(load.messages) if (i % load.devices) % load.processes == part]
     seqs: dict[tuple[int, int], int] = {}
     pending: collections.deque[Any] = collections.deque()
     published = 0
-    rate = load.rate / load.processes
+    rate = load.rate * len(share) / load.messages
     while time.time() < start_at:
         time.sleep(0.001)
     t0 = time.perf_counter()
