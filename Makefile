@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/buffer.py
 	$(BIN)/python bench/sync.py
 	$(BIN)/python bench/detect.py
+	$(BIN)/python bench/detect_real.py
 	$(BIN)/python bench/viewer.py
 	$(BIN)/python bench/footprint.py
 

@@ -1,7 +1,8 @@
 """Uplink benchmark: prints one JSON line per figure (see DESIGN.md for the targets).
 
 Drain of a 1M-point backlog from a real gateway buffer through the forwarder to a real aggregator
-(DuckDB) over HTTP on loopback, bytes per point on the wire, and the aggregator's ingest rate with
+(DuckDB) over HTTP on loopback, and over HTTPS verified against a site CA (`egiz pki`), bytes per
+point on the wire, and the aggregator's ingest rate with
 10 gateways sending at once, on DuckDB and (when reachable) on PostgreSQL.
 
     python bench/sync.py [--points 1000000] [--pg postgresql://postgres@127.0.0.1/postgres]
@@ -29,11 +30,13 @@ from cloud_sync.aggregator import Aggregator
 from cloud_sync.config import load_aggregator_config
 from gateway.buffer.buffer import TelemetryBuffer
 from gateway.bus import EventBus
+from gateway.common.pki import init_ca, issue
 from gateway.common.readings import Sample
 from gateway.common.wire import POINTS, Batch, encode
 from gateway.config import GatewayConfig, load_config
 from gateway.metrics import GatewayMetrics
 from gateway.twin.registry import TwinRegistry
+from gateway.uplink.client import uplink_ssl
 from gateway.uplink.forwarder import Forwarder
 
 TOKEN = "bench-gateway-token-000000"
@@ -46,8 +49,9 @@ def emit(figure: str, value: float, unit: str, target: str, **extra: Any) -> Non
           flush=True)
 
 
-def aggregator(tmp: Path, gateways: int, backend: str = "duckdb", dsn: str = "") -> Aggregator:
-    cfg = load_aggregator_config(None, environ={}, overrides={
+def aggregator(tmp: Path, gateways: int, backend: str = "duckdb", dsn: str = "",
+               tls: dict[str, str] | None = None) -> Aggregator:
+    cfg = load_aggregator_config(None, environ={}, overrides={**(tls or {}),
         "aggregator.data_dir": str(tmp / f"agg-{backend}"), "http.host": "127.0.0.1", "http.port": 0,
         "aggregator.ingest_concurrency": 16, "auth.api_keys": [{"key": KEY, "role": "admin"}],
         "storage.backend": backend, "storage.dsn": dsn,
@@ -57,14 +61,22 @@ def aggregator(tmp: Path, gateways: int, backend: str = "duckdb", dsn: str = "")
     return Aggregator(cfg)
 
 
-async def drain(tmp: Path, n: int) -> None:
-    agg = aggregator(tmp, 1)
+async def drain(tmp: Path, n: int, tls: bool = False) -> None:
+    server: dict[str, str] = {}
+    client: dict[str, str] = {}
+    if tls:  # a site CA and the aggregator's certificate, as `egiz pki init|issue` make them
+        init_ca(tmp / "pki", "bench CA")
+        cert, key = issue(tmp / "pki", "aggregator", dns=("localhost",), ips=("127.0.0.1",))
+        server = {"http.tls_cert_file": str(cert), "http.tls_key_file": str(key)}
+        client = {"uplink.ca_file": str(tmp / "pki" / "ca.crt")}
+    agg = aggregator(tmp, 1, tls=server)
     await agg.start()
     cfg = load_config(GatewayConfig, None, environ={}, overrides={
         "gateway.site": "bench", "gateway.line": "line-0", "gateway.id": "gw-0", "gateway.data_dir": str(tmp / "gw"),
-        "auth.open": True, "buffer.disk_budget_mb": 0, "uplink.url": f"http://127.0.0.1:{agg.http_port}",
+        "auth.open": True, "buffer.disk_budget_mb": 0,
+        "uplink.url": f"{'https://localhost' if tls else 'http://127.0.0.1'}:{agg.http_port}",
         "uplink.token": f"{TOKEN}00", "uplink.order": "oldest_first", "uplink.batch_points": 100_000,
-        "uplink.live_backlog_points": 1_000_000_000,
+        "uplink.live_backlog_points": 1_000_000_000, **client,
     })
     metrics = GatewayMetrics()
     buf = TelemetryBuffer(cfg, metrics, uplink=True)
@@ -85,14 +97,18 @@ async def drain(tmp: Path, n: int) -> None:
     fwd = Forwarder(cfg, buf, registry, metrics)
     await fwd.start()
     await fwd.stop()  # only its HTTP session and state are needed: steps are driven here
-    fwd._http = aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}00"})
+    fwd._http = aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}00"},
+                                      connector=aiohttp.TCPConnector(ssl=uplink_ssl(cfg.uplink)))
     start = time.perf_counter()
     while buf.synced_id < backlog:
         await fwd.step()
     elapsed = time.perf_counter() - start
     sent = metrics.uplink_bytes._value.get()
-    emit("uplink_drain_1m_backlog", backlog / elapsed, "points/s", ">= 200000", points=backlog)
-    emit("uplink_bytes_per_point", sent / backlog, "bytes", "<= 6", points=backlog)
+    if tls:
+        emit("uplink_drain_1m_backlog_tls", backlog / elapsed, "points/s", "reference", points=backlog)
+    else:
+        emit("uplink_drain_1m_backlog", backlog / elapsed, "points/s", ">= 200000", points=backlog)
+        emit("uplink_bytes_per_point", sent / backlog, "bytes", "<= 6", points=backlog)
     await fwd._http.close()
     await buf.stop()
     await registry.stop()
@@ -140,7 +156,8 @@ async def concurrent_ingest(tmp: Path, backend: str, dsn: str = "") -> None:
 
 async def main(points: int, pg: str) -> None:
     with tempfile.TemporaryDirectory(prefix="egiz-bench-sync-") as tmp:
-        await drain(Path(tmp), points)
+        await drain(Path(tmp) / "plain", points)
+        await drain(Path(tmp) / "tls", points, tls=True)
         await concurrent_ingest(Path(tmp), "duckdb")
         if pg:
             import psycopg

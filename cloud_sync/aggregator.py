@@ -30,7 +30,7 @@ from cloud_sync.oee import routes as oee_routes
 from cloud_sync.openapi import SPEC
 from cloud_sync.store import AggregatorStore, Refused, StoreError
 from gateway import __version__
-from gateway.common import systemd, viewer
+from gateway.common import signing, systemd, viewer
 from gateway.common.auth import Authenticator, role_allows
 from gateway.common.errors import Invalid, NotFound
 from gateway.common.history import parse_history_request, run_query
@@ -108,6 +108,7 @@ class Aggregator:
         self.started = time.time()
         self.models = ModelRegistry(Path(config.aggregator.data_dir) / "models")  # what gateways fetch
         self.oee = CentralOee(Path(config.aggregator.data_dir) / "oee.sqlite")
+        self._signing_key = signing.load_or_create_key(config.model_signing_key_file)
         self.app = self._build_app()
 
     async def write(self, fn: Any, *args: Any) -> Any:
@@ -123,7 +124,7 @@ class Aggregator:
         if self.config.auth.open:
             log.warning("auth.open is on: every API request is admin, without a key (demo mode)",
                         extra={"host": self.config.http.host})
-        self._runner, self.http_port = await serve(self.app, self.config.http.host, self.config.http.port)
+        self._runner, self.http_port = await serve(self.app, self.config.http)
         self._tasks = [asyncio.create_task(self._maintenance(), name="aggregator-maintenance"),
                        asyncio.create_task(self._summaries(), name="aggregator-summaries")]
         log.info("aggregator started", extra={"http_port": self.http_port, "backend": self.config.storage.backend})
@@ -405,7 +406,8 @@ class Aggregator:
             for tt in reg.types()]})
 
     async def active_models(self, request: web.Request) -> web.Response:
-        """What gateways fetch: the active version of each type and each file's SHA-256."""
+        """What gateways fetch: the active version of each type, each file's SHA-256 and the
+        aggregator's signature over both (checked by the gateway before it downloads a file)."""
         if not self._gateway_or_viewer(request):
             return error_body(401, "unauthorized", "a gateway token or an API key is required")
         out: dict[str, Any] = {}
@@ -419,7 +421,8 @@ class Aggregator:
             except OSError:
                 log.warning("an active model version is missing files", extra={"type": tt, "version": version})
                 continue
-            out[tt] = {"version": version, "files": files}
+            out[tt] = {"version": version, "files": files,
+                       "signature": signing.sign(self._signing_key, tt, version, files)}
         return web.json_response({"models": out})
 
     async def model_file(self, request: web.Request) -> web.StreamResponse:

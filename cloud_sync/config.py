@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from gateway.common.names import SITE_RE as NAME_RE
 from gateway.common.names import is_loopback
-from gateway.common.settings import ApiKey, HttpSection, LogSection, load_config
+from gateway.common.settings import ApiKey, HttpSection, LogSection, check_http_tls, load_config
 
 GATEWAY_SECTIONS = frozenset({"gateway", "mqtt", "ingest", "twin", "ws", "buffer", "uplink"})
 
@@ -35,6 +35,7 @@ class AggregatorSection:
     summary_interval_s: float = 2.0  # WebSocket site summaries
     offline_after_s: float = 60.0  # a gateway not heard from this long is shown offline
     ws_max_clients: int = 200  # WebSocket clients at once; more are refused with 503
+    model_signing_key_file: str = ""  # Ed25519 key that signs published models; "": <data_dir>/model-signing.key
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,11 @@ class AggregatorAuth:
 @dataclass(frozen=True)
 class AggregatorConfig:
     """The whole aggregator configuration, frozen after validation."""
+
+    @property
+    def model_signing_key_file(self) -> Path:
+        a = self.aggregator
+        return Path(a.model_signing_key_file) if a.model_signing_key_file else Path(a.data_dir) / "model-signing.key"
 
     aggregator: AggregatorSection = field(default_factory=AggregatorSection)
     http: HttpSection = field(default_factory=lambda: HttpSection(port=8090))
@@ -96,6 +102,7 @@ def _check(cfg: Any, problems: list[tuple[str, str]]) -> None:
     check("aggregator.summary_interval_s", lambda: 0.1 <= a.summary_interval_s <= 3600, "must be 0.1..3600")
     check("aggregator.offline_after_s", lambda: a.offline_after_s > 0, "must be > 0")
     check("http.port", lambda: 0 <= cfg.http.port <= 65535, "must be a TCP port 0..65535 (0: any free port)")
+    check_http_tls(cfg.http, problems)
     check("storage.dsn", lambda: st.backend != "postgres" or st.dsn.startswith(("postgresql://", "postgres://")),
           "give a postgresql:// DSN when storage.backend = \"postgres\"")
     check("storage.partition_days", lambda: 1 <= st.partition_days <= 31, "must be 1..31")

@@ -124,7 +124,8 @@ SPEC: dict[str, Any] = {
                                                                        "properties": {"types": {"type": "array"}}}),
                                              **ERRORS})},
         "/api/v1/models/active": {"get": operation(
-            "What gateways fetch: the active version of each type (gateway token or API key)", None,
+            "What gateways fetch: the active version of each type, its files' SHA-256 and the aggregator's "
+            "Ed25519 signature over them (gateway token or API key)", None,
             {"200": response("active models", {"type": "object", "required": ["models"],
                                                "properties": {"models": ANY}}), **GATEWAY},
             security=[{"bearer": []}])},

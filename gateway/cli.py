@@ -14,6 +14,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from gateway.common.errors import ConfigError
+from gateway.common.names import THING_ID_RE, TYPE_RE
 from gateway.config import AGGREGATOR_SECTIONS, GatewayConfig, load_config
 from images.cli import image_app
 
@@ -115,9 +116,11 @@ def aggregator_run(
     from gateway.common.logs import setup_logging
 
     setup_logging(cfg.log.level, cfg.log.format)
+    from gateway.common.signing import SignatureError
+
     try:
         asyncio.run(Aggregator(cfg).run_until_signalled())
-    except OSError as exc:
+    except (OSError, SignatureError) as exc:
         fail(f"cannot start the aggregator: {exc}", code=1)
 
 
@@ -128,11 +131,89 @@ def aggregator_check(config: ConfigOpt) -> None:
     typer.echo(json.dumps(_masked(cfg), indent=2, default=str))
 
 
+@aggregator_app.command("signing-key")
+def aggregator_signing_key(config: ConfigOpt) -> None:
+    """Print the public key gateways check models with (`uplink.model_signing_key`); makes the key pair
+    (aggregator.model_signing_key_file, 0600) when it does not exist yet."""
+    cfg = load_aggregator(config, {})
+    from gateway.common.signing import SignatureError, load_or_create_key, public_key_text
+
+    try:
+        typer.echo(public_key_text(load_or_create_key(cfg.model_signing_key_file)))
+    except (SignatureError, OSError) as exc:
+        fail(str(exc), code=1)
+
+
 def _masked(value: Any) -> Any:
     """Plain JSON data of a config, with secrets replaced by ***."""
     from gateway.common.settings import masked
 
     return masked(value)
+
+
+pki_app = typer.Typer(help="The site's certificate authority: make it, issue certificates, list them.",
+                      no_args_is_help=True)
+app.add_typer(pki_app, name="pki")
+PkiDirOpt = Annotated[Path, typer.Option("--dir", help="where the CA and the certificates are kept")]
+
+
+@pki_app.command("init")
+def pki_init(
+    directory: PkiDirOpt = Path("pki"),
+    name: Annotated[str, typer.Option(help="the CA's common name, e.g. the site's")] = "OpenEgiz site CA",
+    days: Annotated[int, typer.Option(min=1, max=36500, help="validity in days")] = 3650,
+) -> None:
+    """Make a site CA: ca.crt (give it to every client) and ca.key (0600; keep it offline)."""
+    from gateway.common.pki import PkiError, init_ca
+
+    try:
+        path = init_ca(directory, name, days=days)
+    except PkiError as exc:
+        fail(exc.detail)
+    typer.echo(f"wrote {path} and {path.with_name('ca.key')} (0600)")
+
+
+@pki_app.command("issue")
+def pki_issue(
+    name: Annotated[str, typer.Argument(help="the certificate's name: files NAME.crt and NAME.key, its CN")],
+    directory: PkiDirOpt = Path("pki"),
+    kind: Annotated[str, typer.Option(help="server, client or both")] = "server",
+    dns: Annotated[list[str] | None, typer.Option("--dns", help="a DNS name it serves (repeat)")] = None,
+    ip: Annotated[list[str] | None, typer.Option("--ip", help="an IP address it serves (repeat)")] = None,
+    days: Annotated[int, typer.Option(min=1, max=3650, help="validity in days")] = 825,
+) -> None:
+    """Issue a server or client certificate signed by the site CA (key 0600)."""
+    from gateway.common.pki import PkiError, issue
+
+    if kind not in ("server", "client", "both"):
+        fail("--kind must be server, client or both")
+    try:
+        cert, key = issue(directory, name, kind=kind, dns=tuple(dns or ()), ips=tuple(ip or ()),  # type: ignore[arg-type]
+                          days=days)
+    except PkiError as exc:
+        fail(exc.detail)
+    typer.echo(f"wrote {cert} and {key} (0600)")
+
+
+@pki_app.command("list")
+def pki_list(directory: PkiDirOpt = Path("pki"),
+             as_json: Annotated[bool, typer.Option("--json", help="one JSON object per certificate")] = False) -> None:
+    """Every certificate in the directory: subject, kind, SANs, expiry, SHA-256 fingerprint."""
+    from gateway.common.pki import PkiError, list_certificates
+
+    try:
+        certs = list_certificates(directory)
+    except PkiError as exc:
+        fail(exc.detail)
+    for c in certs:
+        sans = [*c.dns, *c.ips]
+        if as_json:
+            typer.echo(json.dumps({"file": c.path.name, "subject": c.subject, "issuer": c.issuer, "kind": c.kind,
+                                   "dns": list(c.dns), "ips": list(c.ips), "not_after": c.not_after.isoformat(),
+                                   "days_left": c.days_left, "sha256": c.sha256}))
+        else:
+            typer.echo(f"{c.path.name:24} {c.kind:14} {c.subject:36} SANs: {', '.join(sans) or '-':30} "
+                       f"expires {c.not_after:%Y-%m-%d} ({c.days_left} days)  sha256 {c.sha256}")
 
 
 model_app = typer.Typer(help="Train, evaluate, list, activate and roll back anomaly models.", no_args_is_help=True)
@@ -303,6 +384,128 @@ def model_eval(
     for kind, row in doc["per_fault"].items():
         typer.echo(f"{kind:18} {row['faults']:>6} {row['found']:>6} {row['recall']:>7.3f} "
                    f"{row['median_delay_s'] if row['median_delay_s'] is not None else '-':>15}")
+
+
+@model_app.command("backtest")
+def model_backtest(
+    directory: Annotated[Path | None, typer.Argument(help="every CSV under it (recursively) is one Thing: its "
+                                                          "first --train-rows rows train, the rest are replayed")]
+        = None,
+    train_rows: Annotated[int | None, typer.Option(help="rows of each file that train (with DIRECTORY)")] = None,
+    train: Annotated[Path | None, typer.Option(help="a CSV of normal operation to train on")] = None,
+    test: Annotated[Path | None, typer.Option(help="a CSV to replay after TRAIN and label")] = None,
+    out: Annotated[Path | None, typer.Option(help="where to write time,score,anomaly per TEST row")] = None,
+    thing_type: Annotated[str, typer.Option("--type", help="equipment type of the trained version")]
+        = "equipment",
+    as_json: Annotated[Path | None, typer.Option("--json", help="also write the whole report as JSON here")]
+        = None,
+) -> None:
+    """How the gateway's detector would have done on labelled history exported as CSV: train a model version
+    with the project's training code, replay through the gateway's detector, score point-wise and per event."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from gateway.common.timefmt import iso_utc
+    from gateway.detect.backtest import (
+        BacktestError,
+        BacktestReport,
+        backtest_directory,
+        backtest_series,
+        csv_files,
+        read_series,
+    )
+    from gateway.detect.models import ModelError
+
+    try:
+        import sklearn  # noqa: F401  (the `train` extra)
+    except ImportError:
+        fail("backtests train a model and need the train extra: pip install 'openegiz[train]'", code=1)
+    if not TYPE_RE.match(thing_type):
+        fail(f"--type {thing_type!r}: a lower-case letter, then letters, digits, - and _")
+    report = BacktestReport()
+    try:
+        if directory is not None:
+            if train is not None or test is not None or out is not None:
+                fail("give either DIRECTORY with --train-rows, or --train, --test and --out")
+            if train_rows is None or train_rows < 1:
+                fail("DIRECTORY needs --train-rows N (N >= 1)")
+            if not directory.is_dir():
+                fail(f"{directory} is not a directory")
+            files = csv_files(directory)
+            with Progress(console=Console(stderr=True), transient=True) as bar:
+                task = bar.add_task("backtest", total=len(files))
+
+                done = [0]
+
+                def step(name: str) -> None:
+                    bar.update(task, description=name, completed=done[0])
+                    done[0] += 1
+
+                report = backtest_directory(directory, train_rows, thing_type, files=files, progress=step)
+                bar.update(task, completed=len(files))
+        else:
+            if train is None or test is None or out is None:
+                fail("give --train, --test and --out (or DIRECTORY with --train-rows)")
+            series = read_series(test)
+            result, scores, labels = backtest_series(read_series(train), series, thing_type)
+            report.files.append(result)
+            with open(out, "w", encoding="utf-8") as f:
+                f.write("time,score,anomaly\n")
+                for ts, sc, lab in zip(series.times.tolist(), scores.tolist(), labels.tolist(), strict=True):
+                    f.write(f"{iso_utc(ts)},{sc:.4f},{lab}\n")
+    except (BacktestError, ModelError) as exc:
+        fail(str(exc), code=1)
+    except OSError as exc:
+        fail(f"cannot write: {exc}", code=1)
+    doc = report.to_json()
+    if as_json is not None:
+        as_json.write_text(json.dumps(doc, indent=1), encoding="utf-8")
+    typer.echo(f"pooled over {doc['test_rows']} test rows of {doc['files']} files: F1 {doc['f1']:.3f}  "
+               f"FAR {doc['far_pct']:.2f} %  MAR {doc['mar_pct']:.2f} %")
+    delay = doc["mean_detection_delay_s"]
+    typer.echo(f"events {doc['events_found']}/{doc['events']} found, mean detection delay "
+               f"{'-' if delay is None else f'{delay} s'}, alarms per changepoint {doc['alarms_per_changepoint']}, "
+               f"false alarms per hour of normal operation {doc['false_alarms_per_hour']}")
+    typer.echo(f"training {doc['train_s_per_file']} s per file, detector {doc['readings_per_s']} readings/s")
+    typer.echo(f"{'file':24} {'test rows':>9} {'F1':>6} {'FAR %':>7} {'MAR %':>7} {'found':>6} {'delay s':>8} "
+               f"{'false alarms':>12}")
+    for row in doc["per_file"]:
+        d = row["delays_s"]
+        typer.echo(f"{row['file']:24} {row['test_rows']:>9} {row['f1']:>6.3f} {row['far_pct']:>7.2f} "
+                   f"{row['mar_pct']:>7.2f} {row['found']:>3}/{row['events']:<2} "
+                   f"{(f'{d[0]:.0f}' if d else '-'):>8} {row['false_alarms']:>12}")
+    normal = doc["unlabelled"]
+    if normal is not None:
+        typer.echo(f"without labels, taken as normal operation ({', '.join(normal['files'])}): "
+                   f"{normal['test_rows']} rows, FAR {normal['far_pct']:.2f} %, "
+                   f"false alarms per hour {normal['false_alarms_per_hour']}")
+
+
+history_app = typer.Typer(help="Put history into a gateway's buffer.", no_args_is_help=True)
+app.add_typer(history_app, name="history")
+
+
+@history_app.command("import")
+def history_import(
+    file: Annotated[Path, typer.Argument(help="a CSV: a time column and numeric columns (labels are left out)")],
+    thing: Annotated[str, typer.Option("--thing", help="the Thing id the readings belong to, site:equipment")],
+    data_dir: Annotated[Path, typer.Option(help="the gateway's data directory (stopped, or a copy)")],
+    thing_type: Annotated[str, typer.Option("--type", help="its equipment type")] = "equipment",
+) -> None:
+    """Import a CSV of history into a gateway's buffer, so it trains through `egiz model train` and shows in
+    the viewer's history; the `anomaly` and `changepoint` columns are labels and are not imported."""
+    from gateway.detect.backtest import BacktestError
+    from gateway.detect.offline import OfflineError, import_csv
+
+    if not THING_ID_RE.match(thing):
+        fail(f"--thing {thing!r}: expected site:equipment_id")
+    if not TYPE_RE.match(thing_type):
+        fail(f"--type {thing_type!r}: a lower-case letter, then letters, digits, - and _")
+    try:
+        n = import_csv(data_dir, file, thing, thing_type)
+    except (BacktestError, OfflineError) as exc:
+        fail(str(exc), code=1)
+    typer.echo(json.dumps({"thing": thing, "type": thing_type, "readings": n}))
 
 
 def main() -> None:  # pragma: no cover - console entry point
@@ -532,17 +735,26 @@ def _gateway_call(method: str, path: str, url: str, api_key: str, config: Path |
     import urllib.error
     import urllib.request
 
+    context = None
     if config is not None:
         cfg = load_gateway_config(config, {})
         host = "127.0.0.1" if cfg.http.host in ("0.0.0.0", "::", "") else cfg.http.host
-        url = url or f"http://{host}:{cfg.http.port}"
+        if cfg.http.tls_cert_file and not url:
+            import ssl
+
+            # The gateway of this very config: trust exactly the certificate it serves, by whatever
+            # address it is reached here (a client certificate, when it requires one, is not ours to give).
+            context = ssl.create_default_context(cafile=cfg.http.tls_cert_file)
+            context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+            context.check_hostname = False
+        url = url or f"{'https' if context else 'http'}://{host}:{cfg.http.port}"
         api_key = api_key or next((k.key for k in cfg.auth.api_keys if k.role == "admin"), "")
     req = urllib.request.Request((url or "http://127.0.0.1:8080").rstrip("/") + path, method=method,
                                  data=b"{}" if method == "POST" else None,
                                  headers={"Content-Type": "application/json",
                                           **({"Authorization": f"Bearer {api_key}"} if api_key else {})})
     try:
-        with urllib.request.urlopen(req, timeout=30) as r:
+        with urllib.request.urlopen(req, timeout=30, context=context) as r:
             return json.loads(r.read())
     except urllib.error.HTTPError as exc:
         try:

@@ -7,6 +7,7 @@ key, unknown keys refused) is `gateway.common.settings`, shared with the aggrega
 from __future__ import annotations
 
 import re
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,9 +52,19 @@ class MqttSection:
     reconnect_max_s: float = 30.0
     tls: bool = False
     ca_file: str = ""
+    cert_file: str = ""  # a client certificate, for a broker with require_certificate
+    key_file: str = ""
 
     def __repr__(self) -> str:
         return f"MqttSection(host={self.host!r}, port={self.port}, username={self.username!r})"
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context of the gateway's MQTT clients (None: plain MQTT)."""
+        if not self.tls:
+            return None
+        from gateway.common.tls import client_context
+
+        return client_context(self.ca_file, (), self.cert_file, self.key_file)
 
 
 @dataclass(frozen=True)
@@ -171,6 +182,12 @@ class UplinkSection:
     retry_min_s: float = 0.5
     retry_max_s: float = 60.0
     models_interval_s: float = 60.0  # how often to ask the aggregator for model versions; 0: never
+    ca_file: str = ""  # the site CA that signed the aggregator's certificate; "": the system's CAs
+    pin_sha256: tuple[str, ...] = ()  # SHA-256 of the aggregator's certificate or public key (any one matches)
+    cert_file: str = ""  # a client certificate, for an aggregator that requires one
+    key_file: str = ""
+    allow_http: bool = False  # plain http:// to a non-loopback address (the token crosses in clear)
+    model_signing_key: str = ""  # the aggregator's Ed25519 public key (base64); "": central models refused
 
     def __repr__(self) -> str:
         return f"UplinkSection(url={self.url!r}, order={self.order!r}, token=***)"
@@ -317,14 +334,17 @@ def _check_mqtt(cfg: GatewayConfig, check: _Checks) -> None:
     check("mqtt.reconnect_min_s", lambda: m.reconnect_min_s > 0, "must be > 0")
     check("mqtt.reconnect_max_s", lambda: m.reconnect_max_s >= m.reconnect_min_s,
           "must be >= mqtt.reconnect_min_s", reads=("mqtt.reconnect_min_s",))
-    ca_file = getattr(m, "ca_file", "")
-    for holds, what in ((Path.exists, "does not exist"), (Path.is_file, "is not a file")):
-        check("mqtt.ca_file", lambda: not (m.tls is True and ca_file) or holds(Path(ca_file)),
-              f"{ca_file} {what}", reads=("mqtt.tls",))
+    names = ("mqtt.tls", "mqtt.ca_file", "mqtt.cert_file", "mqtt.key_file")
+    if isinstance(m, MqttSection) and m.tls is True and check.reported.isdisjoint(names):
+        from gateway.common.tls import check_client_files
+
+        for key, message in check_client_files("mqtt", m.ca_file, m.cert_file, m.key_file):
+            check.fail(key, message)
 
 
 def _check_http(cfg: GatewayConfig, check: _Checks) -> None:
     check("http.port", lambda: 0 <= cfg.http.port <= 65535, "must be a TCP port 0..65535 (0: any free port)")
+    settings.check_http_tls(cfg.http, check.problems)
 
 
 def _check_auth(cfg: GatewayConfig, check: _Checks) -> None:
@@ -437,6 +457,43 @@ def _check_uplink(cfg: GatewayConfig, check: _Checks) -> None:
           "must be 0 (never) or 0.1..86400 seconds")
     check("uplink.retry_max_s", lambda: up.retry_min_s <= up.retry_max_s <= 3600,
           "must be uplink.retry_min_s..3600", reads=("uplink.retry_min_s",))
+    _check_uplink_tls(up, check)
+
+
+def _check_uplink_tls(up: UplinkSection, check: _Checks) -> None:
+    if not isinstance(up, UplinkSection):
+        return  # the section itself was reported
+    from yarl import URL
+
+    from gateway.common.names import is_loopback
+    from gateway.common.tls import check_client_files, normalise_pin
+
+    plain = isinstance(up.url, str) and up.url.startswith("http://")
+    check("uplink.url", lambda: not plain or up.allow_http is True or is_loopback(URL(up.url).host or ""),
+          "plain http:// to another host sends the gateway's token and data in clear: use https:// "
+          "(or set uplink.allow_http = true)", reads=("uplink.allow_http",))
+    for i, pin in enumerate(up.pin_sha256 or ()):
+        check(f"uplink.pin_sha256[{i}]", lambda: normalise_pin(pin) is not None,
+              "must be a SHA-256 fingerprint: 64 hex digits (colons allowed)")
+    check("uplink.pin_sha256", lambda: not (plain and up.pin_sha256), "pins need an https:// uplink.url",
+          reads=("uplink.url",))
+    check("uplink.model_signing_key", lambda: not up.model_signing_key or _public_key_ok(up.model_signing_key),
+          "must be the aggregator's Ed25519 public key in base64 "
+          "(`egiz aggregator signing-key` prints it)")
+    names = ("uplink.ca_file", "uplink.cert_file", "uplink.key_file")
+    if check.reported.isdisjoint(names) and all(isinstance(getattr(up, n.split(".")[1]), str) for n in names):
+        for key, message in check_client_files("uplink", up.ca_file, up.cert_file, up.key_file):
+            check.fail(key, message)
+
+
+def _public_key_ok(text: str) -> bool:
+    from gateway.common.signing import parse_public_key  # cryptography only when a key is configured
+
+    try:
+        parse_public_key(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _check_detect(cfg: GatewayConfig, check: _Checks) -> None:

@@ -107,7 +107,7 @@ class GatewayService:
             await self.forwarder.start()
         if self.model_fetcher is not None:
             await self.model_fetcher.start()
-        self._runner, self.http_port = await serve(self.app, cfg.http.host, cfg.http.port)
+        self._runner, self.http_port = await serve(self.app, cfg.http)
         if self.provisioner is not None:
             from gateway.discovery import GatewayDiscovery
 

@@ -22,9 +22,12 @@ from tests.helpers import (
     AggregatorFactory,
     GatewayFactory,
     RunningGateway,
+    SitePki,
     all_stopped,
     gateway_config,
+    make_site_pki,
     need_service,
+    train_press_versions,
 )
 
 PG_HOST, PG_PORT = "127.0.0.1", 5432
@@ -83,3 +86,18 @@ async def start_aggregator() -> AsyncIterator[AggregatorFactory]:
             return await start(Aggregator(cfg))
 
         yield aggregator
+
+
+@pytest.fixture(scope="session")
+def site_pki(tmp_path_factory: pytest.TempPathFactory) -> SitePki:
+    """A site CA with server and client certificates, and a foreign CA (made once per run)."""
+    return make_site_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="session")
+def press_versions(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
+    """Two model versions of the `press` type, trained once per run: (registry root, first, second).
+    Copy `root / "press"` into a registry of the test's own before changing anything."""
+    root = tmp_path_factory.mktemp("press-models")
+    first, second = train_press_versions(root, (1, 2))
+    return root, first, second

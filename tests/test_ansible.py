@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import SitePki
 
 ANSIBLE = Path(__file__).resolve().parent.parent / "ansible"
 BIN = Path(sys.executable).parent
@@ -52,15 +55,22 @@ def test_playbook_syntax(playbook: str) -> None:
 
 
 @pytest.mark.timeout(180)
-def test_the_roles_templates_make_configurations_the_services_accept(tmp_path: Path) -> None:
+def test_the_roles_templates_make_configurations_the_services_accept(tmp_path: Path, site_pki: SitePki) -> None:
     roles = ANSIBLE / "roles"
+    tls = {"gateway": tmp_path / "gateway-tls", "aggregator": tmp_path / "aggregator-tls"}
+    for name, directory in tls.items():  # what the roles copy from the controller's site CA directory
+        directory.mkdir()
+        shutil.copy(site_pki.server[0], directory / f"{name}.crt")
+        shutil.copy(site_pki.server[1], directory / f"{name}.key")
+        shutil.copy(site_pki.ca, directory / "ca.crt")
     variables = {
+        "egiz_gateway_tls_dir": str(tls["gateway"]), "egiz_aggregator_tls_dir": str(tls["aggregator"]),
         "ansible_python_interpreter": sys.executable,
         "mosquitto_port": 1884,
         "egiz_gateway_site": "izmir-bakery", "egiz_gateway_line": "line-a", "egiz_gateway_id": "gw-izmir-line-a",
         "egiz_gateway_data_dir": str(tmp_path / "data"),
         "egiz_gateway_mqtt_password": PASSWORD, "egiz_gateway_admin_key": ADMIN_KEY,
-        "egiz_gateway_uplink_url": "http://aggregator.plant.example:8090", "egiz_gateway_uplink_token": TOKEN,
+        "egiz_gateway_uplink_url": "https://aggregator.plant.example:8090", "egiz_gateway_uplink_token": TOKEN,
         "egiz_aggregator_backend": "postgres", "egiz_aggregator_postgres_local": True,
         "egiz_aggregator_admin_key": ADMIN_KEY,
         "egiz_aggregator_gateway_tokens": [{"gateway": "gw-izmir-line-a", "token": TOKEN, "site": "izmir-bakery",
@@ -92,7 +102,11 @@ def test_the_roles_templates_make_configurations_the_services_accept(tmp_path: P
     check = subprocess.run([egiz, "gateway", "check", "--config", str(tmp_path / "gateway.toml")],
                            capture_output=True, text=True, timeout=60)
     assert check.returncode == 0, check.stderr
-    assert json.loads(check.stdout)["uplink"]["url"] == "http://aggregator.plant.example:8090"
+    checked = json.loads(check.stdout)
+    assert checked["uplink"]["url"] == "https://aggregator.plant.example:8090"
+    # TLS on by default: HTTPS for the API, the site CA for the uplink, plain HTTP only when asked
+    assert checked["http"]["tls_cert_file"] == f"{tls['gateway']}/gateway.crt"
+    assert checked["uplink"]["ca_file"] == f"{tls['gateway']}/ca.crt" and checked["uplink"]["allow_http"] is False
 
     aggregator = tomllib.loads((tmp_path / "aggregator.toml").read_text())
     assert aggregator["storage"]["dsn"] == "postgresql://egiz-aggregator@/egiz?host=/run/postgresql"
@@ -100,9 +114,12 @@ def test_the_roles_templates_make_configurations_the_services_accept(tmp_path: P
     check = subprocess.run([egiz, "aggregator", "check", "--config", str(tmp_path / "aggregator.toml")],
                            capture_output=True, text=True, timeout=60)
     assert check.returncode == 0, check.stderr
+    assert json.loads(check.stdout)["http"]["tls_key_file"] == f"{tls['aggregator']}/aggregator.key"
 
     broker = (tmp_path / "mosquitto.conf").read_text().splitlines()
-    for line in ("listener 1884 0.0.0.0", "allow_anonymous false", "persistence true",
+    # MQTTS for the network, plain MQTT on loopback for the gateway only
+    for line in ("listener 1884 127.0.0.1", "listener 8883 0.0.0.0", "certfile /etc/mosquitto/certs/gateway.crt",
+                 "allow_anonymous false", "persistence true",
                  "password_file /var/lib/egiz/mosquitto/passwords", "acl_file /var/lib/egiz/mosquitto/acl",
                  "max_inflight_messages 2000", "max_queued_messages 0", "max_queued_bytes 268435456",
                  "message_size_limit 262144", "max_packet_size 327688"):

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from gateway.common.errors import ConfigError
+from gateway.common.pki import init_ca
 from gateway.config import ApiKey, DeviceMapping, GatewayConfig, load_config
 
 ADMIN_KEY = "cfg-test-admin-key-0001"
@@ -272,7 +273,8 @@ def test_unknown_keys_are_errors(tmp_path: Path, text: str, env: dict[str, str],
 
 def test_unknown_key_message_lists_the_known_keys(tmp_path: Path) -> None:
     found = problems(tmp_path, MINIMAL + "\n[http]\nprot = 1\n")
-    assert found["http.prot"] == "unknown key (known: host, port)"
+    assert found["http.prot"] == ("unknown key (known: host, port, tls_cert_file, tls_client_ca_file, "
+                                  "tls_key_file)")
 
 
 # ------------------------------------------------------------------ wrong types
@@ -566,6 +568,10 @@ def test_a_tls_ca_file_must_exist(tmp_path: Path) -> None:
         "mqtt.ca_file": f"{tmp_path} is not a file"}
     ca = tmp_path / "ca.pem"
     ca.write_text("-----BEGIN CERTIFICATE-----\n", encoding="utf-8")
+    assert problems(tmp_path, MINIMAL + f'\n[mqtt]\ntls = true\nca_file = "{ca}"\n') == {
+        "mqtt.ca_file": f"{ca} is not a PEM certificate"}
+    init_ca(tmp_path / "pki", "test CA")
+    ca = tmp_path / "pki" / "ca.crt"
     assert load(tmp_path, MINIMAL + f'\n[mqtt]\ntls = true\nca_file = "{ca}"\n').mqtt.ca_file == str(ca)
     # Without TLS the file is not read, so a stale path is no reason to refuse to start.
     assert load(tmp_path, MINIMAL + f'\n[mqtt]\nca_file = "{missing}"\n').mqtt.tls is False

@@ -52,7 +52,7 @@ def test_detector_finds_injected_faults_with_few_false_alarms(tmp_path: Path) ->
     report = json.loads(egiz("model", "eval", "--data-dir", str(data), "--truth", str(truth), "--from",
                              str(START + TRAIN_S), "--to", str(START + TRAIN_S + EVAL_S), "--json"))
     print(json.dumps(report))  # the per-fault figures, for the record
-    assert report["f1"] >= 0.9, report
+    assert report["f1"] >= 0.95, report  # measured 0.97; real-data work must not cost the simulated line
     assert report["false_positive_rate"] <= 0.01, report
     per = report["per_fault"]
     assert set(per) == {"spike", "overtemperature", "drift", "stuck", "phase_imbalance"}

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import ssl
 import stat
 import subprocess
 import time
@@ -120,6 +121,10 @@ def test_the_roles_left_a_gateway_in_the_root_filesystem(image: Image) -> None:
     assert owner(root, "/etc/egiz/gateway.toml.in") == (0o640, "root", "egiz")
     template = (root / "etc/egiz/gateway.toml.in").read_text()
     assert 'password = "@@mqtt_password@@"' in template and 'reload = ""' in template
+    for line in ('tls_cert_file = "/etc/egiz/tls/gateway.crt"', 'ca_file = "@@uplink_ca_file@@"',
+                 'model_signing_key = "@@model_signing_key@@"'):
+        assert line in template
+    assert owner(root, "/etc/egiz/tls") == (0o750, "root", "egiz")
     assert os.readlink(root / "opt/egiz/current") == f"/opt/egiz/releases/{__version__}"
     assert not (root / "opt/egiz/wheelhouse").exists()
     assert not (root / "root/.ansible").exists()
@@ -141,7 +146,8 @@ def test_the_roles_left_a_gateway_in_the_root_filesystem(image: Image) -> None:
     reload_unit = (root / "etc/systemd/system/egiz-mosquitto-reload.service").read_text()
     assert "systemctl try-reload-or-restart mosquitto.service" in reload_unit
     broker = (root / "etc/mosquitto/conf.d/egiz.conf").read_text().splitlines()
-    for line in ("allow_anonymous false", "password_file /var/lib/egiz/mosquitto/passwords",
+    for line in ("listener 1883 127.0.0.1", "listener 8883 0.0.0.0", "certfile /etc/mosquitto/certs/gateway.crt",
+                 "allow_anonymous false", "password_file /var/lib/egiz/mosquitto/passwords",
                  "acl_file /var/lib/egiz/mosquitto/acl", "persistence true", "max_inflight_messages 2000",
                  "max_queued_messages 0"):
         assert line in broker
@@ -163,11 +169,12 @@ def test_a_second_run_of_the_roles_changes_nothing(image: Image) -> None:
     assert recap and int(recap.group(1)) > 10 and int(recap.group(2)) == 0, output[-3000:]
 
 
-def mqtt_connect(port: int, user: str | None, password: str | None) -> int | None:
-    """The broker's CONNACK code for these credentials (0: accepted), None when it never answered."""
+def mqtt_connect(port: int, user: str | None, password: str | None, tls: ssl.SSLContext) -> int | None:
+    """The broker's CONNACK code for these credentials over TLS (0: accepted), None when it never answered."""
     import paho.mqtt.client as mqtt
 
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"image-test-{user}-{time.monotonic_ns()}")
+    client.tls_set_context(tls)
     if user is not None:
         client.username_pw_set(user, password)
     result: dict[str, int] = {}
@@ -198,7 +205,7 @@ def start_vm(disk: Path, tmp: Path, http: int, mqtt: int, console: Path, accel: 
     return subprocess.Popen([
         "qemu-system-x86_64", "-accel", accel, "-cpu", "host" if accel == "kvm" else "max", "-m", "1536", "-smp", "2",
         *firmware, "-drive", f"file={disk},format=raw,if=virtio", "-no-reboot",
-        "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{http}-:8080,hostfwd=tcp:127.0.0.1:{mqtt}-:1883",
+        "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{http}-:8080,hostfwd=tcp:127.0.0.1:{mqtt}-:8883",
         "-device", "virtio-net-pci,netdev=n0", "-serial", f"file:{console}", "-monitor", "none", "-display", "none",
     ], stdout=subprocess.DEVNULL, stderr=(tmp / f"qemu-{accel}.err").open("wb"))
 
@@ -283,8 +290,9 @@ admin_key = "{ADMIN_KEY}"
     try:
         status, deadline = None, t0 + (180 if accel == "kvm" else 480)
         while time.monotonic() < deadline and vm.poll() is None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{http}/ready", timeout=3) as r:
+            try:  # liveness only: the card's CA certificate is read from its boot partition below
+                with urllib.request.urlopen(f"https://127.0.0.1:{http}/ready", timeout=3,
+                                            context=ssl._create_unverified_context()) as r:
                     status = r.status
                 if status == 200:
                     break
@@ -297,19 +305,25 @@ admin_key = "{ADMIN_KEY}"
         print(json.dumps({"figure": "image_boot_to_ready", "value": round(booted, 1), "unit": "s",
                           "accel": accel, "firmware": "uefi" if all(f.exists() for f in OVMF) else "direct kernel"}))
 
-        assert mqtt_connect(mqtt, "egiz-gateway", MQTT_PASSWORD) == 0
-        assert mqtt_connect(mqtt, None, None) in (5, 135)  # not authorised
-        assert mqtt_connect(mqtt, "egiz-gateway", "a wrong password") in (4, 5, 134, 135)
+        # HTTPS and MQTTS by default, from a CA the card made itself and left on its boot partition
+        ca = subprocess.run(["mtype", "-i", boot, "::egiz-gateway-ca.crt"], capture_output=True, text=True,
+                            check=True).stdout
+        tls = ssl.create_default_context(cadata=ca)
+        tls.check_hostname = False  # reached through 127.0.0.1 here; the certificate names izmir-bakery-line-a.local
+        assert mqtt_connect(mqtt, "egiz-gateway", MQTT_PASSWORD, tls) == 0
+        assert mqtt_connect(mqtt, None, None, tls) in (5, 135)  # not authorised
+        assert mqtt_connect(mqtt, "egiz-gateway", "a wrong password", tls) in (4, 5, 134, 135)
         with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(f"http://127.0.0.1:{http}/api/v1/things", timeout=5)
+            urllib.request.urlopen(f"https://127.0.0.1:{http}/api/v1/things", timeout=5, context=tls)
         assert refused.value.code == 401
-        request = urllib.request.Request(f"http://127.0.0.1:{http}/api/v1/things",
+        request = urllib.request.Request(f"https://127.0.0.1:{http}/api/v1/things",
                                          headers={"Authorization": f"Bearer {ADMIN_KEY}"})
-        with urllib.request.urlopen(request, timeout=5) as r:
+        with urllib.request.urlopen(request, timeout=5, context=tls) as r:
             assert r.status == 200
         log = console.read_text(errors="replace")
         assert "egiz-firstboot: provisioned izmir-bakery/line-a as gw-image-test" in log
         assert "egiz-firstboot: host name izmir-bakery-line-a" in log
+        assert "egiz-firstboot: TLS certificate for izmir-bakery-line-a.local from this card's own CA" in log
         assert "egiz-firstboot: grew /dev/vda2" in log
     finally:
         vm.kill()

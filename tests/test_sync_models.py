@@ -15,6 +15,7 @@ from pathlib import Path
 import aiomqtt
 import numpy as np
 
+from gateway.common import signing
 from gateway.detect.models import ModelRegistry
 from gateway.detect.train import FeatureRows, train_model
 from tests.helpers import (
@@ -47,9 +48,10 @@ async def test_gateway_fetches_central_models_and_refuses_a_broken_one(
     v1 = train_model(rows(1), "press", central.root, seed=1).name
     v2 = train_model(rows(2), "press", central.root, seed=2).name
     central.activate("press", v1)
+    public = signing.public_key_text(signing.load_or_create_key(cfg.model_signing_key_file))
     agg = await start_aggregator(cfg)
-    gw = await start_gateway(mosquitto, **uplink(site, agg.http_port),
-                             **{"detect.enabled": True, "uplink.models_interval_s": 0.2})
+    gw = await start_gateway(mosquitto, **uplink(site, agg.http_port), **{
+        "detect.enabled": True, "uplink.models_interval_s": 0.2, "uplink.model_signing_key": public})
     det, fetcher = gw.service.detector, gw.service.model_fetcher
     assert det is not None and fetcher is not None
 

@@ -16,7 +16,9 @@ from aiohttp import web
 
 from gateway.common.auth import Authenticator, role_allows
 from gateway.common.errors import Conflict, EgizError, Invalid, NotFound
+from gateway.common.names import is_loopback
 from gateway.common.readings import loads_strict
+from gateway.common.settings import HttpSection
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -152,11 +154,21 @@ def parse_json(text: str, what: str) -> Any:
 
 
 
-async def serve(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
-    """Start serving `app`; returns the runner (clean it up to stop) and the port bound (`port` 0: any)."""
+async def serve(app: web.Application, http: HttpSection) -> tuple[web.AppRunner, int]:
+    """Start serving `app` as `http` says (HTTPS when it names a certificate); returns the runner
+    (clean it up to stop) and the port bound (`http.port` 0: any)."""
+    from gateway.common.tls import server_context
+
+    context = None
+    if http.tls_cert_file:
+        context = server_context(http.tls_cert_file, http.tls_key_file, http.tls_client_ca_file)
+    elif not is_loopback(http.host):
+        log.warning("serving plain HTTP on a network address: API keys and tokens cross it in clear; "
+                    "set http.tls_cert_file and http.tls_key_file", extra={"host": http.host, "port": http.port})
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
+    site = web.TCPSite(runner, http.host, http.port, reuse_address=True, ssl_context=context)
     await site.start()
     sockets = getattr(site._server, "sockets", None) or []
-    return runner, sockets[0].getsockname()[1] if sockets else port
+    return runner, sockets[0].getsockname()[1] if sockets else http.port
+

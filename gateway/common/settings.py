@@ -43,6 +43,9 @@ class ApiKey:
 class HttpSection:
     host: str = "0.0.0.0"
     port: int = 8080
+    tls_cert_file: str = ""  # HTTPS when given, with tls_key_file (PEM)
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""  # every client must present a certificate signed by this CA
 
 
 @dataclass(frozen=True)
@@ -283,6 +286,19 @@ def _parse_env(tp: Any, value: _EnvValue, key: str, problems: list[tuple[str, st
 def _echo(key: str, raw: str) -> str:
     """`, got '<raw>'` for a message about an environment string, nothing when the key holds a secret."""
     return "" if is_secret(key) else f", got {raw!r}"
+
+
+def check_http_tls(http: Any, problems: list[tuple[str, str]]) -> None:
+    """The HTTP server's TLS files: readable, PEM, the key matching the certificate (each under its key)."""
+    if not isinstance(http, HttpSection):
+        return
+    reported = {key for key, _ in problems}
+    names = ("http.tls_cert_file", "http.tls_key_file", "http.tls_client_ca_file")
+    if not reported.isdisjoint(names):
+        return
+    from gateway.common.tls import check_server_files  # late: the floor's TLS module is only for the sections
+
+    problems += check_server_files("http", http.tls_cert_file, http.tls_key_file, http.tls_client_ca_file)
 
 
 def http_url(value: Any) -> bool:

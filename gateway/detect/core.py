@@ -21,6 +21,7 @@ import numpy as np
 
 from gateway.detect.explain import deviation, label, split_key
 from gateway.detect.models import ModelBundle
+from gateway.detect.profile import ProfileState
 from gateway.detect.rules import RuleBook, RuleEvaluator, RuleHit, glob_match
 from gateway.detect.stats import StatHit, StatsSettings, StatsTier, group_of
 
@@ -105,6 +106,9 @@ class _Thing:
     published_score: float = 0.0
     forest: float = 0.0  # the latest Isolation Forest score (refreshed every forest_every_s)
     hit_ts: float = 0.0  # device time of the strongest rule or statistics evidence since the last tick
+    profile: ProfileState | None = None  # the operating profile's averages, for the model version in `profile_of`
+    profile_of: str = ""
+    score: float = 0.0  # the latest combined score
 
 
 @dataclass(frozen=True)
@@ -213,6 +217,11 @@ class DetectorCore:
         return [copy.copy(t.anomaly) for t in self._things.values() if t.anomaly is not None]
 
     # ----------------------------------------------------------------- operators
+    def score(self, thing_id: str) -> float:
+        """The Thing's latest combined score (0..1), as of the last tick that scored it."""
+        t = self._things.get(thing_id)
+        return t.score if t is not None else 0.0
+
     def active(self, thing_id: str) -> Anomaly | None:
         t = self._things.get(thing_id)
         return t.anomaly if t is not None else None
@@ -281,29 +290,57 @@ class DetectorCore:
                     else:
                         scores = bundle.score(x, np.array([th.forest for th in things]))
                     self.rows_scored += len(rows)
+            ratios = self._profile(bundle, model_rows, x) if bundle is not None and x is not None else {}
             for tid in ids:
                 t = self._things[tid]
                 i = model_rows.get(tid)
-                scored = self._combine(t, bundle if i is not None else None, scores, i, x)
+                scored = self._combine(t, bundle if i is not None else None, scores, i, x, ratios.get(tid))
+                t.score = scored.score
                 tr = self._hysteresis(tid, t, scored, new_id, bundle.version if bundle and i is not None else None)
                 t.rule, t.stats, t.hit_ts = None, {}, 0.0
                 if tr is not None:
                     out.append(tr)
         return out
 
+    def _profile(self, bundle: ModelBundle, model_rows: dict[str, int],
+                 x: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Advance the operating profile of every scored Thing by its row: each one's ratios to its limits
+        and where each property was expected."""
+        profile = bundle.profile
+        if profile is None:
+            return {}
+        out = {}
+        for tid, i in model_rows.items():
+            t = self._things[tid]
+            if t.profile is None or t.profile_of != bundle.version:
+                t.profile, t.profile_of = ProfileState(), bundle.version
+            out[tid] = (t.profile.update(profile, x[i], t.ts), t.profile.expected(profile))
+        return out
+
     def _combine(self, t: _Thing, bundle: ModelBundle | None, scores: Any, i: int | None,
-                 x: np.ndarray | None) -> _Scored:
+                 x: np.ndarray | None, profiled: tuple[np.ndarray, np.ndarray] | None = None) -> _Scored:
         """The ensemble: rules fire alone; with a model, statistics only strengthen or weaken it."""
         s_rule = t.rule.score if t.rule is not None else 0.0
         top_stat = max(t.stats.values(), key=lambda h: h.score, default=None)
         s_stat = top_stat.score if top_stat is not None else 0.0
         tiers = {"rules": s_rule, "statistics": s_stat}
         s_model = None
+        s_profile = 0.0
+        ratios, expected = profiled if profiled is not None else (None, None)
         if bundle is not None and scores is not None and i is not None:
             s_model = float(scores.score[i])
+            if ratios is not None and bundle.profile is not None:
+                s_profile = bundle.profile.score(float(ratios.max()))
+                tiers["profile"] = s_profile
             tiers["model"] = s_model
             tiers["autoencoder"] = float(scores.ae[i])
             tiers["isolation_forest"] = float(scores.forest[i])
+            if ratios is not None and bundle.profile is not None and bundle.short_history:
+                # A short history (models.SHORT_HISTORY_ROWS): the autoencoder and the forest judge single rows
+                # at levels it never bounded, the statistics' limits come from a few hundred readings; on real
+                # equipment both alarm on normal operation (docs/detect.md). The profile decides; their scores
+                # stay in `tiers` for the operator. With a longer history the profile only reports.
+                s_model, s_stat = s_profile, 0.0
         blended = max(s_stat, s_model or 0.0)
         combined = max(s_rule, blended)
         present = [s_rule, s_stat] + ([s_model] if s_model is not None else [])
@@ -321,6 +358,17 @@ class DetectorCore:
                 top = [_feature(rule.key, 1.0, rule.value, None)]
                 return rule.text, RULE_TYPES[rule.rule.kind], rule.rule.severity, top
             severity = "critical" if combined >= 0.85 else "warning"
+            if by_model and bundle is not None and x is not None and i is not None and ratios is not None \
+                    and expected is not None and bundle.profile is not None and bundle.short_history:
+                sq = ratios ** 2
+                shares = sq / max(float(sq.sum()), 1e-12)
+                order = np.argsort(-shares)[:3]
+                top = [_feature(bundle.features[j], float(shares[j]), float(x[i, j]), float(expected[j]))
+                       for j in order if shares[j] > 0.01]
+                j0 = int(order[0])
+                text = deviation(bundle.features[j0], float(x[i, j0]), float(expected[j0]), "its normal operation",
+                                 context)
+                return text, "operating_profile", severity, top
             if by_model and bundle is not None and x is not None and i is not None:
                 if scores.forest[i] > scores.ae[i]:
                     shares = bundle.forest_attribution(x[i])
@@ -362,7 +410,7 @@ class DetectorCore:
             if s.score < cfg.enter:
                 return None
             text, kind, severity, top = s.explain()
-            at = t.hit_ts if t.hit_ts and kind != "multivariate_pattern" else now  # when the evidence came
+            at = t.hit_ts if t.hit_ts and kind not in ("multivariate_pattern", "operating_profile") else now
             a = Anomaly(new_id(), tid, t.type, kind, severity, "open", s.score, s.score, s.confidence,
                         text, top, at, now, s.tiers, dict(t.context), model_version)
             t.anomaly, t.clear_since = a, None

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import copy
 import logging
-import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -74,7 +73,7 @@ class AnomalyDetector:
             self.sinks.append((WebhookSink(hook.url, headers=dict(hook.headers)), _SEVERITY_RANK[hook.min_severity]))
         if d.mqtt_alerts:
             m = config.mqtt
-            tls = ssl.create_default_context(cafile=m.ca_file or None) if m.tls else None
+            tls = m.ssl_context()
             self.sinks.append((MqttAlertSink(m.host, m.port, username=m.username or None, password=m.password or None,
                                              client_id=f"{config.mqtt_client_id}-alerts", tls_context=tls), 0))
         self.last_tick_s = 0.0

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     import onnxruntime as ort
 
 from gateway.common.errors import Conflict, EgizError, NotFound
+from gateway.detect.profile import Profile
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,10 @@ AE_FILE = "autoencoder.onnx"
 IF_FILE = "isolation_forest.onnx"
 MANIFEST = "model.json"
 ACTIVE = "active.json"
+# Fewer training rows per Thing than this is a short history, decided by the operating profile alone: the
+# statistics' control chart needs its warm-up and a 600-reading baseline before its limits mean anything
+# (StatsSettings: 120 + 600), and the autoencoder and forest have seen as little; twice that is the least.
+SHORT_HISTORY_ROWS = 2 * (120 + 600)
 _VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 _TYPE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 
@@ -66,7 +71,8 @@ def file_sha256(path: Path) -> str:
 
 def model_hash(manifest: dict[str, Any]) -> str:
     """The hash of a version: its ONNX files' hashes and everything that scores with them."""
-    keep: dict[str, Any] = {k: manifest[k] for k in ("type", "features", "scaling", "statistics") if k in manifest}
+    keep: dict[str, Any] = {k: manifest[k] for k in ("type", "features", "scaling", "statistics", "profile")
+                            if k in manifest}
     for part in ("autoencoder", "isolation_forest"):
         keep[part] = {k: v for k, v in manifest.get(part, {}).items() if k != "file"}
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
@@ -119,9 +125,15 @@ class ModelBundle:
             self.stat_limits: tuple[list[float], list[float]] | None = (
                 ([float(v) for v in st["z_limit"]], [float(v) for v in st["chart_limit"]]) if st else None)
             self.group_limits: dict[str, float] = {str(k): float(v) for k, v in (st or {}).get("groups", {}).items()}
+            # versions trained before the operating profile existed have none and still load
+            self.profile: Profile | None = (Profile.from_json(man["profile"], len(self.features))
+                                            if "profile" in man else None)
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"{man_path}: manifest is missing or has a bad {exc}", path=str(man_path)) from None
         self.manifest = man
+        # trained on fewer than SHORT_HISTORY_ROWS per Thing: only its profile may alarm (decided at training,
+        # inside the hashed manifest)
+        self.short_history = self.profile is not None and self.profile.decides
         d = len(self.features)
         if fmt != FORMAT:
             raise ModelError(f"{man_path}: format {fmt}, this gateway reads format {FORMAT}", path=str(man_path))

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -159,38 +160,72 @@ def simulate_into(data_dir: Path, *, site: str, line: str, start: float, duratio
     return n
 
 
-async def _simulate_into(data_dir: Path, site: str, line: str, start: float, duration_s: float, nodes: int,
-                         rate_hz: float, faults: tuple[Any, ...], seed: int, types: tuple[str, ...] | None,
-                         progress: Callable[[float], None] | None) -> tuple[int, list[Any]]:
+@dataclass(frozen=True, slots=True)
+class _Reading:
+    thing_id: str
+    thing_type: str
+    feature: str
+    ts: float
+    properties: dict[str, Any]
+
+
+async def _write_readings(data_dir: Path, site: str, line: str, gateway_id: str, readings: Iterable[_Reading],
+                          progress: Callable[[float], None] | None = None) -> int:
+    """Readings into a gateway data directory's buffer, in Arrow batches as a gateway writes them, with a
+    sequence number per Thing; returns how many were written. `progress` gets the time of every 20,000th."""
     from gateway.buffer.buffer import TelemetryBuffer
     from gateway.common.readings import Sample
     from gateway.config import GatewayConfig, load_config
     from gateway.metrics import GatewayMetrics
-    from gateway.sim.trace import Trace
 
     cfg = load_config(GatewayConfig, None, environ={}, overrides={
-        "gateway.site": site, "gateway.line": line, "gateway.id": f"sim-{site}-{line}",
+        "gateway.site": site, "gateway.line": line, "gateway.id": gateway_id,
         "gateway.data_dir": str(data_dir), "auth.open": True, "buffer.disk_budget_mb": 0})
     buffer = TelemetryBuffer(cfg, GatewayMetrics())
     await buffer.start()
-    trace = Trace(site, start=start, duration_s=duration_s, nodes=nodes, rate_hz=rate_hz, faults=faults, seed=seed,
-                  types=types)
     n = 0
     seqs: dict[str, int] = {}
     try:
-        for r in trace:
+        for r in readings:
             seq = seqs[r.thing_id] = seqs.get(r.thing_id, 0) + 1
             buffer.add(r.thing_id, r.thing_type, [Sample(r.feature, r.ts, seq, r.properties)], r.ts, None)
             n += 1
             if n % 20_000 == 0:
                 await buffer.flush()
                 if progress is not None:
-                    progress((r.ts - start) / duration_s)
+                    progress(r.ts)
         await buffer.flush()
     finally:
         await buffer.stop()
+    return n
+
+
+async def _simulate_into(data_dir: Path, site: str, line: str, start: float, duration_s: float, nodes: int,
+                         rate_hz: float, faults: tuple[Any, ...], seed: int, types: tuple[str, ...] | None,
+                         progress: Callable[[float], None] | None) -> tuple[int, list[Any]]:
+    from gateway.sim.trace import Trace
+
+    trace = Trace(site, start=start, duration_s=duration_s, nodes=nodes, rate_hz=rate_hz, faults=faults, seed=seed,
+                  types=types)
+    readings = (_Reading(r.thing_id, r.thing_type, r.feature, r.ts, r.properties) for r in trace)
+    n = await _write_readings(data_dir, site, line, f"sim-{site}-{line}", readings,
+                              None if progress is None else lambda ts: progress((ts - start) / duration_s))
     return n, trace.truth
 
+
+def import_csv(data_dir: Path, path: Path, thing_id: str, thing_type: str) -> int:
+    """A CSV of history (see `gateway.detect.backtest.read_series`; labels left out) into a gateway's buffer as
+    readings of `thing_id`; returns the number of readings written."""
+    import math
+
+    from gateway.detect.backtest import FEATURE, read_series
+
+    series = read_series(path)
+    site = thing_id.split(":", 1)[0]
+    readings = (_Reading(thing_id, thing_type, FEATURE, ts, props)
+                for ts, row in zip(series.times.tolist(), series.values.tolist(), strict=True)
+                if (props := {c: v for c, v in zip(series.columns, row, strict=True) if math.isfinite(v)}))
+    return asyncio.run(_write_readings(data_dir, site, "import", f"import-{site}", readings))
 
 
 def fetch_points(url: str, api_key: str, thing_type: str, start: float, end: float, *,

@@ -23,7 +23,17 @@ import numpy as np
 import pyarrow as pa
 
 from gateway.common.timefmt import iso_seconds
-from gateway.detect.models import AE_FILE, FORMAT, IF_FILE, MANIFEST, ModelError, file_sha256, model_hash
+from gateway.detect.models import (
+    AE_FILE,
+    FORMAT,
+    IF_FILE,
+    MANIFEST,
+    SHORT_HISTORY_ROWS,
+    ModelError,
+    file_sha256,
+    model_hash,
+)
+from gateway.detect.profile import Profile, fit_profile
 from gateway.detect.rules import glob_match
 from gateway.detect.stats import PropertyStats, StatsSettings, group_of
 
@@ -129,6 +139,25 @@ def calibrate_statistics(rows: FeatureRows, settings: StatsSettings | None = Non
     return z_lim.round(3).tolist(), c_lim.round(3).tolist(), g_lim
 
 
+def train_profile(rows: FeatureRows) -> Profile | None:
+    """The operating profile from each Thing's rows in time order (see `gateway.detect.profile`); None when
+    no Thing has enough rows for one."""
+    blocks, gaps = [], []
+    for tid in sorted(set(rows.things.tolist())):
+        mask = rows.things == tid
+        order = np.argsort(rows.ts[mask], kind="stable")
+        blocks.append(rows.x[mask][order])
+        gaps.append(np.diff(rows.ts[mask][order]))
+    dt = np.concatenate(gaps) if gaps else np.empty(0)
+    dt = dt[dt > 0]
+    short = max((len(b) for b in blocks), default=0) < SHORT_HISTORY_ROWS
+    try:
+        return fit_profile(blocks, float(np.median(dt)) if len(dt) else 1.0, decides=short)
+    except ValueError as exc:
+        log.warning("no operating profile", extra={"reason": str(exc)})
+        return None
+
+
 def train_model(rows: FeatureRows, thing_type: str, out_root: Path, *, seed: int = 0,
                 progress: Callable[[str], None] | None = None) -> Path:
     """Train, export, check and write one version under `out_root/{type}/{version}/`; returns its directory."""
@@ -173,6 +202,8 @@ def train_model(rows: FeatureRows, thing_type: str, out_root: Path, *, seed: int
     if_scores = -forest.decision_function(hold)
     say("calibrating the statistics on the same history")
     z_limits, chart_limits, group_limits = calibrate_statistics(rows)
+    say("fitting the operating profile")
+    profile = train_profile(rows)
     version = f"{thing_type}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}-{rng.integers(1 << 24):06x}"
     meta = {"egiz.type": thing_type, "egiz.version": version, "egiz.features": json.dumps(rows.keys)}
     ae_onnx = to_onnx(ae, train[:1], target_opset=17, final_types=[("reconstruction", FloatTensorType([None, d]))])
@@ -205,6 +236,7 @@ def train_model(rows: FeatureRows, thing_type: str, out_root: Path, *, seed: int
                  "things": sorted(set(rows.things.tolist()))},
         "features": rows.keys, "scaling": {"mean": mean.tolist(), "std": std.tolist()},
         "statistics": {"z_limit": z_limits, "chart_limit": chart_limits, "groups": group_limits},
+        **({"profile": profile.to_json()} if profile is not None else {}),
         "autoencoder": {"file": AE_FILE, "sha256": file_sha256(directory / AE_FILE),
                         "residual_std": resid_std.astype(float).tolist(), "threshold": ae_thr, "median": ae_med},
         "isolation_forest": {"file": IF_FILE, "sha256": file_sha256(directory / IF_FILE), "threshold": if_thr,

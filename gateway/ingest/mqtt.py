@@ -133,11 +133,6 @@ class MqttIngest:
 
     def _new_client(self) -> aiomqtt.Client:
         mq = self._cfg.mqtt
-        tls = None
-        if mq.tls:
-            import ssl
-
-            tls = ssl.create_default_context(cafile=mq.ca_file or None)
         client = aiomqtt.Client(
             mq.host,
             mq.port,
@@ -146,7 +141,7 @@ class MqttIngest:
             identifier=self._cfg.mqtt_client_id,
             clean_session=False,
             keepalive=mq.keepalive_s,
-            tls_context=tls,
+            tls_context=mq.ssl_context(),
             timeout=10,
         )
         # aiomqtt exposes no switch for manual acknowledgement and converts every message into its

@@ -5,6 +5,10 @@ The aggregator publishes the active version of each equipment type in its own mo
 `uplink.models_interval_s`; a version it does not have is downloaded into a temporary directory,
 each file checked against its hash, moved into the gateway's registry in one rename, and activated
 through the detector — which checks it completely again and keeps the previous model if it fails.
+Every published entry carries the aggregator's Ed25519 signature over type, version and the files'
+hashes; it is checked against `uplink.model_signing_key` before anything is downloaded, so a model
+swapped on the way (even over a misconfigured TLS) is refused, counted and logged with the reason,
+and the model in use stays. Without a configured key no central model is accepted.
 A central version is applied once, when it changes; a local choice made after that (activate,
 rollback) stands until the centre publishes another version.
 """
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import os
 import re
@@ -21,6 +26,7 @@ from typing import Any
 
 import aiohttp
 
+from gateway.common import signing
 from gateway.config import GatewayConfig
 from gateway.detect.detector import AnomalyDetector
 from gateway.detect.models import MANIFEST, ModelError
@@ -43,8 +49,11 @@ class ModelFetcher(UplinkClient):
         self._root = config.models_dir
         self._detector = detector
         self._m = metrics
+        key = config.uplink.model_signing_key
+        self._public = signing.parse_public_key(key) if key else None
         self.applied: dict[str, str] = {}  # type -> the central version last applied (or refused)
         self.errors: dict[str, str] = {}
+        self._refused: dict[str, tuple[str, str, str]] = {}  # type -> the entry last refused for its signature
 
     async def start(self) -> None:
         self._launch(self._run(), "model-fetcher")
@@ -77,6 +86,21 @@ class ModelFetcher(UplinkClient):
                 continue
             if self.applied.get(ttype) == version:
                 continue
+            signature = entry.get("signature")
+            offered = (version, json.dumps(files, sort_keys=True), str(signature))
+            if self._refused.get(ttype) == offered:
+                continue  # the same bad entry again: refused and counted once
+            try:
+                self._check_signature(ttype, version, files, signature)
+            except signing.SignatureError as exc:
+                # Not marked applied: the genuine entry of this version is still taken once it comes.
+                self._refused[ttype] = offered
+                self.errors[ttype] = str(exc)
+                self._m.uplink_models.labels("bad_signature").inc()
+                log.error("central model refused: its signature does not hold; the previous one stays active",
+                          extra={"type": ttype, "version": version, "reason": str(exc)})
+                continue
+            self._refused.pop(ttype, None)
             self.applied[ttype] = version  # once per central version, applied or refused
             try:
                 await self._install(base, ttype, version, files)
@@ -90,6 +114,13 @@ class ModelFetcher(UplinkClient):
             self.errors.pop(ttype, None)
             self._m.uplink_models.labels("activated").inc()
             log.info("central model activated", extra={"type": ttype, "version": version})
+
+    def _check_signature(self, ttype: str, version: str, files: dict[str, Any], signature: object) -> None:
+        if self._public is None:
+            raise signing.SignatureError("uplink.model_signing_key is not set: central models cannot be verified")
+        if not all(isinstance(v, str) for v in files.values()):
+            raise signing.SignatureError("the published file hashes are not strings")
+        signing.verify(self._public, ttype, version, files, signature)
 
     async def _install(self, base: str, ttype: str, version: str, files: dict[str, Any]) -> None:
         final = self._root / ttype / version

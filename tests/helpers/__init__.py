@@ -26,6 +26,8 @@ from tests.helpers.gateways import (
     gateway_process,
 )
 from tests.helpers.lifecycle import all_stopped
+from tests.helpers.models import press_rows, train_press_versions
+from tests.helpers.pki import SitePki, make_site_pki
 from tests.helpers.processes import EGIZ, egiz_process, wait_ready
 from tests.helpers.services import BROKER_HOST, BROKER_PORT, need, need_mosquitto, need_service
 from tests.helpers.telemetry import T_BASE, THINGS, exact, publish_lines, publish_ovens, reading, telemetry, topic
@@ -40,3 +42,4 @@ __all__ = [
     "reading", "receive", "serve", "telemetry", "topic", "unique_site", "uplink", "wait_for", "wait_ready",
     "wait_until", "write_toml",
 ]
+__all__ += ["SitePki", "make_site_pki", "press_rows", "train_press_versions"]
