@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/detect.py
 	$(BIN)/python bench/detect_real.py
 	$(BIN)/python bench/viewer.py
+	$(BIN)/python bench/footprint.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .egiz-demo

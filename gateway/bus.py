@@ -38,6 +38,7 @@ class Event:
     thing_id: str
     thing: Matchable | None
     _json: str | None = field(default=None, init=False, repr=False)
+    _utf8: bytes | None = field(default=None, init=False, repr=False)
 
     def payload(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -46,6 +47,12 @@ class Event:
         if self._json is None:
             self._json = json.dumps(self.payload(), separators=(",", ":"))
         return self._json
+
+    def to_utf8(self) -> bytes:
+        """`to_json()` encoded once, however many clients send it."""
+        if self._utf8 is None:
+            self._utf8 = self.to_json().encode()
+        return self._utf8
 
 
 @dataclass(slots=True, eq=False)

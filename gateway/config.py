@@ -112,7 +112,7 @@ class BufferSection:
     """The DuckDB telemetry buffer: historian and store-and-forward outbox."""
 
     commit_interval_ms: float = 100.0  # group commit no later than this after the first pending point
-    commit_idle_ms: float = 2.0  # ... or as soon as the inflow pauses this long
+    commit_idle_ms: float = 10.0  # ... or as soon as the inflow pauses this long
     commit_max_points: int = 50_000  # ... or when this many points are pending
     raw_retention_days: float = 90.0
     rollup_1m_retention_days: float = 365.0
@@ -122,7 +122,7 @@ class BufferSection:
     disk_budget_mb: float = 4096.0  # the data directory's byte budget; 0: none
     disk_policy: Literal["drop_oldest_synced", "drop_oldest", "reject_new"] = "drop_oldest_synced"
     checkpoint_mb: float = 16.0  # DuckDB WAL size that triggers a checkpoint
-    memory_limit_mb: float = 256.0
+    memory_limit_mb: float = 0.0  # DuckDB's; 0: a sixteenth of the machine's memory, 64..256 MB
     context_keys: tuple[str, ...] = ("batch_id", "recipe")  # string properties history can filter by
     deadband: tuple[DeadbandRule, ...] = ()
 
@@ -165,6 +165,7 @@ class WsSection:
     heartbeat_s: float = 30.0
     queue_size: int = 1024
     max_clients: int = 2000
+    compress: bool = False  # permessage-deflate when the client offers it: less bandwidth, more CPU per event
 
 
 @dataclass(frozen=True)
@@ -425,7 +426,8 @@ def _check_buffer(cfg: GatewayConfig, check: _Checks) -> None:
     check("buffer.disk_budget_mb", lambda: b.disk_budget_mb == 0 or b.disk_budget_mb >= 1,
           "must be 0 (no budget) or >= 1")
     check("buffer.checkpoint_mb", lambda: 1 <= b.checkpoint_mb <= 4096, "must be 1..4096")
-    check("buffer.memory_limit_mb", lambda: 64 <= b.memory_limit_mb <= 65536, "must be 64..65536")
+    check("buffer.memory_limit_mb", lambda: b.memory_limit_mb == 0 or 64 <= b.memory_limit_mb <= 65536,
+          "must be 0 (automatic) or 64..65536")
     for i, name in enumerate(b.context_keys or ()):
         check(f"buffer.context_keys[{i}]", lambda: bool(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", name)),
               "must be a property name")

@@ -27,6 +27,7 @@ from gateway.detect.detector import AnomalyDetector
 from gateway.ingest.deadletter import DeadLetterLog
 from gateway.ingest.mqtt import MqttIngest
 from gateway.ingest.sequence import SequenceTracker
+from gateway.memory import budget, check_budget, limit_native_caches, machine_memory_mb, resident_mb
 from gateway.metrics import GatewayMetrics
 from gateway.oee.tracker import OeeTracker
 from gateway.provision import Provisioner
@@ -45,6 +46,7 @@ class GatewayService:
 
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
+        limit_native_caches()
         self.metrics = GatewayMetrics()
         self.bus = EventBus(on_drop=lambda policy: self.metrics.bus_dropped.labels(policy).inc())
         data = Path(config.gateway.data_dir)
@@ -103,6 +105,7 @@ class GatewayService:
                                       line=cfg.gateway.line)
         if restored:
             log.info("live state restored from the buffer", extra={"things": restored})
+        self._check_memory()
         if self.detector is not None:
             await self.detector.start()  # before ingest: the first reading is already watched
         if self.oee is not None:
@@ -125,6 +128,14 @@ class GatewayService:
         log.info("gateway started", extra={"site": cfg.gateway.site, "line": cfg.gateway.line,
                                            "gateway_id": cfg.gateway.id, "http_port": self.http_port,
                                            "things": len(self.registry)})
+
+    def _check_memory(self) -> None:
+        """Warn at start when this gateway may need more than its share of the machine's memory."""
+        resident = resident_mb()
+        if resident is None:
+            return
+        check_budget(budget(resident=resident, duckdb_mb=self.buffer.memory_limit_mb, things=len(self.registry),
+                            ws_queue=self.config.ws.queue_size, machine_mb=machine_memory_mb()))
 
     async def stop(self) -> None:
         """Reverse order: stop taking messages, close clients, then persist the twin. Idempotent."""

@@ -33,8 +33,8 @@ class Acks:
         self.acked: list[int] = []
         self.connected = True
 
-    def ack(self, mid: int, qos: int) -> None:
-        self.acked.append(mid)
+    def ack_many(self, acks: list[tuple[int, int]]) -> None:
+        self.acked.extend(mid for mid, _qos in acks)
 
     def is_connected(self) -> bool:
         return self.connected
@@ -107,6 +107,53 @@ async def test_group_commit_by_idle_gap_and_interval(tmp_path: Path) -> None:
         assert 3 <= commits < mid / 2, commits  # batched, not one commit per message
     finally:
         await buf.stop()
+
+
+async def test_a_steady_inflow_is_committed_once_per_window_with_the_default_settings(tmp_path: Path) -> None:
+    # A line at 500 messages/s never pauses for commit_idle_ms: one commit per commit_interval_ms
+    # window, not one per short gap between two messages (which cost a DuckDB transaction each).
+    buf = await open_buffer(config(tmp_path))
+    try:
+        client = Acks()
+        start = time.monotonic()
+        mid = 1
+        while time.monotonic() - start < 1.0:
+            buf.add("s:m", "mixer", samples([float(mid)], [T0 + mid], first_seq=mid), T0, None)
+            buf.ack_later(client, mid, 1)
+            mid += 1
+            await asyncio.sleep(0.002)
+        elapsed = time.monotonic() - start
+        await buf.flush()
+        assert client.acked == list(range(1, mid))
+        commits = buf._m.buffer_commits._value.get()
+        windows = elapsed / 0.1
+        assert commits <= windows * 1.5 + 2, (commits, mid)  # a slow machine only makes fewer, larger commits
+    finally:
+        await buf.stop()
+
+
+async def test_ten_thousand_new_series_are_stored_in_one_commit_and_known_after_a_restart(tmp_path: Path) -> None:
+    # Auto-registration of a large line brings tens of thousands of series at once; row-by-row
+    # inserts (about 700 rows/s) would hold the writer, and every acknowledgement, for many seconds.
+    cfg = config(tmp_path)
+    buf = await open_buffer(cfg)
+    things = 5000
+    try:
+        for i in range(things):
+            buf.add(f"s:oven-{i:05d}", "oven", [Sample("thermal", T0, 1, {"a": 1.0, "b": 2.0, "c": 3.0, "d": "x"})],
+                    T0, ("b1", 1, 1))
+        start = time.monotonic()
+        await buf.flush()
+        took = time.monotonic() - start
+    finally:
+        await buf.stop()
+    assert took < 15, f"committing {things * 4} new series took {took:.1f} s"
+    again = await open_buffer(cfg)
+    try:
+        assert len(again.series_keys) == things * 4
+        assert sum(1 for sid in again.series_keys if sid in again.numeric_series) == things * 3
+    finally:
+        await again.stop()
 
 
 def reference_buckets(ts: np.ndarray, vals: np.ndarray, width: int) -> dict[float, tuple[float, ...]]:

@@ -24,7 +24,6 @@ from gateway.common.http import int_param, read_json, read_object, requires
 from gateway.detect.anomalies import Anomaly
 from gateway.detect.detector import AnomalyDetector
 from gateway.detect.explain import label
-from gateway.detect.rul import estimate_rul
 
 MAX_LIMIT = 1000
 MAX_EXPORT = 100_000  # rows of one CSV export
@@ -281,6 +280,10 @@ async def rul(request: web.Request) -> web.Response:
                                   "detail": "no threshold rule limits a property of this Thing"})
     sids = sorted({i[0] for i in indicators})
     data = await buffer.read(lambda: buffer.store.buckets(sids, now - RUL_WINDOW_S, now, 60.0))
+    # Here, not at the top: the fit needs scipy.stats, about 90 MiB resident, which a gateway whose
+    # users never ask for a remaining useful life should not carry.
+    from gateway.detect.rul import estimate_rul
+
     out = []
     for sid, prop, limit, rule_name in indicators:
         mask = data["series"] == sid

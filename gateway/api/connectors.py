@@ -31,10 +31,11 @@ SECRET_KEYS = ("password",)
 
 
 def entry_document(entry: DeviceEntry, site: str) -> dict[str, Any]:
-    """The device as the API shows it: a secret is written, never read back (`"passwordSet": true`)."""
+    """The device as the API shows it: secrets replaced by `***` (sent back unchanged, they are kept)."""
     doc = device_document(entry.device)
-    if doc.pop("password", None):  # a PUT gives it again, or `***` to keep the stored one
-        doc["passwordSet"] = True
+    for key in SECRET_KEYS:
+        if doc.get(key):
+            doc[key] = HIDDEN
     doc["source"] = entry.source
     doc["thingId"] = f"{site}:{entry.device.thing}"
     doc["health"] = (entry.health.properties(entry.device.name, entry.device.protocol)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import struct
 import time
 from typing import Any
 
@@ -40,6 +41,8 @@ MAX_CLIENT_MESSAGE = 64 * 1024
 MAX_THING_IDS = 1000
 MAX_FILTERS = 32
 CLOSE_TIMEOUT_S = 2.0
+BURST = 256  # events sent in one write when a client's queue has several waiting
+WRITE_HIGH = 1 << 20  # bytes waiting in the socket's buffer above which sending pauses (the queue then fills)
 
 
 def add_routes(app: web.Application) -> None:
@@ -61,13 +64,13 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     if len(sockets) >= parts.config.ws.max_clients:
         return error_body(503, "too_many_clients", "the WebSocket client limit is reached; retry later")
     ws = web.WebSocketResponse(heartbeat=parts.config.ws.heartbeat_s, max_msg_size=MAX_CLIENT_MESSAGE,
-                               timeout=CLOSE_TIMEOUT_S)
+                               timeout=CLOSE_TIMEOUT_S, compress=parts.config.ws.compress)
     await ws.prepare(request)
     sub = parts.bus.subscribe(f"ws:{request.remote}", maxsize=parts.config.ws.queue_size, overflow="disconnect")
     sockets.items.add(ws)
     parts.metrics.ws_clients.set(len(sockets))
     # Both helper tasks are owned here: cancelled and awaited before the handler returns.
-    sender = asyncio.create_task(_send_loop(ws, sub, parts.config.ws.heartbeat_s), name="ws-send")
+    sender = asyncio.create_task(_send_loop(ws, sub, parts.config.ws.heartbeat_s, request), name="ws-send")
     watchdog = asyncio.create_task(_overflow_watch(ws, sub, parts.metrics, request), name="ws-overflow")
     try:
         await _receive_loop(ws, sub, request)
@@ -85,9 +88,13 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     return ws
 
 
-async def _send_loop(ws: web.WebSocketResponse, sub: Subscription, heartbeat_s: float) -> None:
+async def _send_loop(ws: web.WebSocketResponse, sub: Subscription, heartbeat_s: float,
+                     request: web.Request) -> None:
     heartbeat = json.dumps({"event": "Heartbeat"})
     next_beat = time.monotonic() + heartbeat_s
+    # Without compression a burst of events goes out as one write of whole frames: one system call
+    # for up to BURST events instead of one each. With compression aiohttp frames every event.
+    transport = request.transport if not ws.compress else None
     while not ws.closed:
         timeout = next_beat - time.monotonic()
         try:
@@ -96,9 +103,29 @@ async def _send_loop(ws: web.WebSocketResponse, sub: Subscription, heartbeat_s: 
             await ws.send_str(heartbeat[:-1] + f', "timestamp": "{iso_utc(time.time())}"}}')
             next_beat = time.monotonic() + heartbeat_s
             continue
-        await ws.send_str(event.to_json())
-        for more in sub.drain(256):  # a burst goes out without a wake-up per event
-            await ws.send_str(more.to_json())
+        # One turn of the event loop lets the messages of the same broker read join this burst; a
+        # longer wait would let a burst overflow a small queue and close a client that keeps up.
+        await asyncio.sleep(0)
+        burst = [event, *sub.drain(BURST - 1)]
+        if transport is None:
+            for e in burst:
+                await ws.send_str(e.to_json())
+            continue
+        if ws.closed or transport.is_closing():  # closing: no data frame may follow the close frame
+            break
+        transport.write(b"".join([_text_frame(e.to_utf8()) for e in burst]))
+        while transport.get_write_buffer_size() > WRITE_HIGH and not transport.is_closing():
+            await asyncio.sleep(0.01)  # a slow reader: its queue fills meanwhile and overflows
+
+
+def _text_frame(payload: bytes) -> bytes:
+    """One unmasked, unfragmented WebSocket text frame as a server sends it (RFC 6455, 5.2)."""
+    n = len(payload)
+    if n < 126:
+        return struct.pack("!BB", 0x81, n) + payload
+    if n < 65536:
+        return struct.pack("!BBH", 0x81, 126, n) + payload
+    return struct.pack("!BBQ", 0x81, 127, n) + payload
 
 
 async def _overflow_watch(ws: web.WebSocketResponse, sub: Subscription, metrics: Any,

@@ -31,6 +31,7 @@ from gateway.common.readings import Sample
 from gateway.common.series import SeriesCatalogue, SeriesIndexed, SeriesKey
 from gateway.common.tasks import cancel_and_wait
 from gateway.config import GatewayConfig
+from gateway.memory import duckdb_limit_mb, machine_memory_mb
 from gateway.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
@@ -41,9 +42,11 @@ OUTBOX = "uplink"
 
 
 class Ackable(Protocol):
-    """What the buffer needs of an MQTT client to acknowledge a message (paho's Client has it)."""
+    """What the buffer needs of an MQTT connection to acknowledge messages (`gateway.ingest.mqtt.BrokerAcks`)."""
 
-    def ack(self, mid: int, qos: int) -> Any: ...
+    def ack_many(self, acks: Sequence[tuple[int, int]]) -> Any:
+        """Acknowledge (message id, QoS) pairs, in this order."""
+
     def is_connected(self) -> bool: ...
 
 
@@ -54,7 +57,8 @@ class TelemetryBuffer(SeriesIndexed):
         self._cfg = config.buffer
         self._m = metrics
         self.data_dir = Path(config.gateway.data_dir)
-        self.store = BufferStore(self.data_dir / "buffer.duckdb", memory_limit_mb=self._cfg.memory_limit_mb,
+        self.memory_limit_mb = duckdb_limit_mb(self._cfg.memory_limit_mb, machine_memory_mb())
+        self.store = BufferStore(self.data_dir / "buffer.duckdb", memory_limit_mb=self.memory_limit_mb,
                                  checkpoint_mb=self._cfg.checkpoint_mb)
         self._uplink = uplink
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="duckdb-writer")
@@ -244,9 +248,11 @@ class TelemetryBuffer(SeriesIndexed):
                 if self.commit_failing:
                     log.warning("buffer commits work again", extra={"failed_attempts": self.commit_errors})
                     self.commit_failing = False
-            for client, mid, qos in acks:
-                if client.is_connected():  # after a reconnect the broker redelivers; marks drop the copies
-                    client.ack(mid, qos)
+            # One write per connection and commit, in arrival order. After a reconnect the broker
+            # redelivers what the old connection did not acknowledge; sequence marks drop the copies.
+            for client, pairs in _by_client(acks):
+                if client.is_connected():
+                    client.ack_many(pairs)
 
     def _requeue(self, failed: PointBatch, acks: list[tuple[Ackable, int, int]]) -> None:
         """Put a failed batch back in front of what arrived since, keeping arrival order."""
@@ -410,6 +416,16 @@ class TelemetryBuffer(SeriesIndexed):
     async def read_points(self, thing_ids: list[str] | None, start: float, end: float) -> pa.Table:
         """Stored points of some Things in `[start, end)` (thing_id, feature, path, ts, value, text)."""
         return await self.read(lambda: self.store.points_of(thing_ids, start, end))
+
+
+def _by_client(acks: list[tuple[Ackable, int, int]]) -> list[tuple[Ackable, list[tuple[int, int]]]]:
+    """Consecutive acknowledgements grouped by connection (there is one, except around a reconnect)."""
+    out: list[tuple[Ackable, list[tuple[int, int]]]] = []
+    for client, mid, qos in acks:
+        if not out or out[-1][0] is not client:
+            out.append((client, []))
+        out[-1][1].append((mid, qos))
+    return out
 
 
 def _disk_error(exc: BaseException) -> bool:

@@ -74,6 +74,16 @@ class BufferStore(PointFile):
         if batch.series:
             con.register("egiz_points", batch.to_arrow(first_id))
             views.append("egiz_points")
+        if batch.new_series:  # many at once when Things register: 10k Things bring 80k series
+            con.register("egiz_series", pa.table({
+                "id": pa.array([i for i, _k, _t, _n in batch.new_series], pa.int32()),
+                "thing_id": [k.thing_id for _i, k, _t, _n in batch.new_series],
+                "type": [t for _i, _k, t, _n in batch.new_series],
+                "feature": [k.feature for _i, k, _t, _n in batch.new_series],
+                "path": [k.path for _i, k, _t, _n in batch.new_series],
+                "numeric": pa.array([n for _i, _k, _t, n in batch.new_series], pa.bool_()),
+            }))
+            views.append("egiz_series")
         if batch.seq_marks:
             con.register("egiz_marks", pa.table({
                 "thing_id": [t for t, _ in batch.seq_marks],
@@ -87,8 +97,7 @@ class BufferStore(PointFile):
             con.execute("BEGIN")
             try:
                 if batch.new_series:
-                    rows = [(i, k.thing_id, ty, k.feature, k.path, n) for i, k, ty, n in batch.new_series]
-                    con.executemany("INSERT INTO series VALUES (?, ?, ?, ?, ?, ?)", rows)  # rare: a new property
+                    con.execute("INSERT INTO series SELECT * FROM egiz_series")
                 if batch.series:
                     con.execute("INSERT INTO points SELECT * FROM egiz_points")
                 if batch.seq_marks:

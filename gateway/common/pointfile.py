@@ -245,6 +245,9 @@ class PointFile:
             # Fewer, larger checkpoints: every point is written to the WAL once and into the file
             # once per checkpoint; a larger threshold means fewer partial row groups rewritten.
             "checkpoint_threshold": f"{int(self._checkpoint_mb)}MB",
+            # DuckDB keeps up to 128 MB of freed memory for reuse by default; a gateway on a small
+            # board gives it back instead.
+            "allocator_flush_threshold": "8MB",
         })
         for stmt in SCHEMA:
             con.execute(stmt)

@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import struct
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +50,36 @@ class Identity:
     type: str | None
 
 
+MAX_ROUTES = 50_000  # topics whose pattern match is remembered (a line has one per device and feature)
+
+
+class BrokerAcks:
+    """Acknowledges received messages on one broker connection, many in one write.
+
+    paho's `ack()` queues one PUBACK packet per call, and each costs a wake-up of the event loop's
+    writer and a system call. The PUBACKs of one commit are one run of 4-byte packets, so they are
+    queued to paho as one write (MQTT 3.1.1 and 5 alike: a PUBACK without a reason code is
+    `0x40 0x02 <mid>`). QoS 2 messages take paho's own path.
+    """
+
+    def __init__(self, client: paho.Client) -> None:
+        self._client = client
+
+    def is_connected(self) -> bool:
+        return bool(self._client.is_connected())
+
+    def ack_many(self, acks: Sequence[tuple[int, int]]) -> None:
+        pubacks = b"".join([_PUBACK.pack(0x40, 2, mid) for mid, qos in acks if qos == 1])
+        if pubacks:
+            self._client._packet_queue(paho.PUBACK, pubacks, 0, 0)
+        for mid, qos in acks:
+            if qos == 2:
+                self._client.ack(mid, qos)
+
+
+_PUBACK = struct.Struct("!BBH")
+
+
 class MqttIngest:
     """Owns the broker connection; parses, validates, de-duplicates and applies telemetry."""
 
@@ -73,6 +105,8 @@ class MqttIngest:
         self.connected = asyncio.Event()
         self.accepted_messages = 0
         self.accepted_points = 0
+        self._routes: dict[str, tuple[str, dict[str, str]]] = {}
+        self._kind_counters = {k: metrics.messages.labels(k) for k in ("telemetry", "status", "command_ack", "other")}
 
     # ----------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -115,7 +149,12 @@ class MqttIngest:
         # from paho's callback (on the event loop thread) and acknowledge each once it is applied.
         self._paho = client._client
         self._paho.manual_ack_set(True)
-        self._paho.on_message = self._on_message
+        acks = BrokerAcks(self._paho)
+
+        def on_message(c: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+            self._on_message(acks, message)
+
+        self._paho.on_message = on_message
         return client
 
     async def _run(self) -> None:
@@ -159,7 +198,7 @@ class MqttIngest:
             await asyncio.sleep(delay)
 
     # ----------------------------------------------------------------- receive path
-    def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+    def _on_message(self, acks: BrokerAcks, message: paho.MQTTMessage) -> None:
         """paho's receive callback: apply now; acknowledge (PUBACK) once the buffer has committed it."""
         try:
             topic = message.topic
@@ -167,34 +206,44 @@ class MqttIngest:
             topic = message._topic.decode("utf-8", "replace")
         self.handle(topic, message.payload, retain=message.retain)
         if message.qos > 0:
-            self._buffer.ack_later(client, message.mid, message.qos)
+            self._buffer.ack_later(acks, message.mid, message.qos)
 
     def handle(self, topic: str, payload: Any, *, retain: bool = False) -> None:
         """Apply one message or dead-letter it; never raises."""
         raw = payload if isinstance(payload, bytes) else str(payload).encode()
         try:
-            fields = self.telemetry_pattern.match(topic)
-            if fields is not None:
-                self._m.messages.labels("telemetry").inc()
+            route = self._routes.get(topic)
+            if route is None:
+                route = self._route(topic)
+            kind, fields = route
+            self._kind_counters[kind].inc()
+            if kind == "telemetry":
                 self._telemetry(fields, raw)
-                return
-            fields = self.status_pattern.match(topic)
-            if fields is not None:
-                self._m.messages.labels("status").inc()
+            elif kind == "status":
                 self._status(fields, raw)
-                return
-            fields = self.ack_pattern.match(topic)
-            if fields is not None:
-                self._m.messages.labels("command_ack").inc()
+            elif kind == "command_ack":
                 self._command_ack(fields, raw)
-                return
-            self._m.messages.labels("other").inc()
-            raise RejectedMessage("unknown_topic", "topic matches no configured pattern")
+            else:
+                raise RejectedMessage("unknown_topic", "topic matches no configured pattern")
         except RejectedMessage as exc:
             self._dead.add(exc.reason, topic, raw, exc.detail)
         except Exception as exc:  # a bug must cost one message, not the service; counted and logged
             log.exception("internal error while handling a message", extra={"topic": topic[:200]})
             self._dead.add("internal_error", topic, raw, f"{type(exc).__name__}: {exc}"[:200])
+
+    def _route(self, topic: str) -> tuple[str, dict[str, str]]:
+        """Which pattern a topic fits and its captured fields; remembered, since a line has few topics."""
+        route: tuple[str, dict[str, str]] = ("other", {})
+        for kind, pattern in (("telemetry", self.telemetry_pattern), ("status", self.status_pattern),
+                              ("command_ack", self.ack_pattern)):
+            fields = pattern.match(topic)
+            if fields is not None:
+                route = (kind, fields)
+                break
+        if len(self._routes) >= MAX_ROUTES:  # bounded: a flood of made-up topics cannot grow it
+            self._routes.clear()
+        self._routes[topic] = route
+        return route
 
     def _identity(self, fields: dict[str, str]) -> Identity:
         site = fields.get("site", self._site)

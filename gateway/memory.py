@@ -1,0 +1,130 @@
+"""The gateway's memory budget: what the machine offers, DuckDB's share of it, and a check at start.
+
+A line gateway shares a small board (a 1 GB Raspberry Pi 3, a 512 MB Pi Zero 2 W) with Mosquitto
+and the system. At start the gateway measures its own resident memory, adds what it may still
+grow by (DuckDB's memory limit, live state per Thing, WebSocket queues), and compares the sum with
+the memory of the machine (or of its cgroup, under systemd or in a container). Over the share it
+may take, it warns once, with the figures and the settings that lower them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+MiB = 2**20
+DUCKDB_MIN_MB = 64
+DUCKDB_MAX_MB = 256
+DUCKDB_SHARE = 1 / 16  # of the machine's memory, when buffer.memory_limit_mb is 0 (automatic)
+GATEWAY_SHARE = 0.5  # of the machine's memory the whole gateway process may take before we warn
+THING_KIB = 4.0  # live state of one Thing with a few features: twin, series ids, sequence marks, detector
+WS_EVENT_KIB = 0.5  # one queued StateChanged event with its JSON
+WS_CLIENTS_BUDGETED = 10  # viewers whose queues are counted full (ws.max_clients bounds connections, not this)
+
+
+M_ARENA_MAX = -8  # glibc's mallopt() parameter
+MALLOC_ARENAS = 2
+
+
+def limit_native_caches() -> None:
+    """Keep freed native memory from piling up in per-thread caches: at most two glibc malloc arenas
+    (every DuckDB, SQLite and detector thread would otherwise get its own, each keeping what it
+    freed), and Arrow's buffers from the system allocator, which returns memory as it is freed.
+    Called before the gateway starts its threads; a no-op where glibc is not the C library."""
+    name = ctypes.util.find_library("c")
+    if name:
+        with contextlib.suppress(OSError, AttributeError):  # musl and others: nothing to tune
+            ctypes.CDLL(name).mallopt(M_ARENA_MAX, MALLOC_ARENAS)
+    import pyarrow as pa
+
+    pa.set_memory_pool(pa.system_memory_pool())
+
+
+def machine_memory_mb(meminfo: Path = Path("/proc/meminfo"),
+                      cgroup: Path = Path("/sys/fs/cgroup/memory.max")) -> float | None:
+    """The memory this process may use: the machine's, or its cgroup's limit when lower (None: unknown)."""
+    total: float | None = None
+    try:
+        m = re.search(r"^MemTotal:\s+(\d+) kB", meminfo.read_text(), re.M)
+        total = int(m.group(1)) / 1024 if m else None
+    except OSError:
+        total = None
+    try:
+        limit = cgroup.read_text().strip()
+        if limit.isdigit():
+            limited = int(limit) / MiB
+            total = limited if total is None else min(total, limited)
+    except OSError:
+        pass
+    return total
+
+
+def resident_mb(status: Path = Path("/proc/self/status")) -> float | None:
+    """This process's resident memory now (None where /proc is missing)."""
+    try:
+        m = re.search(r"^VmRSS:\s+(\d+) kB", status.read_text(), re.M)
+    except OSError:
+        return None
+    return int(m.group(1)) / 1024 if m else None
+
+
+def duckdb_limit_mb(configured: float, machine_mb: float | None) -> float:
+    """DuckDB's memory limit: as configured, or (0) a sixteenth of the machine, 64..256 MB."""
+    if configured > 0:
+        return configured
+    if machine_mb is None:
+        return DUCKDB_MAX_MB
+    return float(max(DUCKDB_MIN_MB, min(DUCKDB_MAX_MB, int(machine_mb * DUCKDB_SHARE))))
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """What the gateway expects to need at most, part by part, against what the machine has."""
+
+    machine_mb: float | None
+    resident_mb: float
+    duckdb_mb: float
+    things_mb: float
+    websocket_mb: float
+
+    @property
+    def total_mb(self) -> float:
+        return self.resident_mb + self.duckdb_mb + self.things_mb + self.websocket_mb
+
+    @property
+    def allowed_mb(self) -> float | None:
+        return None if self.machine_mb is None else self.machine_mb * GATEWAY_SHARE
+
+    @property
+    def over(self) -> bool:
+        allowed = self.allowed_mb
+        return allowed is not None and self.total_mb > allowed
+
+
+def budget(*, resident: float, duckdb_mb: float, things: int, ws_queue: int,
+           machine_mb: float | None) -> MemoryBudget:
+    """The budget of a gateway with `things` Things and ten viewers with full WebSocket queues."""
+    return MemoryBudget(machine_mb, resident, duckdb_mb, things * THING_KIB / 1024,
+                        WS_CLIENTS_BUDGETED * ws_queue * WS_EVENT_KIB / 1024)
+
+
+def check_budget(b: MemoryBudget) -> None:
+    """Log the budget; warn once, clearly, when it exceeds the share of the machine a gateway may take."""
+    figures = {"machine_mb": None if b.machine_mb is None else round(b.machine_mb),
+               "resident_mb": round(b.resident_mb), "duckdb_limit_mb": round(b.duckdb_mb),
+               "things_mb": round(b.things_mb, 1), "websocket_queues_mb": round(b.websocket_mb, 1),
+               "budget_mb": round(b.total_mb)}
+    if b.over:
+        log.warning(
+            "the gateway may need %d MiB, more than half of this machine's %d MiB: lower "
+            "buffer.memory_limit_mb, ws.max_clients or ws.queue_size, or run fewer Things per gateway",
+            round(b.total_mb), round(b.machine_mb or 0), extra=figures)
+    else:
+        log.info("memory budget", extra=figures)

@@ -1,0 +1,111 @@
+"""The gateway's footprint: what it loads at start, its memory budget, and events sent in bursts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import aiomqtt
+import pytest
+
+from gateway.memory import budget, check_budget, duckdb_limit_mb, machine_memory_mb
+from tests.helpers import VIEWER_KEY, auth, telemetry, wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_a_gateway_starts_without_the_libraries_only_some_features_need() -> None:
+    # scipy.stats (remaining useful life) alone is about 90 MiB resident; ONNX Runtime is for models,
+    # scikit-learn for training. None of them may be loaded by the service itself.
+    code = ("import sys, gateway.cli, gateway.service; "
+            "print(sorted(m for m in ('scipy.stats', 'scipy.optimize', 'onnxruntime', 'sklearn', 'pandas') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_duckdb_memory_is_sized_to_the_machine(tmp_path: Path) -> None:
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:        1000000 kB\nMemFree:          500000 kB\n")
+    no_cgroup = tmp_path / "absent"
+    pi = machine_memory_mb(meminfo, no_cgroup)
+    assert pi == pytest.approx(976.6, abs=0.1)
+    assert duckdb_limit_mb(0, pi) == 64  # a 1 GB Raspberry Pi: the floor
+    assert duckdb_limit_mb(0, 2048) == 128
+    assert duckdb_limit_mb(0, 24_000) == 256  # the ceiling
+    assert duckdb_limit_mb(512, 1000) == 512  # an explicit setting wins
+    assert duckdb_limit_mb(0, None) == 256
+    cgroup = tmp_path / "memory.max"
+    cgroup.write_text(f"{512 * 2**20}\n")
+    assert machine_memory_mb(meminfo, cgroup) == 512  # a container's limit below the machine's memory
+    cgroup.write_text("max\n")
+    assert machine_memory_mb(meminfo, cgroup) == pi
+
+
+def test_the_memory_budget_warns_on_a_small_machine_with_the_figures(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.memory")
+    big = budget(resident=130, duckdb_mb=256, things=200, ws_queue=1024, machine_mb=24_000)
+    check_budget(big)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    zero_w = budget(resident=200, duckdb_mb=64, things=10_000, ws_queue=1024, machine_mb=512)
+    assert zero_w.over and zero_w.total_mb == pytest.approx(200 + 64 + 10_000 * 4 / 1024 + 5, abs=0.1)
+    check_budget(zero_w)
+    warning = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warning) == 1
+    text = warning[0].getMessage()
+    assert "512 MiB" in text and "buffer.memory_limit_mb" in text
+    assert warning[0].budget_mb == round(zero_w.total_mb)  # type: ignore[attr-defined]
+
+
+async def test_the_gateway_logs_its_memory_budget_at_start(mosquitto, start_gateway,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.memory")
+    gw = await start_gateway(mosquitto)
+    records = [r for r in caplog.records if r.name == "gateway.memory"]
+    assert records, "no memory budget logged at start"
+    r = records[0]
+    assert r.resident_mb > 20 and r.duckdb_limit_mb == gw.service.buffer.memory_limit_mb  # type: ignore[attr-defined]
+    assert 64 <= gw.service.buffer.memory_limit_mb <= 256
+
+
+async def test_events_of_every_size_reach_a_subscribe_all_client_whole_and_in_order(mosquitto, start_gateway):
+    # Events go out in bursts written as whole WebSocket frames: frames with 7-bit, 16-bit and 64-bit
+    # lengths must each arrive as one intact message, in order, among hundreds of small ones.
+    gw = await start_gateway(mosquitto, **{"ingest.max_payload_bytes": 400_000, "ingest.max_series_per_thing": 20_000})
+    site = gw.site
+    sizes = {"small": {"v": 1.0},
+             "medium": {f"p{i}": [float(i)] * 8 for i in range(20)},  # a few hundred bytes
+             "large": {f"p{i}": [12345.5 + i] * 64 for i in range(256)}}  # about 150 kB
+    async with aiohttp.ClientSession() as http, http.ws_connect(gw.url + "/api/v1/ws",
+                                                                headers=auth(VIEWER_KEY)) as ws:
+        await ws.send_json({"action": "subscribe"})
+        assert (await ws.receive_json(timeout=5))["event"] == "Subscribed"
+        got: list[dict] = []
+
+        async def read() -> None:
+            async for msg in ws:
+                assert msg.type == aiohttp.WSMsgType.TEXT, msg
+                got.append(json.loads(msg.data))
+
+        reader = asyncio.create_task(read())
+        sent = []
+        async with aiomqtt.Client(*mosquitto) as client:
+            for seq in range(1, 301):
+                kind = "large" if seq % 100 == 0 else "medium" if seq % 10 == 0 else "small"
+                sent.append(kind)
+                await client.publish(f"openegiz/{site}/oven/oven-1/main/telemetry",
+                                     telemetry(seq, sizes[kind]), qos=1)
+        changes = lambda: [e for e in got if e["event"] == "StateChanged"]  # noqa: E731
+        await wait_for(lambda: len(changes()) >= len(sent), timeout=30)
+        reader.cancel()
+    events = changes()
+    assert len(events) == len(sent)
+    assert [e["version"] for e in events] == sorted(e["version"] for e in events)
+    for kind, event in zip(sent, events, strict=True):
+        assert event["properties"] == sizes[kind]
+    assert len(json.dumps(events[99])) > 65_536
