@@ -45,6 +45,22 @@ async def history(gw: RunningGateway, thing: str, feature: str, prop: str) -> li
     return list(doc["series"][0]["points"]["value"]) if doc["series"] else []
 
 
+async def setpoint_written(gw: RunningGateway, plc: OpcUaPlc | S7Plc, thing: str, feature: str, value: float) -> None:
+    """A desired `setpoint` is written to the PLC, read back and acknowledged into the twin."""
+    status, body = await gw.send("PUT", f"/api/v1/things/{gw.thing_id(thing)}/features/{feature}",
+                                 {"desiredProperties": {"setpoint": value}})
+    assert status in (200, 202), body
+    await wait_for(lambda: props(gw, thing, feature).get("setpoint") == value, 10)
+    assert (await plc.written())["Setpoint"] == value
+
+
+async def goes_offline(gw: RunningGateway, plc: OpcUaPlc | S7Plc, thing: str) -> None:
+    """The PLC stops: its Thing goes offline, saying why."""
+    await plc.stop()
+    await wait_for(lambda: props(gw, thing, "connectivity").get("state") == "offline", 15)
+    assert props(gw, thing, "connectivity")["lastError"]
+
+
 async def test_opcua_proofer_into_twin_and_history_with_quality_offline_and_back(
         mosquitto: tuple[str, int], start_gateway: GatewayFactory) -> None:
     plc = OpcUaPlc(OpcUaServe(port=free_port()), "proofer", POINTS["proofer"])
@@ -68,6 +84,7 @@ async def test_opcua_proofer_into_twin_and_history_with_quality_offline_and_back
         assert await history(gw, "proofer-201", "climate", "temperature") == [35.5]
         status, doc = await gw.get(f"/api/v1/things/{gw.thing_id('proofer-201')}/history?feature=climate"
                                    "&property=temperature&resolution=raw")
+        assert status == 200, doc
         assert doc["series"][0]["points"]["t"][0] / 1000 == pytest.approx(stamp, abs=0.01)  # SourceTimestamp
 
         # a failed sensor: no value stored, the quality says why; an uncertain one is flagged
@@ -83,16 +100,10 @@ async def test_opcua_proofer_into_twin_and_history_with_quality_offline_and_back
         assert props(gw, "proofer-201", "climate")["temperature"] == 34.0
 
         # a desired property is written to the node, read back and acknowledged into the twin
-        status, body = await gw.send("PUT", f"/api/v1/things/{gw.thing_id('proofer-201')}/features/climate",
-                                     {"desiredProperties": {"setpoint": 38.5}})
-        assert status in (200, 202), body
-        await wait_for(lambda: props(gw, "proofer-201", "climate").get("setpoint") == 38.5, 10)
-        assert (await plc.written())["Setpoint"] == 38.5
+        await setpoint_written(gw, plc, "proofer-201", "climate", 38.5)
 
         # the PLC goes away: offline with the reason; back within two poll intervals of its return
-        await plc.stop()
-        await wait_for(lambda: props(gw, "proofer-201", "connectivity").get("state") == "offline", 15)
-        assert props(gw, "proofer-201", "connectivity")["lastError"]
+        await goes_offline(gw, plc, "proofer-201")
         await asyncio.sleep(poll * 3)
         await plc.start()
         t0 = time.monotonic()
@@ -147,15 +158,9 @@ async def test_s7_oven_into_twin_and_history_offline_and_back(
         assert conn["requestsPerCycle"] == 1  # DB, I, Q and M in one packed read
         assert (await history(gw, "oven-102", "electrical", "voltage_l1"))[0] == 230.5
 
-        status, body = await gw.send("PUT", f"/api/v1/things/{gw.thing_id('oven-102')}/features/thermal",
-                                     {"desiredProperties": {"setpoint": 210.0}})
-        assert status in (200, 202), body
-        await wait_for(lambda: props(gw, "oven-102", "thermal").get("setpoint") == 210.0, 10)
-        assert (await plc.written())["Setpoint"] == 210.0
+        await setpoint_written(gw, plc, "oven-102", "thermal", 210.0)
 
-        await plc.stop()
-        await wait_for(lambda: props(gw, "oven-102", "connectivity").get("state") == "offline", 15)
-        assert props(gw, "oven-102", "connectivity")["lastError"]
+        await goes_offline(gw, plc, "oven-102")
         await asyncio.sleep(poll * 3)
         plc.put(layout["Zone1.Temperature"], 188.0)
         await plc.start()
