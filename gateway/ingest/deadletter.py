@@ -15,9 +15,9 @@ from typing import Any
 
 import sqlite_utils
 
+from gateway.common.sqlite import SqliteWorker
 from gateway.common.tasks import cancel_and_wait
 from gateway.metrics import GatewayMetrics
-from gateway.sqlite import SqliteWorker
 
 log = logging.getLogger(__name__)
 TABLE = "dead_letters"

@@ -24,9 +24,9 @@ import sqlite_utils
 from gateway.bus import EventBus, StateChanged, ThingLifecycle
 from gateway.common.errors import Conflict, Invalid, NotFound
 from gateway.common.readings import Sample, Status
+from gateway.common.sqlite import SqliteWorker
 from gateway.common.tasks import cancel_and_wait
 from gateway.common.timefmt import iso_utc
-from gateway.sqlite import SqliteWorker
 from gateway.twin.model import (
     Feature,
     Thing,
