@@ -207,6 +207,8 @@ async def test_two_lines_of_one_site_the_forwarder_quarantines_a_foreign_thing_a
         _, metrics = await gw_a.get("/metrics")
         assert "egiz_uplink_quarantine_things 1.0" in metrics and "egiz_uplink_quarantine_points 10.0" in metrics
         # gw-b's oven is untouched: its line, its owner, only its own points
+        # its document goes up with gw-b's next Thing round, which may come after its points
+        await wait_for(lambda: agg.store.thing(oven_b) is not None, timeout=30)
         doc = agg.store.thing(oven_b)
         assert doc is not None and (doc["gatewayId"], doc["line"]) == ("gw-b", "line-2")
         assert agg.store.stored_seqs(oven_b, "temperature") == [(s, 1) for s in range(1, 21)]
