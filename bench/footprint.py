@@ -36,7 +36,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 
@@ -79,13 +79,17 @@ class Gateway:
 
 
 @asynccontextmanager
-async def gateway(egiz: str, label: str, tmp: Path, broker_port: int, name: str) -> AsyncIterator[Gateway]:
+async def gateway(egiz: str, label: str, tmp: Path, broker_port: int, name: str,
+                  **more: dict[str, Any]) -> AsyncIterator[Gateway]:
+    """`egiz gateway run` on a free port until the block ends; `more` adds to (or replaces keys of) its sections."""
     http_port = find_free_port()
     data = tmp / f"data-{label}-{name}"
-    cfg = gateway_toml(tmp / f"gateway-{label}-{name}.toml", SITE, key=KEY,
-                       gateway={"id": f"gw-{label}-{name}", "data_dir": data},
-                       mqtt={"port": broker_port}, http={"port": http_port}, ingest={"auto_register": True},
-                       log={"level": "warning"})
+    sections: dict[str, dict[str, Any]] = {
+        "gateway": {"id": f"gw-{label}-{name}", "data_dir": data}, "mqtt": {"port": broker_port},
+        "http": {"port": http_port}, "ingest": {"auto_register": True}, "log": {"level": "warning"}}
+    for section, table in more.items():
+        sections[section] = {**sections.get(section, {}), **table}
+    cfg = gateway_toml(tmp / f"gateway-{label}-{name}.toml", SITE, key=KEY, **sections)
     log = (tmp / f"gateway-{label}-{name}.log").open("ab")
     proc = await asyncio.create_subprocess_exec(egiz, "gateway", "run", "--config", str(cfg), stdout=log, stderr=log)
     url = f"http://127.0.0.1:{http_port}"
@@ -125,10 +129,22 @@ class Load:
     features: tuple[str, ...] = ("main",)
     kind: str = "proofer"
     processes: int = 2
+    timed: bool = False  # stop after `seconds` even when behind (a soak); else publish every message
 
     @property
     def messages(self) -> int:
         return int(self.rate * self.seconds)
+
+    def messages_to(self, device: int, sent: int | None = None) -> int:
+        """How many of the first `sent` messages (default: all) go to `device` (round robin from device 0)."""
+        n = self.messages if sent is None else sent
+        return n // self.devices + (1 if device < n % self.devices else 0)
+
+    def process_of(self, device: int) -> int:
+        return device % self.processes
+
+    def thing_id(self, device: int) -> str:
+        return f"{SITE}:{self.kind}-{device:05d}"
 
 
 def _publisher(port: int, load: Load, part: int, boot: str, start_at: float, out: Any) -> None:
@@ -142,15 +158,21 @@ def _publisher(port: int, load: Load, part: int, boot: str, start_at: float, out
     client.connect("127.0.0.1", port)
     client.loop_start()
     # Each device belongs to one process, so its sequence numbers rise one by one as a node's do.
-    share = [i for i in range(load.messages) if (i % load.devices) % load.processes == part]
+    mine = [d for d in range(load.devices) if d % load.processes == part]
+    share = (i for i in range(load.messages) if (i % load.devices) % load.processes == part)
     seqs: dict[tuple[int, int], int] = {}
     pending: collections.deque[Any] = collections.deque()
     published = 0
-    rate = load.rate * len(share) / load.messages
+    rate = load.rate * sum(load.messages_to(d) for d in mine) / load.messages
     while time.time() < start_at:
         time.sleep(0.001)
     t0 = time.perf_counter()
+    stop_at = t0 + load.seconds if load.timed else float("inf")
+    reached = load.messages  # the index of the first message not published
     for k, i in enumerate(share):
+        if time.perf_counter() >= stop_at:
+            reached = i
+            break
         due = t0 + k / rate
         wait = due - time.perf_counter()
         if wait > 0:
@@ -169,7 +191,7 @@ def _publisher(port: int, load: Load, part: int, boot: str, start_at: float, out
         published += _settle(pending.popleft())
     client.loop_stop()
     client.disconnect()
-    out.put((part, published, time.perf_counter() - t0))
+    out.put((part, published, time.perf_counter() - t0, reached))
 
 
 MAX_UNACKED = 30_000
@@ -189,6 +211,7 @@ class Publishers:
                       for p in range(load.processes)]
         for p in self.procs:
             p.start()
+        self.reached: dict[int, int] = {}  # per process: the index of the first message it did not publish
 
     async def wait(self) -> tuple[int, float]:
         """(messages acknowledged by the broker, longest publishing time)."""
@@ -197,7 +220,15 @@ class Publishers:
             results.append(await asyncio.to_thread(self.queue.get, True, 600))
         for p in self.procs:
             await asyncio.to_thread(p.join)
+        self.reached = {r[0]: r[3] for r in results}
         return sum(r[1] for r in results), max(r[2] for r in results)
+
+    def stop(self) -> None:
+        """End the publishers that still run (the run was interrupted)."""
+        for p in self.procs:
+            if p.is_alive():
+                p.terminate()
+                p.join(10)
 
 
 # --------------------------------------------------------------------- the WebSocket client
@@ -223,11 +254,17 @@ class Watcher:
         self.delays.append((now, now - t_pub))
 
 
+class EventSink(Protocol):
+    def on_event(self, ev: dict[str, Any]) -> None: ...
+
+
 @asynccontextmanager
-async def websocket(url: str, watcher: Watcher) -> AsyncIterator[None]:
+async def websocket(url: str, watcher: EventSink, subscribe: dict[str, Any] | None = None) -> AsyncIterator[None]:
+    """A WebSocket client handing every event to `watcher`; subscribed to everything unless `subscribe` says
+    otherwise (the fields of a subscribe message)."""
     async with aiohttp.ClientSession() as http, http.ws_connect(
             url + "/api/v1/ws", headers={"Authorization": f"Bearer {KEY}"}, max_msg_size=0) as ws:
-        await ws.send_json({"action": "subscribe"})
+        await ws.send_json({"action": "subscribe", **(subscribe or {})})
         await ws.receive_json()
 
         async def read() -> None:

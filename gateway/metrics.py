@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
 
 class GatewayMetrics:
@@ -10,6 +10,7 @@ class GatewayMetrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, process_cpu_seconds_total, ...
         self.messages = Counter("egiz_mqtt_messages_total", "MQTT messages received", ["kind"], registry=r)
         self.accepted = Counter("egiz_ingest_accepted_messages_total", "Telemetry messages applied", registry=r)
         self.points = Counter("egiz_ingest_points_total", "Telemetry points applied (flattened)", registry=r)

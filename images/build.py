@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -140,10 +141,19 @@ def build(arch: str, out: Path, *, version: str, step: Step, keep_raw: bool = Fa
     out.mkdir(parents=True, exist_ok=True)
     work = out / f"work-{arch}"
     if work.exists():
+        unmount_below(work)  # what a killed build left mounted: removing it would remove the host's /dev
         shutil.rmtree(work)
     work.mkdir()
-    rootfs, wheels = work / "rootfs", work / "wheelhouse"
+    try:
+        return _build(arch, out, work, version=version, step=step, keep_raw=keep_raw, mirror=mirror,
+                      free_mb=free_mb)
+    finally:
+        unmount_below(work)
 
+
+def _build(arch: str, out: Path, work: Path, *, version: str, step: Step, keep_raw: bool, mirror: str,
+           free_mb: int) -> Built:
+    rootfs, wheels = work / "rootfs", work / "wheelhouse"
     step(STEPS[0])
     with ThreadPoolExecutor(1) as pool:  # the wheels are fetched while mmdebstrap works
         wheelhouse = pool.submit(build_wheelhouse, wheels, arch, PYTHON, extras=())
@@ -172,6 +182,33 @@ def build(arch: str, out: Path, *, version: str, step: Step, keep_raw: bool = Fa
     if not keep_raw:
         raw.unlink()
     return Built(image, raw if keep_raw else None, digest, manifest, rootfs, wheels)
+
+
+def mounts_below(path: Path, mountinfo: Path = Path("/proc/self/mountinfo")) -> list[Path]:
+    """The mount points at or below `path`, deepest first."""
+    top = path.resolve()
+    found = set()
+    for line in mountinfo.read_text().splitlines():
+        fields = line.split()
+        if len(fields) < 5:
+            continue
+        # mountinfo writes space, tab, newline and backslash in paths as octal escapes (\040 ...)
+        point = Path(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4]))
+        if point == top or top in point.parents:
+            found.add(point)
+    return sorted(found, key=lambda p: (len(p.parts), str(p)), reverse=True)
+
+
+def unmount_below(path: Path) -> None:
+    """Unmount whatever is mounted at or below `path`, deepest first: mmdebstrap mounts /dev, /proc and
+    /sys in the root filesystem while it works, and a build killed meanwhile leaves them there. Raises
+    ImageError when something stays mounted (deleting the directory would then delete the host's files)."""
+    for point in mounts_below(path):
+        if subprocess.run(["umount", point], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "--lazy", point], capture_output=True)  # busy: detach it now
+    left = mounts_below(path)
+    if left:
+        raise ImageError(f"still mounted below {path}: {', '.join(map(str, left))}")
 
 
 def make_rootfs(rootfs: Path, arch: str, mirror: str) -> None:

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
+from types import FrameType
 from typing import Annotated
 
 import typer
 
 image_app = typer.Typer(help="Build the gateway's SD-card image.", no_args_is_help=True)
+
+
+def _terminated(signum: int, _frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
 
 
 @image_app.command("build")
@@ -25,6 +31,8 @@ def image_build(
     from gateway import __version__
     from images.build import STEPS, ImageError, build
 
+    # Stopped (a CI timeout, systemd): unwind, so the builder unmounts what it mounted in the root filesystem.
+    signal.signal(signal.SIGTERM, _terminated)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                   TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn()) as progress:
         task = progress.add_task("starting", total=len(STEPS))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 
 import aiohttp
@@ -181,6 +182,8 @@ async def test_openapi_health_ready_metrics(mosquitto, start_gateway: GatewayFac
     assert status == 200 and ready["checks"]["mqtt"] == "ok"
     status, text = await gw.get("/metrics")
     assert "egiz_mqtt_connected 1.0" in text and "egiz_http_requests_total" in text
+    rss = re.search(r"^process_resident_memory_bytes (\S+)$", text, re.M)
+    assert rss is not None and float(rss.group(1)) > 20 * 2**20  # this process's own memory: Python and more
 
     # Not ready while the broker session is down.
     await gw.service.ingest.stop()

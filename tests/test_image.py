@@ -264,6 +264,50 @@ def test_kvm_fallback_to_emulation(tmp_path: Path, script: str, runs: bool) -> N
         vm.wait(10)
 
 
+def test_mount_points_below_a_build_directory_deepest_first(tmp_path: Path) -> None:
+    from images.build import mounts_below
+
+    work = tmp_path / "out dir" / "work-arm64"
+    esc = str(work).replace(" ", "\\040")  # mountinfo's escape for a space
+    (tmp_path / "mountinfo").write_text(
+        f"22 1 8:1 / / rw - ext4 /dev/vda rw\n"
+        f"40 22 0:5 / {esc}/rootfs/dev rw - devtmpfs udev rw\n"
+        f"41 40 0:6 / {esc}/rootfs/dev/pts rw - devpts devpts rw\n"
+        f"42 22 0:7 / {esc}/rootfs/proc rw - proc proc rw\n"
+        f"43 22 0:8 / {esc}x/rootfs/proc rw - proc proc rw\n"  # a sibling whose name starts the same
+        f"44 22 0:9 / /dev/shm rw - tmpfs tmpfs rw\n")
+    found = mounts_below(work, tmp_path / "mountinfo")
+    assert found[0] == work / "rootfs/dev/pts"  # the deepest before its parent
+    assert set(found) == {work / "rootfs/dev/pts", work / "rootfs/dev", work / "rootfs/proc"}
+
+
+def test_what_a_killed_build_left_mounted_is_unmounted_before_its_directory_goes(tmp_path: Path) -> None:
+    # mmdebstrap mounts the host's /dev, /proc and /sys into the root filesystem while it works; a build
+    # killed then leaves them, and deleting the directory would delete the host's /dev.
+    from images.build import mounts_below, unmount_below
+
+    if os.geteuid() != 0:
+        needs("needs root (mount)")
+    host_dev = tmp_path / "host-dev"
+    (host_dev / "shm").mkdir(parents=True)
+    (host_dev / "null-stand-in").write_text("the host's")
+    work = tmp_path / "work-arm64"
+    dev = work / "rootfs/dev"
+    dev.mkdir(parents=True)
+    subprocess.run(["mount", "--bind", str(host_dev), str(dev)], check=True)
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(dev / "shm")], check=True)
+        (dev / "shm/segment").write_text("in use")
+        assert mounts_below(work) == [dev / "shm", dev]
+        unmount_below(work)
+        assert mounts_below(work) == []
+        shutil.rmtree(work)
+        assert (host_dev / "null-stand-in").read_text() == "the host's"
+    finally:
+        for point in (dev / "shm", dev):
+            subprocess.run(["umount", "--lazy", str(point)], capture_output=True)
+
+
 @pytest.mark.timeout(900)
 def test_the_image_boots_provisions_itself_and_serves(image: Image, tmp_path: Path) -> None:
     disk = tmp_path / "disk.img"
