@@ -134,7 +134,7 @@ def boot(arch: str, raw: Path, memory: int, smp: int, timeout: float, idle_s: fl
             *QEMU[arch], "-accel", "tcg", "-m", str(memory), "-smp", str(smp), *kernel,
             "-drive", f"file={disk},format=raw,if=virtio", "-no-reboot",
             "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{http}-:8080", "-device", "virtio-net-pci,netdev=n0",
-            "-serial", f"file:{console}", "-monitor", "none", "-display", "none",
+            "-device", "virtio-rng-pci", "-serial", f"file:{console}", "-monitor", "none", "-display", "none",
         ], stdout=subprocess.DEVNULL, stderr=(logs / f"qemu-{arch}.err").open("wb"))
         try:
             url = f"https://127.0.0.1:{http}"

@@ -18,7 +18,11 @@ The gateway's RSS (VmRSS) and CPU time are sampled every 30 s. Figures:
                      points the gateway stored (published to its buffer)        all 0 / equal
 Each sample is also printed (`soak_sample`), so a run's curve can be plotted.
 
-    python bench/soak.py [--minutes 60] [--rate 2000] [--clients 50]
+DuckDB's buffer cache (`buffer.memory_limit_mb`, sized to the machine: 64..256 MB) fills as points are
+stored and read back by the uplink; it is bounded, but until it is full it shows as growth. `--duckdb-mb 64`
+(a 1 GB Pi's limit) makes it fill sooner.
+
+    python bench/soak.py [--minutes 60] [--rate 2000] [--clients 50] [--duckdb-mb 64]
 """
 
 from __future__ import annotations
@@ -123,6 +127,7 @@ class Sample:
     rss_mib: float
     cpu_s: float
     agg_rss_mib: float
+    duckdb_mib: float = 0.0  # what the gateway's DuckDB holds (egiz_buffer_duckdb_memory_bytes)
 
 
 def slope_per_hour(samples: list[Sample]) -> float:
@@ -151,7 +156,7 @@ async def aggregator_points(http: aiohttp.ClientSession, url: str) -> float:
     return await metric_sum(http, url, "egiz_aggregator_points_total", ADMIN_KEY)
 
 
-async def soak(minutes: float, rate: int, clients: int, tmp: Path) -> None:
+async def soak(minutes: float, rate: int, clients: int, duckdb_mb: float, tmp: Path) -> None:
     seconds = minutes * 60
     warmup = min(600.0, seconds / 6)
     load = Load(rate, seconds, DEVICES, kind=KIND, timed=True)
@@ -171,7 +176,7 @@ async def soak(minutes: float, rate: int, clients: int, tmp: Path) -> None:
                 EGIZ, "soak", tmp, broker.port, "soak",
                 gateway={"id": f"gw-{SITE}"},
                 detect={"models_dir": models, "ignore": ["*setpoint*", "t_pub"]},
-                uplink={"url": agg_url, "token": TOKEN}))
+                uplink={"url": agg_url, "token": TOKEN}, buffer={"memory_limit_mb": duckdb_mb}))
             watchers = followers(load, clients)
             for watcher, subscribe in watchers:
                 await stack.enter_async_context(websocket(gw.url, watcher, subscribe))
@@ -183,9 +188,11 @@ async def soak(minutes: float, rate: int, clients: int, tmp: Path) -> None:
             end = pubs.start_at + seconds
             while True:  # until the publishers are done, also when the machine makes them late
                 s = Sample(round(time.time() - pubs.start_at, 1), memory_kib(gw.pid, "VmRSS") / 1024,
-                           cpu_seconds(gw.pid), memory_kib(agg.pid, "VmRSS") / 1024)
+                           cpu_seconds(gw.pid), memory_kib(agg.pid, "VmRSS") / 1024,
+                           await metric(http, gw.url, "egiz_buffer_duckdb_memory_bytes") / 2**20)
                 samples.append(s)
                 print(json.dumps({"figure": "soak_sample", "t_s": s.t, "rss_mib": round(s.rss_mib, 1),
+                                  "duckdb_mib": round(s.duckdb_mib, 1),
                                   "cpu_s": round(s.cpu_s, 1), "aggregator_rss_mib": round(s.agg_rss_mib, 1),
                                   "applied": int(await accepted(http, gw.url) - before)}), flush=True)
                 if time.time() + 1 >= end and not any(p.is_alive() for p in pubs.procs):
@@ -225,7 +232,11 @@ async def soak(minutes: float, rate: int, clients: int, tmp: Path) -> None:
          clients=clients, warmup_s=warmup, samples=len(steady), rss_start_mib=round(steady[0].rss_mib, 1),
          rss_end_mib=round(steady[-1].rss_mib, 1), rss_peak_mib=round(max(s.rss_mib for s in samples), 1),
          aggregator_rss_slope_mib_h=round(slope_per_hour([Sample(s.t, s.agg_rss_mib, 0, 0) for s in steady]), 2),
-         model=f"{KIND}/{version}")
+         # DuckDB's cache is bounded by buffer.memory_limit_mb: what grows besides it
+         rss_less_duckdb_slope_mib_h=round(slope_per_hour([Sample(s.t, s.rss_mib - s.duckdb_mib, 0, 0)
+                                                           for s in steady]), 2),
+         duckdb_end_mib=round(steady[-1].duckdb_mib, 1),
+         model=f"{KIND}/{version}", duckdb_mb=duckdb_mb or "auto")
     first, last = cpu_share(samples, 0, q), cpu_share(samples, duration - q, duration)
     emit("soak_cpu_share", last, "cores", "flat", first_quarter=round(first, 3), last_quarter=round(last, 3),
          whole=round(cpu_share(samples, 0, duration), 3), cpu_s_per_1k_msgs=round(
@@ -243,9 +254,11 @@ async def main() -> None:
     ap.add_argument("--minutes", type=float, default=60.0, help="length of the run")
     ap.add_argument("--rate", type=int, default=2000, help="messages per second")
     ap.add_argument("--clients", type=int, default=50, help="WebSocket clients (at least 1)")
+    ap.add_argument("--duckdb-mb", type=float, default=0.0,
+                    help="the gateway's buffer.memory_limit_mb (0: sized to the machine, as shipped; 64: a 1 GB Pi)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="egiz-soak-") as d:
-        await soak(args.minutes, args.rate, max(1, args.clients), Path(d))
+        await soak(args.minutes, args.rate, max(1, args.clients), args.duckdb_mb, Path(d))
 
 
 if __name__ == "__main__":

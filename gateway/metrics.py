@@ -63,6 +63,8 @@ class GatewayMetrics:
         )
         self.buffer_disk_bytes = Gauge("egiz_buffer_disk_used_bytes", "Bytes the data directory uses", registry=r)
         self.buffer_disk_budget = Gauge("egiz_buffer_disk_budget_bytes", "The data directory's budget", registry=r)
+        self.buffer_duckdb_memory = Gauge("egiz_buffer_duckdb_memory_bytes",
+                                          "Memory DuckDB holds (cache, data not yet checkpointed)", registry=r)
         self.buffer_rollup_rows = Counter("egiz_buffer_rollup_rows_total", "Roll-up rows written", registry=r)
         self.uplink_batches = Counter("egiz_uplink_batches_total", "Uplink batch attempts by result", ["result"],
                                       registry=r)

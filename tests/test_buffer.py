@@ -217,6 +217,17 @@ async def fill(buf: TelemetryBuffer, n: int, *, start: int = 0, thing: str = "s:
         await buf.flush()
 
 
+async def test_duckdb_memory_is_measured_and_stays_within_its_limit(tmp_path: Path) -> None:
+    buf = await open_buffer(config(tmp_path, **{"buffer.memory_limit_mb": 64}))
+    try:
+        await fill(buf, 200_000)
+        await buf.maintain()
+        held = buf._m.buffer_duckdb_memory._value.get()
+        assert 0 < held <= 64 * 2**20
+    finally:
+        await buf.stop()
+
+
 @pytest.mark.parametrize("policy", ["drop_oldest", "drop_oldest_synced", "reject_new"])
 async def test_disk_budget_policies(tmp_path: Path, policy: str) -> None:
     cfg = config(tmp_path, **{"buffer.disk_budget_mb": 6, "buffer.disk_policy": policy,

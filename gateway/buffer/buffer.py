@@ -364,6 +364,7 @@ class TelemetryBuffer(SeriesIndexed):
         used = max(0, directory_bytes(self.data_dir) - self.store.duckdb_free_bytes())
         self.used_bytes = used
         self._m.buffer_disk_bytes.set(used)
+        self._m.buffer_duckdb_memory.set(self.store.memory_bytes())  # bounded by buffer.memory_limit_mb
         return used
 
     def _other_bytes(self) -> int:

@@ -163,6 +163,12 @@ class PointFile:
         row = self.reader().execute("SELECT block_size, free_blocks FROM pragma_database_size()").fetchone()
         return int(row[0]) * int(row[1]) if row else 0
 
+    def memory_bytes(self) -> int:
+        """What DuckDB holds in memory: cached blocks, data not yet checkpointed, indexes (at most its
+        memory limit, which it evicts down to)."""
+        row = self.reader().execute("SELECT sum(memory_usage_bytes) FROM duckdb_memory()").fetchone()
+        return int(row[0] or 0) if row else 0
+
     def point_count(self, max_id: int | None = None) -> int:
         where = "" if max_id is None else f" WHERE id <= {int(max_id)}"
         row = self.reader().execute(f"SELECT count(*) FROM points{where}").fetchone()
