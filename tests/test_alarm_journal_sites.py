@@ -176,3 +176,71 @@ async def _at_least(total: Any, n: int) -> bool:
 
 async def _is_zero(total: Any, **params: str) -> bool:
     return bool(await total(**params) == 0)
+
+
+DOC = {"id": "a-1", "thingId": "s:oven-001", "anomalyType": "threshold", "state": "acknowledged",
+       "severity": "critical", "openedAt": "2026-12-07T10:00:00Z", "score": 0.9, "acknowledgedBy": "ayse",
+       "resolvedAt": None,
+       "journal": [{"at": "2026-12-07T10:01:00Z", "action": "acknowledged", "by": "ayse", "comment": "on it"}],
+       "shelved": {"id": "shelf-1", "since": "2026-12-07T10:02:00Z", "until": "2026-12-07T12:02:00Z",
+                   "by": "ayse", "reason": "probe being replaced"}}
+
+
+def _batch(doc: dict[str, Any]) -> bytes:
+    import pyarrow as pa
+
+    from gateway.common.wire import POINTS, AnomalyDoc, Batch, encode
+
+    parsed = AnomalyDoc(doc["id"], doc["thingId"], "open", "critical", 0.0, 0.0, doc)  # sent as it is
+    return encode(Batch("gw", 1, "s", "line-a", 0, 0, [], pa.table({n: [] for n in POINTS.names}, schema=POINTS),
+                        anomalies=[parsed]))
+
+
+def test_the_journal_and_the_shelf_travel_checked() -> None:
+    from gateway.common.wire import WireError, decode, fit_anomaly
+
+    got = decode(_batch(DOC)).anomalies[0]
+    assert (got.anomaly_type, got.acknowledged_by, got.resolved_at) == ("threshold", "ayse", None)
+    assert [(e.action, e.by, e.comment) for e in got.journal] == [("acknowledged", "ayse", "on it")]
+    assert got.shelved is not None and got.shelved.until - got.shelved.since == 7200.0
+    old = {k: v for k, v in DOC.items() if k not in ("journal", "shelved")}  # from a gateway before journals
+    assert decode(_batch(old)).anomalies[0].journal == () and decode(_batch(old)).anomalies[0].shelved is None
+    entry = DOC["journal"][0]
+    shelf = DOC["shelved"]
+    for bad in ({"journal": "acknowledged"}, {"journal": [{**entry, "action": "deleted"}]},
+                {"journal": [{**entry, "at": "yesterday"}]}, {"journal": [{**entry, "by": 7}]},
+                {"journal": [{**entry, "comment": "x" * 5000}]}, {"journal": [entry] * 201},
+                {"shelved": "yes"}, {"shelved": {**shelf, "until": "2026-12-07T09:00:00Z"}},
+                {"shelved": {**shelf, "id": ""}}, {"acknowledgedBy": ["ayse"]}, {"resolvedAt": "soon"}):
+        with pytest.raises(WireError) as refused:
+            decode(_batch({**DOC, **bad}))
+        assert refused.value.reason == "bad_document" and "a-1" in refused.value.detail, bad
+    # the gateway cuts what it sends to the limits: a long key name never holds an anomaly back
+    long = {**DOC, "acknowledgedBy": "k" * 500, "journal": [{**entry, "by": "k" * 500, "comment": "c" * 9000}] * 300}
+    fitted = decode(_batch(fit_anomaly(long))).anomalies[0]
+    assert len(fitted.journal) == 200 and fitted.acknowledged_by == "k" * 200
+
+
+def test_a_store_written_before_the_journal_gains_its_columns(tmp_path: Path) -> None:
+    """An aggregator upgraded in place: its anomalies stay, and the new filters work on them."""
+    import duckdb
+
+    from cloud_sync.store.duck import DuckStore
+    from gateway.common.alarms import JournalQuery
+
+    with duckdb.connect(str(tmp_path / "aggregator.duckdb")) as con:
+        con.execute("CREATE TABLE anomalies (id VARCHAR PRIMARY KEY, site VARCHAR, line VARCHAR, "
+                    "gateway_id VARCHAR, thing_id VARCHAR, state VARCHAR, severity VARCHAR, opened_at DOUBLE, "
+                    "score DOUBLE, doc VARCHAR)")
+        con.execute("INSERT INTO anomalies VALUES ('old-1', 's', 'line-a', 'gw', 's:oven-001', 'open', 'critical', "
+                    "1.0, 0.9, ?)", [json.dumps({"id": "old-1", "thingId": "s:oven-001", "state": "open"})])
+    store = DuckStore(tmp_path)
+    store.open()
+    try:
+        items, total = store.anomalies(JournalQuery(site="s"), time.time())
+        assert total == 1 and items[0]["id"] == "old-1" and items[0]["journal"] == [] and items[0]["shelved"] is None
+        assert store.anomalies(JournalQuery(shelved=False), time.time())[1] == 1
+        assert store.anomalies(JournalQuery(shelved=True), time.time())[1] == 0
+        assert store.anomalies(JournalQuery(anomaly_types=("threshold",)), time.time())[1] == 0
+    finally:
+        store.close()

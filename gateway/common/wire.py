@@ -141,6 +141,22 @@ def _short_text(value: Any, limit: int, what: str) -> str:
     return value
 
 
+def fit_anomaly(doc: dict[str, Any]) -> dict[str, Any]:
+    """An anomaly document cut to what the wire takes (the newest MAX_JOURNAL entries, names and comments
+    at their limits), so a long API key name or comment never holds the anomaly back."""
+    out = dict(doc)
+    if isinstance(out.get("acknowledgedBy"), str):
+        out["acknowledgedBy"] = out["acknowledgedBy"][:MAX_PERSON]
+    if isinstance(out.get("journal"), list):
+        out["journal"] = [{**e, "by": str(e.get("by", ""))[:MAX_PERSON],
+                           "comment": str(e.get("comment", ""))[:MAX_COMMENT]} for e in out["journal"][-MAX_JOURNAL:]]
+    if isinstance(out.get("shelved"), dict):
+        shelf = out["shelved"]
+        out["shelved"] = {**shelf, "by": str(shelf.get("by", ""))[:MAX_PERSON],
+                          "reason": str(shelf.get("reason", ""))[:MAX_COMMENT]}
+    return out
+
+
 @dataclass(frozen=True)
 class JournalEntry:
     """One operator action on an anomaly, as its gateway recorded it: who, when, and their comment."""

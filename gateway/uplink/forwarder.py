@@ -28,7 +28,17 @@ from gateway.alarms.journal import AlarmJournal
 from gateway.buffer.buffer import TelemetryBuffer
 from gateway.common.backoff import full_jitter, retry_after
 from gateway.common.errors import Conflict, NotFound
-from gateway.common.wire import MAX_JOURNAL, Action, AnomalyDoc, Batch, OeeEventDoc, OeePeriodDoc, ThingDoc, encode
+from gateway.common.wire import (
+    MAX_JOURNAL,
+    Action,
+    AnomalyDoc,
+    Batch,
+    OeeEventDoc,
+    OeePeriodDoc,
+    ThingDoc,
+    encode,
+    fit_anomaly,
+)
 from gateway.config import GatewayConfig
 from gateway.detect.core import Anomaly
 from gateway.detect.detector import AnomalyDetector
@@ -296,7 +306,7 @@ class Forwarder(UplinkClient):
         condition is shelved and it is not resolved, the shelf."""
         journal = self._journal
         if journal is None:
-            return [AnomalyDoc.parse(a.to_json()) for a in changed]
+            return [AnomalyDoc.parse(fit_anomaly(a.to_json())) for a in changed]
         now = time.time()
         actions = await journal.actions_of([a.id for a in changed], MAX_JOURNAL)
         docs = []
@@ -306,7 +316,7 @@ class Forwarder(UplinkClient):
             shelf = journal.shelf_of(a.thing_id, a.anomaly_type, now) if a.state != "resolved" else None
             doc["shelved"] = {k: v for k, v in shelf.to_json().items() if k not in ("endedAt", "endedBy")} \
                 if shelf is not None else None
-            docs.append(AnomalyDoc.parse(doc))
+            docs.append(AnomalyDoc.parse(fit_anomaly(doc)))
         return docs
 
     async def _apply_actions(self, actions: list[Action]) -> None:
