@@ -38,8 +38,9 @@ from gateway.common.http import (
     error_body,
     error_middleware,
     int_param,
+    known_params,
     parse_json,
-    read_json,
+    read_anomaly_action,
     read_object,
     requires,
     serve,
@@ -443,9 +444,7 @@ class Aggregator:
     async def list_anomalies(self, request: web.Request) -> web.Response:
         """Anomalies across sites, newest first; `state=active` means open or acknowledged."""
         q = request.query
-        unknown = sorted(set(q) - {"site", "state", "severity", "thingId", "limit", "offset"})
-        if unknown:
-            raise Invalid(f"unknown parameter(s) {', '.join(unknown)}")
+        known_params(q, {"site", "state", "severity", "thingId", "limit", "offset"})
         states = [s for s in q.get("state", "").split(",") if s]
         if "active" in states:
             states = sorted((set(states) - {"active"}) | {"open", "acknowledged"})
@@ -470,18 +469,14 @@ class Aggregator:
         with its next batch (202); the anomaly shows the action as `pending` until then."""
         anomaly_id = request.match_info["id"]
         action: Literal["ack", "resolve"] = "ack" if request.path.endswith("/ack") else "resolve"
-        body = await read_json(request, empty={})
-        if not isinstance(body, dict) or set(body) - {"note", "falsePositive"} \
-                or not isinstance(body.get("note", ""), str) or not isinstance(body.get("falsePositive", False), bool):
-            raise Invalid('the body may hold "note" (string) and "falsePositive" (bool) only')
+        note, false_positive = await read_anomaly_action(request)
         doc = await self.read(self.store.anomaly, anomaly_id)
         if doc is None:
             raise NotFound(f"no anomaly {anomaly_id!r}")
         if doc["state"] == "resolved":
             return error_body(409, "anomaly_state", f"anomaly {anomaly_id} is already resolved")
         await self.write(self.store.add_action, doc["gatewayId"], Action(
-            anomaly_id, action, self.auth.caller(request), body.get("note", "")[:2000],
-            bool(body.get("falsePositive", False))))
+            anomaly_id, action, self.auth.caller(request), note, false_positive))
         return web.json_response({**doc, "pending": sorted({*doc.get("pending", []), action})}, status=202)
 
     async def get_owner(self, request: web.Request) -> web.Response:
