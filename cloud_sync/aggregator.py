@@ -32,6 +32,8 @@ from cloud_sync.openapi import SPEC
 from cloud_sync.store import AggregatorStore, Refused, StoreError
 from gateway import __version__
 from gateway.common import signing, systemd, viewer
+from gateway.common.alarms import CSV_COLUMNS as GATEWAY_CSV_COLUMNS
+from gateway.common.alarms import journal_response, parse_query
 from gateway.common.auth import Authenticator, role_allows
 from gateway.common.errors import Invalid, NotFound
 from gateway.common.history import parse_history_request, run_query
@@ -39,7 +41,6 @@ from gateway.common.http import (
     error_body,
     error_middleware,
     int_param,
-    known_params,
     parse_json,
     read_anomaly_action,
     read_object,
@@ -47,12 +48,13 @@ from gateway.common.http import (
     serve,
 )
 from gateway.common.tasks import cancel_and_wait
-from gateway.common.wire import ANOMALY_STATES, Action, Batch, WireError, decode, feature_properties
+from gateway.common.wire import Action, Batch, WireError, decode, feature_properties
 from gateway.detect.models import ModelRegistry, file_sha256
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 MAX_LIMIT = 1000
+CSV_COLUMNS = ("site", "line", "gatewayId", *GATEWAY_CSV_COLUMNS)  # the journal's export names where each row is from
 
 
 def make_store(cfg: AggregatorConfig) -> AggregatorStore:
@@ -419,24 +421,15 @@ class Aggregator:
         return web.json_response(await asyncio.to_thread(viewer.read_layout, Path(self.config.aggregator.data_dir)))
 
     async def list_anomalies(self, request: web.Request) -> web.Response:
-        """Anomalies across sites, newest first; `state=active` means open or acknowledged."""
-        q = request.query
-        known_params(q, {"site", "state", "severity", "thingId", "limit", "offset"})
-        states = [s for s in q.get("state", "").split(",") if s]
-        if "active" in states:
-            states = sorted((set(states) - {"active"}) | {"open", "acknowledged"})
-        bad = [s for s in states if s not in ANOMALY_STATES]
-        if bad:
-            raise Invalid(f"state: unknown {', '.join(bad)}")
-        limit = int_param(q.get("limit"), "limit", 100, 1, 1000)
-        offset = int_param(q.get("offset"), "offset", 0, 0, 10**9)
-        items, total = await self.read(lambda: self.store.anomalies(
-            site=q.get("site") or None, states=states, severities=[s for s in q.get("severity", "").split(",") if s],
-            thing_ids=[s for s in q.get("thingId", "").split(",") if s], limit=limit, offset=offset))
-        return web.json_response({"items": items, "total": total, "limit": limit, "offset": offset})
+        """The alarm journal across sites, newest first, with the gateway's filters, paging and CSV export;
+        `state=active` means open or acknowledged."""
+        q = parse_query(request.query)
+        now = time.time()
+        items, total = await self.read(lambda: self.store.anomalies(q, now))
+        return journal_response(items, total, q, CSV_COLUMNS)
 
     async def get_anomaly(self, request: web.Request) -> web.Response:
-        doc = await self.read(self.store.anomaly, request.match_info["id"])
+        doc = await self.read(self.store.anomaly, request.match_info["id"], time.time())
         if doc is None:
             raise NotFound(f"no anomaly {request.match_info['id']!r}")
         return web.json_response(doc)
@@ -447,7 +440,7 @@ class Aggregator:
         anomaly_id = request.match_info["id"]
         action: Literal["ack", "resolve"] = "ack" if request.path.endswith("/ack") else "resolve"
         note, false_positive = await read_anomaly_action(request)
-        doc = await self.read(self.store.anomaly, anomaly_id)
+        doc = await self.read(self.store.anomaly, anomaly_id, time.time())
         if doc is None:
             raise NotFound(f"no anomaly {anomaly_id!r}")
         if doc["state"] == "resolved":

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from gateway import __version__
+from gateway.common.alarms import PARAMETERS as JOURNAL_PARAMETERS
 from gateway.common.openapi import BEARER, ERROR_SCHEMA, operation, response
 
 ERROR = {"$ref": "#/components/schemas/Error"}
@@ -58,7 +59,14 @@ SPEC: dict[str, Any] = {
                 "id": {"type": "string"}, "thingId": {"type": "string"},
                 "state": {"enum": ["open", "acknowledged", "resolved"]}, "site": {"type": "string"},
                 "line": {"type": "string"}, "gatewayId": {"type": "string"},
-                "pending": {"type": "array", "items": {"enum": ["ack", "resolve"]}}}},
+                "pending": {"type": "array", "items": {"enum": ["ack", "resolve"]}},
+                "journal": {"type": "array", "items": {"type": "object", "required": ["at", "action", "by"],
+                                                       "properties": {
+                    "at": {"type": "string"}, "action": {"enum": ["acknowledged", "resolved", "shelved", "unshelved"]},
+                    "by": {"type": "string"}, "comment": {"type": "string"}}}},
+                "shelved": {"type": ["object", "null"], "properties": {
+                    "id": {"type": "string"}, "since": {"type": "string"}, "until": {"type": "string"},
+                    "by": {"type": "string"}, "reason": {"type": "string"}}}}},
             "Owner": {"type": "object", "required": ["thingId", "gatewayId"], "properties": {
                 "thingId": {"type": "string"}, "gatewayId": {"type": "string"},
                 "formerGatewayId": {"type": "string"}}},
@@ -137,12 +145,11 @@ SPEC: dict[str, Any] = {
             parameters=[{"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
                         for n in ("type", "version", "file")])},
         "/api/v1/anomalies": {"get": operation(
-            "Anomalies across sites, newest first", "viewer",
-            {"200": response("a page", _items({"$ref": "#/components/schemas/Anomaly"}, paged=True)), **ERRORS},
-            parameters=[_query("site", {"type": "string"}), _query("state", {"type": "string"},
-                                                                   "comma-separated; active = open,acknowledged"),
-                        _query("severity", {"type": "string"}), _query("thingId", {"type": "string"}),
-                        *PAGE_PARAMS])},
+            "The alarm journal across sites, newest first (docs/aggregator.md, 'Alarm journal')", "viewer",
+            {"200": {"description": "a page, or CSV with format=csv", "content": {
+                "application/json": {"schema": _items({"$ref": "#/components/schemas/Anomaly"}, paged=True)},
+                "text/csv": {"schema": {"type": "string"}}}}, **ERRORS},
+            parameters=[_query(n, {"type": "string"}, d) for n, d in JOURNAL_PARAMETERS])},
         "/api/v1/anomalies/{id}": {"get": operation(
             "One anomaly", "viewer", {"200": response("the anomaly", {"$ref": "#/components/schemas/Anomaly"}),
                                      **ERRORS, **MISSING}, parameters=[ANOMALY_ID])},

@@ -75,12 +75,17 @@ class GatewayService:
             else None
         self.oee = OeeTracker(config.oee, data, config.gateway.line, self.bus, self.metrics.registry) \
             if config.oee.enabled else None
-        self.journal = AlarmJournal(data / "alarms.sqlite") if self.detector is not None else None
+        self.journal: AlarmJournal | None = None
+        if self.detector is not None:
+            # a journal or shelf change sends the anomalies it concerns upstream again
+            self.journal = AlarmJournal(data / "alarms.sqlite", on_change=self.detector.log.touch)
+            self.detector.silencer = self.journal  # shelved conditions notify nobody
         self.forwarder: Forwarder | None = None
         if config.uplink.url:
             from gateway.uplink.forwarder import Forwarder
 
-            self.forwarder = Forwarder(config, self.buffer, self.registry, self.metrics, self.detector, self.oee)
+            self.forwarder = Forwarder(config, self.buffer, self.registry, self.metrics, self.detector, self.oee,
+                                       self.journal)
         self.model_fetcher: ModelFetcher | None = None
         if config.uplink.url and config.uplink.models_interval_s and self.detector is not None:
             from gateway.uplink.models import ModelFetcher

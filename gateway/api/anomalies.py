@@ -7,8 +7,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import time
 from typing import Any, Literal
@@ -18,29 +16,16 @@ from aiohttp import web
 
 from gateway.alarms.journal import MAX_SHELVE_HOURS
 from gateway.api.parts import PARTS
+from gateway.common.alarms import journal_response, parse_query
 from gateway.common.errors import Invalid, NotFound
-from gateway.common.history import parse_time
-from gateway.common.http import int_param, known_params, read_anomaly_action, read_json, read_object, requires
+from gateway.common.http import read_anomaly_action, read_json, read_object, requires
 from gateway.detect.anomalies import Anomaly
 from gateway.detect.explain import label
 
-MAX_LIMIT = 1000
-MAX_EXPORT = 100_000  # rows of one CSV export
 RUL_WINDOW_S = 24 * 3600.0
-STATES = {"open", "acknowledged", "resolved"}
-SEVERITIES = {"info", "warning", "critical"}
 
 
 routes = web.RouteTableDef()
-
-
-def _list(value: str | None, allowed: set[str] | None, name: str) -> list[str]:
-    items = [v for v in (value or "").split(",") if v]
-    if allowed is not None:
-        bad = [v for v in items if v not in allowed]
-        if bad:
-            raise Invalid(f"{name}: unknown {', '.join(bad)} (one or more of {', '.join(sorted(allowed))})")
-    return items
 
 
 async def _anomaly(request: web.Request) -> Anomaly:
@@ -58,80 +43,28 @@ async def list_anomalies(request: web.Request) -> web.Response:
     """The alarm journal, newest first. `state=active` means open or acknowledged; `format=csv` exports."""
     parts = request.app[PARTS]
     det = parts.need_detector()
-    q = request.query
-    known_params(q, {"state", "thingId", "severity", "from", "to", "limit", "offset", "site", "line", "type",
-                     "acknowledgedBy", "shelved", "format"})
-    states = _list(q.get("state"), STATES | {"active"}, "state")
-    if "active" in states:
-        states = sorted((set(states) - {"active"}) | {"open", "acknowledged"})
-    fmt = q.get("format", "json")
-    if fmt not in ("json", "csv"):
-        raise Invalid("format must be json or csv")
-    limit = int_param(q.get("limit"), "limit", 100, 1, MAX_LIMIT if fmt == "json" else MAX_EXPORT)
-    offset = int_param(q.get("offset"), "offset", 0, 0, 10**9)
-    thing_ids = _list(q.get("thingId"), None, "thingId")
-    site, line = q.get("site"), q.get("line")
-    if site and site != parts.config.gateway.site:
+    q = parse_query(request.query)
+    thing_ids = list(q.thing_ids)
+    if q.site and q.site != parts.config.gateway.site:
         thing_ids = [""]  # another site's anomalies are not on this gateway
-    if line:
+    if q.line:
         on_line = [t.id for t in parts.registry.changed_since(float("-inf"))
-                   if str(t.metadata.get("line") or parts.config.gateway.line) == line]
+                   if str(t.metadata.get("line") or parts.config.gateway.line) == q.line]
         thing_ids = [t for t in thing_ids if t in on_line] if thing_ids else (on_line or [""])
     shelves = await parts.journal.shelves(active_at=time.time()) if parts.journal else []
     shelf_of = {(s.thing_id, s.anomaly_type): s for s in shelves}
-    shelved = q.get("shelved")
-    if shelved not in (None, "true", "false"):
-        raise Invalid("shelved must be true or false")
     items, total = await det.log.query(
-        states=states, thing_ids=thing_ids,
-        severities=_list(q.get("severity"), SEVERITIES, "severity"),
-        since=parse_time(q["from"], "from") if q.get("from") else None,
-        until=parse_time(q["to"], "to") if q.get("to") else None, limit=limit, offset=offset,
-        anomaly_types=_list(q.get("type"), None, "type"),
-        acknowledged_by=_list(q.get("acknowledgedBy"), None, "acknowledgedBy"),
-        conditions=list(shelf_of) if shelved == "true" else None,
-        without_conditions=list(shelf_of) if shelved == "false" else ())
+        states=q.states, thing_ids=thing_ids, severities=q.severities, since=q.since, until=q.until,
+        limit=q.limit, offset=q.offset, anomaly_types=q.anomaly_types, acknowledged_by=q.acknowledged_by,
+        conditions=list(shelf_of) if q.shelved is True else None,
+        without_conditions=list(shelf_of) if q.shelved is False else ())
     docs = []
     for a in items:
         doc = a.to_json()
         shelf = shelf_of.get((a.thing_id, a.anomaly_type))
         doc["shelved"] = shelf.to_json() if shelf is not None and a.state != "resolved" else None
         docs.append(doc)
-    if fmt == "csv":
-        return web.Response(text=journal_csv(docs), content_type="text/csv", charset="utf-8",
-                            headers={"Content-Disposition": 'attachment; filename="alarms.csv"',
-                                     "X-Total-Count": str(total)})
-    return web.json_response({"items": docs, "total": total, "limit": limit, "offset": offset})
-
-
-CSV_COLUMNS = ("id", "thingId", "thingType", "anomalyType", "severity", "state", "openedAt", "lastSeenAt",
-               "acknowledgedAt", "acknowledgedBy", "resolvedAt", "resolvedBy", "note", "falsePositive", "score",
-               "explanation", "shelvedUntil", "shelvedBy")
-
-
-def journal_csv(docs: list[dict[str, Any]]) -> str:
-    """The journal as CSV, one anomaly a row (spreadsheet formulas neutralised)."""
-    out = io.StringIO()
-    w = csv.writer(out)
-    w.writerow(CSV_COLUMNS)
-    for d in docs:
-        shelf = d.get("shelved") or {}
-        row = [*(d.get(c) for c in CSV_COLUMNS[:-2]), shelf.get("until"), shelf.get("by")]
-        w.writerow(["" if v is None else _cell(v) for v in row])
-    return out.getvalue()
-
-
-def _cell(v: Any) -> str:
-    text = str(v).lower() if isinstance(v, bool) else str(v)
-    return "'" + text if text[:1] in ("=", "+", "-", "@") and not _is_number(text) else text
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
+    return journal_response(docs, total, q)
 
 
 @routes.get("/api/v1/anomalies/{id}")

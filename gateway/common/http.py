@@ -106,7 +106,7 @@ def known_params(query: Mapping[str, str], allowed: set[str]) -> None:
     """A 400 naming the query parameters a route does not take, so a misspelt filter is never ignored."""
     unknown = sorted(set(query) - allowed)
     if unknown:
-        raise Invalid(f"unknown parameter(s) {', '.join(unknown)}")
+        raise Invalid(f"unknown parameter(s) {', '.join(unknown)[:200]}")
 
 
 def int_param(value: str | None, name: str, default: int, lo: int, hi: int) -> int:
