@@ -19,7 +19,18 @@ from aiohttp import web
 
 from gateway.common.errors import Invalid
 from gateway.common.history import parse_time
-from gateway.common.oee import STOP_STATES, SUMMED, Totals, downtime_answer, oee_answer
+from gateway.common.http import known_params
+from gateway.common.oee import (
+    STOP_STATES,
+    SUMMED,
+    Totals,
+    Where,
+    downtime_answer,
+    minor_stop_s,
+    oee_answer,
+    period_totals,
+    stop_pareto,
+)
 from gateway.common.sqlite import SqliteWorker
 from gateway.common.wire import OEE_STATES, Batch
 
@@ -54,7 +65,7 @@ def foreign_oee(batch: Batch) -> str:
     return ""
 
 
-def _where(scope: str, scope_id: str) -> tuple[str, list[Any]]:
+def _where(scope: str, scope_id: str) -> Where:
     if scope == "machine":
         return "thing_id = ?", [scope_id]
     if scope == "line":
@@ -111,49 +122,21 @@ class CentralOee:
 
     async def totals(self, scope: str, scope_id: str, start: float, end: float,
                      by: str) -> list[tuple[tuple[Any, ...], Totals]]:
-        where, args = _where(scope, scope_id)
-        first = {"hour": "hour", "day": "day", "shift": "day", "none": "''"}[by]
-        group = {"hour": "hour", "day": "day", "shift": "day, shift", "none": "''"}[by]
-        sums = ", ".join(f"SUM({k}) AS {k}" for k in SUMMED)
-
-        def run(conn: sqlite3.Connection) -> list[tuple[tuple[Any, ...], Totals]]:
-            cur = conn.execute(
-                f"SELECT {first} AS k1, {'shift' if by == 'shift' else 'NULL'} AS k2, MIN(hour) AS first_hour, {sums} "
-                f"FROM oee_periods WHERE {where} AND planned = 1 AND hour >= ? AND hour < ? GROUP BY {group} "
-                "ORDER BY first_hour", (*args, start, end))
-            names = [d[0] for d in cur.description]
-            return [((r[0], r[1], r[2]), Totals.of(dict(zip(names, r, strict=True)))) for r in cur.fetchall()]
-
-        return await self._call(run)
+        where = _where(scope, scope_id)
+        return await self._call(lambda conn: period_totals(conn, where, start, end, by))
 
     async def minor_stops(self, scope: str, scope_id: str, start: float, end: float, limit_s: float) -> float:
-        where, args = _where(scope, scope_id)
-
-        def run(conn: sqlite3.Connection) -> float:
-            row = conn.execute(f"SELECT SUM(planned_s) FROM oee_events WHERE {where} AND start >= ? AND start < ? "
-                               "AND state IN ('down', 'offline') AND \"end\" - start < ?",
-                               (*args, start, end, limit_s)).fetchone()
-            return float(row[0] or 0.0)
-
-        return await self._call(run)
+        where = _where(scope, scope_id)
+        return await self._call(lambda conn: minor_stop_s(conn, where, start, end, limit_s))
 
     async def pareto(self, scope: str, scope_id: str, start: float, end: float,
                      states: tuple[str, ...]) -> list[tuple[str, str, float, int]]:
-        where, args = _where(scope, scope_id)
-
-        def run(conn: sqlite3.Connection) -> list[tuple[str, str, float, int]]:
-            return [(r[0], r[1], r[2], r[3]) for r in conn.execute(
-                f"SELECT reason, state, SUM(planned_s) AS s, COUNT(*) FROM oee_events WHERE {where} AND start >= ? "
-                f"AND start < ? AND state IN ({', '.join('?' for _ in states)}) AND planned_s > 0 "
-                "GROUP BY reason, state ORDER BY s DESC", (*args, start, end, *states))]
-
-        return await self._call(run)
+        where = _where(scope, scope_id)
+        return await self._call(lambda conn: stop_pareto(conn, where, start, end, states))
 
 
 def _request(q: Mapping[str, str], allowed: set[str]) -> tuple[str, str, float, float]:
-    unknown = sorted(set(q) - allowed)
-    if unknown:
-        raise Invalid(f"unknown parameter(s) {', '.join(unknown)}")
+    known_params(q, allowed)
     scope = q.get("scope", "all")
     if scope not in ("machine", "line", "site", "all"):
         raise Invalid("scope must be machine, line, site or all")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
 
@@ -39,6 +39,14 @@ if TYPE_CHECKING:
     from gateway.uplink.models import ModelFetcher
 
 log = logging.getLogger(__name__)
+
+
+class Part(Protocol):
+    """A long-lived part of the service: started once, stopped once after its in-flight work."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
 
 
 class GatewayService:
@@ -111,12 +119,8 @@ class GatewayService:
         if restored:
             log.info("live state restored from the buffer", extra={"things": restored})
         self._check_memory()
-        if self.detector is not None:
-            await self.detector.start()  # before ingest: the first reading is already watched
-        if self.oee is not None:
-            await self.oee.start()
-        if self.journal is not None:
-            await self.journal.start()
+        for watcher in self._watchers():
+            await watcher.start()  # before ingest: the first reading is already watched
         await self.ingest.start()
         await self.connectors.start()
         if self.forwarder is not None:
@@ -133,6 +137,11 @@ class GatewayService:
         log.info("gateway started", extra={"site": cfg.gateway.site, "line": cfg.gateway.line,
                                            "gateway_id": cfg.gateway.id, "http_port": self.http_port,
                                            "things": len(self.registry)})
+
+    def _watchers(self) -> list[Part]:
+        """The parts this gateway runs that act on readings as they are applied: anomaly detection, OEE
+        tracking, the alarm journal."""
+        return [p for p in (self.detector, self.oee, self.journal) if p is not None]
 
     def _check_memory(self) -> None:
         """Warn at start when this gateway may need more than its share of the machine's memory."""
@@ -159,12 +168,8 @@ class GatewayService:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-        if self.detector is not None:
-            await self.detector.stop()
-        if self.oee is not None:
-            await self.oee.stop()
-        if self.journal is not None:
-            await self.journal.stop()
+        for watcher in self._watchers():
+            await watcher.stop()
         await self.buffer.stop()
         await self.dead_letters.stop()
         if self.provisioner is not None:

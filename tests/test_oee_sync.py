@@ -19,13 +19,13 @@ from gateway.common.wire import Batch, OeePeriodDoc, decode, encode
 from tests.helpers import (
     ADMIN_KEY,
     OTHER_TOKEN,
-    TOKEN,
     AggregatorFactory,
     GatewayFactory,
     aggregator_config,
     auth,
     unique_site,
     uplink,
+    uplink_token,
 )
 
 RULES = {"mixer": {"running": [{"property": "motor.current", "op": ">", "value": 3.0}],
@@ -51,7 +51,7 @@ async def test_site_oee_is_the_time_weighted_combination_of_its_lines(
         mosquitto: tuple[str, int], start_gateway: GatewayFactory, start_aggregator: AggregatorFactory,
         tmp_path: Path) -> None:
     site = unique_site()
-    agg = await start_aggregator(aggregator_config(tmp_path, (f"gw-{site}", TOKEN, site, "line-a"),
+    agg = await start_aggregator(aggregator_config(tmp_path, uplink_token(site),
                                                    (f"gw-{site}-b", OTHER_TOKEN, site, "line-b")))
     assert agg.http_port is not None
     oee = {"oee.enabled": True, "oee.types": RULES, "oee.flush_interval_s": 0.2}

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from gateway.common.errors import Invalid
 from gateway.common.history import parse_time
-from gateway.common.http import int_param
+from gateway.common.http import int_param, known_params
 
 MAX_LIMIT = 1000  # anomalies of one JSON page
 MAX_EXPORT = 100_000  # rows of one CSV export
@@ -67,9 +67,7 @@ def comma_list(value: str | None, allowed: frozenset[str] | None, name: str) -> 
 
 def parse_query(q: Mapping[str, str]) -> JournalQuery:
     """The journal's query parameters, every one checked (unknown ones are an error)."""
-    unknown = sorted(set(q) - {name for name, _ in PARAMETERS})
-    if unknown:
-        raise Invalid(f"unknown parameter(s) {', '.join(unknown)[:200]}")
+    known_params(q, {name for name, _ in PARAMETERS})
     states = comma_list(q.get("state"), STATES | {"active"}, "state")
     if "active" in states:
         states = tuple(sorted((set(states) - {"active"}) | {"open", "acknowledged"}))
