@@ -35,6 +35,10 @@ def _items(item: dict[str, Any], paged: bool = False) -> dict[str, Any]:
 
 PAGE_PARAMS = [_query("limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}),
                _query("offset", {"type": "integer", "minimum": 0, "default": 0})]
+OEE_SCOPE = [_query("scope", {"enum": ["machine", "line", "site", "all"]}, "default all"),
+             _query("id", {"type": "string"}, "a Thing, site/line or site"),
+             _query("from", {"type": "string"}, "ISO 8601 or epoch seconds; default to - 24 h"),
+             _query("to", {"type": "string"}, "ISO 8601 or epoch seconds; default now")]
 ACTION_BODY = {"required": False, "content": {"application/json": {"schema": {
     "type": "object", "additionalProperties": False,
     "properties": {"note": {"type": "string"}, "falsePositive": {"type": "boolean"}}}}}}
@@ -158,6 +162,20 @@ SPEC: dict[str, Any] = {
             {"202": response("queued", {"$ref": "#/components/schemas/Anomaly"}), **ERRORS, **MISSING,
              "409": response("already resolved", ERROR)}, parameters=[ANOMALY_ID], requestBody=ACTION_BODY)}
            for act in ("ack", "resolve")},
+        "/api/v1/oee": {"get": operation(
+            "OEE with availability, performance and quality of a machine, line, site or every site (docs/oee.md)",
+            "viewer", {"200": response("figures per shift, hour or day", ANY), **ERRORS},
+            parameters=[*OEE_SCOPE, _query("by", {"enum": ["shift", "hour", "day", "none"]})])},
+        "/api/v1/downtime": {"get": operation(
+            "The six big losses and the stops of planned time by reason (a Pareto)", "viewer",
+            {"200": response("losses and Pareto", ANY), **ERRORS},
+            parameters=[*OEE_SCOPE, _query("state", {"type": "string"}, "stop states, comma-separated"),
+                        _query("microstopS", {"type": "number"}, "stops shorter than this are minor stops")])},
+        "/api/v1/oee/events": {"get": operation(
+            "Machine state events overlapping the range, oldest first (the state bands)", "viewer",
+            {"200": response("events", _items(ANY)), **ERRORS},
+            parameters=[*OEE_SCOPE, _query("state", {"type": "string"}, "comma-separated"),
+                        _query("limit", {"type": "integer", "minimum": 1, "maximum": 50000, "default": 5000})])},
         "/api/v1/ws": {"get": operation(
             "WebSocket: SiteSummaries, Anomaly and Things events (docs/aggregator.md)", "viewer",
             {"101": response("switching protocols"), **ERRORS,

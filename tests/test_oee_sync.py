@@ -105,6 +105,21 @@ async def test_site_oee_is_the_time_weighted_combination_of_its_lines(
     assert r.status == 200 and down["sixBigLosses"]["idlingAndMinorStops"] == 60 * 60
     assert (down["pareto"][0]["reason"], down["pareto"][0]["seconds"]) == ("unassigned", down["stopS"])
 
+    # the state bands across sites: every closed event of a line's gateway, as it sent it
+    async with aiohttp.ClientSession() as http:
+        for gw, line in ((gw_a, "line-a"), (gw_b, "line-b")):
+            local = (await gw.get("/api/v1/oee/events", params={"scope": "line", "id": line, **span}))[1]["items"]
+            async with http.get(base + "/api/v1/oee/events", params={"scope": "line", "id": f"{site}/{line}", **span},
+                                headers=auth(ADMIN_KEY)) as r:
+                body = await r.json()
+                assert r.status == 200, body
+            closed = [(e["thingId"], e["state"], e["start"], e["end"]) for e in local if not e["open"]]
+            assert closed and set(closed) <= {(e["thingId"], e["state"], e["start"], e["end"]) for e in body["items"]}
+            assert {(e["site"], e["line"]) for e in body["items"]} == {(site, line)}
+            assert {e["state"] for e in body["items"]} >= {"idle", "running"}
+        async with http.get(base + "/api/v1/oee/events", params={"state": "bogus"}, headers=auth(ADMIN_KEY)) as r:
+            assert r.status == 400 and "state" in (await r.json())["detail"]
+
 
 def test_oee_records_travel_in_the_batch_and_are_checked() -> None:
     import pyarrow as pa

@@ -302,7 +302,14 @@ def test_oee_tiles_match_the_api_and_an_operator_sets_a_downtime_reason(demo: di
     assert (saved["reason"], saved["note"]) == ("recipe_change", "croissant to simit")
     wait_until("the Pareto names it", lambda: "recipe_change" in (gw.get_attribute("#pareto", "data-reasons") or ""))
     gw.screenshot(path=str(SHOTS / "11-reason-set.png"))
-    assert not page.errors and not gw.errors, page.errors + gw.errors
+
+    # the aggregator draws the same bands from what the gateway forwarded; reasons are set at the gateway
+    central = open_page(browser, f"{demo['agg']}/viewer/#/oee/{SITE}/{LINE}")
+    central.wait_for_selector(f'.state-band[data-thing="{OVEN}"] .seg[data-state="changeover"]', timeout=60000)
+    assert central.eval_on_selector_all(".state-band", "els => els.length") == 6
+    assert central.query_selector("#stops button") is None
+    central.screenshot(path=str(SHOTS / "12-oee-line-central.png"))
+    assert not page.errors and not gw.errors and not central.errors, page.errors + gw.errors + central.errors
 
 
 def test_the_alarms_page_filters_acts_shelves_and_exports(demo: dict[str, Any], browser: Any) -> None:
