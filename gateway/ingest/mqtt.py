@@ -80,6 +80,74 @@ class BrokerAcks:
 _PUBACK = struct.Struct("!BBH")
 
 
+class ReadAhead:
+    """Reads a broker connection in chunks and lets paho parse several packets per wake-up.
+
+    paho reads a packet in at least three `recv()` calls (its type byte, each byte of its length,
+    the rest) and one packet per call of `loop_read()`, so every message costs the event loop a
+    wake-up and several system calls. Here paho's reads are served from one `recv()` of up to
+    `CHUNK` bytes, and one wake-up parses what that chunk holds — at most `PER_TURN` packets, so
+    a full chunk cannot flood the event bus before WebSocket senders and the commit loop run;
+    the rest is parsed in the next turn of the event loop (the socket may not signal again, as
+    its bytes are already read).
+    """
+
+    CHUNK = 32 * 1024
+    PER_TURN = 32
+
+    def __init__(self, client: aiomqtt.Client, paho_client: paho.Client) -> None:
+        self._aio = client
+        self._paho = paho_client
+        self._recv = paho_client._sock_recv
+        self._loop_read = paho_client.loop_read
+        self._buf = b""
+        self._pos = 0
+        self._sock: object = None
+        self._later: asyncio.Handle | None = None
+        # paho looks both up on the instance: its reads and aiomqtt's reader callback come here.
+        paho_client._sock_recv = self._sock_recv  # type: ignore[method-assign]
+        paho_client.loop_read = self.loop_read  # type: ignore[method-assign]
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf) - self._pos
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        sock = self._paho._sock
+        if sock is not self._sock:  # a new connection: nothing read from the old one carries over
+            self._sock, self._buf, self._pos = sock, b"", 0
+        if self._pos >= len(self._buf):
+            data = self._recv(max(bufsize, self.CHUNK))  # BlockingIOError when nothing is waiting
+            if len(data) <= bufsize:
+                return data
+            self._buf, self._pos = data, 0
+        start = self._pos
+        self._pos = min(start + bufsize, len(self._buf))
+        return self._buf[start:self._pos]
+
+    def loop_read(self, max_packets: int = 1) -> paho.MQTTErrorCode:
+        """Parse the packets of one chunk, at most `PER_TURN`; schedule the rest for the next turn."""
+        rc = self._loop_read()
+        turns = 1
+        while rc == paho.MQTT_ERR_SUCCESS and self.buffered and self._paho._sock is not None:
+            if turns >= self.PER_TURN:
+                if self._later is None:
+                    self._later = asyncio.get_running_loop().call_soon(self._resume)
+                break
+            rc = self._loop_read()
+            turns += 1
+        return rc
+
+    def _resume(self) -> None:
+        self._later = None
+        try:
+            self.loop_read()
+        except Exception as exc:  # as aiomqtt's own reader does: a broken connection ends the session
+            disconnected = self._aio._disconnected
+            if not disconnected.done():
+                disconnected.set_exception(exc)
+
+
 class MqttIngest:
     """Owns the broker connection; parses, validates, de-duplicates and applies telemetry."""
 
@@ -114,10 +182,7 @@ class MqttIngest:
 
     async def stop(self) -> None:
         """Stop taking messages, commit and acknowledge what was taken, then disconnect."""
-        self._stopping = True
-        paho_client = self._paho
-        if paho_client is not None:
-            paho_client.on_message = None  # later messages stay unacknowledged: the broker keeps them
+        self._stopping = True  # later messages stay unacknowledged: the broker keeps them
         try:
             await self._buffer.flush()
         except Exception:
@@ -150,11 +215,15 @@ class MqttIngest:
         self._paho = client._client
         self._paho.manual_ack_set(True)
         acks = BrokerAcks(self._paho)
+        ReadAhead(client, self._paho)
 
-        def on_message(c: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
-            self._on_message(acks, message)
+        def on_message(message: paho.MQTTMessage) -> None:
+            if not self._stopping:  # after stop() messages stay unacknowledged: the broker keeps them
+                self._on_message(acks, message)
 
-        self._paho.on_message = on_message
+        # paho matches every message against per-topic callbacks under two locks before it calls
+        # `on_message`; there are none here (messages come only to us), so that step is skipped.
+        self._paho._handle_on_message = on_message  # type: ignore[method-assign]
         return client
 
     async def _run(self) -> None:
