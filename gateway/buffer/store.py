@@ -83,6 +83,7 @@ class BufferStore(PointFile):
         marked = self._marked
         known = [k for k in batch.seq_marks if k in marked]
         new = [k for k in batch.seq_marks if k not in marked]
+        egiz_points = batch.to_arrow(first_id) if batch.series else None  # noqa: F841 (read by the SQL below)
         egiz_known = _marks_table(batch, known) if known else None  # noqa: F841 (read by the SQL below)
         egiz_new = _marks_table(batch, new) if new else None  # noqa: F841 (read by the SQL below)
         if batch.new_series:  # many at once when Things register: 10k Things bring 80k series
@@ -99,7 +100,7 @@ class BufferStore(PointFile):
             if batch.new_series:
                 con.execute("INSERT INTO series SELECT * FROM egiz_series")
             if batch.series:
-                con.from_arrow(batch.to_arrow(first_id)).insert_into("points")
+                con.execute("INSERT INTO points SELECT * FROM egiz_points")
             if known:
                 con.execute("UPDATE seq_state SET seq = m.seq, updated = epoch(now()), seen = m.seen "
                             "FROM egiz_known m WHERE seq_state.thing_id = m.thing_id AND seq_state.boot = m.boot")

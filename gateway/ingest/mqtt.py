@@ -90,10 +90,16 @@ class ReadAhead:
     a full chunk cannot flood the event bus before WebSocket senders and the commit loop run;
     the rest is parsed in the next turn of the event loop (the socket may not signal again, as
     its bytes are already read).
+
+    After a chunk the socket is not watched for `PAUSE_S`: at a line's steady rate messages arrive
+    one by one, a millisecond apart, and each would wake the event loop, the ingest and every
+    WebSocket sender on its own. Reading a few milliseconds' worth at once makes one wake-up, one
+    read and one WebSocket write of several messages; it delays a message by at most `PAUSE_S`.
     """
 
     CHUNK = 32 * 1024
     PER_TURN = 32
+    PAUSE_S = 0.004
 
     def __init__(self, client: aiomqtt.Client, paho_client: paho.Client) -> None:
         self._aio = client
@@ -104,6 +110,7 @@ class ReadAhead:
         self._pos = 0
         self._sock: object = None
         self._later: asyncio.Handle | None = None
+        self._paused = False
         # paho looks both up on the instance: its reads and aiomqtt's reader callback come here.
         paho_client._sock_recv = self._sock_recv  # type: ignore[method-assign]
         paho_client.loop_read = self.loop_read  # type: ignore[method-assign]
@@ -136,13 +143,37 @@ class ReadAhead:
                 break
             rc = self._loop_read()
             turns += 1
+        if rc == paho.MQTT_ERR_SUCCESS and self._later is None:
+            self._pause()
         return rc
 
+    def _pause(self) -> None:
+        """Stop watching the socket for `PAUSE_S` (what arrives meanwhile waits in its buffer)."""
+        sock = self._paho._sock
+        if sock is None or self._paused or self.PAUSE_S <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        fd = sock.fileno()
+        if loop.remove_reader(fd):
+            self._paused = True
+            loop.call_later(self.PAUSE_S, self._watch, sock, fd)
+
+    def _watch(self, sock: object, fd: int) -> None:
+        self._paused = False
+        if self._paho._sock is sock:  # not closed (nor replaced) meanwhile
+            asyncio.get_running_loop().add_reader(fd, self._resume)
+
     def _resume(self) -> None:
+        """Read again, as aiomqtt's reader does: TLS may hold decrypted bytes the socket does not
+        signal, and an error ends the session."""
         self._later = None
         try:
             self.loop_read()
-        except Exception as exc:  # as aiomqtt's own reader does: a broken connection ends the session
+            sock = self._paho._sock
+            while sock is not None and hasattr(sock, "pending") and sock.pending() > 0:
+                self.loop_read()
+                sock = self._paho._sock
+        except Exception as exc:
             disconnected = self._aio._disconnected
             if not disconnected.done():
                 disconnected.set_exception(exc)
