@@ -205,6 +205,7 @@ class MqttIngest:
         self.accepted_messages = 0
         self.accepted_points = 0
         self._routes: dict[str, tuple[str, dict[str, str]]] = {}
+        self._identities: dict[str, Identity] = {}
         self._kind_counters = {k: metrics.messages.labels(k) for k in ("telemetry", "status", "command_ack", "other")}
 
     # ----------------------------------------------------------------- lifecycle
@@ -318,7 +319,7 @@ class MqttIngest:
             kind, fields = route
             self._kind_counters[kind].inc()
             if kind == "telemetry":
-                self._telemetry(fields, raw)
+                self._telemetry(topic, fields, raw)
             elif kind == "status":
                 self._status(fields, raw)
             elif kind == "command_ack":
@@ -374,8 +375,13 @@ class MqttIngest:
             raise RejectedMessage("type_mismatch", f"{ident.thing_id} is a {thing.type}, topic says {ident.type}")
         return thing
 
-    def _telemetry(self, fields: dict[str, str], raw: bytes) -> None:
-        ident = self._identity(fields)
+    def _telemetry(self, topic: str, fields: dict[str, str], raw: bytes) -> None:
+        ident = self._identities.get(topic)
+        if ident is None:  # remembered per topic, like its route: the same few topics all day
+            ident = self._identity(fields)  # a refused one is not remembered
+            if len(self._identities) >= MAX_ROUTES:
+                self._identities.clear()
+            self._identities[topic] = ident
         telemetry = parse_telemetry(
             raw,
             feature=fields.get("feature"),
