@@ -134,12 +134,14 @@ class ReadAhead:
 
     def loop_read(self, max_packets: int = 1) -> paho.MQTTErrorCode:
         """Parse the packets of one chunk, at most `PER_TURN`; schedule the rest for the next turn."""
+        if self._later is not None:  # the rest of a chunk is due this turn: that call reads on, not this one
+            return paho.MQTT_ERR_SUCCESS
         rc = self._loop_read()
         turns = 1
         while rc == paho.MQTT_ERR_SUCCESS and self.buffered and self._paho._sock is not None:
             if turns >= self.PER_TURN:
                 if self._later is None:
-                    self._later = asyncio.get_running_loop().call_soon(self._resume)
+                    self._later = asyncio.get_running_loop().call_soon(self._continue)
                 break
             rc = self._loop_read()
             turns += 1
@@ -161,12 +163,16 @@ class ReadAhead:
     def _watch(self, sock: object, fd: int) -> None:
         self._paused = False
         if self._paho._sock is sock:  # not closed (nor replaced) meanwhile
-            asyncio.get_running_loop().add_reader(fd, self._resume)
+            asyncio.get_running_loop().add_reader(fd, self._readable)
 
-    def _resume(self) -> None:
-        """Read again, as aiomqtt's reader does: TLS may hold decrypted bytes the socket does not
-        signal, and an error ends the session."""
+    def _continue(self) -> None:
+        """The rest of a chunk, one turn later."""
         self._later = None
+        self._readable()
+
+    def _readable(self) -> None:
+        """Read, as aiomqtt's reader does: TLS may hold decrypted bytes the socket does not
+        signal, and an error ends the session."""
         try:
             self.loop_read()
             sock = self._paho._sock
