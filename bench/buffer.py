@@ -17,9 +17,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+from harness import emit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -31,11 +31,6 @@ from gateway.metrics import GatewayMetrics
 
 DAY = 86_400
 T0 = 1_789_948_800.0  # a UTC midnight
-
-
-def emit(figure: str, value: float, unit: str, target: str, **extra: Any) -> None:
-    print(json.dumps({"figure": figure, "value": round(value, 3), "unit": unit, "target": target, **extra}),
-          flush=True)
 
 
 def config(data: Path) -> GatewayConfig:

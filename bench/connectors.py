@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import resource
 import sys
@@ -26,6 +25,8 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+
+from harness import emit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gateway.broker import find_free_port
@@ -36,11 +37,6 @@ from gateway.service import GatewayService
 
 SITE = "bench"
 STAMP_ADDRESS = 200  # float64: when the server answered
-
-
-def emit(figure: str, value: float, unit: str, target: str, **extra: Any) -> None:
-    print(json.dumps({"figure": figure, "value": round(value, 3), "unit": unit, "target": target, **extra}),
-          flush=True)
 
 
 # ------------------------------------------------------------------------------------ OPC UA

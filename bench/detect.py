@@ -7,15 +7,13 @@
   statistics, models) per reading;
 - ONNX vs scikit-learn agreement of a freshly trained model (max absolute difference).
 
-    python bench/detect.py [--quick]
+    python bench/detect.py [--things 300] [--background-rate 1000 (normal msg/s meanwhile)] [--quick]
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -23,9 +21,9 @@ from typing import Any
 
 import aiomqtt
 import numpy as np
-from ingest import QUIET, SITE, emit, gateway, pct, ws_events
+from harness import QUIET, SITE, emit, gateway, options, pct, private_broker, run
+from ingest import ws_events
 
-from gateway.broker import BrokerProcess, BrokerSettings, find_free_port
 from gateway.detect.core import DetectorCore, DetectSettings
 from gateway.detect.models import ModelRegistry
 from gateway.detect.rules import load_rules
@@ -138,28 +136,18 @@ def model_figures(tmp: Path, quick: bool) -> None:
 
 
 async def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--things", type=int, default=300)
-    ap.add_argument("--background-rate", type=int, default=1000, help="normal msg/s meanwhile")
-    args = ap.parse_args()
+    args = options(__doc__, {"things": 60}, things=300, background_rate=1000)
     with tempfile.TemporaryDirectory(prefix="egiz-bench-") as d:
         tmp = Path(d)
         model_figures(tmp, args.quick)
-        broker = BrokerProcess(BrokerSettings(port=find_free_port(), data_dir=tmp / "broker", allow_anonymous=True))
-        await broker.start()
-        try:
-            async with gateway(tmp, broker.port, tmp / "data") as (url, _proc, _ready):
-                delays = await anomaly_latency(url, broker.port, 60 if args.quick else args.things,
-                                               args.background_rate)
+        async with private_broker(tmp) as port:
+            async with gateway(tmp, port, tmp / "data") as gw:
+                delays = await anomaly_latency(gw.url, port, args.things, args.background_rate)
             emit("publish_to_anomaly_p50", pct(delays, 50) * 1000, "ms", "reference", samples=len(delays),
                  background_msg_s=args.background_rate)
             emit("publish_to_anomaly_p99", pct(delays, 99) * 1000, "ms", "<= 100", samples=len(delays),
                  background_msg_s=args.background_rate)
-        finally:
-            await broker.stop()
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    asyncio.run(main())
+    run(main)

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from harness import ACCEPTED, metric
 
 from gateway.broker import BrokerProcess, BrokerSettings, find_free_port
 
@@ -99,15 +100,8 @@ async def gateway(egiz: str, label: str, tmp: Path, broker_port: int, name: str)
         log.close()
 
 
-async def metric(http: aiohttp.ClientSession, url: str, name: str) -> float:
-    async with http.get(url + "/metrics") as r:
-        text = await r.text()
-    m = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", text, re.M)
-    return float(m.group(1)) if m else 0.0
-
-
 async def accepted(http: aiohttp.ClientSession, url: str) -> float:
-    return await metric(http, url, "egiz_ingest_accepted_messages_total")
+    return await metric(http, url, ACCEPTED)
 
 
 async def duplicates(http: aiohttp.ClientSession, url: str) -> float:

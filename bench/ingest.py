@@ -10,40 +10,32 @@ their ratio, publish → WebSocket StateChanged latency at 2k msg/s, RSS and sta
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
-import logging
-import os
-import re
-import signal
-import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import aiomqtt
-import psutil
-
-from gateway.broker import BrokerProcess, BrokerSettings, find_free_port
-
-# The gateway is started and awaited as the tests start it (tests/helpers), from the repository root.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.helpers import EGIZ, gateway_toml, wait_ready
-
-KEY = "bench-admin-key-0123456789abcdef"
-QUIET = logging.getLogger("bench.mqtt")  # aiomqtt warns about many pending publishes, which we want here
-QUIET.setLevel(logging.ERROR)
-SITE = "bench"
-
-
-def emit(figure: str, value: float, unit: str, target: str, **extra: Any) -> None:
-    print(json.dumps({"figure": figure, "value": round(value, 3), "unit": unit, "target": target, **extra}),
-          flush=True)
+from harness import (
+    ACCEPTED,
+    KEY,
+    QUIET,
+    SITE,
+    emit,
+    gateway,
+    metric,
+    options,
+    pct,
+    private_broker,
+    publish_files,
+    run,
+    wait_accepted,
+)
 
 
 def write_lines(path: Path, count: int, *, batch: int, start_seq: int = 1) -> int:
@@ -67,20 +59,6 @@ def write_lines(path: Path, count: int, *, batch: int, start_seq: int = 1) -> in
                     points += 4
                 f.write(json.dumps({"boot": "b1", "samples": samples}, separators=(",", ":")) + "\n")
     return points
-
-
-async def publish_files(port: int, files: list[tuple[str, Path]]) -> float:
-    """Run one `mosquitto_pub -l -q 1` per topic in parallel; returns when all have finished."""
-    procs = []
-    t0 = time.perf_counter()
-    for topic, path in files:
-        with path.open("rb") as stdin:
-            procs.append(await asyncio.create_subprocess_exec(
-                "mosquitto_pub", "-h", "127.0.0.1", "-p", str(port), "-q", "1", "-l", "-t", topic,
-                "-i", f"pub-{abs(hash(topic)) % 10**8}", stdin=stdin))
-    for p in procs:
-        assert await p.wait() == 0, "mosquitto_pub failed"
-    return time.perf_counter() - t0
 
 
 async def bare_subscriber(port: int, tmp: Path, messages: int, things: int) -> float:
@@ -108,43 +86,6 @@ async def bare_subscriber(port: int, tmp: Path, messages: int, things: int) -> f
     return (total - 1) / (last - first)
 
 
-async def metric(http: aiohttp.ClientSession, url: str, name: str) -> float:
-    async with http.get(url + "/metrics") as r:
-        text = await r.text()
-    m = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", text, re.M)
-    return float(m.group(1)) if m else 0.0
-
-
-@asynccontextmanager
-async def gateway(tmp: Path, broker_port: int, data: Path) -> Iterator[tuple[str, psutil.Process, float]]:
-    http_port = find_free_port()
-    cfg = gateway_toml(tmp / "gateway.toml", SITE, key=KEY, gateway={"id": "gw-bench", "data_dir": data},
-                       mqtt={"port": broker_port}, http={"port": http_port}, ingest={"auto_register": True},
-                       log={"level": "warning"})
-    t0 = time.perf_counter()
-    proc = await asyncio.create_subprocess_exec(EGIZ, "gateway", "run", "--config", str(cfg))
-    url = f"http://127.0.0.1:{http_port}"
-    await wait_ready(url, proc=proc, timeout=600, interval=0.01)
-    ready_s = time.perf_counter() - t0
-    try:
-        yield url, psutil.Process(proc.pid), ready_s
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        await proc.wait()
-
-
-async def wait_accepted(http: aiohttp.ClientSession, url: str, target: float, timeout: float) -> float:
-    """Wait until the gateway has applied `target` messages; returns when it did."""
-    deadline = time.perf_counter() + timeout
-    while True:
-        got = await metric(http, url, "egiz_ingest_accepted_messages_total")
-        if got >= target:
-            return time.perf_counter()
-        if time.perf_counter() > deadline:
-            raise SystemExit(f"gateway applied {got:.0f} of {target:.0f} messages in {timeout} s")
-        await asyncio.sleep(0.05)
-
-
 async def throughput(
     url: str, port: int, tmp: Path, messages: int, things: int, batch: int
 ) -> tuple[float, float, float]:
@@ -157,13 +98,13 @@ async def throughput(
         kind = "oven" if batch > 1 else "proofer"
         files.append((f"openegiz/{SITE}/{kind}/{kind}-b{batch}-{i:03d}/main/telemetry", path))
     async with aiohttp.ClientSession() as http:
-        before = await metric(http, url, "egiz_ingest_accepted_messages_total")
+        before = await metric(http, url, ACCEPTED)
         points_before = await metric(http, url, "egiz_ingest_points_total")
         t0 = time.perf_counter()
         await publish_files(port, files)
         done = await wait_accepted(http, url, before + per * things, timeout=600)
         applied_points = await metric(http, url, "egiz_ingest_points_total") - points_before
-        lost = per * things - (await metric(http, url, "egiz_ingest_accepted_messages_total") - before)
+        lost = per * things - (await metric(http, url, ACCEPTED) - before)
         dup = await metric(http, url, "egiz_ingest_duplicate_samples_total")
     elapsed = done - t0
     assert applied_points == points, (applied_points, points)
@@ -236,51 +177,34 @@ async def populate(port: int, things: int) -> None:
         await asyncio.gather(*pending)
 
 
-def pct(values: list[float], p: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(p / 100 * len(s)))]
-
-
 async def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--messages", type=int, default=200_000)
-    ap.add_argument("--things", type=int, default=20)
-    ap.add_argument("--registry-things", type=int, default=10_000)
-    ap.add_argument("--quick", action="store_true", help="small run to check the benchmark itself")
-    args = ap.parse_args()
-    if args.quick:
-        args.messages, args.registry_things = 20_000, 1000
+    args = options(__doc__, {"messages": 20_000, "registry_things": 1000},
+                   messages=200_000, things=20, registry_things=10_000)
     with tempfile.TemporaryDirectory(prefix="egiz-bench-") as d:
         tmp = Path(d)
-        broker = BrokerProcess(BrokerSettings(port=find_free_port(), data_dir=tmp / "broker", allow_anonymous=True))
-        await broker.start()
-        try:
-            port = broker.port
+        async with private_broker(tmp) as port:
             bare = await bare_subscriber(port, tmp, args.messages, args.things)
             emit("bare_aiomqtt_subscriber_rate", bare, "msg/s", "reference")
-            async with gateway(tmp, port, tmp / "data") as (url, proc, _):
-                msg_rate, _, lost = await throughput(url, port, tmp, args.messages, args.things, batch=1)
+            async with gateway(tmp, port, tmp / "data") as gw:
+                msg_rate, _, lost = await throughput(gw.url, port, tmp, args.messages, args.things, batch=1)
                 emit("gateway_ingest_single_sample", msg_rate, "msg/s", ">= 10000", lost=lost)
                 emit("gateway_to_bare_ratio", msg_rate / bare, "ratio", ">= 0.5")
                 batches = max(args.messages // 20, args.things)
-                _, point_rate, lost_b = await throughput(url, port, tmp, batches, args.things, batch=50)
+                _, point_rate, lost_b = await throughput(gw.url, port, tmp, batches, args.things, batch=50)
                 emit("gateway_ingest_batched", point_rate, "points/s", ">= 100000", lost=lost_b)
-                delays = await latency(url, port, 2000, 5 if args.quick else 10)
+                delays = await latency(gw.url, port, 2000, 5 if args.quick else 10)
                 emit("publish_to_ws_p50", pct(delays, 50) * 1000, "ms", "reference", samples=len(delays))
                 emit("publish_to_ws_p99", pct(delays, 99) * 1000, "ms", "<= 20", samples=len(delays))
             data10k = tmp / "data-10k"
-            async with gateway(tmp, port, data10k) as (url, proc, _):
+            async with gateway(tmp, port, data10k) as gw:
                 await populate(port, args.registry_things)
                 async with aiohttp.ClientSession() as http:
-                    await wait_accepted(http, url, args.registry_things * 3, timeout=300)
-                rss = proc.memory_info().rss / 2**20
+                    await wait_accepted(http, gw.url, args.registry_things * 3, timeout=300)
+                rss = gw.process.memory_info().rss / 2**20
                 emit("gateway_rss_10k_things", rss, "MiB", "<= 200", things=args.registry_things)
-            async with gateway(tmp, port, data10k) as (url, proc, ready_s):
-                emit("start_to_ready_10k_things", ready_s, "s", "<= 2", things=args.registry_things)
-        finally:
-            await broker.stop()
+            async with gateway(tmp, port, data10k) as gw:
+                emit("start_to_ready_10k_things", gw.ready_s, "s", "<= 2", things=args.registry_things)
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    asyncio.run(main())
+    run(main)

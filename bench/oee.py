@@ -12,36 +12,36 @@
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import contextlib
 import json
-import os
 import random
-import signal
 import statistics
 import tempfile
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import psutil
-from ingest import QUIET, emit, metric, publish_files, wait_accepted
+from harness import (
+    ACCEPTED,
+    SITE,
+    emit,
+    gateway,
+    metric,
+    options,
+    private_broker,
+    publish_files,
+    run,
+    wait_accepted,
+)
 from prometheus_client import CollectorRegistry
 
-from gateway.broker import BrokerProcess, BrokerSettings, find_free_port
 from gateway.bus import EventBus, StateChanged
 from gateway.config import GatewayConfig, load_config
 from gateway.oee import store
 from gateway.oee.tracker import OeeTracker
 from gateway.sim.production import DEMO_SHIFTS, ProductionModel, oee_rules
 from gateway.twin.model import Thing
-from tests.helpers import EGIZ, gateway_toml, wait_ready
 
-KEY = "bench-admin-key-0123456789abcdef"
-SITE = "bench"
 DAY = 86400
 
 
@@ -122,25 +122,6 @@ async def query_times(tracker: OeeTracker, start: float, end: float, runs: int) 
                                                                               * 1000, 3), runs=runs)
 
 
-@contextlib.asynccontextmanager
-async def gateway(tmp: Path, port: int, data: Path, oee: bool) -> AsyncIterator[tuple[str, psutil.Process]]:
-    http_port = find_free_port()
-    sections: dict[str, dict[str, Any]] = {
-        "gateway": {"id": "gw-bench", "data_dir": data}, "mqtt": {"port": port}, "http": {"port": http_port},
-        "ingest": {"auto_register": True}, "log": {"level": "warning"}, "detect": {"enabled": False}}
-    if oee:
-        sections["oee"] = {"enabled": True, "types": oee_rules(("oven",)), "shifts": list(DEMO_SHIFTS)}
-    cfg = gateway_toml(tmp / f"gateway-{oee}.toml", SITE, key=KEY, **sections)
-    proc = await asyncio.create_subprocess_exec(EGIZ, "gateway", "run", "--config", str(cfg))
-    url = f"http://127.0.0.1:{http_port}"
-    await wait_ready(url, proc=proc, timeout=600, interval=0.01)
-    try:
-        yield url, psutil.Process(proc.pid)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        await proc.wait()
-
-
 def production_lines(path: Path, count: int, ovens: int, i: int) -> None:
     model = ProductionModel("oven", random.Random(i))
     now = time.time()
@@ -158,29 +139,24 @@ async def ingest_cpu(tmp: Path, port: int, oee: bool, messages: int, ovens: int)
         path = tmp / f"prod-{oee}-{i}.txt"
         production_lines(path, per, ovens, i)
         files.append((f"openegiz/{SITE}/oven/oven-{oee:d}{i:03d}/production/telemetry", path))
-    async with gateway(tmp, port, tmp / f"data-{oee}", oee) as (url, proc), aiohttp.ClientSession() as http:
-        before = await metric(http, url, "egiz_ingest_accepted_messages_total")
-        cpu0 = sum(proc.cpu_times()[:2])
+    sections: dict[str, dict[str, Any]] = {"detect": {"enabled": False}}
+    if oee:
+        sections["oee"] = {"enabled": True, "types": oee_rules(("oven",)), "shifts": list(DEMO_SHIFTS)}
+    async with gateway(tmp, port, tmp / f"data-{oee}", **sections) as gw, aiohttp.ClientSession() as http:
+        before = await metric(http, gw.url, ACCEPTED)
+        cpu0 = sum(gw.process.cpu_times()[:2])
         t0 = time.perf_counter()
         await publish_files(port, files)
-        done = await wait_accepted(http, url, before + per * ovens, timeout=600)
-        cpu = sum(proc.cpu_times()[:2]) - cpu0
+        done = await wait_accepted(http, gw.url, before + per * ovens, timeout=600)
+        cpu = sum(gw.process.cpu_times()[:2]) - cpu0
         if oee:
-            tracked = await metric(http, url, "egiz_oee_readings_total")
+            tracked = await metric(http, gw.url, "egiz_oee_readings_total")
             assert tracked >= per * ovens * 0.99, tracked
     return cpu / (per * ovens) * 1000, per * ovens / (done - t0)
 
 
 async def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--days", type=int, default=30)
-    ap.add_argument("--machines", type=int, default=5)
-    ap.add_argument("--messages", type=int, default=60_000)
-    ap.add_argument("--quick", action="store_true", help="small run to check the benchmark itself")
-    args = ap.parse_args()
-    if args.quick:
-        args.days, args.messages = 3, 10_000
-    QUIET.setLevel("ERROR")
+    args = options(__doc__, {"days": 3, "messages": 10_000}, days=30, machines=5, messages=60_000)
     with tempfile.TemporaryDirectory(prefix="egiz-bench-oee-") as d:
         tmp = Path(d)
         tracker, start, end, per_reading = await build_history(tmp / "history", args.days, args.machines)
@@ -190,13 +166,9 @@ async def main() -> None:
             await query_times(tracker, start, end, 30)
         finally:
             await tracker.stop()
-        broker = BrokerProcess(BrokerSettings(port=find_free_port(), data_dir=tmp / "broker", allow_anonymous=True))
-        await broker.start()
-        try:
-            off, rate_off = await ingest_cpu(tmp, broker.port, False, args.messages, 10)
-            on, rate_on = await ingest_cpu(tmp, broker.port, True, args.messages, 10)
-        finally:
-            await broker.stop()
+        async with private_broker(tmp) as port:
+            off, rate_off = await ingest_cpu(tmp, port, False, args.messages, 10)
+            on, rate_on = await ingest_cpu(tmp, port, True, args.messages, 10)
         emit("ingest_cpu_per_1k_msgs_oee_off", off, "core-s", "reference", msg_per_s=round(rate_off))
         emit("ingest_cpu_per_1k_msgs_oee_on", on, "core-s", "reference", msg_per_s=round(rate_on))
         emit("oee_share_of_ingest_cpu", (on - off) / off * 100, "%", "<= 5",
@@ -204,5 +176,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    asyncio.run(main())
+    run(main)

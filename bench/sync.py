@@ -18,11 +18,11 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import numpy as np
 import pyarrow as pa
+from harness import emit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -42,11 +42,6 @@ from gateway.uplink.forwarder import Forwarder
 TOKEN = "bench-gateway-token-000000"
 KEY = "bench-admin-key-00000000000"
 T0 = 1_789_948_800.0
-
-
-def emit(figure: str, value: float, unit: str, target: str, **extra: Any) -> None:
-    print(json.dumps({"figure": figure, "value": round(value, 3), "unit": unit, "target": target, **extra}),
-          flush=True)
 
 
 def aggregator(tmp: Path, gateways: int, backend: str = "duckdb", dsn: str = "",

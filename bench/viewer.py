@@ -24,6 +24,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
+from harness import emit
 from playwright.sync_api import Page, sync_playwright
 
 from gateway.broker import find_free_port
@@ -32,10 +33,6 @@ CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--use-angle=swiftshader", "--enable-unsafe-swiftshader", "--ignore-gpu-blocklist"]
 EGIZ = str(Path(sys.executable).with_name("egiz"))
 VIEWER = Path(__file__).resolve().parent.parent / "viewer"
-
-
-def emit(figure: str, value: float, unit: str, target: str, **extra: object) -> None:
-    print(json.dumps({"figure": figure, "value": round(value, 3), "unit": unit, "target": target, **extra}), flush=True)
 
 
 def main() -> None:

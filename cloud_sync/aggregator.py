@@ -22,15 +22,18 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from aiohttp import WSMsgType, web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import generate_latest
 
 from cloud_sync.config import AggregatorConfig, GatewayToken
+from cloud_sync.metrics import AggregatorMetrics
 from cloud_sync.oee import CentralOee, foreign_oee
 from cloud_sync.oee import routes as oee_routes
 from cloud_sync.openapi import SPEC
 from cloud_sync.store import AggregatorStore, Refused, StoreError
 from gateway import __version__
 from gateway.common import signing, systemd, viewer
+from gateway.common.alarms import CSV_COLUMNS as GATEWAY_CSV_COLUMNS
+from gateway.common.alarms import journal_response, parse_query
 from gateway.common.auth import Authenticator, role_allows
 from gateway.common.errors import Invalid, NotFound
 from gateway.common.history import parse_history_request, run_query
@@ -39,42 +42,19 @@ from gateway.common.http import (
     error_middleware,
     int_param,
     parse_json,
-    read_json,
+    read_anomaly_action,
     read_object,
     requires,
     serve,
 )
 from gateway.common.tasks import cancel_and_wait
-from gateway.common.wire import ANOMALY_STATES, Action, Batch, WireError, decode, feature_properties
+from gateway.common.wire import Action, Batch, WireError, decode, feature_properties
 from gateway.detect.models import ModelRegistry, file_sha256
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 MAX_LIMIT = 1000
-
-
-class AggregatorMetrics:
-    def __init__(self) -> None:
-        r = self.registry = CollectorRegistry(auto_describe=True)
-        self.batches = Counter("egiz_aggregator_batches_total", "Batches by result", ["result"], registry=r)
-        self.points = Counter("egiz_aggregator_points_total", "Points stored", registry=r)
-        self.bytes = Counter("egiz_aggregator_bytes_total", "Bytes of batches received", registry=r)
-        self.apply_seconds = Histogram("egiz_aggregator_apply_seconds", "Time to apply one batch", registry=r,
-                                       buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
-        self.gateways = Gauge("egiz_aggregator_gateways", "Gateways known", registry=r)
-        self.auth_failures = Counter("egiz_aggregator_auth_failures_total", "Refused requests", ["status"],
-                                     registry=r)
-        self.http_requests = Counter("egiz_aggregator_http_requests_total", "HTTP requests", ["method", "status"],
-                                     registry=r)
-        self.ws_refused = Counter("egiz_aggregator_ws_refused_total",
-                                  "WebSocket clients refused at aggregator.ws_max_clients", registry=r)
-        self.ws_clients = Gauge("egiz_aggregator_ws_clients", "WebSocket clients connected", registry=r)
-
-    def refused(self, status: int) -> None:
-        self.auth_failures.labels(str(status)).inc()
-
-    def observed(self, method: str, status: int, seconds: float) -> None:
-        self.http_requests.labels(method, str(status)).inc()
+CSV_COLUMNS = ("site", "line", "gatewayId", *GATEWAY_CSV_COLUMNS)  # the journal's export names where each row is from
 
 
 def make_store(cfg: AggregatorConfig) -> AggregatorStore:
@@ -441,26 +421,15 @@ class Aggregator:
         return web.json_response(await asyncio.to_thread(viewer.read_layout, Path(self.config.aggregator.data_dir)))
 
     async def list_anomalies(self, request: web.Request) -> web.Response:
-        """Anomalies across sites, newest first; `state=active` means open or acknowledged."""
-        q = request.query
-        unknown = sorted(set(q) - {"site", "state", "severity", "thingId", "limit", "offset"})
-        if unknown:
-            raise Invalid(f"unknown parameter(s) {', '.join(unknown)}")
-        states = [s for s in q.get("state", "").split(",") if s]
-        if "active" in states:
-            states = sorted((set(states) - {"active"}) | {"open", "acknowledged"})
-        bad = [s for s in states if s not in ANOMALY_STATES]
-        if bad:
-            raise Invalid(f"state: unknown {', '.join(bad)}")
-        limit = int_param(q.get("limit"), "limit", 100, 1, 1000)
-        offset = int_param(q.get("offset"), "offset", 0, 0, 10**9)
-        items, total = await self.read(lambda: self.store.anomalies(
-            site=q.get("site") or None, states=states, severities=[s for s in q.get("severity", "").split(",") if s],
-            thing_ids=[s for s in q.get("thingId", "").split(",") if s], limit=limit, offset=offset))
-        return web.json_response({"items": items, "total": total, "limit": limit, "offset": offset})
+        """The alarm journal across sites, newest first, with the gateway's filters, paging and CSV export;
+        `state=active` means open or acknowledged."""
+        q = parse_query(request.query)
+        now = time.time()
+        items, total = await self.read(lambda: self.store.anomalies(q, now))
+        return journal_response(items, total, q, CSV_COLUMNS)
 
     async def get_anomaly(self, request: web.Request) -> web.Response:
-        doc = await self.read(self.store.anomaly, request.match_info["id"])
+        doc = await self.read(self.store.anomaly, request.match_info["id"], time.time())
         if doc is None:
             raise NotFound(f"no anomaly {request.match_info['id']!r}")
         return web.json_response(doc)
@@ -470,18 +439,14 @@ class Aggregator:
         with its next batch (202); the anomaly shows the action as `pending` until then."""
         anomaly_id = request.match_info["id"]
         action: Literal["ack", "resolve"] = "ack" if request.path.endswith("/ack") else "resolve"
-        body = await read_json(request, empty={})
-        if not isinstance(body, dict) or set(body) - {"note", "falsePositive"} \
-                or not isinstance(body.get("note", ""), str) or not isinstance(body.get("falsePositive", False), bool):
-            raise Invalid('the body may hold "note" (string) and "falsePositive" (bool) only')
-        doc = await self.read(self.store.anomaly, anomaly_id)
+        note, false_positive = await read_anomaly_action(request)
+        doc = await self.read(self.store.anomaly, anomaly_id, time.time())
         if doc is None:
             raise NotFound(f"no anomaly {anomaly_id!r}")
         if doc["state"] == "resolved":
             return error_body(409, "anomaly_state", f"anomaly {anomaly_id} is already resolved")
         await self.write(self.store.add_action, doc["gatewayId"], Action(
-            anomaly_id, action, self.auth.caller(request), body.get("note", "")[:2000],
-            bool(body.get("falsePositive", False))))
+            anomaly_id, action, self.auth.caller(request), note, false_positive))
         return web.json_response({**doc, "pending": sorted({*doc.get("pending", []), action})}, status=202)
 
     async def get_owner(self, request: web.Request) -> web.Response:

@@ -1,5 +1,6 @@
 """OEE across sites at the aggregator: the period records and state events gateways forward, kept in
-`<aggregator.data_dir>/oee.sqlite`, and `GET /api/v1/oee` and `GET /api/v1/downtime` over them.
+`<aggregator.data_dir>/oee.sqlite`, and `GET /api/v1/oee`, `GET /api/v1/downtime` and
+`GET /api/v1/oee/events` (the machines' state bands; reasons are set at the line's gateway) over them.
 
 A record carries its machine's whole totals so far; the newest `updated_at` wins, so a repeated or
 late record never counts twice. A line's, a site's or the fleet's figures are the sums of their
@@ -19,8 +20,20 @@ from aiohttp import web
 
 from gateway.common.errors import Invalid
 from gateway.common.history import parse_time
-from gateway.common.oee import STOP_STATES, SUMMED, Totals, downtime_answer, oee_answer
+from gateway.common.http import int_param, known_params
+from gateway.common.oee import (
+    STOP_STATES,
+    SUMMED,
+    Totals,
+    Where,
+    downtime_answer,
+    minor_stop_s,
+    oee_answer,
+    period_totals,
+    stop_pareto,
+)
 from gateway.common.sqlite import SqliteWorker
+from gateway.common.timefmt import iso_utc
 from gateway.common.wire import OEE_STATES, Batch
 
 T = TypeVar("T")
@@ -54,7 +67,7 @@ def foreign_oee(batch: Batch) -> str:
     return ""
 
 
-def _where(scope: str, scope_id: str) -> tuple[str, list[Any]]:
+def _where(scope: str, scope_id: str) -> Where:
     if scope == "machine":
         return "thing_id = ?", [scope_id]
     if scope == "line":
@@ -111,49 +124,40 @@ class CentralOee:
 
     async def totals(self, scope: str, scope_id: str, start: float, end: float,
                      by: str) -> list[tuple[tuple[Any, ...], Totals]]:
-        where, args = _where(scope, scope_id)
-        first = {"hour": "hour", "day": "day", "shift": "day", "none": "''"}[by]
-        group = {"hour": "hour", "day": "day", "shift": "day, shift", "none": "''"}[by]
-        sums = ", ".join(f"SUM({k}) AS {k}" for k in SUMMED)
-
-        def run(conn: sqlite3.Connection) -> list[tuple[tuple[Any, ...], Totals]]:
-            cur = conn.execute(
-                f"SELECT {first} AS k1, {'shift' if by == 'shift' else 'NULL'} AS k2, MIN(hour) AS first_hour, {sums} "
-                f"FROM oee_periods WHERE {where} AND planned = 1 AND hour >= ? AND hour < ? GROUP BY {group} "
-                "ORDER BY first_hour", (*args, start, end))
-            names = [d[0] for d in cur.description]
-            return [((r[0], r[1], r[2]), Totals.of(dict(zip(names, r, strict=True)))) for r in cur.fetchall()]
-
-        return await self._call(run)
+        where = _where(scope, scope_id)
+        return await self._call(lambda conn: period_totals(conn, where, start, end, by))
 
     async def minor_stops(self, scope: str, scope_id: str, start: float, end: float, limit_s: float) -> float:
-        where, args = _where(scope, scope_id)
+        where = _where(scope, scope_id)
+        return await self._call(lambda conn: minor_stop_s(conn, where, start, end, limit_s))
 
-        def run(conn: sqlite3.Connection) -> float:
-            row = conn.execute(f"SELECT SUM(planned_s) FROM oee_events WHERE {where} AND start >= ? AND start < ? "
-                               "AND state IN ('down', 'offline') AND \"end\" - start < ?",
-                               (*args, start, end, limit_s)).fetchone()
-            return float(row[0] or 0.0)
+    async def events(self, scope: str, scope_id: str, start: float, end: float, states: tuple[str, ...],
+                     limit: int) -> list[dict[str, Any]]:
+        """State events overlapping [start, end), oldest first, as the viewer's state band reads them."""
+        where, args = _where(scope, scope_id)
+        state_sql = f" AND state IN ({', '.join('?' for _ in states)})" if states else ""
+
+        def run(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            cur = conn.execute(
+                f'SELECT id, site, line, thing_id, state, start, "end", planned_s, reason FROM oee_events '
+                f'WHERE {where} AND start < ? AND "end" >= ?{state_sql} ORDER BY start LIMIT ?',
+                (*args, end, start, *states, limit))
+            return [{"id": r[0], "site": r[1], "line": r[2], "thingId": r[3], "state": r[4], "start": iso_utc(r[5]),
+                     "end": iso_utc(r[6]), "durationS": round(r[6] - r[5], 3), "plannedS": round(r[7], 3),
+                     "reason": r[8]} for r in cur]
 
         return await self._call(run)
 
     async def pareto(self, scope: str, scope_id: str, start: float, end: float,
                      states: tuple[str, ...]) -> list[tuple[str, str, float, int]]:
-        where, args = _where(scope, scope_id)
-
-        def run(conn: sqlite3.Connection) -> list[tuple[str, str, float, int]]:
-            return [(r[0], r[1], r[2], r[3]) for r in conn.execute(
-                f"SELECT reason, state, SUM(planned_s) AS s, COUNT(*) FROM oee_events WHERE {where} AND start >= ? "
-                f"AND start < ? AND state IN ({', '.join('?' for _ in states)}) AND planned_s > 0 "
-                "GROUP BY reason, state ORDER BY s DESC", (*args, start, end, *states))]
-
-        return await self._call(run)
+        where = _where(scope, scope_id)
+        return await self._call(lambda conn: stop_pareto(conn, where, start, end, states))
 
 
-def _request(q: Mapping[str, str], allowed: set[str]) -> tuple[str, str, float, float]:
-    unknown = sorted(set(q) - allowed)
-    if unknown:
-        raise Invalid(f"unknown parameter(s) {', '.join(unknown)}")
+def _request(q: Mapping[str, str], allowed: set[str], *, by_hour: bool = True) -> tuple[str, str, float, float]:
+    """Scope, its id and the range; with `by_hour` the range starts at the full hour (period records are
+    hourly)."""
+    known_params(q, allowed)
     scope = q.get("scope", "all")
     if scope not in ("machine", "line", "site", "all"):
         raise Invalid("scope must be machine, line, site or all")
@@ -168,7 +172,7 @@ def _request(q: Mapping[str, str], allowed: set[str]) -> tuple[str, str, float, 
         raise Invalid("from must be before to")
     if end - start > MAX_RANGE_S:
         raise Invalid("the range may span at most 400 days")
-    return scope, scope_id, start - start % 3600.0, end
+    return scope, scope_id, start - start % 3600.0 if by_hour else start, end
 
 
 def _microstop(value: str | None) -> float:
@@ -209,4 +213,16 @@ def routes(oee: CentralOee) -> list[tuple[str, str, Callable[[web.Request], Any]
                                                  await oee.pareto(scope, scope_id, start, end, states),
                                                  await oee.minor_stops(scope, scope_id, start, end, limit)))
 
-    return [("GET", "/api/v1/oee", get_oee, "viewer"), ("GET", "/api/v1/downtime", get_downtime, "viewer")]
+    async def get_events(request: web.Request) -> web.Response:
+        """State events overlapping the range, oldest first: the state bands of a line, a site or a machine."""
+        q = request.query
+        states = tuple(s for s in q.get("state", "").split(",") if s)
+        if any(s not in OEE_STATES for s in states):
+            raise Invalid(f"state: one or more of {', '.join(OEE_STATES)}")
+        scope, scope_id, start, end = _request(q, {"scope", "id", "from", "to", "state", "limit"}, by_hour=False)
+        limit = int_param(q.get("limit"), "limit", 5000, 1, 50000)
+        return web.json_response({"items": await oee.events(scope, scope_id, start, end, states, limit),
+                                  "limit": limit})
+
+    return [("GET", "/api/v1/oee", get_oee, "viewer"), ("GET", "/api/v1/downtime", get_downtime, "viewer"),
+            ("GET", "/api/v1/oee/events", get_events, "viewer")]

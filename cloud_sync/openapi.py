@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from gateway import __version__
+from gateway.common.alarms import PARAMETERS as JOURNAL_PARAMETERS
 from gateway.common.openapi import BEARER, ERROR_SCHEMA, operation, response
 
 ERROR = {"$ref": "#/components/schemas/Error"}
@@ -34,6 +35,10 @@ def _items(item: dict[str, Any], paged: bool = False) -> dict[str, Any]:
 
 PAGE_PARAMS = [_query("limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}),
                _query("offset", {"type": "integer", "minimum": 0, "default": 0})]
+OEE_SCOPE = [_query("scope", {"enum": ["machine", "line", "site", "all"]}, "default all"),
+             _query("id", {"type": "string"}, "a Thing, site/line or site"),
+             _query("from", {"type": "string"}, "ISO 8601 or epoch seconds; default to - 24 h"),
+             _query("to", {"type": "string"}, "ISO 8601 or epoch seconds; default now")]
 ACTION_BODY = {"required": False, "content": {"application/json": {"schema": {
     "type": "object", "additionalProperties": False,
     "properties": {"note": {"type": "string"}, "falsePositive": {"type": "boolean"}}}}}}
@@ -58,7 +63,14 @@ SPEC: dict[str, Any] = {
                 "id": {"type": "string"}, "thingId": {"type": "string"},
                 "state": {"enum": ["open", "acknowledged", "resolved"]}, "site": {"type": "string"},
                 "line": {"type": "string"}, "gatewayId": {"type": "string"},
-                "pending": {"type": "array", "items": {"enum": ["ack", "resolve"]}}}},
+                "pending": {"type": "array", "items": {"enum": ["ack", "resolve"]}},
+                "journal": {"type": "array", "items": {"type": "object", "required": ["at", "action", "by"],
+                                                       "properties": {
+                    "at": {"type": "string"}, "action": {"enum": ["acknowledged", "resolved", "shelved", "unshelved"]},
+                    "by": {"type": "string"}, "comment": {"type": "string"}}}},
+                "shelved": {"type": ["object", "null"], "properties": {
+                    "id": {"type": "string"}, "since": {"type": "string"}, "until": {"type": "string"},
+                    "by": {"type": "string"}, "reason": {"type": "string"}}}}},
             "Owner": {"type": "object", "required": ["thingId", "gatewayId"], "properties": {
                 "thingId": {"type": "string"}, "gatewayId": {"type": "string"},
                 "formerGatewayId": {"type": "string"}}},
@@ -137,12 +149,11 @@ SPEC: dict[str, Any] = {
             parameters=[{"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
                         for n in ("type", "version", "file")])},
         "/api/v1/anomalies": {"get": operation(
-            "Anomalies across sites, newest first", "viewer",
-            {"200": response("a page", _items({"$ref": "#/components/schemas/Anomaly"}, paged=True)), **ERRORS},
-            parameters=[_query("site", {"type": "string"}), _query("state", {"type": "string"},
-                                                                   "comma-separated; active = open,acknowledged"),
-                        _query("severity", {"type": "string"}), _query("thingId", {"type": "string"}),
-                        *PAGE_PARAMS])},
+            "The alarm journal across sites, newest first (docs/aggregator.md, 'Alarm journal')", "viewer",
+            {"200": {"description": "a page, or CSV with format=csv", "content": {
+                "application/json": {"schema": _items({"$ref": "#/components/schemas/Anomaly"}, paged=True)},
+                "text/csv": {"schema": {"type": "string"}}}}, **ERRORS},
+            parameters=[_query(n, {"type": "string"}, d) for n, d in JOURNAL_PARAMETERS])},
         "/api/v1/anomalies/{id}": {"get": operation(
             "One anomaly", "viewer", {"200": response("the anomaly", {"$ref": "#/components/schemas/Anomaly"}),
                                      **ERRORS, **MISSING}, parameters=[ANOMALY_ID])},
@@ -151,6 +162,20 @@ SPEC: dict[str, Any] = {
             {"202": response("queued", {"$ref": "#/components/schemas/Anomaly"}), **ERRORS, **MISSING,
              "409": response("already resolved", ERROR)}, parameters=[ANOMALY_ID], requestBody=ACTION_BODY)}
            for act in ("ack", "resolve")},
+        "/api/v1/oee": {"get": operation(
+            "OEE with availability, performance and quality of a machine, line, site or every site (docs/oee.md)",
+            "viewer", {"200": response("figures per shift, hour or day", ANY), **ERRORS},
+            parameters=[*OEE_SCOPE, _query("by", {"enum": ["shift", "hour", "day", "none"]})])},
+        "/api/v1/downtime": {"get": operation(
+            "The six big losses and the stops of planned time by reason (a Pareto)", "viewer",
+            {"200": response("losses and Pareto", ANY), **ERRORS},
+            parameters=[*OEE_SCOPE, _query("state", {"type": "string"}, "stop states, comma-separated"),
+                        _query("microstopS", {"type": "number"}, "stops shorter than this are minor stops")])},
+        "/api/v1/oee/events": {"get": operation(
+            "Machine state events overlapping the range, oldest first (the state bands)", "viewer",
+            {"200": response("events", _items(ANY)), **ERRORS},
+            parameters=[*OEE_SCOPE, _query("state", {"type": "string"}, "comma-separated"),
+                        _query("limit", {"type": "integer", "minimum": 1, "maximum": 50000, "default": 5000})])},
         "/api/v1/ws": {"get": operation(
             "WebSocket: SiteSummaries, Anomaly and Things events (docs/aggregator.md)", "viewer",
             {"101": response("switching protocols"), **ERRORS,

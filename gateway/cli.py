@@ -20,8 +20,16 @@ from images.cli import image_app
 
 app = typer.Typer(help="OpenEgiz Edge: digital twins for food production lines.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
-gateway_app = typer.Typer(help="Run or check a line gateway.", no_args_is_help=True)
-app.add_typer(gateway_app, name="gateway")
+
+
+def command_group(name: str, help: str) -> typer.Typer:
+    """The commands under `egiz <name>`; `egiz <name>` alone shows their help."""
+    group = typer.Typer(help=help, no_args_is_help=True)
+    app.add_typer(group, name=name)
+    return group
+
+
+gateway_app = command_group("gateway", "Run or check a line gateway.")
 app.add_typer(image_app, name="image")
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="TOML config file", exists=False)]
@@ -90,8 +98,7 @@ def gateway_check(config: ConfigOpt) -> None:
     typer.echo(json.dumps(_masked(cfg), indent=2, default=str))
 
 
-aggregator_app = typer.Typer(help="Run or check the central aggregator.", no_args_is_help=True)
-app.add_typer(aggregator_app, name="aggregator")
+aggregator_app = command_group("aggregator", "Run or check the central aggregator.")
 
 
 def load_aggregator(path: Path | None, overrides: dict[str, Any]) -> Any:
@@ -151,9 +158,7 @@ def _masked(value: Any) -> Any:
     return masked(value)
 
 
-pki_app = typer.Typer(help="The site's certificate authority: make it, issue certificates, list them.",
-                      no_args_is_help=True)
-app.add_typer(pki_app, name="pki")
+pki_app = command_group("pki", "The site's certificate authority: make it, issue certificates, list them.")
 PkiDirOpt = Annotated[Path, typer.Option("--dir", help="where the CA and the certificates are kept")]
 
 
@@ -216,8 +221,7 @@ def pki_list(directory: PkiDirOpt = Path("pki"),
                        f"expires {c.not_after:%Y-%m-%d} ({c.days_left} days)  sha256 {c.sha256}")
 
 
-model_app = typer.Typer(help="Train, evaluate, list, activate and roll back anomaly models.", no_args_is_help=True)
-app.add_typer(model_app, name="model")
+model_app = command_group("model", "Train, evaluate, list, activate and roll back anomaly models.")
 DataDirOpt = Annotated[Path, typer.Option(help="the gateway's data directory (stopped, or a copy)")]
 ModelsDirOpt = Annotated[Path | None, typer.Option(help="model registry (default: DATA_DIR/models)")]
 
@@ -386,8 +390,7 @@ def model_eval(
                    f"{row['median_delay_s'] if row['median_delay_s'] is not None else '-':>15}")
 
 
-connectors_app = typer.Typer(help="Find what to configure for PLC connectors.", no_args_is_help=True)
-app.add_typer(connectors_app, name="connectors")
+connectors_app = command_group("connectors", "Find what to configure for PLC connectors.")
 
 
 @connectors_app.command("browse")
@@ -526,8 +529,7 @@ def model_backtest(
                    f"false alarms per hour {normal['false_alarms_per_hour']}")
 
 
-history_app = typer.Typer(help="Put history into a gateway's buffer.", no_args_is_help=True)
-app.add_typer(history_app, name="history")
+history_app = command_group("history", "Put history into a gateway's buffer.")
 
 
 @history_app.command("import")
@@ -551,10 +553,6 @@ def history_import(
     except (BacktestError, OfflineError) as exc:
         fail(str(exc), code=1)
     typer.echo(json.dumps({"thing": thing, "type": thing_type, "readings": n}))
-
-
-def main() -> None:  # pragma: no cover - console entry point
-    sys.exit(app())
 
 
 @app.command("sim")
@@ -869,8 +867,7 @@ def demo(
         fail(f"cannot start the demo: {exc}", code=1)
 
 
-nodes_app = typer.Typer(help="List, approve and reject the nodes a gateway has discovered.", no_args_is_help=True)
-app.add_typer(nodes_app, name="nodes")
+nodes_app = command_group("nodes", "List, approve and reject the nodes a gateway has discovered.")
 UrlOpt = Annotated[str, typer.Option(help="the gateway's URL (default: from --config, else http://127.0.0.1:8080)")]
 KeyOpt = Annotated[str, typer.Option(envvar="EGIZ_API_KEY", help="an admin API key (default: from --config)")]
 NodeConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="the gateway's TOML config")]
@@ -983,3 +980,7 @@ def discover(seconds: Annotated[float, typer.Option(min=0.5, max=600, help="how 
                       f"{a.address}:{a.port}")
     for t in (gateways, brokers, nodes):
         console.print(t)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    sys.exit(app())

@@ -264,14 +264,9 @@ class GatewayConfig:
 T = TypeVar("T")
 
 
-def load_config(
-    cls: type[T],
-    path: Path | None = None,
-    *,
-    environ: Mapping[str, str] | None = None,
-    overrides: Mapping[str, Any] | None = None,
-    foreign_sections: frozenset[str] = AGGREGATOR_SECTIONS,
-) -> T:
+def load_config(cls: type[T], path: Path | None = None, *, environ: Mapping[str, str] | None = None,
+                overrides: Mapping[str, Any] | None = None,
+                foreign_sections: frozenset[str] = AGGREGATOR_SECTIONS) -> T:
     """The gateway's configuration from a TOML file, `EGIZ_*` variables and dotted-key overrides,
     or ConfigError naming every bad key (`gateway.common.settings.load_config`)."""
     return settings.load_config(cls, path, environ=environ, overrides=overrides, semantics=_check_semantics,

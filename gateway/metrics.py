@@ -93,6 +93,8 @@ class GatewayMetrics:
         self.anomalies_opened = Counter("egiz_anomalies_opened_total", "Anomalies opened",
                                         ["severity", "anomaly_type"], registry=r)
         self.anomalies_active = Gauge("egiz_anomalies_active", "Anomalies open or acknowledged", registry=r)
+        self.notifications_silenced = Counter("egiz_anomaly_notifications_silenced_total",
+                                              "Anomaly events a shelf kept from the notification sinks", registry=r)
         self.uplink_models = Counter("egiz_uplink_models_total", "Central model versions by result", ["result"],
                                      registry=r)
         self.commands = Counter("egiz_commands_total", "Commands sent to nodes", ["result"], registry=r)

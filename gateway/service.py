@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
 
@@ -41,6 +41,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+class Part(Protocol):
+    """A long-lived part of the service: started once, stopped once after its in-flight work."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
 class GatewayService:
     """One line gateway: registry → buffer → detector → ingest → bus → API."""
 
@@ -67,12 +75,17 @@ class GatewayService:
             else None
         self.oee = OeeTracker(config.oee, data, config.gateway.line, self.bus, self.metrics.registry) \
             if config.oee.enabled else None
-        self.journal = AlarmJournal(data / "alarms.sqlite") if self.detector is not None else None
+        self.journal: AlarmJournal | None = None
+        if self.detector is not None:
+            # a journal or shelf change sends the anomalies it concerns upstream again
+            self.journal = AlarmJournal(data / "alarms.sqlite", on_change=self.detector.log.touch)
+            self.detector.silencer = self.journal  # shelved conditions notify nobody
         self.forwarder: Forwarder | None = None
         if config.uplink.url:
             from gateway.uplink.forwarder import Forwarder
 
-            self.forwarder = Forwarder(config, self.buffer, self.registry, self.metrics, self.detector, self.oee)
+            self.forwarder = Forwarder(config, self.buffer, self.registry, self.metrics, self.detector, self.oee,
+                                       self.journal)
         self.model_fetcher: ModelFetcher | None = None
         if config.uplink.url and config.uplink.models_interval_s and self.detector is not None:
             from gateway.uplink.models import ModelFetcher
@@ -106,12 +119,8 @@ class GatewayService:
         if restored:
             log.info("live state restored from the buffer", extra={"things": restored})
         self._check_memory()
-        if self.detector is not None:
-            await self.detector.start()  # before ingest: the first reading is already watched
-        if self.oee is not None:
-            await self.oee.start()
-        if self.journal is not None:
-            await self.journal.start()
+        for watcher in self._watchers():
+            await watcher.start()  # before ingest: the first reading is already watched
         await self.ingest.start()
         await self.connectors.start()
         if self.forwarder is not None:
@@ -128,6 +137,11 @@ class GatewayService:
         log.info("gateway started", extra={"site": cfg.gateway.site, "line": cfg.gateway.line,
                                            "gateway_id": cfg.gateway.id, "http_port": self.http_port,
                                            "things": len(self.registry)})
+
+    def _watchers(self) -> list[Part]:
+        """The parts this gateway runs that act on readings as they are applied: anomaly detection, OEE
+        tracking, the alarm journal."""
+        return [p for p in (self.detector, self.oee, self.journal) if p is not None]
 
     def _check_memory(self) -> None:
         """Warn at start when this gateway may need more than its share of the machine's memory."""
@@ -154,12 +168,8 @@ class GatewayService:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-        if self.detector is not None:
-            await self.detector.stop()
-        if self.oee is not None:
-            await self.oee.stop()
-        if self.journal is not None:
-            await self.journal.stop()
+        for watcher in self._watchers():
+            await watcher.stop()
         await self.buffer.stop()
         await self.dead_letters.stop()
         if self.provisioner is not None:

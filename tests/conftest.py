@@ -21,13 +21,19 @@ from tests.helpers import (
     BROKER_PORT,
     AggregatorFactory,
     GatewayFactory,
+    LinkedFactory,
+    LinkedSite,
     RunningGateway,
     SitePki,
+    aggregator_config,
     all_stopped,
     gateway_config,
     make_site_pki,
     need_service,
     train_press_versions,
+    unique_site,
+    uplink,
+    uplink_token,
 )
 
 PG_HOST, PG_PORT = "127.0.0.1", 5432
@@ -86,6 +92,21 @@ async def start_aggregator() -> AsyncIterator[AggregatorFactory]:
             return await start(Aggregator(cfg))
 
         yield aggregator
+
+
+@pytest.fixture
+def start_linked(tmp_path: Path, mosquitto: tuple[str, int], start_gateway: GatewayFactory,
+                 start_aggregator: AggregatorFactory) -> LinkedFactory:
+    """Start an aggregator that holds a new site's line-a token, and that site's gateway forwarding to it.
+    `aggregator` takes the aggregator's dotted overrides; the other keywords are the gateway's."""
+
+    async def start(*, aggregator: dict[str, Any] | None = None, **gateway: Any) -> LinkedSite:
+        site = unique_site()
+        agg = await start_aggregator(aggregator_config(tmp_path, uplink_token(site), **(aggregator or {})))
+        gw = await start_gateway(mosquitto, **uplink(site, agg.http_port), **gateway)
+        return LinkedSite(site, agg, gw)
+
+    return start
 
 
 @pytest.fixture(scope="session")

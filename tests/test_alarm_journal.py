@@ -1,5 +1,6 @@
 """The alarm journal on a running gateway: full history with filters and paging, CSV export,
-who acknowledged and resolved with their comment, and shelving a known condition."""
+who acknowledged and resolved with their comment, and shelving a known condition, which keeps its
+notifications from a real webhook receiver until the shelf expires."""
 
 from __future__ import annotations
 
@@ -9,10 +10,13 @@ import io
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import aiomqtt
+from aiohttp import web
 
-from tests.helpers import OPERATOR_KEY, VIEWER_KEY, ZONE_TOO_HOT_RULES, GatewayFactory
+from gateway.common.timefmt import parse_iso
+from tests.helpers import OPERATOR_KEY, VIEWER_KEY, ZONE_TOO_HOT_RULES, GatewayFactory, serve, wait_for
 
 
 async def test_the_journal_filters_pages_exports_and_shelves(mosquitto: tuple[str, int],
@@ -87,3 +91,50 @@ async def test_the_journal_filters_pages_exports_and_shelves(mosquitto: tuple[st
     assert [(x["action"], x["by"]) for x in history["items"]] == \
         [("shelved", "operator key"), ("resolved", "operator key")]
     assert history["items"][1]["comment"] == "probe replaced"
+
+
+async def test_a_shelf_silences_the_webhook_for_its_condition_until_it_expires(
+        mosquitto: tuple[str, int], start_gateway: GatewayFactory, tmp_path: Path) -> None:
+    got: list[dict[str, Any]] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        got.append(await request.json())
+        return web.Response(status=200)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner, port = await serve(app)
+    try:
+        rules = tmp_path / "rules.yaml"
+        rules.write_text(ZONE_TOO_HOT_RULES)
+        gw = await start_gateway(mosquitto, **{"detect.enabled": True, "detect.rules_file": str(rules),
+                                               "detect.webhooks": [{"url": f"http://127.0.0.1:{port}/hook"}]})
+        async with aiomqtt.Client(*mosquitto) as mqtt:
+            for oven in ("oven-001", "oven-002"):
+                await mqtt.publish(f"openegiz/{gw.site}/oven/{oven}/thermal/telemetry", json.dumps(
+                    {"ts": time.time(), "seq": 1, "boot": "b",
+                     "properties": {"temperature_zones": [190.0, 290.0, 190.0]}}), qos=1)
+        await wait_for(lambda: len(got) == 2, timeout=20)
+        assert {e["event"] for e in got} == {"AnomalyDetected"}
+        shelved, other = sorted(got, key=lambda e: e["thingId"])  # oven-001, oven-002
+
+        status, shelf = await gw.send("POST", f"/api/v1/anomalies/{shelved['id']}/shelve",
+                                      {"hours": 0.003, "reason": "probe being replaced"}, key=OPERATOR_KEY)
+        assert status == 200
+        for anomaly in (shelved, other):  # while shelved: only the other condition notifies
+            status, _ = await gw.send("POST", f"/api/v1/anomalies/{anomaly['id']}/ack", {}, key=OPERATOR_KEY)
+            assert status == 200
+        await wait_for(lambda: len(got) == 3, timeout=20)
+        assert (got[2]["event"], got[2]["id"]) == ("AnomalyAcknowledged", other["id"])
+        async with gw.http.get(f"{gw.url}/metrics") as r:
+            assert "egiz_anomaly_notifications_silenced_total 1.0" in await r.text()
+        assert time.time() < parse_iso(shelf["until"]), "the acknowledgements took longer than the shelf"
+
+        await wait_for(lambda: time.time() > parse_iso(shelf["until"]) + 0.1, timeout=30)
+        status, _ = await gw.send("POST", f"/api/v1/anomalies/{shelved['id']}/resolve", {"note": "probe replaced"},
+                                  key=OPERATOR_KEY)
+        assert status == 200
+        await wait_for(lambda: len(got) == 4, timeout=20)  # the shelf expired: notifications resume
+        assert [e["event"] for e in got if e["id"] == shelved["id"]] == ["AnomalyDetected", "AnomalyResolved"]
+    finally:
+        await runner.cleanup()

@@ -85,17 +85,25 @@ async def test_messages_are_acknowledged_only_after_their_points_are_committed(t
 
 
 async def test_group_commit_by_idle_gap_and_interval(tmp_path: Path) -> None:
-    buf = await open_buffer(config(tmp_path, **{"buffer.commit_interval_ms": 100, "buffer.commit_idle_ms": 2}))
+    # When the inflow pauses, the commit follows the idle gap, not the (here long) interval
+    buf = await open_buffer(config(tmp_path / "idle", **{"buffer.commit_interval_ms": 5000,
+                                                          "buffer.commit_idle_ms": 2}))
     try:
         client = Acks()
         start = time.monotonic()
         buf.add("s:m", "mixer", samples([1.0], [T0]), T0, None)
         buf.ack_later(client, 1, 1)
-        await wait_for(lambda: client.acked == [1], timeout=2, interval=0.001)
-        assert time.monotonic() - start < 0.1  # the inflow paused: committed without waiting the interval
-        # a steady inflow is committed at the latest after commit_interval_ms
+        await wait_for(lambda: client.acked == [1], timeout=4, interval=0.001)
+        assert time.monotonic() - start < 2.5  # committed without waiting the 5 s interval
+    finally:
+        await buf.stop()
+    # a steady inflow is committed at the latest after commit_interval_ms, in batches
+    buf = await open_buffer(config(tmp_path / "steady", **{"buffer.commit_interval_ms": 100,
+                                                            "buffer.commit_idle_ms": 50}))
+    try:
+        client = Acks()
         stop = time.monotonic() + 0.35
-        mid = 2
+        mid = 1
         while time.monotonic() < stop:
             buf.add("s:m", "mixer", samples([float(mid)], [T0 + mid], first_seq=mid), T0, None)
             buf.ack_later(client, mid, 1)

@@ -296,7 +296,7 @@ def test_a_subscriber_that_never_reads_costs_bounded_time_and_memory(overflow: O
     assert never_reads.qsize() == 1024
     assert never_reads.dropped == N_EVENTS - 1024
     # Traced, 100k publishes take under a second here; unbounded they would also keep ~35 MB.
-    assert elapsed < 5.0, f"publishing {N_EVENTS} events took {elapsed:.2f} s"
+    assert elapsed < 15.0, f"publishing {N_EVENTS} events took {elapsed:.2f} s"
     assert grown < 2_000_000, f"memory grew by {grown} bytes for a queue of 1024"
 
 

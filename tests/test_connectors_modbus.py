@@ -19,16 +19,12 @@ from gateway.broker import find_free_port
 from gateway.sim.modbus_plc import ModbusPlcServer, RegisterMemory
 from tests.helpers import (
     OPERATOR_KEY,
-    TOKEN,
     VIEWER_KEY,
-    AggregatorFactory,
     GatewayFactory,
+    LinkedFactory,
     RunningGateway,
-    aggregator_config,
     auth,
     open_gateway_toml,
-    unique_site,
-    uplink,
     wait_for,
 )
 
@@ -420,18 +416,15 @@ async def test_minimal_documented_form_loads_exactly_as_written(tmp_path: Path) 
 
 
 async def test_plc_values_reach_the_aggregator_like_mqtt_telemetry(
-        tmp_path: Path, mosquitto, start_gateway: GatewayFactory, start_aggregator: AggregatorFactory,
-        plc: PlcFactory) -> None:
+        start_linked: LinkedFactory, plc: PlcFactory) -> None:
     mem = RegisterMemory()
     mem.tables["holding"][0:2] = words("f", 181.25, word_order="little")
     mem.tables["holding"][2] = 1905  # int16, scale 0.1
     server = await plc(mem)
-    site = unique_site()
-    agg = await start_aggregator(aggregator_config(tmp_path, (f"gw-{site}", TOKEN, site, "line-a")))
     tags = [{"feature": "thermal", "property": "temperature", "address": 0, "datatype": "float32",
              "word_order": "little"},
             {"feature": "thermal", "property": "setpoint", "address": 2, "datatype": "int16", "scale": 0.1}]
-    gw = await start_gateway(mosquitto, **uplink(site, agg.http_port), **{"connectors.modbus": [
+    _site, agg, gw = await start_linked(**{"connectors.modbus": [
         device("oven-plc", server.port, "oven-101", tags, poll_s=0.2)]})
     tid = gw.thing_id("oven-101")
     await wait_for(lambda: agg.store.thing(tid) is not None, 20)

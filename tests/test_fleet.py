@@ -164,7 +164,7 @@ async def test_demo_command_runs_a_line_and_stops_cleanly(tmp_path: Path) -> Non
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
-        _, err = await asyncio.wait_for(proc.communicate(), 20)
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
     assert total >= 10, f"the demo did not show 10 Things: {err.decode()[-3000:]}"
     assert ready[0] == 200 and any("open" in w for w in ready[1]["warnings"]), ready
     assert 10.0 < proofer.get("temperature", 0) < 50.0, proofer
@@ -197,7 +197,7 @@ async def test_demo_stops_by_itself_after_duration(tmp_path: Path) -> None:
     finally:
         if proc.returncode is None:  # it did not stop by itself
             proc.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(proc.communicate(), 20)
+            await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, err.decode()[-2000:]
     assert time.monotonic() - started < 40
     assert (tmp_path / "demo" / "gateway" / "registry.sqlite").exists()

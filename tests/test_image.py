@@ -65,7 +65,7 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Image]:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     r = subprocess.run([EGIZ, "image", "build", "--arch", "amd64", "--out", str(out), "--keep-raw"],
-                       capture_output=True, text=True, timeout=600)
+                       capture_output=True, text=True, timeout=1500)
     (ARTIFACTS / "build.log").write_text(r.stdout + r.stderr)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     print(json.dumps({"figure": "image_build_amd64", "value": round(time.monotonic() - t0, 1), "unit": "s"}))
@@ -82,7 +82,7 @@ def owner(root: Path, path: str) -> tuple[int, str, str]:
     return stat.S_IMODE(st.st_mode), users[st.st_uid], groups[st.st_gid]
 
 
-@pytest.mark.timeout(660)
+@pytest.mark.timeout(1800)  # the first test to use the image also waits for its build
 def test_the_image_its_checksum_manifest_and_partitions(image: Image) -> None:
     compressed = image.out / "egiz-gateway-amd64.img.zst"
     digest, name = (image.out / f"{compressed.name}.sha256").read_text().split()
@@ -103,7 +103,7 @@ def test_the_image_its_checksum_manifest_and_partitions(image: Image) -> None:
         assert f in listing, listing
 
 
-@pytest.mark.timeout(660)
+@pytest.mark.timeout(1800)  # the first test to use the image also waits for its build
 def test_the_roles_left_a_gateway_in_the_root_filesystem(image: Image) -> None:
     root = image.rootfs
     passwd = (root / "etc/passwd").read_text()
@@ -159,7 +159,7 @@ def test_the_roles_left_a_gateway_in_the_root_filesystem(image: Image) -> None:
     assert r.returncode == 0 and r.stdout.strip() == __version__, r.stderr
 
 
-@pytest.mark.timeout(660)
+@pytest.mark.timeout(1800)  # the first test to use the image also waits for its build
 def test_a_second_run_of_the_roles_changes_nothing(image: Image) -> None:
     from images.build import apply_roles
 
@@ -264,7 +264,7 @@ def test_kvm_fallback_to_emulation(tmp_path: Path, script: str, runs: bool) -> N
         vm.wait(10)
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(2100)
 def test_the_image_boots_provisions_itself_and_serves(image: Image, tmp_path: Path) -> None:
     disk = tmp_path / "disk.img"
     subprocess.run(["cp", "--sparse=always", str(image.raw), str(disk)], check=True)

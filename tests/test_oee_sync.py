@@ -19,13 +19,13 @@ from gateway.common.wire import Batch, OeePeriodDoc, decode, encode
 from tests.helpers import (
     ADMIN_KEY,
     OTHER_TOKEN,
-    TOKEN,
     AggregatorFactory,
     GatewayFactory,
     aggregator_config,
     auth,
     unique_site,
     uplink,
+    uplink_token,
 )
 
 RULES = {"mixer": {"running": [{"property": "motor.current", "op": ">", "value": 3.0}],
@@ -51,7 +51,7 @@ async def test_site_oee_is_the_time_weighted_combination_of_its_lines(
         mosquitto: tuple[str, int], start_gateway: GatewayFactory, start_aggregator: AggregatorFactory,
         tmp_path: Path) -> None:
     site = unique_site()
-    agg = await start_aggregator(aggregator_config(tmp_path, (f"gw-{site}", TOKEN, site, "line-a"),
+    agg = await start_aggregator(aggregator_config(tmp_path, uplink_token(site),
                                                    (f"gw-{site}-b", OTHER_TOKEN, site, "line-b")))
     assert agg.http_port is not None
     oee = {"oee.enabled": True, "oee.types": RULES, "oee.flush_interval_s": 0.2}
@@ -104,6 +104,21 @@ async def test_site_oee_is_the_time_weighted_combination_of_its_lines(
         down = await r.json()
     assert r.status == 200 and down["sixBigLosses"]["idlingAndMinorStops"] == 60 * 60
     assert (down["pareto"][0]["reason"], down["pareto"][0]["seconds"]) == ("unassigned", down["stopS"])
+
+    # the state bands across sites: every closed event of a line's gateway, as it sent it
+    async with aiohttp.ClientSession() as http:
+        for gw, line in ((gw_a, "line-a"), (gw_b, "line-b")):
+            local = (await gw.get("/api/v1/oee/events", params={"scope": "line", "id": line, **span}))[1]["items"]
+            async with http.get(base + "/api/v1/oee/events", params={"scope": "line", "id": f"{site}/{line}", **span},
+                                headers=auth(ADMIN_KEY)) as r:
+                body = await r.json()
+                assert r.status == 200, body
+            closed = [(e["thingId"], e["state"], e["start"], e["end"]) for e in local if not e["open"]]
+            assert closed and set(closed) <= {(e["thingId"], e["state"], e["start"], e["end"]) for e in body["items"]}
+            assert {(e["site"], e["line"]) for e in body["items"]} == {(site, line)}
+            assert {e["state"] for e in body["items"]} >= {"idle", "running"}
+        async with http.get(base + "/api/v1/oee/events", params={"state": "bogus"}, headers=auth(ADMIN_KEY)) as r:
+            assert r.status == 400 and "state" in (await r.json())["detail"]
 
 
 def test_oee_records_travel_in_the_batch_and_are_checked() -> None:

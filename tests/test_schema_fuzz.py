@@ -37,6 +37,8 @@ SEED = 20261207
 KEYS = {"admin": ADMIN_KEY, "operator": OPERATOR_KEY, "viewer": VIEWER_KEY}
 # The WebSocket upgrade is not HTTP request/response; the viewer's redirect and files are static.
 EXCLUDE = r"^/api/v1/ws$|^/viewer/|^/$"
+# Three or four fuzzer processes at once take one to two minutes on two idle cores; a busy machine more.
+pytestmark = pytest.mark.timeout(900)
 
 
 async def fuzz(url: str, key: str, workdir: Path) -> str:
@@ -49,7 +51,7 @@ async def fuzz(url: str, key: str, workdir: Path) -> str:
         "--generation-deterministic", "--exclude-path-regex", EXCLUDE, "--phases", "examples,fuzzing",
         "--workers", "1", "--no-color", cwd=workdir, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT)
-    out, _ = await asyncio.wait_for(proc.communicate(), 300)
+    out, _ = await asyncio.wait_for(proc.communicate(), 840)
     report = out.decode(errors="replace")
     assert proc.returncode == 0, report[-6000:]
     return report

@@ -416,19 +416,19 @@ async def test_duplicate_tokens_and_open_mode_on_the_network_are_refused_at_star
     proc = await asyncio.create_subprocess_exec(EGIZ, "aggregator", "run", "--config",
                                                 str(write_toml(tmp_path / "dup.toml", {**base, **same})),
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 2 and b"auth.gateway_tokens[1].token" in out and TOKEN.encode() not in out
     wide = {**base, "http": {"host": "0.0.0.0", "port": find_free_port()}, "auth": {"open": True}}
     proc = await asyncio.create_subprocess_exec(EGIZ, "aggregator", "run", "--config",
                                                 str(write_toml(tmp_path / "open.toml", wide)),
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 2 and b"auth.open" in out and b"auth.open_remote" in out
     forced = {**wide, "auth": {"open": True, "open_remote": True}}
     proc = await asyncio.create_subprocess_exec(EGIZ, "aggregator", "check", "--config",
                                                 str(write_toml(tmp_path / "forced.toml", forced)),
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    await asyncio.wait_for(proc.communicate(), 30)
+    await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0
 
 

@@ -51,6 +51,7 @@ from tests.helpers import (
     topic,
     unique_site,
     uplink,
+    uplink_token,
     version_in_use,
     wait_for,
 )
@@ -76,7 +77,7 @@ async def https_aggregator_of_two_sites(tmp_path: Path, site_pki: SitePki,
     takes (`TOKEN` for the first, `OTHER_TOKEN` for the second)."""
     site, other = unique_site(), unique_site()
     agg = await start_aggregator(aggregator_config(
-        tmp_path, (f"gw-{site}", TOKEN, site, "line-a"), (f"gw-{other}", OTHER_TOKEN, other, "line-a"),
+        tmp_path, uplink_token(site), (f"gw-{other}", OTHER_TOKEN, other, "line-a"),
         **tls_server(site_pki.server)))
     return agg, site, other
 
@@ -112,7 +113,7 @@ async def test_a_pinned_certificate_that_changes_is_refused(
         tmp_path: Path, mosquitto: tuple[str, int], site_pki: SitePki, start_gateway: GatewayFactory) -> None:
     site = unique_site()
     port = find_free_port()
-    tokens = (f"gw-{site}", TOKEN, site, "line-a")
+    tokens = uplink_token(site)
     first = Aggregator(aggregator_config(tmp_path, tokens, port=port, **tls_server(site_pki.server)))
     await first.start()
     try:
@@ -153,7 +154,7 @@ async def test_client_certificates_are_required_where_configured(
         tmp_path: Path, mosquitto: tuple[str, int], site_pki: SitePki, start_gateway: GatewayFactory,
         start_aggregator: AggregatorFactory) -> None:
     site = unique_site()
-    agg = await start_aggregator(aggregator_config(tmp_path, (f"gw-{site}", TOKEN, site, "line-a"),
+    agg = await start_aggregator(aggregator_config(tmp_path, uplink_token(site),
                                                    **tls_server(site_pki.server, client_ca=site_pki.ca)))
     cert, key = site_pki.client
     gw = await start_gateway(mosquitto, **https_uplink(site, agg.http_port, **{
@@ -345,7 +346,7 @@ async def test_a_swapped_model_is_refused_by_a_running_gateway_and_the_previous_
         tmp_path: Path, mosquitto: tuple[str, int], start_gateway: GatewayFactory,
         start_aggregator: AggregatorFactory, press_versions: tuple[Path, str, str]) -> None:
     site = unique_site()
-    cfg = aggregator_config(tmp_path, (f"gw-{site}", TOKEN, site, "line-a"))
+    cfg = aggregator_config(tmp_path, uplink_token(site))
     central = central_registry(cfg, press_versions)
     _, v1, v2 = press_versions
     central.activate("press", v1)
@@ -389,7 +390,7 @@ async def test_a_gateway_without_the_aggregators_key_takes_no_central_model(
         tmp_path: Path, mosquitto: tuple[str, int], start_gateway: GatewayFactory,
         start_aggregator: AggregatorFactory, press_versions: tuple[Path, str, str]) -> None:
     site = unique_site()
-    cfg = aggregator_config(tmp_path, (f"gw-{site}", TOKEN, site, "line-a"))
+    cfg = aggregator_config(tmp_path, uplink_token(site))
     central_registry(cfg, press_versions).activate("press", press_versions[1])
     agg = await start_aggregator(cfg)
     someone_else = signing.public_key_text(signing.load_or_create_key(tmp_path / "other.key"))

@@ -102,7 +102,7 @@ async def test_aggregator_process_tells_systemd_it_serves_and_stops_on_sigterm(t
 async def _stop_notified(proc: asyncio.subprocess.Process, notify: SystemdNotify) -> bytes:
     """SIGTERM a service under systemd notification; it must exit 0 after telling systemd STOPPING."""
     proc.send_signal(signal.SIGTERM)
-    _, err = await asyncio.wait_for(proc.communicate(), 20)
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
     notify.close()
     assert proc.returncode == 0, err.decode()[-2000:]
     assert notify.notes[-1] == "STOPPING=1"
@@ -117,7 +117,7 @@ async def test_port_in_use_is_one_line_and_exit_1(mosquitto, tmp_path: Path) -> 
         cfg = gateway_toml(tmp_path / "gateway.toml", "s1", http={"port": port})
         proc = await asyncio.create_subprocess_exec(EGIZ, "gateway", "run", "--config", str(cfg),
                                                     stderr=asyncio.subprocess.PIPE)
-        _, err = await asyncio.wait_for(proc.communicate(), 20)
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 1
     assert "egiz: cannot start the gateway" in err.decode()
     assert "Traceback" not in err.decode()

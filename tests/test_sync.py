@@ -22,21 +22,21 @@ from tests.helpers import (
     TOKEN,
     AggregatorFactory,
     GatewayFactory,
+    LinkedFactory,
     aggregator_config,
     auth,
     exact,
     publish_ovens,
     unique_site,
     uplink,
+    uplink_token,
     wait_for,
 )
 
 
 async def test_points_things_and_history_reach_the_aggregator_exactly_once(
-        tmp_path: Path, mosquitto, start_gateway: GatewayFactory, start_aggregator: AggregatorFactory) -> None:
-    site = unique_site()
-    agg = await start_aggregator(aggregator_config(tmp_path, (f"gw-{site}", TOKEN, site, "line-a")))
-    gw = await start_gateway(mosquitto, **uplink(site, agg.http_port))
+        mosquitto, start_linked: LinkedFactory) -> None:
+    site, agg, gw = await start_linked()
     await publish_ovens(mosquitto, gw, things=3, per_thing=40)
     await wait_for(lambda: exact(agg, site, 3, 40), timeout=20)
     async with aiohttp.ClientSession(headers=auth()) as http:
@@ -74,7 +74,7 @@ async def test_an_outage_of_the_aggregator_drains_afterwards_without_loss_or_dup
     await wait_for(lambda: gw.service.ingest.accepted_messages == 600)
     await asyncio.sleep(0.5)
     assert gw.service.forwarder is not None and gw.service.forwarder.failing_since is not None
-    agg = await start_aggregator(aggregator_config(tmp_path, (f"gw-{site}", TOKEN, site, "line-a"), port=port))
+    agg = await start_aggregator(aggregator_config(tmp_path, uplink_token(site), port=port))
     await publish_ovens(mosquitto, gw, things=4, per_thing=50, first_seq=151)  # live points while it backfills
     await wait_for(lambda: exact(agg, site, 4, 200), timeout=30)
     assert agg.store.point_count() == 4 * 200 * 4

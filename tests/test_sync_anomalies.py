@@ -14,14 +14,9 @@ import aiomqtt
 from tests.helpers import (
     ADMIN_KEY,
     OPERATOR_KEY,
-    TOKEN,
     VIEWER_KEY,
-    AggregatorFactory,
-    GatewayFactory,
-    aggregator_config,
+    LinkedFactory,
     auth,
-    unique_site,
-    uplink,
     wait_for,
 )
 
@@ -33,17 +28,13 @@ rules:
 
 
 async def test_anomaly_reaches_the_aggregator_and_a_central_ack_reaches_the_gateway(
-        mosquitto: tuple[str, int], start_gateway: GatewayFactory, start_aggregator: AggregatorFactory,
-        tmp_path: Path) -> None:
-    site = unique_site()
+        mosquitto: tuple[str, int], start_linked: LinkedFactory, tmp_path: Path) -> None:
     keys = [{"key": ADMIN_KEY, "role": "admin"}, {"key": OPERATOR_KEY, "role": "operator", "name": "shift lead"},
             {"key": VIEWER_KEY, "role": "viewer"}]
-    agg = await start_aggregator(aggregator_config(tmp_path, (f"gw-{site}", TOKEN, site, "line-a"),
-                                                   **{"auth.api_keys": keys, "aggregator.summary_interval_s": 0.2}))
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES)
-    gw = await start_gateway(mosquitto, **uplink(site, agg.http_port),
-                             **{"detect.enabled": True, "detect.rules_file": str(rules)})
+    site, agg, gw = await start_linked(aggregator={"auth.api_keys": keys, "aggregator.summary_interval_s": 0.2},
+                                       **{"detect.enabled": True, "detect.rules_file": str(rules)})
     base = f"http://127.0.0.1:{agg.http_port}"
     async with aiohttp.ClientSession() as http, \
             http.ws_connect(f"{base}/api/v1/ws", headers=auth(VIEWER_KEY)) as ws, aiomqtt.Client(*mosquitto) as mq:

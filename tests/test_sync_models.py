@@ -21,12 +21,13 @@ from gateway.detect.train import FeatureRows, train_model
 from tests.helpers import (
     ADMIN_KEY,
     EGIZ,
-    TOKEN,
     AggregatorFactory,
     GatewayFactory,
+    LinkedFactory,
     aggregator_config,
     unique_site,
     uplink,
+    uplink_token,
     version_in_use,
     wait_for,
 )
@@ -44,7 +45,7 @@ async def test_gateway_fetches_central_models_and_refuses_a_broken_one(
         mosquitto: tuple[str, int], start_gateway: GatewayFactory, start_aggregator: AggregatorFactory,
         tmp_path: Path) -> None:
     site = unique_site()
-    cfg = aggregator_config(tmp_path, (f"gw-{site}", TOKEN, site, "line-a"))
+    cfg = aggregator_config(tmp_path, uplink_token(site))
     central = ModelRegistry(Path(cfg.aggregator.data_dir) / "models")
     v1 = train_model(rows(1), "press", central.root, seed=1).name
     v2 = train_model(rows(2), "press", central.root, seed=2).name
@@ -77,11 +78,8 @@ async def test_gateway_fetches_central_models_and_refuses_a_broken_one(
 
 
 async def test_train_from_the_aggregators_history_over_its_api(
-        mosquitto: tuple[str, int], start_gateway: GatewayFactory, start_aggregator: AggregatorFactory,
-        tmp_path: Path) -> None:
-    site = unique_site()
-    agg = await start_aggregator(aggregator_config(tmp_path, (f"gw-{site}", TOKEN, site, "line-a")))
-    await start_gateway(mosquitto, **uplink(site, agg.http_port))
+        mosquitto: tuple[str, int], start_linked: LinkedFactory, tmp_path: Path) -> None:
+    site, agg, _gw = await start_linked()
     rng = np.random.default_rng(5)
     now = time.time()
     async with aiomqtt.Client(*mosquitto) as mqtt:

@@ -16,13 +16,11 @@ from gateway.common.wire import POINTS, Batch, encode
 from tests.helpers import (
     TOKEN,
     AggregatorFactory,
-    GatewayFactory,
+    LinkedFactory,
     aggregator_config,
     auth,
     exact,
     publish_ovens,
-    unique_site,
-    uplink,
     wait_for,
 )
 
@@ -69,13 +67,8 @@ async def test_two_replicas_behind_round_robin_with_retries_store_each_batch_onc
     assert store.point_count() == 40 * 250
 
 
-async def test_gateway_to_postgres_aggregator(tmp_path: Path, pg_dsn: str, mosquitto,
-                                              start_gateway: GatewayFactory,
-                                              start_aggregator: AggregatorFactory) -> None:
-    site = unique_site()
-    agg = await start_aggregator(aggregator_config(tmp_path, (f"gw-{site}", TOKEN, site, "line-a"),
-                                                   **{"storage.backend": "postgres", "storage.dsn": pg_dsn}))
-    gw = await start_gateway(mosquitto, **uplink(site, agg.http_port))
+async def test_gateway_to_postgres_aggregator(pg_dsn: str, mosquitto, start_linked: LinkedFactory) -> None:
+    site, agg, gw = await start_linked(aggregator={"storage.backend": "postgres", "storage.dsn": pg_dsn})
     await publish_ovens(mosquitto, gw, things=2, per_thing=30)
     await wait_for(lambda: exact(agg, site, 2, 30), timeout=20)
     await wait_for(lambda: agg.store.thing(f"{site}:oven-01") is not None, timeout=10)

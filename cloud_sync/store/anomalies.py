@@ -2,7 +2,9 @@
 both backends (DuckDB and PostgreSQL differ only in the parameter placeholder).
 
 Gateways own their anomalies: each batch carries the documents that changed, applied in the batch's
-transaction (newest state wins, by id). An acknowledgement or resolution made centrally is queued here
+transaction (newest state wins, by id), each with its journal (who acknowledged, resolved or shelved it,
+with their comments) and the shelf silencing its condition. A shelf ends by itself at its `until`, so the
+shelved filter compares with the time of the query. An acknowledgement or resolution made centrally is queued here
 and handed to the gateway in its next ingest response; once a batch shows the anomaly in that state,
 the action is done and removed.
 """
@@ -14,10 +16,15 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from gateway.common.alarms import JournalQuery
 from gateway.common.wire import Action, AnomalyDoc
 
 Execute = Callable[[str, Sequence[Any]], Any]  # returns a cursor with fetchall/fetchone
 ACTION_TTL_S = 86400.0  # an action for a gateway that never comes back is dropped after a day
+JOURNAL_COLUMNS = (("anomaly_type", "VARCHAR"), ("acknowledged_by", "VARCHAR"),
+                   ("resolved_at", "DOUBLE PRECISION"), ("shelved_until", "DOUBLE PRECISION"))
+COLUMNS = ("id, site, line, gateway_id, thing_id, state, severity, opened_at, score, doc, anomaly_type, "
+           "acknowledged_by, resolved_at, shelved_until")
 
 
 def where(placeholder: str, base: str, filters: Sequence[tuple[str, Sequence[Any]]]) -> tuple[str, list[Any]]:
@@ -43,6 +50,8 @@ class AnomalySql:
             "score DOUBLE PRECISION, doc VARCHAR)",
             f"CREATE TABLE IF NOT EXISTS {self.actions} (gateway_id VARCHAR, anomaly_id VARCHAR, action VARCHAR, "
             "doc VARCHAR, created DOUBLE PRECISION)",
+            # the journal's filters, added to a store written before them (its rows fill in as they change)
+            *(f"ALTER TABLE {self.anomalies} ADD COLUMN IF NOT EXISTS {col} {kind}" for col, kind in JOURNAL_COLUMNS),
         ]
 
     def apply(self, execute: Execute, docs: list[AnomalyDoc], site: str, line: str, gateway_id: str) -> None:
@@ -50,30 +59,45 @@ class AnomalySql:
         p = self.p
         for d in docs:
             execute(f"DELETE FROM {self.anomalies} WHERE id = {p}", [d.id])
-            execute(f"INSERT INTO {self.anomalies} VALUES ({', '.join([p] * 10)})",
+            execute(f"INSERT INTO {self.anomalies} ({COLUMNS}) VALUES ({', '.join([p] * 14)})",
                     [d.id, site, line, gateway_id, d.thing_id, d.state, d.severity, d.opened_at, d.score,
-                     json.dumps(d.doc, allow_nan=False)])
+                     json.dumps(d.doc, allow_nan=False), d.anomaly_type, d.acknowledged_by, d.resolved_at,
+                     d.shelved.until if d.shelved is not None and d.state != "resolved" else None])
             done = ("ack", "resolve") if d.state == "resolved" else ("ack",) if d.state != "open" else ()
             for action in done:
                 execute(f"DELETE FROM {self.actions} WHERE anomaly_id = {p} AND action = {p}", [d.id, action])
 
-    def query(self, execute: Execute, *, site: str | None, states: Sequence[str], severities: Sequence[str],
-              thing_ids: Sequence[str], limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
+    def query(self, execute: Execute, q: JournalQuery, now: float) -> tuple[list[dict[str, Any]], int]:
+        """One page of the journal, newest first, as `JournalQuery` filters it (shelved: at `now`)."""
         p = self.p
-        cond, params = where(p, "1 = 1", [("site", [site] if site else []), ("state", states),
-                                           ("severity", severities), ("thing_id", thing_ids)])
+        cond, params = where(p, "1 = 1", [
+            ("site", [q.site] if q.site else []), ("line", [q.line] if q.line else []), ("state", q.states),
+            ("severity", q.severities), ("thing_id", q.thing_ids), ("anomaly_type", q.anomaly_types),
+            ("acknowledged_by", q.acknowledged_by)])
+        if q.since is not None:  # still open at or after `since`
+            cond += f" AND COALESCE(resolved_at, 1e18) >= {p}"
+            params.append(q.since)
+        if q.until is not None:
+            cond += f" AND opened_at < {p}"
+            params.append(q.until)
+        if q.shelved is not None:
+            cond += f" AND shelved_until > {p}" if q.shelved else \
+                f" AND (shelved_until IS NULL OR shelved_until <= {p})"
+            params.append(now)
         total = execute(f"SELECT count(*) FROM {self.anomalies} WHERE {cond}", params).fetchone()
-        rows = execute(f"SELECT doc, site, line, gateway_id, id FROM {self.anomalies} WHERE {cond} "
-                       f"ORDER BY opened_at DESC, id LIMIT {p} OFFSET {p}", [*params, limit, offset]).fetchall()
+        rows = execute(f"SELECT doc, site, line, gateway_id, id, shelved_until FROM {self.anomalies} WHERE {cond} "
+                       f"ORDER BY opened_at DESC, id LIMIT {p} OFFSET {p}", [*params, q.limit, q.offset]).fetchall()
         pending = self._pending(execute, [r[4] for r in rows])
-        return [_doc(r[0], r[1], r[2], r[3], pending.get(r[4], [])) for r in rows], int(total[0]) if total else 0
+        return [_doc(r[0], r[1], r[2], r[3], pending.get(r[4], []), r[5], now) for r in rows], \
+            int(total[0]) if total else 0
 
-    def get(self, execute: Execute, anomaly_id: str) -> dict[str, Any] | None:
-        row = execute(f"SELECT doc, site, line, gateway_id FROM {self.anomalies} WHERE id = {self.p}",
+    def get(self, execute: Execute, anomaly_id: str, now: float) -> dict[str, Any] | None:
+        row = execute(f"SELECT doc, site, line, gateway_id, shelved_until FROM {self.anomalies} WHERE id = {self.p}",
                       [anomaly_id]).fetchone()
         if row is None:
             return None
-        return _doc(row[0], row[1], row[2], row[3], self._pending(execute, [anomaly_id]).get(anomaly_id, []))
+        return _doc(row[0], row[1], row[2], row[3], self._pending(execute, [anomaly_id]).get(anomaly_id, []),
+                    row[4], now)
 
     def add_action(self, execute: Execute, gateway_id: str, act: Action) -> None:
         p = self.p
@@ -99,8 +123,14 @@ class AnomalySql:
         return out
 
 
-def _doc(doc: str, site: str, line: str, gateway_id: str, pending: list[str]) -> dict[str, Any]:
+def _doc(doc: str, site: str, line: str, gateway_id: str, pending: list[str], shelved_until: float | None,
+         now: float) -> dict[str, Any]:
+    """The stored document with where it comes from, the central actions pending, and its shelf while
+    that still silences (null once it ended or the anomaly was resolved)."""
     d: dict[str, Any] = json.loads(doc) if isinstance(doc, str) else dict(doc)
     d.update(site=site, line=line, gatewayId=gateway_id, pending=sorted(pending))
+    d.setdefault("journal", [])
+    if shelved_until is None or shelved_until <= now:
+        d["shelved"] = None
     return d
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,7 @@ import pyarrow as pa
 
 from cloud_sync.store import Applied, GatewayRow, Refused, StoreError
 from cloud_sync.store.anomalies import AnomalySql, Execute, where
+from gateway.common.alarms import JournalQuery
 from gateway.common.series import SeriesCatalogue, SeriesIndexed, SeriesKey
 from gateway.common.wire import Action, Batch
 
@@ -257,13 +259,11 @@ class CentralStore(SeriesIndexed):
     def thing(self, thing_id: str) -> dict[str, Any] | None:
         return self.sql.thing_doc(self._reader(), thing_id)
 
-    def anomalies(self, *, site: str | None, states: list[str], severities: list[str], thing_ids: list[str],
-                  limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
-        return self.sql.anomaly.query(self._reader(), site=site, states=states, severities=severities,
-                                      thing_ids=thing_ids, limit=limit, offset=offset)
+    def anomalies(self, query: JournalQuery, now: float | None = None) -> tuple[list[dict[str, Any]], int]:
+        return self.sql.anomaly.query(self._reader(), query, time.time() if now is None else now)
 
-    def anomaly(self, anomaly_id: str) -> dict[str, Any] | None:
-        return self.sql.anomaly.get(self._reader(), anomaly_id)
+    def anomaly(self, anomaly_id: str, now: float | None = None) -> dict[str, Any] | None:
+        return self.sql.anomaly.get(self._reader(), anomaly_id, time.time() if now is None else now)
 
     def add_action(self, gateway_id: str, act: Action) -> None:
         with self._write_lock, self._transaction() as execute:

@@ -22,6 +22,20 @@ constexpr int kI2cSda = 21;     // ADXL345 (optional)
 constexpr int kI2cScl = 22;
 constexpr uint32_t kAccelPeriodMs = 5;  // 200 accelerometer samples per second for the vibration window
 
+// Production counting (build with -DEGIZ_PRODUCTION=1): opto-isolated machine outputs, active low with
+// the internal pull-ups. Unit pulses are counted in interrupts (a pulse shorter than kPulseMinUs after
+// the previous one is contact bounce); the signals are read at each sampling round.
+#ifndef EGIZ_PRODUCTION
+#define EGIZ_PRODUCTION 0
+#endif
+constexpr bool kProduction = EGIZ_PRODUCTION != 0;
+constexpr int kGoodPulse = 25;    // one pulse per good unit (the counting light barrier)
+constexpr int kRejectPulse = 26;  // one pulse per rejected unit (the reject gate)
+constexpr int kRunSignal = 27;    // machine in operation
+constexpr int kFaultSignal = 32;  // fault lamp
+constexpr int kChangeoverSignal = 33;  // set-up switch
+constexpr uint32_t kPulseMinUs = 2000;
+
 constexpr int kSetupButton = 0;  // BOOT: held at power-up = set-up portal, credentials forgotten
 constexpr int kLed = 2;          // on: connected to the broker; blinking: set-up portal
 

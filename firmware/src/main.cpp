@@ -34,6 +34,7 @@
 #include "egiz/ring.h"
 #include "egiz/topics.h"
 #include "egiz/uplink.h"
+#include "machine.h"
 #include "mqtt_link.h"
 #include "sensors.h"
 #include "updater.h"
@@ -47,6 +48,7 @@ Preferences nvs;  // namespace "egiz": id, type, prov, interval, setpoint, boots
 WebServer http(board::kProvisionPort);
 MqttLink link;
 Sensors sensors;
+MachineInputs machine;  // production counters and state, when built with EGIZ_PRODUCTION
 Updater updater;
 
 std::string node_id, node_type, node_mac, boot_id;
@@ -372,9 +374,12 @@ void keep(const Reading& r) {
 }
 
 void sample(uint32_t now) {
-  if (clock_set() && ticker.due(now))  // no readings until NTP has set the clock (1970 would be refused)
-    sensors.start_round(epoch_ms(), setpoint_in_thermal(), settings.setpoint, now);
   fresh.clear();
+  if (clock_set() && ticker.due(now)) {  // no readings until NTP has set the clock (1970 would be refused)
+    int64_t ts = epoch_ms();
+    sensors.start_round(ts, setpoint_in_thermal(), settings.setpoint, now);
+    if (board::kProduction) fresh.push_back(machine.take(ts, now));
+  }
   sensors.poll(now, fresh);
   for (const auto& r : fresh) keep(r);
 }
@@ -487,6 +492,7 @@ void setup() {
 
   configure_time();
   sensors.begin(profile->thermal_feature);
+  if (board::kProduction) machine.begin();
   advertise();
   http.on("/info", HTTP_GET, on_info);
   http.on("/provision", HTTP_POST, on_provision);

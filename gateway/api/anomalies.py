@@ -7,46 +7,34 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import time
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from aiohttp import web
 
-from gateway.alarms.journal import MAX_SHELVE_HOURS, AlarmJournal
-from gateway.api.parts import PARTS, Parts, required
+from gateway.alarms.journal import MAX_SHELVE_HOURS
+from gateway.api.parts import PARTS
+from gateway.common.alarms import journal_response, parse_query
 from gateway.common.errors import Invalid, NotFound
-from gateway.common.history import parse_time
-from gateway.common.http import int_param, read_json, read_object, requires
+from gateway.common.http import read_anomaly_action, read_json, read_object, requires
 from gateway.detect.anomalies import Anomaly
-from gateway.detect.detector import AnomalyDetector
 from gateway.detect.explain import label
 
-MAX_LIMIT = 1000
-MAX_EXPORT = 100_000  # rows of one CSV export
 RUL_WINDOW_S = 24 * 3600.0
-STATES = {"open", "acknowledged", "resolved"}
-SEVERITIES = {"info", "warning", "critical"}
 
 
 routes = web.RouteTableDef()
 
 
-def _detector(parts: Parts) -> AnomalyDetector:
-    return required(parts.detector, "anomaly detection is switched off on this gateway (detect.enabled = false)")
-
-
-def _list(value: str | None, allowed: set[str] | None, name: str) -> list[str]:
-    items = [v for v in (value or "").split(",") if v]
-    if allowed is not None:
-        bad = [v for v in items if v not in allowed]
-        if bad:
-            raise Invalid(f"{name}: unknown {', '.join(bad)} (one or more of {', '.join(sorted(allowed))})")
-    return items
-
+async def _anomaly(request: web.Request) -> Anomaly:
+    """The anomaly the path names, or 404."""
+    ident = request.match_info["id"]
+    a = await request.app[PARTS].need_detector().log.get(ident)
+    if a is None:
+        raise NotFound(f"no anomaly {ident!r}")
+    return a
 
 
 @routes.get("/api/v1/anomalies")
@@ -54,83 +42,29 @@ def _list(value: str | None, allowed: set[str] | None, name: str) -> list[str]:
 async def list_anomalies(request: web.Request) -> web.Response:
     """The alarm journal, newest first. `state=active` means open or acknowledged; `format=csv` exports."""
     parts = request.app[PARTS]
-    det = _detector(parts)
-    q = request.query
-    unknown = sorted(set(q) - {"state", "thingId", "severity", "from", "to", "limit", "offset", "site", "line",
-                               "type", "acknowledgedBy", "shelved", "format"})
-    if unknown:
-        raise Invalid(f"unknown parameter(s) {', '.join(unknown)}")
-    states = _list(q.get("state"), STATES | {"active"}, "state")
-    if "active" in states:
-        states = sorted((set(states) - {"active"}) | {"open", "acknowledged"})
-    fmt = q.get("format", "json")
-    if fmt not in ("json", "csv"):
-        raise Invalid("format must be json or csv")
-    limit = int_param(q.get("limit"), "limit", 100, 1, MAX_LIMIT if fmt == "json" else MAX_EXPORT)
-    offset = int_param(q.get("offset"), "offset", 0, 0, 10**9)
-    thing_ids = _list(q.get("thingId"), None, "thingId")
-    site, line = q.get("site"), q.get("line")
-    if site and site != parts.config.gateway.site:
+    det = parts.need_detector()
+    q = parse_query(request.query)
+    thing_ids = list(q.thing_ids)
+    if q.site and q.site != parts.config.gateway.site:
         thing_ids = [""]  # another site's anomalies are not on this gateway
-    if line:
+    if q.line:
         on_line = [t.id for t in parts.registry.changed_since(float("-inf"))
-                   if str(t.metadata.get("line") or parts.config.gateway.line) == line]
+                   if str(t.metadata.get("line") or parts.config.gateway.line) == q.line]
         thing_ids = [t for t in thing_ids if t in on_line] if thing_ids else (on_line or [""])
     shelves = await parts.journal.shelves(active_at=time.time()) if parts.journal else []
     shelf_of = {(s.thing_id, s.anomaly_type): s for s in shelves}
-    shelved = q.get("shelved")
-    if shelved not in (None, "true", "false"):
-        raise Invalid("shelved must be true or false")
     items, total = await det.log.query(
-        states=states, thing_ids=thing_ids,
-        severities=_list(q.get("severity"), SEVERITIES, "severity"),
-        since=parse_time(q["from"], "from") if q.get("from") else None,
-        until=parse_time(q["to"], "to") if q.get("to") else None, limit=limit, offset=offset,
-        anomaly_types=_list(q.get("type"), None, "type"),
-        acknowledged_by=_list(q.get("acknowledgedBy"), None, "acknowledgedBy"),
-        conditions=list(shelf_of) if shelved == "true" else None,
-        without_conditions=list(shelf_of) if shelved == "false" else ())
+        states=q.states, thing_ids=thing_ids, severities=q.severities, since=q.since, until=q.until,
+        limit=q.limit, offset=q.offset, anomaly_types=q.anomaly_types, acknowledged_by=q.acknowledged_by,
+        conditions=list(shelf_of) if q.shelved is True else None,
+        without_conditions=list(shelf_of) if q.shelved is False else ())
     docs = []
     for a in items:
         doc = a.to_json()
         shelf = shelf_of.get((a.thing_id, a.anomaly_type))
         doc["shelved"] = shelf.to_json() if shelf is not None and a.state != "resolved" else None
         docs.append(doc)
-    if fmt == "csv":
-        return web.Response(text=journal_csv(docs), content_type="text/csv", charset="utf-8",
-                            headers={"Content-Disposition": 'attachment; filename="alarms.csv"',
-                                     "X-Total-Count": str(total)})
-    return web.json_response({"items": docs, "total": total, "limit": limit, "offset": offset})
-
-
-CSV_COLUMNS = ("id", "thingId", "thingType", "anomalyType", "severity", "state", "openedAt", "lastSeenAt",
-               "acknowledgedAt", "acknowledgedBy", "resolvedAt", "resolvedBy", "note", "falsePositive", "score",
-               "explanation", "shelvedUntil", "shelvedBy")
-
-
-def journal_csv(docs: list[dict[str, Any]]) -> str:
-    """The journal as CSV, one anomaly a row (spreadsheet formulas neutralised)."""
-    out = io.StringIO()
-    w = csv.writer(out)
-    w.writerow(CSV_COLUMNS)
-    for d in docs:
-        shelf = d.get("shelved") or {}
-        row = [*(d.get(c) for c in CSV_COLUMNS[:-2]), shelf.get("until"), shelf.get("by")]
-        w.writerow(["" if v is None else _cell(v) for v in row])
-    return out.getvalue()
-
-
-def _cell(v: Any) -> str:
-    text = str(v).lower() if isinstance(v, bool) else str(v)
-    return "'" + text if text[:1] in ("=", "+", "-", "@") and not _is_number(text) else text
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
+    return journal_response(docs, total, q)
 
 
 @routes.get("/api/v1/anomalies/{id}")
@@ -139,62 +73,34 @@ async def get_anomaly(request: web.Request) -> web.Response:
     return web.json_response((await _anomaly(request)).to_json())
 
 
-async def _anomaly(request: web.Request) -> Anomaly:
-    """The anomaly the path names, or 404."""
-    ident = request.match_info["id"]
-    a = await _detector(request.app[PARTS]).log.get(ident)
-    if a is None:
-        raise NotFound(f"no anomaly {ident!r}")
-    return a
-
-
-async def _body(request: web.Request) -> dict[str, Any]:
-    if not request.can_read_body:
-        return {}
-    doc = await read_json(request)
-    if not isinstance(doc, dict):
-        raise Invalid("the body must be a JSON object")
-    unknown = sorted(set(doc) - {"note", "falsePositive"})
-    if unknown:
-        raise Invalid(f"unknown field(s) {', '.join(unknown)}")
-    if not isinstance(doc.get("note", ""), str) or len(doc.get("note", "")) > 2000:
-        raise Invalid("note must be a string of at most 2000 characters")
-    if not isinstance(doc.get("falsePositive", False), bool):
-        raise Invalid("falsePositive must be true or false")
-    return doc
-
-
 @routes.post("/api/v1/anomalies/{id}/ack")
 @requires("operator")
 async def ack(request: web.Request) -> web.Response:
     """Acknowledged: someone is investigating (US-SYS-003). `falsePositive` is not taken here: resolve does."""
-    parts = request.app[PARTS]
-    body = await _body(request)
-    if body.get("falsePositive"):
-        raise Invalid("mark a false positive with POST .../resolve")
-    by = parts.auth.caller(request)
-    a = await _detector(parts).acknowledge(request.match_info["id"], by, body.get("note", ""))
-    if parts.journal is not None:
-        await parts.journal.record(a.id, "acknowledged", by, body.get("note", ""))
-    return web.json_response(a.to_json())
+    return await _operator_action(request, "acknowledged")
 
 
 @routes.post("/api/v1/anomalies/{id}/resolve")
 @requires("operator")
 async def resolve(request: web.Request) -> web.Response:
     """Resolved by an operator, optionally labelled a false positive (kept for retraining)."""
+    return await _operator_action(request, "resolved")
+
+
+async def _operator_action(request: web.Request, action: Literal["acknowledged", "resolved"]) -> web.Response:
+    """Acknowledge or resolve the anomaly the path names; the alarm journal, where kept, records who did."""
     parts = request.app[PARTS]
-    body = await _body(request)
+    note, false_positive = await read_anomaly_action(request)
     by = parts.auth.caller(request)
-    a = await _detector(parts).resolve(request.match_info["id"], by, body.get("note", ""),
-                                       bool(body.get("falsePositive", False)))
+    if action == "acknowledged":
+        if false_positive:
+            raise Invalid("mark a false positive with POST .../resolve")
+        a = await parts.need_detector().acknowledge(request.match_info["id"], by, note)
+    else:
+        a = await parts.need_detector().resolve(request.match_info["id"], by, note, false_positive)
     if parts.journal is not None:
-        await parts.journal.record(a.id, "resolved", by, body.get("note", ""))
+        await parts.journal.record(a.id, action, by, note)
     return web.json_response(a.to_json())
-
-
-def _journal(parts: Parts) -> AlarmJournal:
-    return required(parts.journal, "the alarm journal needs anomaly detection (detect.enabled = true)")
 
 
 @routes.get("/api/v1/anomalies/{id}/journal")
@@ -203,7 +109,7 @@ async def journal(request: web.Request) -> web.Response:
     """Who did what to one anomaly, oldest first."""
     parts = request.app[PARTS]
     a = await _anomaly(request)
-    actions = await _journal(parts).actions(a.id)
+    actions = await parts.need_journal().actions(a.id)
     return web.json_response({"anomalyId": a.id, "items": [x.to_json() for x in actions]})
 
 
@@ -220,8 +126,8 @@ async def shelve(request: web.Request) -> web.Response:
     reason = doc.get("reason")
     if not isinstance(reason, str) or not reason.strip() or len(reason) > 2000:
         raise Invalid("give the reason (a string of at most 2000 characters)")
-    shelf = await _journal(parts).shelve(a.id, a.thing_id, a.anomaly_type, float(hours), parts.auth.caller(request),
-                                         reason.strip())
+    shelf = await parts.need_journal().shelve(a.id, a.thing_id, a.anomaly_type, float(hours),
+                                              parts.auth.caller(request), reason.strip())
     return web.json_response(shelf.to_json())
 
 
@@ -233,7 +139,7 @@ async def list_shelves(request: web.Request) -> web.Response:
     active = request.query.get("active", "true")
     if active not in ("true", "false"):
         raise Invalid("active must be true or false")
-    shelves = await _journal(parts).shelves(active_at=time.time() if active == "true" else None)
+    shelves = await parts.need_journal().shelves(active_at=time.time() if active == "true" else None)
     return web.json_response({"items": [s.to_json() for s in shelves]})
 
 
@@ -242,7 +148,7 @@ async def list_shelves(request: web.Request) -> web.Response:
 async def unshelve(request: web.Request) -> web.Response:
     """End a shelf before its time."""
     parts = request.app[PARTS]
-    shelf = await _journal(parts).unshelve(request.match_info["id"], parts.auth.caller(request))
+    shelf = await parts.need_journal().unshelve(request.match_info["id"], parts.auth.caller(request))
     if shelf is None:
         raise NotFound(f"no shelf {request.match_info['id']!r}")
     return web.json_response(shelf.to_json())
@@ -254,7 +160,7 @@ async def rul(request: web.Request) -> web.Response:
     """Remaining useful life per health indicator: every property a threshold rule limits, fitted over the
     last 24 h of 1-minute averages."""
     parts = request.app[PARTS]
-    det = _detector(parts)
+    det = parts.need_detector()
     thing_id = request.match_info["id"]
     thing = parts.registry.get(thing_id)
     if thing is None:
@@ -307,7 +213,7 @@ def _flat(feature: Any) -> dict[str, float]:
 @routes.get("/api/v1/models")
 @requires("viewer")
 async def list_models(request: web.Request) -> web.Response:
-    det = _detector(request.app[PARTS])
+    det = request.app[PARTS].need_detector()
     types = []
     for status in det.model_status():
         versions = [v.__dict__ for v in det.models.versions(status["type"])]
@@ -319,7 +225,7 @@ async def list_models(request: web.Request) -> web.Response:
 @requires("admin")
 async def activate(request: web.Request) -> web.Response:
     """Check a version completely, make it active, and put it in use now (no restart)."""
-    det = _detector(request.app[PARTS])
+    det = request.app[PARTS].need_detector()
     body = await read_json(request)
     if not isinstance(body, dict) or not isinstance(body.get("version"), str) or set(body) != {"version"}:
         raise Invalid('the body must be {"version": "..."}')
@@ -331,7 +237,7 @@ async def activate(request: web.Request) -> web.Response:
 @routes.post("/api/v1/models/{type}/rollback")
 @requires("admin")
 async def rollback(request: web.Request) -> web.Response:
-    det = _detector(request.app[PARTS])
+    det = request.app[PARTS].need_detector()
     ttype = request.match_info["type"]
     version = await det.rollback(ttype)
     return web.json_response({"type": ttype, "active": version})

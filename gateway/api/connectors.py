@@ -9,7 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.api.parts import PARTS, required
+from gateway.api.parts import PARTS
 from gateway.common.errors import Conflict, Invalid, NotFound
 from gateway.common.http import read_json, requires
 from gateway.connectors.config import ModbusDevice
@@ -20,10 +20,6 @@ MAX_CSV = 256 * 1024
 
 
 routes = web.RouteTableDef()
-
-
-def _manager(request: web.Request) -> ConnectorManager:
-    return required(request.app[PARTS].connectors, "this gateway runs no connectors")
 
 
 HIDDEN = "***"
@@ -48,21 +44,21 @@ def entry_document(entry: DeviceEntry, site: str) -> dict[str, Any]:
 async def list_devices(request: web.Request) -> web.Response:
     """Every device (configured and added over the API) with its health."""
     site = request.app[PARTS].config.gateway.site
-    items = [entry_document(e, site) for e in _manager(request).entries()]
+    items = [entry_document(e, site) for e in request.app[PARTS].need_connectors().entries()]
     return web.json_response({"items": items, "total": len(items)})
 
 
 @routes.get("/api/v1/connectors/devices/{name}")
 @requires("operator")
 async def get_device(request: web.Request) -> web.Response:
-    entry = _manager(request).entry(request.match_info["name"])
+    entry = request.app[PARTS].need_connectors().entry(request.match_info["name"])
     return web.json_response(entry_document(entry, request.app[PARTS].config.gateway.site))
 
 
 @routes.post("/api/v1/connectors/devices")
 @requires("admin")
 async def create_device(request: web.Request) -> web.Response:
-    manager = _manager(request)
+    manager = request.app[PARTS].need_connectors()
     device = parse_device(await read_json(request))
     if any(e.device.name == device.name for e in manager.entries()):
         raise Conflict(f"device {device.name!r} exists; PUT /api/v1/connectors/devices/{device.name} changes it")
@@ -74,7 +70,7 @@ async def create_device(request: web.Request) -> web.Response:
 @requires("admin")
 async def put_device(request: web.Request) -> web.Response:
     """Add or replace one device; only its own connection restarts."""
-    manager = _manager(request)
+    manager = request.app[PARTS].need_connectors()
     name = request.match_info["name"]
     body = await read_json(request)
     if isinstance(body, dict):
@@ -109,7 +105,7 @@ def _saved(request: web.Request, manager: ConnectorManager, name: str, status: i
 @routes.delete("/api/v1/connectors/devices/{name}")
 @requires("admin")
 async def delete_device(request: web.Request) -> web.Response:
-    await _manager(request).delete(request.match_info["name"])
+    await request.app[PARTS].need_connectors().delete(request.match_info["name"])
     return web.Response(status=204)
 
 
@@ -118,7 +114,7 @@ async def delete_device(request: web.Request) -> web.Response:
 async def import_register_map(request: web.Request) -> web.Response:
     """A register-map CSV (address,name,type,scale,unit,...) into a Modbus device's tags: a tag of the
     same feature and property is replaced, the others are added. `?replace=true` drops the old tags."""
-    manager = _manager(request)
+    manager = request.app[PARTS].need_connectors()
     name = request.match_info["name"]
     entry = manager.entry(name)
     if not isinstance(entry.device, ModbusDevice):

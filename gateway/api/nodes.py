@@ -4,15 +4,11 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.api.parts import PARTS, Parts, required
+from gateway.api.parts import PARTS
 from gateway.common.http import requires
-from gateway.provision import Provisioner, check_node_id
+from gateway.provision import check_node_id
 
 routes = web.RouteTableDef()
-
-
-def _provisioner(parts: Parts) -> Provisioner:
-    return required(parts.provisioner, "node discovery is switched off on this gateway (discovery.enabled = false)")
 
 
 @routes.get("/api/v1/nodes")
@@ -20,7 +16,7 @@ def _provisioner(parts: Parts) -> Provisioner:
 async def list_nodes(request: web.Request) -> web.Response:
     """Every node seen: pending (waiting for approval), approved or rejected."""
     parts = request.app[PARTS]
-    prov = _provisioner(parts)
+    prov = parts.need_provisioner()
     state = request.query.get("state", "")
     items = [n.to_json(parts.config.gateway.site) for n in prov.nodes() if not state or n.state == state]
     return web.json_response({"items": items, "total": len(items)})
@@ -43,7 +39,7 @@ async def reject(request: web.Request) -> web.Response:
 async def _decide(request: web.Request, *, approve: bool) -> web.Response:
     """An admin's decision on the node the path names; the node as it stands after it."""
     parts = request.app[PARTS]
-    prov = _provisioner(parts)
+    prov = parts.need_provisioner()
     node_id = check_node_id(request.match_info["id"])
     node = await (prov.approve(node_id) if approve else prov.reject(node_id))
     return web.json_response(node.to_json(parts.config.gateway.site))

@@ -14,10 +14,10 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.api.parts import PARTS, Parts, required
+from gateway.api.parts import PARTS, Parts
 from gateway.common.errors import Invalid, NotFound
 from gateway.common.history import parse_time
-from gateway.common.http import int_param, read_object, requires
+from gateway.common.http import int_param, known_params, read_object, requires
 from gateway.common.oee import STOP_STATES, Totals, downtime_answer, oee_answer
 from gateway.common.timefmt import iso_utc
 from gateway.oee import store
@@ -26,27 +26,18 @@ from gateway.oee.tracker import OeeTracker
 
 MAX_RANGE_S = 400 * 86400.0
 BY = ("shift", "hour", "day", "none")
+TEXTS = ("reason", "note", "state")  # free text an operator gives with a stop
 
 
 routes = web.RouteTableDef()
 
 
-def _tracker(parts: Parts) -> OeeTracker:
-    return required(parts.oee, "OEE is switched off on this gateway (oee.enabled = false)")
-
-
-def _known(q: Mapping[str, str], allowed: set[str]) -> None:
-    unknown = sorted(set(q) - allowed)
-    if unknown:
-        raise Invalid(f"unknown parameter(s) {', '.join(unknown)}")
-
-
-def _opened(request: web.Request, param: str) -> tuple[Parts, OeeTracker, Mapping[str, str]]:
-    """The parts, the tracker (or 404) and the query of a scoped request that also takes `param`, checked."""
+def _opened(request: web.Request, *params: str) -> tuple[Parts, OeeTracker, Mapping[str, str]]:
+    """The parts, the tracker (or 404) and the query of a scoped request that also takes `params`, checked."""
     parts = request.app[PARTS]
     q = request.query
-    tracker = _tracker(parts)
-    _known(q, {"scope", "id", "from", "to", param})
+    tracker = parts.need_oee()
+    known_params(q, {"scope", "id", "from", "to", *params})
     return parts, tracker, q
 
 
@@ -114,8 +105,8 @@ async def get_downtime(request: web.Request) -> web.Response:
 @requires("viewer")
 async def get_states(request: web.Request) -> web.Response:
     """Every tracked machine's state now (or one: `thingId`), with the open event's id and reason."""
-    tracker = _tracker(request.app[PARTS])
-    _known(request.query, {"thingId", "line"})
+    tracker = request.app[PARTS].need_oee()
+    known_params(request.query, {"thingId", "line"})
     items = [s.to_json() for s in tracker.status(request.query.get("thingId") or None)]
     if request.query.get("line"):
         items = [s for s in items if s["line"] == request.query["line"]]
@@ -126,10 +117,7 @@ async def get_states(request: web.Request) -> web.Response:
 @requires("viewer")
 async def get_events(request: web.Request) -> web.Response:
     """State events overlapping the range, oldest first: the state band of the line page."""
-    parts = request.app[PARTS]
-    tracker = _tracker(parts)
-    q = request.query
-    _known(q, {"scope", "id", "from", "to", "state", "limit"})
+    parts, tracker, q = _opened(request, "state", "limit")
     states = tuple(s for s in q.get("state", "").split(",") if s)
     bad = [s for s in states if s not in STATES]
     if bad:
@@ -152,16 +140,8 @@ def event_json(r: Mapping[str, Any]) -> dict[str, Any]:
 @requires("viewer")
 async def get_reasons(request: web.Request) -> web.Response:
     """The site's reason codes (`oee.reasons`)."""
-    tracker = _tracker(request.app[PARTS])
+    tracker = request.app[PARTS].need_oee()
     return web.json_response({"reasons": list(tracker.section.reasons)})
-
-
-async def _object(request: web.Request, allowed: set[str], what: str) -> dict[str, Any]:
-    doc = await read_object(request, frozenset(allowed), what)
-    for key in ("reason", "note", "state"):
-        if key in doc and (not isinstance(doc[key], str) or len(doc[key]) > 2000):
-            raise Invalid(f"{key} must be a string of at most 2000 characters")
-    return doc
 
 
 @routes.put("/api/v1/oee/events/{id}/reason")
@@ -169,8 +149,8 @@ async def _object(request: web.Request, allowed: set[str], what: str) -> dict[st
 async def put_reason(request: web.Request) -> web.Response:
     """Set or correct the reason of a state event (`{"reason", "note"}`); its times never change."""
     parts = request.app[PARTS]
-    tracker = _tracker(parts)
-    body = await _object(request, {"reason", "note"}, "reason and note")
+    tracker = parts.need_oee()
+    body = await read_object(request, frozenset({"reason", "note"}), "reason and note", texts=TEXTS)
     if "reason" not in body:
         raise Invalid("give a reason")
     row = await tracker.set_reason(request.match_info["id"], body["reason"], body.get("note", ""),
@@ -183,11 +163,12 @@ async def put_reason(request: web.Request) -> web.Response:
 async def post_state(request: web.Request) -> web.Response:
     """An operator starts a planned stop or changeover of a machine, or `auto` hands it back to its rules."""
     parts = request.app[PARTS]
-    tracker = _tracker(parts)
+    tracker = parts.need_oee()
     thing = parts.registry.get(request.match_info["id"])
     if thing is None:
         raise NotFound(f"no Thing {request.match_info['id']!r}", thing_id=request.match_info["id"])
-    body = await _object(request, {"state", "reason", "note"}, "state, reason and note")
+    body = await read_object(request, frozenset({"state", "reason", "note"}), "state, reason and note",
+                             texts=TEXTS)
     if "state" not in body:
         raise Invalid("give a state: planned_stop, changeover or auto")
     status = tracker.set_operator_state(thing, body["state"], body.get("reason", ""), body.get("note", ""),

@@ -7,6 +7,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway import __version__
+from gateway.common.alarms import PARAMETERS as JOURNAL_PARAMETERS
 from gateway.common.http import requires
 from gateway.common.openapi import operation, response
 
@@ -141,10 +142,7 @@ SPEC: dict[str, Any] = {
             "get": _op("Anomalies, newest first (docs/api.md, 'Anomalies')", "viewer",
                        {"200": _resp("a page of anomalies"), **ERRORS},
                        parameters=[{"name": n, "in": "query", "schema": {"type": "string"}, "description": d}
-                                   for n, d in (("state", "open, acknowledged, resolved or active; comma-separated"),
-                                                ("thingId", "comma-separated"), ("severity", "info, warning, critical"),
-                                                ("from", "ISO 8601 or epoch"), ("to", "ISO 8601 or epoch"),
-                                                ("limit", "1..1000, default 100"), ("offset", "default 0"))]),
+                                   for n, d in JOURNAL_PARAMETERS]),
         },
         "/api/v1/anomalies/{id}": {"get": _op("One anomaly", "viewer", {"200": _resp("the anomaly"), **ERRORS},
                                                parameters=[ID])},
@@ -273,10 +271,6 @@ _STATE_BODY = {"required": True, "content": {"application/json": {"schema": {
     "type": "object", "required": ["state"], "additionalProperties": False,
     "properties": {"state": {"type": "string", "enum": ["planned_stop", "changeover", "auto"]},
                    "reason": {"type": "string"}, "note": {"type": "string", "maxLength": 2000}}}}}}
-SPEC["paths"]["/api/v1/anomalies"]["get"]["parameters"] += [
-    _q(n, d) for n, d in (("site", "this gateway's site"), ("line", "a line of this site"),
-                          ("type", "anomalyType, comma-separated"), ("acknowledgedBy", "API key names"),
-                          ("shelved", "true or false"), ("format", "json or csv"))]
 SPEC["paths"].update({  # the alarm journal
     "/api/v1/anomalies/{id}/journal": {"get": _op("Who acknowledged, resolved or shelved an anomaly, with comments",
                                                   "viewer", {"200": _resp("actions"), **ERRORS}, parameters=[ID])},

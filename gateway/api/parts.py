@@ -44,6 +44,26 @@ class Parts:
     journal: AlarmJournal | None = None
     quarantine: Quarantine | None = None  # the forwarder's, when the gateway forwards
 
+    # The optional parts a route needs: each, or a 404 saying why this gateway runs without it.
+    def need_detector(self) -> AnomalyDetector:
+        return required(self.detector, "anomaly detection is switched off on this gateway (detect.enabled = false)")
+
+    def need_journal(self) -> AlarmJournal:
+        return required(self.journal, "the alarm journal needs anomaly detection (detect.enabled = true)")
+
+    def need_connectors(self) -> ConnectorManager:
+        return required(self.connectors, "this gateway runs no connectors")
+
+    def need_provisioner(self) -> Provisioner:
+        return required(self.provisioner,
+                        "node discovery is switched off on this gateway (discovery.enabled = false)")
+
+    def need_oee(self) -> OeeTracker:
+        return required(self.oee, "OEE is switched off on this gateway (oee.enabled = false)")
+
+    def need_quarantine(self) -> Quarantine:
+        return required(self.quarantine, "this gateway does not forward (no uplink.url)")
+
 
 PARTS = web.AppKey("parts", Parts)
 

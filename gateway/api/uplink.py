@@ -5,23 +5,18 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.api.parts import PARTS, Parts, required
+from gateway.api.parts import PARTS
 from gateway.common.errors import NotFound
 from gateway.common.http import requires
-from gateway.uplink.quarantine import Quarantine
 
 routes = web.RouteTableDef()
-
-
-def _quarantine(parts: Parts) -> Quarantine:
-    return required(parts.quarantine, "this gateway does not forward (no uplink.url)")
 
 
 @routes.get("/api/v1/uplink/quarantine")
 @requires("viewer")
 async def list_held(request: web.Request) -> web.Response:
     """Things and anomalies held back: why, since when, points waiting, and whether they are being re-sent."""
-    items = [h.to_json() for h in _quarantine(request.app[PARTS]).held.values()]
+    items = [h.to_json() for h in request.app[PARTS].need_quarantine().held.values()]
     return web.json_response({"items": items, "total": len(items)})
 
 
@@ -31,7 +26,7 @@ async def resend(request: web.Request) -> web.Response:
     """Send a held Thing's points again (e.g. after an admin transferred it at the aggregator); a held
     anomaly goes up again with its next change. Refused again, it returns to the quarantine."""
     ident = request.match_info["id"]
-    held = await _quarantine(request.app[PARTS]).resend(ident)
+    held = await request.app[PARTS].need_quarantine().resend(ident)
     if held is None:
         raise NotFound(f"{ident[:80]!r} is not in the quarantine")
     return web.json_response({**held.to_json(), "state": "resend"}, status=202)
@@ -42,7 +37,7 @@ async def resend(request: web.Request) -> web.Response:
 async def drop(request: web.Request) -> web.Response:
     """Give up what is held: it is never sent (the gateway's own history keeps the points)."""
     ident = request.match_info["id"]
-    held = await _quarantine(request.app[PARTS]).drop(ident)
+    held = await request.app[PARTS].need_quarantine().drop(ident)
     if held is None:
         raise NotFound(f"{ident[:80]!r} is not in the quarantine")
     return web.json_response({**held.to_json(), "state": "dropped"})

@@ -15,12 +15,15 @@ import ipaddress
 import logging
 import os
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from gateway.broker.passwords import read_password_file, verify_password
 from gateway.broker.settings import INSTALL_HINT, BrokerError, BrokerSettings, _Broker
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _CONNECT, _PUBLISH, _PUBACK, _PUBREC, _PUBREL, _SUBSCRIBE, _UNSUBSCRIBE, _PINGREQ, _DISCONNECT = (
     1, 3, 4, 5, 6, 8, 10, 12, 14)
@@ -91,6 +94,29 @@ class _Reader:
     @property
     def at_end(self) -> bool:
         return self.pos >= len(self.data)
+
+
+def _subscription(flags: int, body: bytes, kind: str, entry: Callable[[_Reader], T]) -> tuple[int, list[T]]:
+    """The packet id and the entries (`entry` reads one) of a SUBSCRIBE or UNSUBSCRIBE, whose fixed header
+    flags are 0010 and which names at least one topic filter."""
+    if flags != 0x02:
+        raise _ProtocolError(f"malformed {kind}")
+    r = _Reader(body)
+    mid = r.u16()
+    entries = []
+    while not r.at_end:
+        entries.append(entry(r))
+    if not entries:
+        raise _ProtocolError(f"{kind} without filters")
+    return mid, entries
+
+
+def _requested(r: _Reader) -> tuple[str, int]:
+    """One topic filter of a SUBSCRIBE and the QoS asked for it."""
+    topic_filter, qos = r.utf8(), r.byte()
+    if qos & 0xFC:
+        raise _ProtocolError("invalid requested QoS")
+    return topic_filter, qos
 
 
 def valid_topic_name(topic: str) -> bool:
@@ -434,18 +460,7 @@ class _Connection(asyncio.Protocol):
             self.send(b"\x50\x02" + mid.to_bytes(2, "big"))  # PUBREC
 
     def _subscribe(self, flags: int, body: bytes) -> None:
-        if flags != 0x02:
-            raise _ProtocolError("malformed SUBSCRIBE")
-        r = _Reader(body)
-        mid = r.u16()
-        requests = []
-        while not r.at_end:
-            topic_filter, qos = r.utf8(), r.byte()
-            if qos & 0xFC:
-                raise _ProtocolError("invalid requested QoS")
-            requests.append((topic_filter, qos))
-        if not requests:
-            raise _ProtocolError("SUBSCRIBE without filters")
+        mid, requests = _subscription(flags, body, "SUBSCRIBE", _requested)
         granted = [self.broker._subscribe(self, f, q) for f, q in requests]
         self.send(b"\x90" + _varint(2 + len(granted)) + mid.to_bytes(2, "big") + bytes(granted))
         for (topic_filter, _), qos in zip(requests, granted, strict=True):
@@ -453,15 +468,7 @@ class _Connection(asyncio.Protocol):
                 self.broker._send_retained(self, topic_filter, qos)
 
     def _unsubscribe(self, flags: int, body: bytes) -> None:
-        if flags != 0x02:
-            raise _ProtocolError("malformed UNSUBSCRIBE")
-        r = _Reader(body)
-        mid = r.u16()
-        filters = []
-        while not r.at_end:
-            filters.append(r.utf8())
-        if not filters:
-            raise _ProtocolError("UNSUBSCRIBE without filters")
+        mid, filters = _subscription(flags, body, "UNSUBSCRIBE", _Reader.utf8)
         for topic_filter in filters:
             self.broker._unsubscribe(self, topic_filter)
         self.send(b"\xb0\x02" + mid.to_bytes(2, "big"))

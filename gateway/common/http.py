@@ -102,6 +102,13 @@ def error_middleware(auth: Authenticator, metrics: HttpMetrics, *, service: str,
     return middleware
 
 
+def known_params(query: Mapping[str, str], allowed: set[str]) -> None:
+    """A 400 naming the query parameters a route does not take, so a misspelt filter is never ignored."""
+    unknown = sorted(set(query) - allowed)
+    if unknown:
+        raise Invalid(f"unknown parameter(s) {', '.join(unknown)[:200]}")
+
+
 def int_param(value: str | None, name: str, default: int, lo: int, hi: int) -> int:
     """An integer query parameter within [lo, hi]; absent or empty gives `default`, anything else a 400."""
     if value is None or value == "":
@@ -129,18 +136,38 @@ async def read_json(request: web.Request, *, empty: Any = ...) -> Any:
     return parse_json(text, "the body")
 
 
-async def read_object(request: web.Request, allowed: frozenset[str], what: str) -> dict[str, Any]:
+MAX_TEXT = 2000  # characters of an operator's note or reason
+
+
+async def read_object(request: web.Request, allowed: frozenset[str], what: str, *, optional: bool = False,
+                      texts: tuple[str, ...] = ()) -> dict[str, Any]:
     """The request body as a strict JSON object with only `allowed` keys, or a 400 naming the problem.
 
     `what` completes "the body must be an object with ...", e.g. "filter, limit, offset".
+    `optional`: an absent body is an empty object rather than a 400.
+    `texts`: keys whose values, where given, are strings of at most MAX_TEXT characters (notes, reasons).
     """
-    body = await read_json(request)
+    body = await read_json(request, empty={} if optional else ...)
     if not isinstance(body, dict):
         raise Invalid(f"the body must be an object with {what}")
     extra = set(body) - allowed
     if extra:
         raise Invalid(f"unknown keys {sorted(extra)}")
+    for key in texts:
+        if key in body and (not isinstance(body[key], str) or len(body[key]) > MAX_TEXT):
+            raise Invalid(f"{key} must be a string of at most {MAX_TEXT} characters")
     return body
+
+
+async def read_anomaly_action(request: web.Request) -> tuple[str, bool]:
+    """The body of an anomaly's acknowledge or resolve, on the gateway and the aggregator alike: an optional
+    `note` and an optional `falsePositive` mark, returned as (note, false positive); no body means neither."""
+    body = await read_object(request, frozenset({"note", "falsePositive"}), '"note" and "falsePositive"',
+                             optional=True, texts=("note",))
+    note, false_positive = body.get("note", ""), body.get("falsePositive", False)
+    if not isinstance(false_positive, bool):
+        raise Invalid("falsePositive must be true or false")
+    return note, false_positive
 
 
 def parse_json(text: str, what: str) -> Any:

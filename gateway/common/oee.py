@@ -9,11 +9,15 @@ travel upstream, the figures from summed period records, the six big losses, and
 - OEE = availability x performance x quality = ideal time of the good units / planned production time
 
 Summing the records of several machines, lines or sites and applying the same formulas gives the
-time-weighted combination of their OEE: what a line, site or fleet figure means here.
+time-weighted combination of their OEE: what a line, site or fleet figure means here. The gateway's and
+the aggregator's SQLite tables share their columns (`oee_periods`: the period fields by thing_id, hour,
+day, shift and planned; `oee_events`: state, start, "end", planned_s, reason), so both ask them the
+same queries (`period_totals`, `stop_pareto`, `minor_stop_s`) with a WHERE clause of their own.
 """
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,11 +29,16 @@ SUMMED = OEE_FIELDS
 COUNTS = frozenset({"good", "rejected", "rejected_startup"})
 STOP_STATES = ("down", "idle", "changeover", "offline")
 UNASSIGNED = "unassigned"
+Where = tuple[str, Sequence[Any]]  # a WHERE clause over the OEE tables (which machines) and its parameters
+_FIRST = {"hour": "hour", "day": "day", "shift": "day", "none": "''"}  # the first key of a bucket
+_GROUP = {"hour": "hour", "day": "day", "shift": "day, shift", "none": "''"}
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Totals:
-    """Sums over planned production minutes of one or more machines."""
+    """Seconds by state and counts: of one machine within one hour, one shift and one planned/unplanned part
+    (the tracker adds to that record in place as time passes, `add`), or summed over planned production
+    minutes of one or more machines (`+`, a new record)."""
 
     running_s: float = 0.0
     idle_s: float = 0.0
@@ -51,6 +60,11 @@ class Totals:
 
     def __add__(self, other: Totals) -> Totals:
         return Totals(**{k: getattr(self, k) + getattr(other, k) for k in SUMMED})
+
+    def add(self, other: Totals) -> None:
+        """Add `other` to this record in place."""
+        for k in SUMMED:
+            setattr(self, k, getattr(self, k) + getattr(other, k))
 
     @property
     def planned_production_s(self) -> float:
@@ -141,3 +155,36 @@ def downtime_answer(scope: str, scope_id: str, start: float, end: float, total: 
     return {"scope": scope, "id": scope_id, "from": iso_utc(start), "to": iso_utc(end),
             "sixBigLosses": six_big_losses(total, minor_stop_s), "plannedStopS": round(total.planned_stop_s, 3),
             "pareto": items, "stopS": round(all_s, 3)}
+
+
+def period_totals(conn: sqlite3.Connection, where: Where, start: float, end: float,
+                  by: str) -> list[tuple[tuple[Any, ...], Totals]]:
+    """Summed planned period records whose hour starts in [start, end), by `by` (hour, day, shift, none), in
+    time order; each bucket's key is (hour or day, shift or None, its first hour)."""
+    clause, args = where
+    sums = ", ".join(f"SUM({k}) AS {k}" for k in SUMMED)
+    cur = conn.execute(
+        f"SELECT {_FIRST[by]} AS k1, {'shift' if by == 'shift' else 'NULL'} AS k2, MIN(hour) AS first_hour, {sums} "
+        f"FROM oee_periods WHERE {clause} AND planned = 1 AND hour >= ? AND hour < ? "
+        f"GROUP BY {_GROUP[by]} ORDER BY first_hour", (*args, start, end))
+    names = [d[0] for d in cur.description]
+    return [((r[0], r[1], r[2]), Totals.of(dict(zip(names, r, strict=True)))) for r in cur.fetchall()]
+
+
+def stop_pareto(conn: sqlite3.Connection, where: Where, start: float, end: float,
+                states: Sequence[str]) -> list[tuple[str, str, float, int]]:
+    """(reason, state, planned seconds, events) of the stops that started in [start, end), largest first."""
+    clause, args = where
+    return [(r[0], r[1], r[2], r[3]) for r in conn.execute(
+        f"SELECT reason, state, SUM(planned_s) AS s, COUNT(*) FROM oee_events WHERE {clause} AND start >= ? "
+        f"AND start < ? AND state IN ({', '.join('?' for _ in states)}) AND planned_s > 0 "
+        "GROUP BY reason, state ORDER BY s DESC", (*args, start, end, *states))]
+
+
+def minor_stop_s(conn: sqlite3.Connection, where: Where, start: float, end: float, limit_s: float) -> float:
+    """Planned seconds of the down and offline stops shorter than `limit_s` that started in [start, end)."""
+    clause, args = where
+    row = conn.execute(f"SELECT SUM(planned_s) FROM oee_events WHERE {clause} AND start >= ? AND start < ? "
+                       "AND state IN ('down', 'offline') AND \"end\" - start < ?",
+                       (*args, start, end, limit_s)).fetchone()
+    return float(row[0] or 0.0)

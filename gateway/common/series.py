@@ -10,6 +10,13 @@ from dataclasses import dataclass
 from typing import Any
 
 
+@dataclass(frozen=True, slots=True)
+class SeriesKey:
+    thing_id: str
+    feature: str
+    path: str
+
+
 def flatten(properties: dict[str, Any]) -> Iterator[tuple[str, Any]]:
     """`{"voltage": {"a": 1}, "zones": [1, 2]}` → `("voltage.a", 1), ("zones[0]", 1), ("zones[1]", 2)`."""
     for name, value in properties.items():
@@ -29,13 +36,6 @@ def base_name(path: str) -> str:
         if ch in ".[":
             return path[:i]
     return path
-
-
-@dataclass(frozen=True, slots=True)
-class SeriesKey:
-    thing_id: str
-    feature: str
-    path: str
 
 
 class SeriesCatalogue:

@@ -129,9 +129,78 @@ def _thing_ref(value: Any, what: str) -> str:
     return value
 
 
+JOURNAL_ACTIONS = frozenset({"acknowledged", "resolved", "shelved", "unshelved"})
+MAX_JOURNAL = 200  # operators' actions one anomaly carries upstream (the newest)
+MAX_PERSON = 200
+MAX_COMMENT = 2100  # a comment of 2000 characters, or a shelf's hours and reason
+
+
+def _short_text(value: Any, limit: int, what: str) -> str:
+    if not isinstance(value, str) or len(value) > limit:
+        raise ValueError(f"{what} must be a string of at most {limit} characters")
+    return value
+
+
+def fit_anomaly(doc: dict[str, Any]) -> dict[str, Any]:
+    """An anomaly document cut to what the wire takes (the newest MAX_JOURNAL entries, names and comments
+    at their limits), so a long API key name or comment never holds the anomaly back."""
+    out = dict(doc)
+    if isinstance(out.get("acknowledgedBy"), str):
+        out["acknowledgedBy"] = out["acknowledgedBy"][:MAX_PERSON]
+    if isinstance(out.get("journal"), list):
+        out["journal"] = [{**e, "by": str(e.get("by", ""))[:MAX_PERSON],
+                           "comment": str(e.get("comment", ""))[:MAX_COMMENT]} for e in out["journal"][-MAX_JOURNAL:]]
+    if isinstance(out.get("shelved"), dict):
+        shelf = out["shelved"]
+        out["shelved"] = {**shelf, "by": str(shelf.get("by", ""))[:MAX_PERSON],
+                          "reason": str(shelf.get("reason", ""))[:MAX_COMMENT]}
+    return out
+
+
+@dataclass(frozen=True)
+class JournalEntry:
+    """One operator action on an anomaly, as its gateway recorded it: who, when, and their comment."""
+
+    at: float
+    action: str
+    by: str
+    comment: str
+
+    @classmethod
+    def parse(cls, doc: Any, what: str) -> JournalEntry:
+        at, action, by, comment = _members(doc, f"{what}: a journal entry", "at", "action", "by", "comment")
+        if action not in JOURNAL_ACTIONS:
+            raise ValueError(f"{what}: a journal action must be one of {', '.join(sorted(JOURNAL_ACTIONS))}")
+        return cls(_iso_time(at, f"{what}: a journal entry's at"), action,
+                   _short_text(by, MAX_PERSON, f"{what}: a journal entry's by"),
+                   _short_text(comment or "", MAX_COMMENT, f"{what}: a journal entry's comment"))
+
+
+@dataclass(frozen=True)
+class ShelfDoc:
+    """The shelf silencing an anomaly's condition (its Thing and type) when the gateway sent it."""
+
+    id: str
+    since: float
+    until: float
+    by: str
+    reason: str
+
+    @classmethod
+    def parse(cls, doc: Any, what: str) -> ShelfDoc:
+        sid, since, until, by, reason = _members(doc, f"{what}: shelved", "id", "since", "until", "by", "reason")
+        start, end = _iso_time(since, f"{what}: shelved.since"), _iso_time(until, f"{what}: shelved.until")
+        if end < start:
+            raise ValueError(f"{what}: shelved.until is before shelved.since")
+        return cls(_document_id(sid, f"{what}: shelf"), start, end,
+                   _short_text(by, MAX_PERSON, f"{what}: shelved.by"),
+                   _short_text(reason, MAX_COMMENT, f"{what}: shelved.reason"))
+
+
 @dataclass(frozen=True)
 class AnomalyDoc:
-    """An anomaly document as it travels upstream, checked once."""
+    """An anomaly document as it travels upstream, checked once: with its journal (operators' actions,
+    oldest first) and the shelf silencing its condition, if any."""
 
     id: str
     thing_id: str
@@ -140,6 +209,11 @@ class AnomalyDoc:
     opened_at: float
     score: float
     doc: Mapping[str, Any]
+    anomaly_type: str = ""
+    acknowledged_by: str | None = None
+    resolved_at: float | None = None
+    journal: tuple[JournalEntry, ...] = ()
+    shelved: ShelfDoc | None = None
 
     @classmethod
     def parse(cls, doc: Any) -> AnomalyDoc:
@@ -147,16 +221,29 @@ class AnomalyDoc:
                                                        "severity", "openedAt", "score")
         aid = _document_id(aid, "anomaly")
         tid = _thing_ref(tid, f"anomaly {aid}")
+        what = f"anomaly {aid}"
         if state not in ANOMALY_STATES:
-            raise ValueError(f"anomaly {aid}: state must be one of {', '.join(sorted(ANOMALY_STATES))}")
+            raise ValueError(f"{what}: state must be one of {', '.join(sorted(ANOMALY_STATES))}")
         if not isinstance(sev, str) or len(sev) > 32:
-            raise ValueError(f"anomaly {aid}: severity must be a short string")
-        when = _iso_time(opened, f"anomaly {aid}: openedAt")
+            raise ValueError(f"{what}: severity must be a short string")
+        when = _iso_time(opened, f"{what}: openedAt")
         if score is None:
             score = 0.0
         if isinstance(score, bool) or not isinstance(score, int | float) or not math.isfinite(score):
-            raise ValueError(f"anomaly {aid}: score must be a finite number")
-        return cls(aid, tid, state, sev, when, float(score), doc)
+            raise ValueError(f"{what}: score must be a finite number")
+        atype, acked_by, resolved, journal, shelved = (doc.get(k) for k in (
+            "anomalyType", "acknowledgedBy", "resolvedAt", "journal", "shelved"))
+        atype = _short_text(atype or "", 64, f"{what}: anomalyType")
+        if acked_by is not None:
+            acked_by = _short_text(acked_by, MAX_PERSON, f"{what}: acknowledgedBy")
+        if journal is None:
+            journal = []
+        if not isinstance(journal, list) or len(journal) > MAX_JOURNAL:
+            raise ValueError(f"{what}: journal must be a list of at most {MAX_JOURNAL} entries")
+        return cls(aid, tid, state, sev, when, float(score), doc, atype, acked_by,
+                   None if resolved is None else _iso_time(resolved, f"{what}: resolvedAt"),
+                   tuple(JournalEntry.parse(e, what) for e in journal),
+                   None if shelved is None else ShelfDoc.parse(shelved, what))
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ import builtins
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Protocol
+from typing import Any, ClassVar, Generic, Literal, Protocol, TypeVar
 
 from gateway.common.errors import EgizError
 
@@ -149,24 +149,58 @@ class DeviceError(ConnectorError):
         self.reason = reason
 
 
+def device_error_from(exc: BaseException, during: str,
+                      specific: Callable[[BaseException, str], DeviceError | None]) -> DeviceError:
+    """Any failure of a protocol client as a DeviceError with a short, stable reason: a DeviceError as it
+    is; a refused connection; a timeout; what `specific` recognises of the protocol library's own errors
+    (None: not one of them); a lost connection; anything else is `error`."""
+    if isinstance(exc, DeviceError):
+        return exc
+    if isinstance(exc, ConnectionRefusedError) or isinstance(exc.__context__, ConnectionRefusedError):
+        return DeviceError("refused", f"{during}: connection refused")
+    if isinstance(exc, TimeoutError):
+        return DeviceError("timeout", f"{during}: no answer in time")
+    known = specific(exc, during)
+    if known is not None:
+        return known
+    text = f"{during}: {type(exc).__name__}: {exc}"
+    if isinstance(exc, ConnectionError | OSError | EOFError):  # EOFError: asyncio.IncompleteReadError too
+        return DeviceError("connection_lost", text)
+    return DeviceError("error", text)
+
+
 class WriteRefused(ConnectorError):
     """A write the gateway will not send: unknown or read-only tag, value out of range or of the wrong type."""
 
     code = "write_refused"
 
 
+def integer_to_write(value: TagValue, type_name: str, lo: int, hi: int) -> int:
+    """`value` as an integer of the device type `type_name` (lo..hi), or WriteRefused saying why it is not one."""
+    if isinstance(value, str) or (isinstance(value, float) and not value.is_integer()):
+        raise WriteRefused(f"{value!r} is not an integer ({type_name})")
+    if not lo <= int(value) <= hi:
+        raise WriteRefused(f"{value!r} is out of the range of {type_name} ({lo}..{hi})")
+    return int(value)
+
+
 # --------------------------------------------------------------------------- the interface
-class Connector(abc.ABC):
+DeviceT = TypeVar("DeviceT", bound=DeviceConfig)
+TagT = TypeVar("TagT", bound=TagConfig)
+
+
+class Connector(abc.ABC, Generic[DeviceT, TagT]):
     """One connection to one device, owned by its runner, which calls one method at a time.
 
     `connect()` opens the connection (raise when it cannot); `read()` polls every tag with an address
     once; `subscribe()` may arrange for values to be pushed and return True, after which `read()` is
     still called every `poll_s` as a liveness check and should return what did not arrive by push
     (usually nothing) or raise when the connection is broken; `write()` sends a raw value and returns
-    the value read back; `close()` never raises.
+    the value read back; `close()` never raises. A protocol's connector is typed with its own device
+    and tag configuration (`Connector[S7Device, S7Tag]`).
     """
 
-    def __init__(self, device: DeviceConfig, links: SharedLinks) -> None:
+    def __init__(self, device: DeviceT, links: SharedLinks) -> None:
         self.device = device
         self.links = links
 
@@ -180,7 +214,7 @@ class Connector(abc.ABC):
         """Push values as the device reports them; False (the default): this connector is polled."""
         return False
 
-    async def write(self, tag: TagConfig, value: TagValue) -> TagValue:
+    async def write(self, tag: TagT, value: TagValue) -> TagValue:
         """Write one tag's raw value, read it back and return what the device holds now."""
         raise WriteRefused(f"{self.device.protocol} devices take no writes", device=self.device.name)
 
@@ -221,4 +255,4 @@ class ProtocolSpec:
 
     name: str
     device_type: type[DeviceConfig]
-    connector_type: Callable[[DeviceConfig, SharedLinks], Connector]
+    connector_type: Callable[[Any, SharedLinks], Connector[Any, Any]]

@@ -19,13 +19,11 @@ from typing import Any
 
 from gateway.connectors.base import (
     Connector,
-    DeviceConfig,
     DeviceError,
     ProtocolSpec,
     RawValue,
     ReadResult,
     SharedLinks,
-    TagConfig,
     TagValue,
     WriteRefused,
 )
@@ -173,12 +171,11 @@ _EXCEPTIONS = {1: "illegal function", 2: "illegal data address", 3: "illegal dat
                11: "gateway target did not respond"}
 
 
-class ModbusConnector(Connector):
+class ModbusConnector(Connector[ModbusDevice, ModbusTag]):
     """Polls one Modbus device (a unit id behind a url) in coalesced blocks, and writes its tags."""
 
-    def __init__(self, device: DeviceConfig, links: SharedLinks) -> None:
+    def __init__(self, device: ModbusDevice, links: SharedLinks) -> None:
         super().__init__(device, links)
-        assert isinstance(device, ModbusDevice)
         self.dev = device
         self.endpoint = ModbusEndpoint.parse(device.url)
         self.blocks = plan_blocks(device.tags, max_gap=device.max_gap, max_gap_bits=device.max_gap_bits,
@@ -239,7 +236,7 @@ class ModbusConnector(Connector):
             out.append(RawValue(t, decode(regs[i : i + t.words], t)))
         return out
 
-    async def write(self, tag: TagConfig, value: TagValue) -> TagValue:
+    async def write(self, tag: ModbusTag, value: TagValue) -> TagValue:
         assert isinstance(tag, ModbusTag)
         if not tag.writable:
             raise WriteRefused(f"{tag.feature}.{tag.property} is read-only")

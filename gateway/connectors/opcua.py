@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from asyncua import Client, Node, ua
 from asyncua.common.subscription import DataChangeNotif, Subscription
@@ -29,20 +29,18 @@ from asyncua.crypto import security_policies
 
 from gateway.connectors.base import (
     Connector,
-    DeviceConfig,
     DeviceError,
     ProtocolSpec,
     Quality,
     RawValue,
     ReadResult,
-    TagConfig,
+    SharedLinks,
     TagValue,
     WriteRefused,
+    device_error_from,
+    integer_to_write,
 )
 from gateway.connectors.config import OpcUaDevice, OpcUaTag
-
-if TYPE_CHECKING:
-    from gateway.connectors.base import SharedLinks
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +79,7 @@ def tag_value(value: Any) -> TagValue | None:
     return None
 
 
-def raw_value(tag: TagConfig, dv: ua.DataValue) -> RawValue:
+def raw_value(tag: OpcUaTag, dv: ua.DataValue) -> RawValue:
     """One DataValue as the tag's raw value: a Bad one carries no value, an unusable type is Bad."""
     quality = quality_of(dv.StatusCode)
     value = tag_value(dv.Value.Value) if dv.Value is not None and quality != "bad" else None
@@ -126,14 +124,8 @@ def load_certificate_der(path: Path) -> bytes:
 
 
 # --------------------------------------------------------------------------- errors
-def device_error(exc: BaseException, during: str) -> DeviceError:
-    """Any failure of the client as a DeviceError with a short, stable reason."""
-    if isinstance(exc, DeviceError):
-        return exc
-    if isinstance(exc, ConnectionRefusedError):
-        return DeviceError("refused", f"{during}: connection refused")
-    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
-        return DeviceError("timeout", f"{during}: no answer in time")
+def _ua_failure(exc: BaseException, during: str) -> DeviceError | None:
+    """What asyncua's own errors mean (status codes by name), or None for an error of another kind."""
     if isinstance(exc, ua.UaStatusCodeError):
         code = ua.StatusCode(exc.code)
         name = code.name
@@ -146,9 +138,12 @@ def device_error(exc: BaseException, during: str) -> DeviceError:
         return DeviceError("status", f"{during}: {name}")
     if isinstance(exc, ua.UaError) and "certificate mismatch" in str(exc).lower():
         return DeviceError("certificate_mismatch", f"{during}: the server's certificate is not the pinned one")
-    if isinstance(exc, ConnectionError | OSError | EOFError):
-        return DeviceError("connection_lost", f"{during}: {type(exc).__name__}: {exc}")
-    return DeviceError("error", f"{during}: {type(exc).__name__}: {exc}")
+    return None
+
+
+def device_error(exc: BaseException, during: str) -> DeviceError:
+    """Any failure of the client as a DeviceError with a short, stable reason."""
+    return device_error_from(exc, during, _ua_failure)
 
 
 # --------------------------------------------------------------------------- the connector
@@ -168,13 +163,12 @@ class _Handler:
         log.info("opcua subscription status changed", extra={"status": str(status.Status)})
 
 
-class OpcUaConnector(Connector):
+class OpcUaConnector(Connector[OpcUaDevice, OpcUaTag]):
     """One session with one OPC UA server; values by subscription, by polling where that fails."""
 
-    def __init__(self, device: DeviceConfig, links: SharedLinks, *, state_dir: Path | None = None) -> None:
+    def __init__(self, device: OpcUaDevice, links: SharedLinks, *, state_dir: Path | None = None) -> None:
         super().__init__(device, links)
-        assert isinstance(device, OpcUaDevice)
-        self.cfg: OpcUaDevice = device
+        self.cfg = device
         # where a certificate pinned on first use and a generated client certificate are kept
         if state_dir is None and links.state_dir is not None:
             state_dir = links.state_dir / "opcua"
@@ -317,7 +311,7 @@ class OpcUaConnector(Connector):
             raise device_error(exc, "read") from exc
         return ReadResult(tuple(raw_value(t, dv) for t, dv in zip(self.polled, dvs, strict=True)), 1)
 
-    async def write(self, tag: TagConfig, value: TagValue) -> TagValue:
+    async def write(self, tag: OpcUaTag, value: TagValue) -> TagValue:
         if not isinstance(tag, OpcUaTag):
             raise WriteRefused(f"{tag.feature}.{tag.property} is not a tag of this device", device=self.cfg.name)
         client = self._client()
@@ -360,12 +354,7 @@ def _as_type(value: TagValue, vtype: ua.VariantType) -> Any:
               ua.VariantType.Int32: (-2**31, 2**31 - 1), ua.VariantType.UInt32: (0, 2**32 - 1),
               ua.VariantType.Int64: (-2**63, 2**63 - 1), ua.VariantType.UInt64: (0, 2**64 - 1)}
     if vtype in limits:
-        if isinstance(value, str) or (isinstance(value, float) and not value.is_integer()):
-            raise WriteRefused(f"{value!r} is not an integer ({vtype.name})")
-        lo, hi = limits[vtype]
-        if not lo <= int(value) <= hi:
-            raise WriteRefused(f"{value!r} is out of the range of {vtype.name} ({lo}..{hi})")
-        return int(value)
+        return integer_to_write(value, vtype.name, *limits[vtype])
     raise WriteRefused(f"writing a {vtype.name} is not supported")
 
 

@@ -45,7 +45,7 @@ class DeviceRunner:
     def __init__(self, device: DeviceConfig, spec: ProtocolSpec, links: SharedLinks, sink: HealthSink,
                  metrics: ConnectorMetrics, *, first_delay_s: float) -> None:
         self.device = device
-        self.connector: Connector = spec.connector_type(device, links)
+        self.connector: Connector[Any, Any] = spec.connector_type(device, links)
         self.normaliser = DeviceNormaliser(device)
         self.health = DeviceHealth(time.time())
         self._sink = sink

@@ -31,14 +31,14 @@ from snap7.util import getters, setters
 
 from gateway.connectors.base import (
     Connector,
-    DeviceConfig,
     DeviceError,
     ProtocolSpec,
     RawValue,
     ReadResult,
-    TagConfig,
     TagValue,
     WriteRefused,
+    device_error_from,
+    integer_to_write,
 )
 from gateway.connectors.config import S7Device, S7Tag
 
@@ -90,13 +90,9 @@ def encode(tag: S7Tag, value: TagValue, into: bytearray) -> None:
     if t == "BOOL":
         setters.set_bool(into, 0, tag.bit, bool(value))
     elif t in _INT_RANGES:
-        if isinstance(value, str) or (isinstance(value, float) and not value.is_integer()):
-            raise WriteRefused(f"{value!r} is not an integer ({t})")
-        lo, hi = _INT_RANGES[t]
-        if not lo <= int(value) <= hi:
-            raise WriteRefused(f"{value!r} is out of the range of {t} ({lo}..{hi})")
+        n = integer_to_write(value, t, *_INT_RANGES[t])
         {"BYTE": setters.set_byte, "WORD": setters.set_word, "DWORD": setters.set_dword,
-         "INT": setters.set_int, "DINT": setters.set_dint}[t](into, 0, int(value))
+         "INT": setters.set_int, "DINT": setters.set_dint}[t](into, 0, n)
     elif t == "REAL":
         setters.set_real(into, 0, float(value))
     elif t == "LREAL":
@@ -150,13 +146,12 @@ def split_reply(raw: bytes, count: int) -> list[bytearray | int]:
     return out
 
 
-class S7Connector(Connector):
+class S7Connector(Connector[S7Device, S7Tag]):
     """One ISO-on-TCP connection to one S7 CPU (rack, slot); every poll one or a few packed reads."""
 
-    def __init__(self, device: DeviceConfig, links: SharedLinks) -> None:
+    def __init__(self, device: S7Device, links: SharedLinks) -> None:
         super().__init__(device, links)
-        assert isinstance(device, S7Device)
-        self.cfg: S7Device = device
+        self.cfg = device
         self.tags = [t for t in device.tags if isinstance(t, S7Tag) and not t.calculated]
         self.client: AsyncClient | None = None
         self.requests: list[list[Block]] = []
@@ -211,7 +206,7 @@ class S7Connector(Connector):
         except (ValueError, IndexError, UnicodeDecodeError, struct.error):
             return RawValue(tag, None, None, "bad")
 
-    async def write(self, tag: TagConfig, value: TagValue) -> TagValue:
+    async def write(self, tag: S7Tag, value: TagValue) -> TagValue:
         if not isinstance(tag, S7Tag) or tag not in self.tags:
             raise WriteRefused(f"{tag.feature}.{tag.property} is not a tag of this device", device=self.cfg.name)
         client = self._client()
@@ -236,24 +231,21 @@ class S7Connector(Connector):
         return self.client
 
 
-def device_error(exc: BaseException, during: str) -> DeviceError:
-    """Any failure of the client as a DeviceError with a short, stable reason."""
-    if isinstance(exc, DeviceError):
-        return exc
+def _s7_failure(exc: BaseException, during: str) -> DeviceError | None:
+    """What snap7's own errors mean, or None for an error of another kind."""
     text = f"{during}: {type(exc).__name__}: {exc}"
-    if isinstance(exc, ConnectionRefusedError) or isinstance(exc.__context__, ConnectionRefusedError):
-        return DeviceError("refused", f"{during}: connection refused")
-    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
-        return DeviceError("timeout", f"{during}: no answer in time")
     if isinstance(exc, S7TimeoutError):
         return DeviceError("timeout", text)
     if isinstance(exc, S7ConnectionError):
         return DeviceError("connection_lost", text)
     if isinstance(exc, S7Error):
         return DeviceError("protocol", text)
-    if isinstance(exc, ConnectionError | OSError | EOFError | asyncio.IncompleteReadError):
-        return DeviceError("connection_lost", text)
-    return DeviceError("error", text)
+    return None
+
+
+def device_error(exc: BaseException, during: str) -> DeviceError:
+    """Any failure of the client as a DeviceError with a short, stable reason."""
+    return device_error_from(exc, during, _s7_failure)
 
 
 async def _disconnect(client: Any) -> None:

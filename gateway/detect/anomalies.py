@@ -135,6 +135,23 @@ class AnomalyLog:
 
         return await self._db.call(run)
 
+    async def touch(self, anomaly_ids: Sequence[str], conditions: Sequence[tuple[str, str]] = ()) -> None:
+        """Mark these anomalies, and the unresolved ones of these (Thing id, anomaly type) conditions, as
+        written now: their journal or shelf changed, so the uplink sends them again."""
+        def run(db: sqlite_utils.Database) -> None:
+            now = time.time()
+            with db.conn:
+                for start in range(0, len(anomaly_ids), 500):
+                    chunk = list(anomaly_ids[start:start + 500])
+                    db.execute(f"UPDATE {TABLE} SET updated_at = ? WHERE id IN ({', '.join('?' * len(chunk))})",
+                               [now, *chunk])
+                for thing_id, anomaly_type in conditions:
+                    db.execute(f"UPDATE {TABLE} SET updated_at = ? WHERE thing_id = ? AND anomaly_type = ? "
+                               "AND state != 'resolved'", [now, thing_id, anomaly_type])
+
+        if anomaly_ids or conditions:
+            await self._db.call(run)
+
     async def changed_since(self, since: float, limit: int = 1000) -> tuple[list[Anomaly], float]:
         """Anomalies written after `since` (oldest change first) and the newest write time among them:
         what the uplink still has to send."""

@@ -16,7 +16,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from gateway.bus import AnomalyEvent, EventBus, StateChanged, ThingLifecycle
 from gateway.common.errors import Conflict, NotFound
@@ -47,6 +47,12 @@ class AnomalyStateError(Conflict):
     code = "anomaly_state"
 
 
+class Silencer(Protocol):
+    """What silences notifications: the alarm journal's shelves, asked once per event."""
+
+    def silenced(self, thing_id: str, anomaly_type: str, now: float) -> bool: ...
+
+
 class AnomalyDetector:
     """Rules + statistics + models over the live twin; owns the anomaly log and the sinks."""
 
@@ -69,6 +75,7 @@ class AnomalyDetector:
         self._stamps: dict[str, float] = {}
         self.model_errors: dict[str, str] = {}
         self.sinks: list[tuple[AnomalySink, int]] = []
+        self.silencer: Silencer | None = None  # set by the composition root when the journal exists
         for hook in d.webhooks:
             self.sinks.append((WebhookSink(hook.url, headers=dict(hook.headers)), _SEVERITY_RANK[hook.min_severity]))
         if d.mqtt_alerts:
@@ -194,6 +201,11 @@ class AnomalyDetector:
             with contextlib.suppress(NotFound):  # deleted meanwhile: nothing to mark
                 self._registry.merge_feature(a.thing_id, STATUS_FEATURE, properties=status, desired=None,
                                              expected_version=None, source="detector")
+        if not self.sinks:
+            return
+        if self.silencer is not None and self.silencer.silenced(a.thing_id, a.anomaly_type, now):
+            self._m.notifications_silenced.inc()  # shelved: the bus and the journal still have it
+            return
         rank = _SEVERITY_RANK.get(a.severity, 0)
         event = {**doc, "event": kind, "revision": int(now * 1000)}
         for sink, min_rank in self.sinks:

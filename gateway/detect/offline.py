@@ -35,6 +35,15 @@ class OfflineError(EgizError, ValueError):
     code = "offline_error"
 
 
+@dataclass(frozen=True, slots=True)
+class _Reading:
+    thing_id: str
+    thing_type: str
+    feature: str
+    ts: float
+    properties: dict[str, Any]
+
+
 def read_points(data_dir: Path, start: float, end: float, thing_type: str | None = None) -> pa.Table:
     """Numeric and text points of `[start, end)` (of one equipment type, or all), in time order — from a
     gateway's buffer, or a DuckDB aggregator's store (the same tables, every line)."""
@@ -158,15 +167,6 @@ def simulate_into(data_dir: Path, *, site: str, line: str, start: float, duratio
         truth_path.parent.mkdir(parents=True, exist_ok=True)
         truth_path.write_text("".join(t.to_json() + "\n" for t in truth), encoding="utf-8")
     return n
-
-
-@dataclass(frozen=True, slots=True)
-class _Reading:
-    thing_id: str
-    thing_type: str
-    feature: str
-    ts: float
-    properties: dict[str, Any]
 
 
 async def _write_readings(data_dir: Path, site: str, line: str, gateway_id: str, readings: Iterable[_Reading],

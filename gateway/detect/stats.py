@@ -18,6 +18,18 @@ LEARN_MARGIN = 1.5  # learned online from a short window: wider than a trained m
 CHART_SCALE = math.sqrt(CHART_LAMBDA / (2 - CHART_LAMBDA))  # its standard deviation relative to the readings'
 
 
+@dataclass(frozen=True, slots=True)
+class StatHit:
+    """A property the statistics find unusual: how far, against what, and the tier's score for it."""
+
+    key: str
+    value: float
+    usual: float
+    z: float
+    score: float
+    chart: bool  # True: the sustained-shift chart, False: the sudden-departure z-score
+
+
 @dataclass(frozen=True)
 class StatsSettings:
     span: int = 60  # readings in the rolling window (exponentially weighted)
@@ -37,18 +49,6 @@ def group_of(key: str) -> str | None:
     if "." in path:
         return f"{feature}/{path.split('.', 1)[0]}.*"
     return None
-
-
-@dataclass(frozen=True, slots=True)
-class StatHit:
-    """A property the statistics find unusual: how far, against what, and the tier's score for it."""
-
-    key: str
-    value: float
-    usual: float
-    z: float
-    score: float
-    chart: bool  # True: the sustained-shift chart, False: the sudden-departure z-score
 
 
 class PropertyStats:

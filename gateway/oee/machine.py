@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway.common.oee import Totals
 from gateway.oee.calendar import MINUTE, ShiftCalendar
 from gateway.oee.settings import STATES, Condition, MachineRules, TypeRules
 
@@ -86,29 +87,8 @@ def _compare(a: float, op: str, b: float) -> bool:
     return a != b
 
 
-@dataclass(slots=True)
-class Period:
-    """Seconds by state and counts of one machine within one hour, one shift and one planned/unplanned part."""
-
-    running_s: float = 0.0
-    idle_s: float = 0.0
-    down_s: float = 0.0
-    changeover_s: float = 0.0
-    planned_stop_s: float = 0.0
-    offline_s: float = 0.0
-    good: int = 0
-    rejected: int = 0
-    rejected_startup: int = 0
-    ideal_good_s: float = 0.0
-    ideal_total_s: float = 0.0
-    ideal_startup_reject_s: float = 0.0
-
-    def add(self, other: Period) -> None:
-        for name in PERIOD_FIELDS:
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-
-
-PERIOD_FIELDS = tuple(Period.__slots__)
+# One machine's record of one hour, one shift and one planned/unplanned part: the same sums the queries add up.
+Period = Totals
 
 
 @dataclass(frozen=True, slots=True)

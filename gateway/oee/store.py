@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.common.oee import SUMMED, Totals
+from gateway.common.oee import SUMMED, Totals, minor_stop_s, period_totals, stop_pareto
 from gateway.common.wire import OeeEventDoc, OeePeriodDoc
 from gateway.oee.machine import Period, PeriodKey, StateEvent
 
@@ -110,25 +110,10 @@ def counters(conn: sqlite3.Connection) -> dict[str, dict[str, float]]:
     return out
 
 
-BUCKETS = {"hour": "hour", "day": "day", "shift": "day, shift", "none": "''"}
-FIRST = {"hour": "hour", "day": "day", "shift": "day", "none": "''"}
-
-
 def totals(conn: sqlite3.Connection, scope: Scope, start: float, end: float,
            by: str) -> list[tuple[tuple[Any, ...], Totals]]:
     """Summed planned periods whose hour starts in [start, end), grouped by `by` (hour, day, shift, none)."""
-    where, args = scope.where()
-    group = BUCKETS[by]
-    sums = ", ".join(f"SUM({k}) AS {k}" for k in SUMMED)
-    conn.row_factory = sqlite3.Row
-    try:
-        rows = conn.execute(
-            f"SELECT {FIRST[by]} AS k1, {'shift' if by == 'shift' else 'NULL'} AS k2, MIN(hour) AS first_hour, {sums} "
-            f"FROM oee_periods WHERE {where} AND planned = 1 AND hour >= ? AND hour < ? "
-            f"GROUP BY {group} ORDER BY first_hour", (*args, start, end)).fetchall()
-    finally:
-        conn.row_factory = None
-    return [((r["k1"], r["k2"], r["first_hour"]), Totals.of(r)) for r in rows]
+    return period_totals(conn, scope.where(), start, end, by)
 
 
 def events(conn: sqlite3.Connection, scope: Scope, start: float, end: float, states: Sequence[str] = (),
@@ -147,20 +132,12 @@ def events(conn: sqlite3.Connection, scope: Scope, start: float, end: float, sta
 def pareto(conn: sqlite3.Connection, scope: Scope, start: float, end: float,
            states: Sequence[str]) -> list[tuple[str, str, float, int]]:
     """(reason, state, planned seconds, events) of the stops that started in [start, end), largest first."""
-    where, args = scope.where()
-    return [(r[0], r[1], r[2], r[3]) for r in conn.execute(
-        f"SELECT reason, state, SUM(planned_s) AS s, COUNT(*) FROM oee_events WHERE {where} AND start >= ? "
-        f"AND start < ? AND state IN ({', '.join('?' for _ in states)}) AND planned_s > 0 "
-        f"GROUP BY reason, state ORDER BY s DESC", (*args, start, end, *states))]
+    return stop_pareto(conn, scope.where(), start, end, states)
 
 
 def minor_stops(conn: sqlite3.Connection, scope: Scope, start: float, end: float, limit_s: float) -> float:
     """Planned seconds of the down and offline stops shorter than `limit_s` that started in [start, end)."""
-    where, args = scope.where()
-    row = conn.execute(f"SELECT SUM(planned_s) FROM oee_events WHERE {where} AND start >= ? AND start < ? "
-                       "AND state IN ('down', 'offline') AND \"end\" - start < ?",
-                       (*args, start, end, limit_s)).fetchone()
-    return float(row[0] or 0.0)
+    return minor_stop_s(conn, scope.where(), start, end, limit_s)
 
 
 def set_reason(conn: sqlite3.Connection, event_id: str, reason: str, note: str, by: str,

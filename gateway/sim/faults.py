@@ -16,7 +16,7 @@ import json
 import math
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
@@ -156,6 +156,23 @@ class FaultSchedule:
         self._rng = rng
         self._next_random_s = self._draw_gap() if self._per_hour > 0 else math.inf
         self.active: list[ActiveFault] = []
+
+    def begin(self, fault: ActiveFault, faults: list[ActiveFault], silence: Callable[[bool], None]) -> None:
+        """Put a started fault into effect on its machine: a dropout silences it (`silence(True)`), any
+        other joins the faults its model applies to its readings (`faults`)."""
+        if fault.kind == "dropout":
+            silence(True)
+        else:
+            faults.append(fault)
+
+    def finish(self, fault: ActiveFault, faults: list[ActiveFault], silence: Callable[[bool], None]) -> None:
+        """Take an ended fault out of effect: the machine answers again (`silence(False)`) when no other
+        dropout of it is still on; its model stops applying any other fault."""
+        if fault.kind != "dropout":
+            if fault in faults:
+                faults.remove(fault)
+        elif not any(f.kind == "dropout" and f.equipment_id == fault.equipment_id for f in self.active):
+            silence(False)
 
     def _draw_gap(self) -> float:
         return self._rng.expovariate(self._per_hour / 3600.0)

@@ -549,6 +549,13 @@ class _Node:
         else:
             self.link.sever()
 
+    def silence(self, silent: bool) -> None:
+        """A dropout begins (`silent`) or the node's last one ends."""
+        if silent and not self.down:
+            self.go_down(self.options.shared_connection)
+        elif not silent and self.down:
+            self.come_back(self.options.shared_connection)
+
     def come_back(self, shared: bool) -> None:
         """Back from a dropout: a new boot, seq from the start, online again."""
         assert self.link is not None
@@ -675,21 +682,12 @@ class _Fleet:
 
     def _start(self, fault: ActiveFault) -> None:
         node = self.by_id[fault.equipment_id]
-        if fault.kind == "dropout":
-            if not node.down:
-                node.go_down(self.options.shared_connection)
-        else:
-            node.model.faults.append(fault)
+        self.schedule.begin(fault, node.model.faults, node.silence)
         log.info("fault started", extra={"thing": f"{self.options.site}:{node.equipment_id}", "fault": fault.kind})
 
     def _end(self, fault: ActiveFault, now: float, truth: TruthWriter) -> None:
         node = self.by_id[fault.equipment_id]
-        if fault.kind == "dropout":
-            still_down = any(f.kind == "dropout" and f.equipment_id == node.equipment_id for f in self.schedule.active)
-            if node.down and not still_down:
-                node.come_back(self.options.shared_connection)
-        elif fault in node.model.faults:
-            node.model.faults.remove(fault)
+        self.schedule.finish(fault, node.model.faults, node.silence)
         self._record(fault, now, truth)
         log.info("fault ended", extra={"thing": f"{self.options.site}:{node.equipment_id}", "fault": fault.kind})
 

@@ -178,21 +178,18 @@ class PlcLine:
                     plc.memory.put(tag, value)
         self.ticks += 1
 
+    def _silence(self, unit: int) -> Callable[[bool], None]:
+        """A dropout makes the unit answer "gateway target did not respond" until the last one ends."""
+        return lambda silent: (self.server.silent_units.add if silent else self.server.silent_units.discard)(unit)
+
     def _start(self, fault: ActiveFault) -> None:
         plc = self.by_id[fault.equipment_id]
-        if fault.kind == "dropout":
-            self.server.silent_units.add(plc.unit)
-        else:
-            plc.model.faults.append(fault)
+        self.schedule.begin(fault, plc.model.faults, self._silence(plc.unit))
         log.info("fault started", extra={"thing": f"{self.opts.site}:{plc.equipment_id}", "fault": fault.kind})
 
     def _end(self, fault: ActiveFault, now: float, truth: TruthWriter) -> None:
         plc = self.by_id[fault.equipment_id]
-        if fault.kind == "dropout":
-            if not any(f.kind == "dropout" and f.equipment_id == plc.equipment_id for f in self.schedule.active):
-                self.server.silent_units.discard(plc.unit)
-        elif fault in plc.model.faults:
-            plc.model.faults.remove(fault)
+        self.schedule.finish(fault, plc.model.faults, self._silence(plc.unit))
         self._record(fault, now, truth)
 
     def _record(self, fault: ActiveFault, end: float, truth: TruthWriter) -> None:

@@ -24,11 +24,23 @@ import aiohttp
 import numpy as np
 import pyarrow as pa
 
+from gateway.alarms.journal import AlarmJournal
 from gateway.buffer.buffer import TelemetryBuffer
 from gateway.common.backoff import full_jitter, retry_after
 from gateway.common.errors import Conflict, NotFound
-from gateway.common.wire import Action, AnomalyDoc, Batch, OeeEventDoc, OeePeriodDoc, ThingDoc, encode
+from gateway.common.wire import (
+    MAX_JOURNAL,
+    Action,
+    AnomalyDoc,
+    Batch,
+    OeeEventDoc,
+    OeePeriodDoc,
+    ThingDoc,
+    encode,
+    fit_anomaly,
+)
 from gateway.config import GatewayConfig
+from gateway.detect.core import Anomaly
 from gateway.detect.detector import AnomalyDetector
 from gateway.metrics import GatewayMetrics
 from gateway.oee.tracker import OeeTracker
@@ -73,7 +85,7 @@ class Forwarder(UplinkClient):
 
     def __init__(self, config: GatewayConfig, buffer: TelemetryBuffer, registry: TwinRegistry,
                  metrics: GatewayMetrics, detector: AnomalyDetector | None = None,
-                 oee: OeeTracker | None = None) -> None:
+                 oee: OeeTracker | None = None, journal: AlarmJournal | None = None) -> None:
         super().__init__(config.uplink)
         self._cfg = config
         self._buffer = buffer
@@ -89,6 +101,7 @@ class Forwarder(UplinkClient):
         self._deleted_sent_at = 0.0
         self._detector = detector
         self._anomalies_sent_at = 0.0  # updated_at of the newest anomaly change the aggregator confirmed
+        self._journal = journal
         self._oee = oee
         self._oee_sent_at = 0.0  # the same for OEE period records and state events
         self.last_error = ""
@@ -171,8 +184,8 @@ class Forwarder(UplinkClient):
         anomalies, anomalies_upto = [], self._anomalies_sent_at
         if things_due and self._detector is not None:
             changed, anomalies_upto = await self._detector.log.changed_since(self._anomalies_sent_at)
-            anomalies = [AnomalyDoc.parse(a.to_json()) for a in changed
-                         if not self.quarantine.holds_anomaly(a.id) and not self.quarantine.holds_thing(a.thing_id)]
+            anomalies = await self._anomaly_docs([a for a in changed if not self.quarantine.holds_anomaly(a.id)
+                                                  and not self.quarantine.holds_thing(a.thing_id)])
         oee_periods: list[OeePeriodDoc] = []
         oee_events: list[OeeEventDoc] = []
         oee_upto = self._oee_sent_at
@@ -288,6 +301,24 @@ class Forwarder(UplinkClient):
             return
         await self._apply_actions(_actions(doc))
 
+    async def _anomaly_docs(self, changed: list[Anomaly]) -> list[AnomalyDoc]:
+        """The anomalies as they go upstream: each with its journal (the newest entries) and, while its
+        condition is shelved and it is not resolved, the shelf."""
+        journal = self._journal
+        if journal is None:
+            return [AnomalyDoc.parse(fit_anomaly(a.to_json())) for a in changed]
+        now = time.time()
+        actions = await journal.actions_of([a.id for a in changed], MAX_JOURNAL)
+        docs = []
+        for a in changed:
+            doc = a.to_json()
+            doc["journal"] = [{k: v for k, v in x.to_json().items() if k != "anomalyId"} for x in actions.get(a.id, [])]
+            shelf = journal.shelf_of(a.thing_id, a.anomaly_type, now) if a.state != "resolved" else None
+            doc["shelved"] = {k: v for k, v in shelf.to_json().items() if k not in ("endedAt", "endedBy")} \
+                if shelf is not None else None
+            docs.append(AnomalyDoc.parse(fit_anomaly(doc)))
+        return docs
+
     async def _apply_actions(self, actions: list[Action]) -> None:
         """Operators' acknowledgements and resolutions made centrally, applied here where anomalies live;
         the new state goes back up with the next batch. Repeats (a lost response) are harmless."""
@@ -300,6 +331,9 @@ class Forwarder(UplinkClient):
                     await self._detector.acknowledge(act.anomaly_id, by, act.note)
                 else:
                     await self._detector.resolve(act.anomaly_id, by, act.note, act.false_positive)
+                if self._journal is not None:
+                    await self._journal.record(act.anomaly_id, "acknowledged" if act.action == "ack" else "resolved",
+                                               by, act.note, once=True)  # a repeated action is one entry
             except (NotFound, Conflict) as exc:
                 log.info("central action not applied", extra={"anomaly": act.anomaly_id, "action": act.action,
                                                               "reason": str(exc)})

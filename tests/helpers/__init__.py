@@ -17,12 +17,15 @@ from tests.helpers.configs import (
     open_gateway_toml,
     unique_site,
     uplink,
+    uplink_token,
     write_toml,
 )
 from tests.helpers.gateways import (
     AggregatorFactory,
     GatewayFactory,
     GatewayProcess,
+    LinkedFactory,
+    LinkedSite,
     RunningGateway,
     gateway_process,
 )
@@ -54,4 +57,5 @@ __all__ = [
     "reading", "receive", "serve", "telemetry", "topic", "unique_site", "uplink", "version_in_use", "wait_for",
     "wait_ready", "wait_until", "write_toml",
 ]
+__all__ += ["LinkedFactory", "LinkedSite", "uplink_token"]
 __all__ += ["SitePki", "make_site_pki", "open_gateway_toml", "press_rows", "stored_lines", "train_press_versions"]

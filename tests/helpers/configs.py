@@ -71,6 +71,11 @@ def aggregator_config(tmp_path: Path, *tokens: tuple[str, str, str, str], port: 
     })
 
 
+def uplink_token(gw_site: str, line: str = "line-a") -> tuple[str, str, str, str]:
+    """The aggregator's token entry (gateway, token, site, line) for the gateway `uplink(gw_site, ...)` makes."""
+    return f"gw-{gw_site}", TOKEN, gw_site, line
+
+
 def uplink(gw_site: str, port: int, **more: Any) -> dict[str, Any]:
     """Overrides for a gateway of `gw_site` that forwards to an aggregator on `port`, quickly."""
     return {"gateway.site": gw_site, "gateway.id": f"gw-{gw_site}", "uplink.url": f"http://127.0.0.1:{port}",
@@ -104,22 +109,27 @@ def _toml(value: Any) -> str:
     raise TypeError(f"no TOML for {value!r}")
 
 
-def merged(base: Sections, more: Sections) -> Sections:
-    """`base` with the keys of `more` added or replaced, section by section."""
+def merged(base: Sections, *more: Sections) -> Sections:
+    """`base` with the keys of each of `more` in turn added or replaced, section by section."""
     out = {name: dict(table) for name, table in base.items()}
-    for name, table in more.items():
-        out.setdefault(name, {}).update(table)
+    for layer in more:
+        for name, table in layer.items():
+            out.setdefault(name, {}).update(table)
     return out
 
 
-def gateway_toml(path: Path, site: str, *, key: str = ADMIN_KEY, **sections: dict[str, Any]) -> Path:
-    """A gateway's TOML at `path` (data beside it in `data/`), one admin key; `sections` add to it."""
-    base: Sections = {
+def gateway_sections(path: Path, site: str, key: str = ADMIN_KEY) -> Sections:
+    """What every gateway TOML at `path` holds: its site on line-a, data beside it in `data/`, one admin key."""
+    return {
         "gateway": {"site": site, "line": "line-a", "id": f"gw-{site}", "data_dir": path.parent / "data"},
         "http": {"host": "127.0.0.1"},
         "auth": {"api_keys": [{"key": key, "role": "admin"}]},
     }
-    return write_toml(path, merged(base, sections))
+
+
+def gateway_toml(path: Path, site: str, *, key: str = ADMIN_KEY, **sections: dict[str, Any]) -> Path:
+    """A gateway's TOML at `path` (`gateway_sections`); `sections` add to it."""
+    return write_toml(path, merged(gateway_sections(path, site, key), sections))
 
 
 def aggregator_toml(tmp: Path, port: int, site: str, token: str = TOKEN, **sections: dict[str, Any]) -> Path:

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
 
@@ -16,7 +16,7 @@ from cloud_sync.aggregator import Aggregator
 from gateway.broker import find_free_port
 from gateway.config import GatewayConfig
 from gateway.service import GatewayService
-from tests.helpers.configs import ADMIN_KEY, Sections, auth, gateway_toml, merged, unique_site
+from tests.helpers.configs import ADMIN_KEY, Sections, auth, gateway_sections, merged, unique_site, write_toml
 from tests.helpers.processes import egiz_process
 
 
@@ -58,6 +58,17 @@ GatewayFactory = Callable[..., Awaitable[RunningGateway]]
 AggregatorFactory = Callable[..., Awaitable[Aggregator]]
 
 
+class LinkedSite(NamedTuple):
+    """A new site's gateway forwarding to an aggregator that holds its token (conftest's `start_linked`)."""
+
+    site: str
+    aggregator: Aggregator
+    gateway: RunningGateway
+
+
+LinkedFactory = Callable[..., Awaitable[LinkedSite]]
+
+
 @dataclass(frozen=True)
 class GatewayProcess:
     """A gateway's configuration and log for `egiz gateway run`; `run()` starts it and waits until ready."""
@@ -87,5 +98,6 @@ def gateway_process(tmp: Path, broker_port: int, **sections: dict[str, Any]) -> 
         "twin": {"flush_interval_s": 1.0},
         "log": {"format": "json", "level": "warning"},
     }
-    config = gateway_toml(tmp / "gateway.toml", site, **merged(base, sections))
+    path = tmp / "gateway.toml"
+    config = write_toml(path, merged(gateway_sections(path, site), base, sections))
     return GatewayProcess(site, http_port, config, tmp / "gateway.log")

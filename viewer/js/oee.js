@@ -55,12 +55,9 @@ export class OeePage {
       el("h1", { textContent: `OEE · ${this.line}` }), this.tiles,
       el("h2", { textContent: `Machine states, last ${HOURS} h` }), this.bands, this.reasonBox,
       el("h2", { textContent: "Downtime by reason (24 h)" }), this.pareto));
-    if (this.gateway) {
-      this.reasons = (await api.get("/api/v1/oee/reasons")).reasons;
-      await this.drawBands();
-    } else {
-      this.bands.append(el("p", { textContent: "The state bands are on the line's gateway." }));
-    }
+    // reasons are set and corrected at the line's gateway; the aggregator shows what its gateways sent
+    if (this.gateway) this.reasons = (await api.get("/api/v1/oee/reasons")).reasons;
+    await this.drawBands();
     await this.drawPareto();
   }
 
@@ -88,15 +85,17 @@ export class OeePage {
           title: `${e.state}${e.reason ? ` — ${e.reason}` : ""} · ${Math.round(e.durationS / 60)} min from ${new Date(e.start).toLocaleTimeString()}` });
         seg.style.left = `${((start - from) / span) * 100}%`;
         seg.style.width = `${Math.max(((end - start) / span) * 100, 0.15)}%`;
-        if (e.state !== "running") seg.addEventListener("click", () => this.editReason(e));
+        if (e.state !== "running" && this.gateway) seg.addEventListener("click", () => this.editReason(e));
         band.append(seg);
       }
       return el("div", { className: "band-row" }, el("span", { className: "band-label", textContent: thingId.split(":")[1] }), band);
     });
     const stops = items.filter((e) => e.state !== "running").reverse().slice(0, 50);
     const stopRows = stops.map((e) => {
-      const button = el("button", { type: "button", className: "secondary", textContent: e.reason ? "change reason" : "set reason" });
-      button.addEventListener("click", () => this.editReason(e));
+      const button = this.gateway
+        ? el("button", { type: "button", className: "secondary", textContent: e.reason ? "change reason" : "set reason" })
+        : el("span", { className: "hint", textContent: "set at the line's gateway" });
+      if (this.gateway) button.addEventListener("click", () => this.editReason(e));
       return el("tr", { dataset: { event: e.id, state: e.state } },
         el("td", { textContent: new Date(e.start).toLocaleTimeString() }), el("td", { textContent: e.thingId.split(":")[1] }),
         el("td", { textContent: e.state }), el("td", { textContent: `${Math.round(e.durationS)} s` }),

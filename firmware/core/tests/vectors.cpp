@@ -23,6 +23,7 @@
 #include "egiz/commands.h"
 #include "egiz/json.h"
 #include "egiz/payload.h"
+#include "egiz/production.h"
 #include "egiz/readings.h"
 #include "egiz/ring.h"
 #include "egiz/topics.h"
@@ -164,6 +165,15 @@ std::vector<Vector> all_vectors() {
           {"operator", Value::of_text("Ay\xc5\x9f" "e")}},
          s);
   out.push_back(telemetry(o, "oven_business_context", "strings (quotes, UTF-8) and booleans", "business_context", s));
+
+  // An oven's production counters and state, as its PLC reports them: 16-bit words that have rolled over.
+  ProductionCounter counter;
+  counter.update(65530, 3, MachineSignals{true, false, false}, 1000);
+  counter.update(42, 1, MachineSignals{true, false, false}, 2000);
+  s.clear();
+  o.read("production", 1718000002500, counter.properties("simit"), s);
+  out.push_back(telemetry(o, "oven_production", "good and reject counters (rolled over at 65,536), state and recipe",
+                          "production", s));
 
   // A mixer that lost its broker for a while: five vibration windows kept in the ring and drained as
   // one batch after the reconnect.
