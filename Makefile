@@ -29,6 +29,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/detect.py
 	$(BIN)/python bench/detect_real.py
 	$(BIN)/python bench/viewer.py
+	$(BIN)/python bench/connectors.py
+	$(BIN)/python bench/oee.py
 	$(BIN)/python bench/footprint.py
 
 clean:

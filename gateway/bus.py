@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+from gateway.common.readings import dumps_utf8
 from gateway.common.timefmt import iso_utc
 
 log = logging.getLogger(__name__)
@@ -45,13 +45,13 @@ class Event:
 
     def to_json(self) -> str:
         if self._json is None:
-            self._json = json.dumps(self.payload(), separators=(",", ":"))
+            self._json = self.to_utf8().decode()
         return self._json
 
     def to_utf8(self) -> bytes:
-        """`to_json()` encoded once, however many clients send it."""
+        """The event's JSON, made once however many clients send it."""
         if self._utf8 is None:
-            self._utf8 = self.to_json().encode()
+            self._utf8 = dumps_utf8(self.payload())
         return self._utf8
 
 

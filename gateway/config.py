@@ -111,7 +111,7 @@ class DeadbandRule:
 class BufferSection:
     """The DuckDB telemetry buffer: historian and store-and-forward outbox."""
 
-    commit_interval_ms: float = 100.0  # group commit no later than this after the first pending point
+    commit_interval_ms: float = 250.0  # group commit no later than this after the first pending point
     commit_idle_ms: float = 10.0  # ... or as soon as the inflow pauses this long
     commit_max_points: int = 50_000  # ... or when this many points are pending
     raw_retention_days: float = 90.0

@@ -195,6 +195,8 @@ REJECTIONS: list[tuple[str, Any, str]] = [
     ("seq a bool", {"ts": TS, "seq": True, "properties": {"a": 1}}, "wrong_type"),
     ("seq 2**63", {"ts": TS, "seq": 2**63, "properties": {"a": 1}}, "wrong_type"),
     ("property 2**63", props(a=2**63), "wrong_type"),
+    ("property 2**64 (orjson would make it a float)", props(a=2**64), "wrong_type"),
+    ("property 10**25", props(a=10**25), "wrong_type"),
     ("property below -2**63", props(a=-(2**63) - 1), "wrong_type"),
     ("array with 2**63", props(zones=[1, 2**63]), "wrong_type"),
     ("named number 2**63", props(voltage={"a": 2**63}), "wrong_type"),
@@ -328,6 +330,14 @@ def test_decoded_json_holds_only_finite_numbers(doc: Any) -> None:
     else:
         assert out == doc
         json.dumps(out, allow_nan=False)  # what comes in can always be written out as JSON
+
+
+def test_long_digit_runs_decode_exactly() -> None:
+    # Integers beyond 64 bits and long digit runs in strings take the standard decoder's path.
+    raw = b'{"a": 18446744073709551616, "b": "12345678901234567890", "c": [1.5, -9223372036854775809]}'
+    doc = decode_json(raw, 4096)
+    assert doc == {"a": 2**64, "b": "12345678901234567890", "c": [1.5, -(2**63) - 1]}
+    assert type(doc["a"]) is int and type(doc["c"][1]) is int
 
 
 def test_int64_values_keep_their_exact_value() -> None:

@@ -240,3 +240,48 @@ async def test_non_finite_numbers_and_deep_nesting_in_a_message_are_errors(mosqu
             assert reply["event"] == "Error" and reply["detail"], reply
         await ws.send_json({"action": "subscribe"})
         assert (await ws.receive_json(timeout=5))["event"] == "Subscribed"
+
+
+def _publish_burst(broker: tuple[str, int], topic: str, n: int) -> int:
+    """Publish n QoS 1 readings as fast as the broker takes them (a node's backlog after an outage)."""
+    import paho.mqtt.client as paho
+
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, protocol=paho.MQTTv311)
+    client.max_inflight_messages_set(1000)
+    client.max_queued_messages_set(0)
+    client.connect(*broker)
+    client.loop_start()
+    try:
+        infos = [client.publish(topic, telemetry(seq, {"temperature": float(seq)}), qos=1)
+                 for seq in range(1, n + 1)]
+        for info in infos:
+            info.wait_for_publish(30)
+        return sum(1 for info in infos if info.is_published())
+    finally:
+        client.loop_stop()
+        client.disconnect()
+
+
+async def test_a_burst_read_in_chunks_reaches_a_client_with_a_small_queue(mosquitto, start_gateway):
+    # The broker hands the gateway many messages per read; however many a chunk holds, the events
+    # reach a client whose queue holds only 64 of them, in order, without closing it.
+    gw = await start_gateway(mosquitto, **{"ws.queue_size": 64})
+    n = 800  # within what a broker with default settings queues for a subscriber (1000)
+    events: list[dict] = []
+    async with aiohttp.ClientSession() as http, http.ws_connect(gw.url + "/api/v1/ws", headers=auth()) as ws:
+        await ws.send_json({"action": "subscribe"})
+        assert (await ws.receive_json(timeout=5))["event"] == "Subscribed"
+        reader = asyncio.create_task(collect(ws, events))
+        sent = await asyncio.to_thread(_publish_burst, mosquitto, f"openegiz/{gw.site}/oven/oven-001/thermal/telemetry",
+                                       n)
+        assert sent == n
+        await wait_for(lambda: gw.service.ingest.accepted_messages == n, timeout=60)
+        await wait_for(lambda: len([e for e in events if e["event"] == "StateChanged"]) == n, timeout=30)
+        await ws.close()
+        await reader
+    assert gw.service.metrics.ws_disconnected_slow._value.get() == 0
+    temps = [e["properties"]["temperature"] for e in events if e["event"] == "StateChanged"]
+    assert temps == [float(seq) for seq in range(1, n + 1)]
+    # Every message was committed and acknowledged: nothing is pending, nothing was seen twice.
+    await wait_for(lambda: gw.service.buffer.pending_points == 0)
+    assert gw.service.metrics.duplicates._value.get() == 0

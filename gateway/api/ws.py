@@ -96,16 +96,16 @@ async def _send_loop(ws: web.WebSocketResponse, sub: Subscription, heartbeat_s: 
     # for up to BURST events instead of one each. With compression aiohttp frames every event.
     transport = request.transport if not ws.compress else None
     while not ws.closed:
-        timeout = next_beat - time.monotonic()
         try:
-            event = await asyncio.wait_for(sub.get(), timeout=max(timeout, 0.0))
+            async with asyncio.timeout(max(next_beat - time.monotonic(), 0.0)):
+                event = await sub.get()
         except TimeoutError:
             await ws.send_str(heartbeat[:-1] + f', "timestamp": "{iso_utc(time.time())}"}}')
             next_beat = time.monotonic() + heartbeat_s
             continue
-        # One turn of the event loop lets the messages of the same broker read join this burst; a
-        # longer wait would let a burst overflow a small queue and close a client that keeps up.
-        await asyncio.sleep(0)
+        # The broker connection hands over a chunk's messages (a few dozen) in one turn of the event
+        # loop, so they are all queued when this runs: no need to wait a turn for them to join the
+        # burst — and waiting would let the next chunk pile onto a small queue.
         burst = [event, *sub.drain(BURST - 1)]
         if transport is None:
             for e in burst:

@@ -57,6 +57,8 @@ class BufferStore(PointFile):
     """The gateway's buffer file: the shared point layout plus sequence marks and the outbox;
     `open()` creates the schema, `commit()` appends one batch atomically."""
 
+    _marked: set[tuple[str, str]]  # the (Thing, boot)s with a row in seq_state
+
     # ----------------------------------------------------------------- lifecycle (writer thread)
     def open(self) -> OpenState:
         series = self.open_file()
@@ -64,55 +66,52 @@ class BufferStore(PointFile):
             self.con.execute(stmt)
         marks = [(t, b, int(s), float(u), None if w is None else int.from_bytes(w, "little")) for t, b, s, u, w in
                  self.con.execute("SELECT thing_id, boot, seq, updated, seen FROM seq_state").fetchall()]
+        self._marked = {(t, b) for t, b, _s, _u, _w in marks}
         return OpenState(series, marks, self.high_id() + 1)
 
     # ----------------------------------------------------------------- writes (writer thread)
     def commit(self, batch: PointBatch, first_id: int) -> None:
-        """New series, points and sequence marks in one transaction: all or nothing."""
+        """New series, points and sequence marks in one transaction: all or nothing.
+
+        A commit runs about ten times a second, so its fixed cost is most of what the buffer
+        costs: the Arrow tables are read by name from this function's locals (DuckDB's
+        replacement scan; registering and unregistering a view costs about as much as the insert),
+        and the mark of a (Thing, boot) that already has a row is updated in place rather than
+        deleted and inserted again.
+        """
         con = self.con
-        views = []
-        if batch.series:
-            con.register("egiz_points", batch.to_arrow(first_id))
-            views.append("egiz_points")
+        marked = self._marked
+        known = [k for k in batch.seq_marks if k in marked]
+        new = [k for k in batch.seq_marks if k not in marked]
+        egiz_points = batch.to_arrow(first_id) if batch.series else None  # noqa: F841 (read by the SQL below)
+        egiz_known = _marks_table(batch, known) if known else None  # noqa: F841 (read by the SQL below)
+        egiz_new = _marks_table(batch, new) if new else None  # noqa: F841 (read by the SQL below)
         if batch.new_series:  # many at once when Things register: 10k Things bring 80k series
-            con.register("egiz_series", pa.table({
+            egiz_series = pa.table({  # noqa: F841 (read by the SQL below)
                 "id": pa.array([i for i, _k, _t, _n in batch.new_series], pa.int32()),
                 "thing_id": [k.thing_id for _i, k, _t, _n in batch.new_series],
                 "type": [t for _i, _k, t, _n in batch.new_series],
                 "feature": [k.feature for _i, k, _t, _n in batch.new_series],
                 "path": [k.path for _i, k, _t, _n in batch.new_series],
                 "numeric": pa.array([n for _i, _k, _t, n in batch.new_series], pa.bool_()),
-            }))
-            views.append("egiz_series")
-        if batch.seq_marks:
-            con.register("egiz_marks", pa.table({
-                "thing_id": [t for t, _ in batch.seq_marks],
-                "boot": [b for _, b in batch.seq_marks],
-                "seq": pa.array([top for top, _ in batch.seq_marks.values()], pa.int64()),
-                "seen": pa.array([seen.to_bytes((seen.bit_length() + 7) // 8, "little")
-                                  for _, seen in batch.seq_marks.values()], pa.binary()),
-            }))
-            views.append("egiz_marks")
+            })
+        con.execute("BEGIN")
         try:
-            con.execute("BEGIN")
-            try:
-                if batch.new_series:
-                    con.execute("INSERT INTO series SELECT * FROM egiz_series")
-                if batch.series:
-                    con.execute("INSERT INTO points SELECT * FROM egiz_points")
-                if batch.seq_marks:
-                    con.execute("DELETE FROM seq_state USING egiz_marks m "
-                                "WHERE seq_state.thing_id = m.thing_id AND seq_state.boot = m.boot")
-                    con.execute("INSERT INTO seq_state SELECT thing_id, boot, seq, epoch(now()), seen FROM egiz_marks")
-                con.execute("COMMIT")
-            except BaseException:
-                with contextlib.suppress(duckdb.Error):  # a failed COMMIT has already ended it
-                    con.execute("ROLLBACK")
-                raise
-        finally:
-            for view in views:
-                with contextlib.suppress(duckdb.Error):
-                    con.unregister(view)
+            if batch.new_series:
+                con.execute("INSERT INTO series SELECT * FROM egiz_series")
+            if batch.series:
+                con.execute("INSERT INTO points SELECT * FROM egiz_points")
+            if known:
+                con.execute("UPDATE seq_state SET seq = m.seq, updated = epoch(now()), seen = m.seen "
+                            "FROM egiz_known m WHERE seq_state.thing_id = m.thing_id AND seq_state.boot = m.boot")
+            if new:
+                con.execute("INSERT INTO seq_state SELECT thing_id, boot, seq, epoch(now()), seen FROM egiz_new")
+            con.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(duckdb.Error):  # a failed COMMIT has already ended it
+                con.execute("ROLLBACK")
+            raise
+        marked.update(new)
 
     def retention(self, now: float, raw_days: float, rollup_days: dict[str, float]) -> tuple[int, int]:
         """Delete raw points and roll-up rows older than their retention; never raw points not yet rolled."""
@@ -131,6 +130,7 @@ class BufferStore(PointFile):
             "(SELECT thing_id, boot, row_number() OVER (PARTITION BY thing_id ORDER BY updated DESC) AS r "
             f"FROM seq_state) WHERE r > {MAX_BOOTS_PER_THING})"
         )
+        self._marked = {(t, b) for t, b in con.execute("SELECT thing_id, boot FROM seq_state").fetchall()}
         return raw, rolled
 
     def drop_oldest(self, count: int, max_id: int | None, *, synced_id: int | None = None) -> tuple[int, int]:
@@ -188,6 +188,18 @@ class BufferStore(PointFile):
             "GROUP BY ALL",
             [recv_after],
         ).fetchall()
+
+
+def _marks_table(batch: PointBatch, keys: list[tuple[str, str]]) -> pa.Table:
+    """Sequence marks of some (Thing, boot)s: the highest seq and the anti-replay bitmap as bytes."""
+    marks = batch.seq_marks
+    tops = [marks[k] for k in keys]
+    return pa.table({
+        "thing_id": [t for t, _ in keys],
+        "boot": [b for _, b in keys],
+        "seq": pa.array([top for top, _ in tops], pa.int64()),
+        "seen": pa.array([seen.to_bytes((seen.bit_length() + 7) // 8, "little") for _, seen in tops], pa.binary()),
+    })
 
 
 def directory_bytes(path: Path) -> int:

@@ -8,8 +8,11 @@ and the uplink alike.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
+
+import orjson
 
 PropertyValue = float | int | str | bool | list[float] | dict[str, float]
 Properties = dict[str, PropertyValue]
@@ -58,6 +61,10 @@ def _finite_float(text: str) -> float:
 
 
 _STRICT = json.JSONDecoder(parse_constant=_not_finite, parse_float=_finite_float)
+# orjson turns an integer beyond 64 bits into a float; the standard decoder keeps it exact (and
+# the checks downstream refuse it), so a payload with such a run of digits takes that path.
+_LONG_DIGITS = re.compile(rb"[0-9]{19}")
+_LONG_DIGITS_STR = re.compile(r"[0-9]{19}")
 
 
 def loads_strict(text: str | bytes) -> Any:
@@ -65,10 +72,38 @@ def loads_strict(text: str | bytes) -> Any:
 
     Raises ValueError (JSONDecodeError, UnicodeDecodeError) or RecursionError for deep nesting.
     Nothing non-finite gets in, so nothing non-finite is ever written out as JSON.
+
+    orjson decodes the common case (UTF-8, finite numbers, integers of at most 64 bits) several
+    times faster and refuses NaN, Infinity and overflowing floats itself; whatever it refuses or
+    may change (other encodings, a byte order mark, lone surrogates, nesting deeper than 1024, long
+    integers) is decoded by the standard decoder, so the result and the errors are the same.
     """
     if isinstance(text, bytes | bytearray):
+        if _LONG_DIGITS.search(text) is None:
+            try:
+                return orjson.loads(text)
+            except orjson.JSONDecodeError:
+                pass
         text = text.decode(json.detect_encoding(text), "surrogatepass")
+    elif _LONG_DIGITS_STR.search(text) is None:
+        try:
+            return orjson.loads(text)
+        except orjson.JSONDecodeError:
+            pass
     return _STRICT.decode(text)
+
+
+def dumps_utf8(value: Any) -> bytes:
+    """Compact JSON as UTF-8 bytes, for what the gateway writes often (events, twin rows).
+
+    orjson writes it several times faster than `json.dumps`; what orjson refuses (an integer beyond
+    64 bits, a key that is not a string) is written by `json.dumps`, so anything `json` could
+    write still can be.
+    """
+    try:
+        return orjson.dumps(value)
+    except TypeError:  # orjson.JSONEncodeError
+        return json.dumps(value, separators=(",", ":")).encode()
 
 
 def count_points(props: Properties) -> int:

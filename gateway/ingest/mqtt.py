@@ -80,6 +80,111 @@ class BrokerAcks:
 _PUBACK = struct.Struct("!BBH")
 
 
+class ReadAhead:
+    """Reads a broker connection in chunks and lets paho parse several packets per wake-up.
+
+    paho reads a packet in at least three `recv()` calls (its type byte, each byte of its length,
+    the rest) and one packet per call of `loop_read()`, so every message costs the event loop a
+    wake-up and several system calls. Here paho's reads are served from one `recv()` of up to
+    `CHUNK` bytes, and one wake-up parses what that chunk holds — at most `PER_TURN` packets, so
+    a full chunk cannot flood the event bus before WebSocket senders and the commit loop run;
+    the rest is parsed in the next turn of the event loop (the socket may not signal again, as
+    its bytes are already read).
+
+    After a chunk the socket is not watched for `PAUSE_S`: at a line's steady rate messages arrive
+    one by one, a millisecond apart, and each would wake the event loop, the ingest and every
+    WebSocket sender on its own. Reading a few milliseconds' worth at once makes one wake-up, one
+    read and one WebSocket write of several messages; it delays a message by at most `PAUSE_S`.
+    """
+
+    CHUNK = 32 * 1024
+    PER_TURN = 32
+    PAUSE_S = 0.004
+
+    def __init__(self, client: aiomqtt.Client, paho_client: paho.Client) -> None:
+        self._aio = client
+        self._paho = paho_client
+        self._recv = paho_client._sock_recv
+        self._loop_read = paho_client.loop_read
+        self._buf = b""
+        self._pos = 0
+        self._sock: object = None
+        self._later: asyncio.Handle | None = None
+        self._paused = False
+        # paho looks both up on the instance: its reads and aiomqtt's reader callback come here.
+        paho_client._sock_recv = self._sock_recv  # type: ignore[method-assign]
+        paho_client.loop_read = self.loop_read  # type: ignore[method-assign]
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf) - self._pos
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        sock = self._paho._sock
+        if sock is not self._sock:  # a new connection: nothing read from the old one carries over
+            self._sock, self._buf, self._pos = sock, b"", 0
+        if self._pos >= len(self._buf):
+            data = self._recv(max(bufsize, self.CHUNK))  # BlockingIOError when nothing is waiting
+            if len(data) <= bufsize:
+                return data
+            self._buf, self._pos = data, 0
+        start = self._pos
+        self._pos = min(start + bufsize, len(self._buf))
+        return self._buf[start:self._pos]
+
+    def loop_read(self, max_packets: int = 1) -> paho.MQTTErrorCode:
+        """Parse the packets of one chunk, at most `PER_TURN`; schedule the rest for the next turn."""
+        if self._later is not None:  # the rest of a chunk is due this turn: that call reads on, not this one
+            return paho.MQTT_ERR_SUCCESS
+        rc = self._loop_read()
+        turns = 1
+        while rc == paho.MQTT_ERR_SUCCESS and self.buffered and self._paho._sock is not None:
+            if turns >= self.PER_TURN:
+                if self._later is None:
+                    self._later = asyncio.get_running_loop().call_soon(self._continue)
+                break
+            rc = self._loop_read()
+            turns += 1
+        if rc == paho.MQTT_ERR_SUCCESS and self._later is None:
+            self._pause()
+        return rc
+
+    def _pause(self) -> None:
+        """Stop watching the socket for `PAUSE_S` (what arrives meanwhile waits in its buffer)."""
+        sock = self._paho._sock
+        if sock is None or self._paused or self.PAUSE_S <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        fd = sock.fileno()
+        if loop.remove_reader(fd):
+            self._paused = True
+            loop.call_later(self.PAUSE_S, self._watch, sock, fd)
+
+    def _watch(self, sock: object, fd: int) -> None:
+        self._paused = False
+        if self._paho._sock is sock:  # not closed (nor replaced) meanwhile
+            asyncio.get_running_loop().add_reader(fd, self._readable)
+
+    def _continue(self) -> None:
+        """The rest of a chunk, one turn later."""
+        self._later = None
+        self._readable()
+
+    def _readable(self) -> None:
+        """Read, as aiomqtt's reader does: TLS may hold decrypted bytes the socket does not
+        signal, and an error ends the session."""
+        try:
+            self.loop_read()
+            sock = self._paho._sock
+            while sock is not None and hasattr(sock, "pending") and sock.pending() > 0:
+                self.loop_read()
+                sock = self._paho._sock
+        except Exception as exc:
+            disconnected = self._aio._disconnected
+            if not disconnected.done():
+                disconnected.set_exception(exc)
+
+
 class MqttIngest:
     """Owns the broker connection; parses, validates, de-duplicates and applies telemetry."""
 
@@ -106,6 +211,7 @@ class MqttIngest:
         self.accepted_messages = 0
         self.accepted_points = 0
         self._routes: dict[str, tuple[str, dict[str, str]]] = {}
+        self._identities: dict[str, Identity] = {}
         self._kind_counters = {k: metrics.messages.labels(k) for k in ("telemetry", "status", "command_ack", "other")}
 
     # ----------------------------------------------------------------- lifecycle
@@ -114,10 +220,7 @@ class MqttIngest:
 
     async def stop(self) -> None:
         """Stop taking messages, commit and acknowledge what was taken, then disconnect."""
-        self._stopping = True
-        paho_client = self._paho
-        if paho_client is not None:
-            paho_client.on_message = None  # later messages stay unacknowledged: the broker keeps them
+        self._stopping = True  # later messages stay unacknowledged: the broker keeps them
         try:
             await self._buffer.flush()
         except Exception:
@@ -150,11 +253,15 @@ class MqttIngest:
         self._paho = client._client
         self._paho.manual_ack_set(True)
         acks = BrokerAcks(self._paho)
+        ReadAhead(client, self._paho)
 
-        def on_message(c: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
-            self._on_message(acks, message)
+        def on_message(message: paho.MQTTMessage) -> None:
+            if not self._stopping:  # after stop() messages stay unacknowledged: the broker keeps them
+                self._on_message(acks, message)
 
-        self._paho.on_message = on_message
+        # paho matches every message against per-topic callbacks under two locks before it calls
+        # `on_message`; there are none here (messages come only to us), so that step is skipped.
+        self._paho._handle_on_message = on_message  # type: ignore[method-assign]
         return client
 
     async def _run(self) -> None:
@@ -218,7 +325,7 @@ class MqttIngest:
             kind, fields = route
             self._kind_counters[kind].inc()
             if kind == "telemetry":
-                self._telemetry(fields, raw)
+                self._telemetry(topic, fields, raw)
             elif kind == "status":
                 self._status(fields, raw)
             elif kind == "command_ack":
@@ -274,8 +381,13 @@ class MqttIngest:
             raise RejectedMessage("type_mismatch", f"{ident.thing_id} is a {thing.type}, topic says {ident.type}")
         return thing
 
-    def _telemetry(self, fields: dict[str, str], raw: bytes) -> None:
-        ident = self._identity(fields)
+    def _telemetry(self, topic: str, fields: dict[str, str], raw: bytes) -> None:
+        ident = self._identities.get(topic)
+        if ident is None:  # remembered per topic, like its route: the same few topics all day
+            ident = self._identity(fields)  # a refused one is not remembered
+            if len(self._identities) >= MAX_ROUTES:
+                self._identities.clear()
+            self._identities[topic] = ident
         telemetry = parse_telemetry(
             raw,
             feature=fields.get("feature"),
