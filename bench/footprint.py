@@ -226,6 +226,14 @@ class Publishers:
 
 
 # --------------------------------------------------------------------- the WebSocket client
+def published(ev: dict[str, Any]) -> tuple[str, float] | None:
+    """("thing/feature", publish time) of a StateChanged event the publishers stamped, else None."""
+    if ev.get("event") != "StateChanged":
+        return None
+    t_pub = ev.get("properties", {}).get("t_pub")
+    return None if t_pub is None else (ev["thingId"] + "/" + ev["feature"], t_pub)
+
+
 @dataclass
 class Watcher:
     """Subscribed to everything: publish → receive delays, and each message's (thing, t_pub) once."""
@@ -235,13 +243,11 @@ class Watcher:
     doubled: int = 0
 
     def on_event(self, ev: dict[str, Any]) -> None:
-        if ev.get("event") != "StateChanged":
-            return
-        t_pub = ev.get("properties", {}).get("t_pub")
-        if t_pub is None:
+        key = published(ev)
+        if key is None:
             return
         now = time.time()
-        key = (ev["thingId"] + "/" + ev["feature"], t_pub)
+        t_pub = key[1]
         if key in self.seen:
             self.doubled += 1
         self.seen.add(key)

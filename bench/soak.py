@@ -52,6 +52,7 @@ from footprint import (
     gateway,
     memory_kib,
     metric,
+    published,
     websocket,
 )
 
@@ -94,12 +95,10 @@ class Follower:
     last: dict[str, float] = field(default_factory=dict)
 
     def on_event(self, ev: dict[str, Any]) -> None:
-        if ev.get("event") != "StateChanged":
+        stamped = published(ev)
+        if stamped is None:
             return
-        t_pub = ev.get("properties", {}).get("t_pub")
-        if t_pub is None:
-            return
-        key = ev["thingId"] + "/" + ev["feature"]
+        key, t_pub = stamped
         if t_pub <= self.last.get(key, 0.0):
             self.doubled += 1
         else:
