@@ -114,16 +114,22 @@ async def metric(http: aiohttp.ClientSession, url: str, name: str) -> float:
     return float(m.group(1)) if m else 0.0
 
 
-async def wait_accepted(http: aiohttp.ClientSession, url: str, target: float, timeout: float) -> float:
-    """Wait until the gateway has applied `target` messages; returns when it did."""
+async def wait_metric(http: aiohttp.ClientSession, url: str, name: str, target: float, timeout: float,
+                      what: str) -> float:
+    """Wait until the gateway's counter `name` reaches `target`; returns when it did."""
     deadline = time.perf_counter() + timeout
     while True:
-        got = await metric(http, url, ACCEPTED)
+        got = await metric(http, url, name)
         if got >= target:
             return time.perf_counter()
         if time.perf_counter() > deadline:
-            raise SystemExit(f"gateway applied {got:.0f} of {target:.0f} messages in {timeout} s")
+            raise SystemExit(f"gateway {what} {got:.0f} of {target:.0f} in {timeout} s")
         await asyncio.sleep(0.05)
+
+
+async def wait_accepted(http: aiohttp.ClientSession, url: str, target: float, timeout: float) -> float:
+    """Wait until the gateway has applied `target` messages; returns when it did."""
+    return await wait_metric(http, url, ACCEPTED, target, timeout, "applied messages:")
 
 
 async def publish_files(port: int, files: list[tuple[str, Path]]) -> float:

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import random
 import statistics
@@ -33,6 +32,7 @@ from harness import (
     publish_files,
     run,
     wait_accepted,
+    wait_metric,
 )
 from prometheus_client import CollectorRegistry
 
@@ -150,10 +150,8 @@ async def ingest_cpu(tmp: Path, port: int, oee: bool, messages: int, ovens: int)
         await publish_files(port, files)
         done = await wait_accepted(http, gw.url, before + per * ovens, timeout=600)
         if oee:  # the tracker takes the readings in its own rounds, a moment after ingest accepted them
-            deadline = time.monotonic() + 60
-            while (tracked := await metric(http, gw.url, "egiz_oee_readings_total")) < per * ovens * 0.99:
-                assert time.monotonic() < deadline, f"the tracker took {tracked:.0f} of {per * ovens} readings"
-                await asyncio.sleep(0.2)
+            await wait_metric(http, gw.url, "egiz_oee_readings_total", per * ovens * 0.99, 60,
+                              "OEE tracker took readings:")
         cpu = sum(gw.process.cpu_times()[:2]) - cpu0
     return cpu / (per * ovens) * 1000, per * ovens / (done - t0)
 
