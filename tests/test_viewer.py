@@ -300,7 +300,13 @@ def test_oee_tiles_match_the_api_and_an_operator_sets_a_downtime_reason(demo: di
     events = get(f"{demo['gateway']}/api/v1/oee/events?scope=machine&id={OVEN}&state=changeover")["items"]
     saved = next(e for e in events if e["id"] == event_id)
     assert (saved["reason"], saved["note"]) == ("recipe_change", "croissant to simit")
-    wait_until("the Pareto names it", lambda: "recipe_change" in (gw.get_attribute("#pareto", "data-reasons") or ""))
+    # the Pareto counts stops in planned time: a changeover made during the calendar's break is not among them
+    if saved["plannedS"] > 0:
+        wait_until("the Pareto names it",
+                   lambda: "recipe_change" in (gw.get_attribute("#pareto", "data-reasons") or ""))
+    else:
+        pareto = get(f"{demo['gateway']}/api/v1/downtime?scope=line&id={LINE}")["pareto"]
+        assert "recipe_change" not in [p["reason"] for p in pareto], pareto
     gw.screenshot(path=str(SHOTS / "11-reason-set.png"))
 
     # the aggregator draws the same bands from what the gateway forwarded; reasons are set at the gateway
