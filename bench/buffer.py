@@ -1,8 +1,8 @@
 """Buffer benchmark: prints one JSON line per figure (see DESIGN.md for the targets).
 
-On a real DuckDB file: append points/s through the ingest path (flatten, series ids, Arrow group
-commit), history for 24 h of one 1 Hz property (86,400 raw points, and 1-minute buckets) out of a
-line's day, answered as the API answers (JSON), and bytes per point on disk.
+On a real DuckDB file: append points/s through the ingest path (flatten, series ids, group commit
+of NumPy columns), history for 24 h of one 1 Hz property (86,400 raw points, and 1-minute buckets)
+out of a line's day, answered as the API answers (JSON), and bytes per point on disk.
 
     python bench/buffer.py [--series 40] [--quick]
 """

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import aiohttp
@@ -14,19 +16,44 @@ import aiomqtt
 import pytest
 
 from gateway.memory import budget, check_budget, duckdb_limit_mb, machine_memory_mb
-from tests.helpers import VIEWER_KEY, auth, telemetry, wait_for
+from tests.helpers import VIEWER_KEY, auth, gateway_process, telemetry, topic, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+LAZY = ("scipy.stats", "scipy.optimize", "onnxruntime", "sklearn", "pandas", "pyarrow", "zeroconf", "cryptography",
+        "asyncua", "snap7", "pymodbus", "pint")
+
+
 def test_a_gateway_starts_without_the_libraries_only_some_features_need() -> None:
     # scipy.stats (remaining useful life) alone is about 90 MiB resident; ONNX Runtime is for models,
-    # scikit-learn for training. None of them may be loaded by the service itself.
-    code = ("import sys, gateway.cli, gateway.service; "
-            "print(sorted(m for m in ('scipy.stats', 'scipy.optimize', 'onnxruntime', 'sklearn', 'pandas') "
-            "if m in sys.modules))")
+    # scikit-learn for training, pyarrow (about 28 MiB) for the uplink and history exports, zeroconf for
+    # discovery, cryptography for TLS and signed models, the PLC libraries for connectors. None of them
+    # may be loaded by the service itself.
+    code = f"import sys, gateway.cli, gateway.service; print(sorted(m for m in {LAZY!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+async def test_a_gateway_stores_readings_without_loading_arrow(tmp_path: Path, mosquitto) -> None:
+    # The buffer's commits hand DuckDB NumPy columns; Arrow's libraries stay out of a gateway without an
+    # uplink even after it has stored points (they would show in its memory map).
+    gw = gateway_process(tmp_path, mosquitto[1])
+    async with gw.run() as proc, aiohttp.ClientSession() as http, aiomqtt.Client(*mosquitto) as client:
+        for seq in range(1, 21):
+            await client.publish(topic(gw.site, "oven-1"), telemetry(seq, {"temperature": 180.0 + seq,
+                                                                           "state": "baking"}), qos=1)
+        deadline = time.monotonic() + 60
+        while True:
+            async with http.get(gw.url + "/metrics") as r:
+                m = re.search(r"^egiz_buffer_points_total (\S+)$", await r.text(), re.M)
+            if m and float(m.group(1)) >= 40:
+                break
+            assert time.monotonic() < deadline, "the gateway did not commit the readings"
+            await asyncio.sleep(0.1)
+        maps = await asyncio.to_thread(Path(f"/proc/{proc.pid}/maps").read_text)
+    assert "duckdb" in maps  # the check can see what the process loaded
+    assert "arrow" not in maps
 
 
 def test_duckdb_memory_is_sized_to_the_machine(tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
 """TelemetryBuffer: group commit into DuckDB, broker acknowledgements after commit, housekeeping.
 
 Ingest hands every accepted sample to `add()` and every received QoS 1 message to `ack_later()`.
-One writer task commits what is pending as one Arrow batch when the inflow pauses
+One writer task commits what is pending as one batch when the inflow pauses
 (`commit_idle_ms`), when the oldest pending point is `commit_interval_ms` old, or when
 `commit_max_points` are pending; only then are the messages of that batch acknowledged to the
 broker, in the order they arrived. A crash before the commit leaves them unacknowledged, so the
@@ -21,9 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
-
-import pyarrow as pa
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from gateway.buffer.points import Deadband, PointBatch, deadband_for, sample_points
 from gateway.buffer.store import BufferStore, Maintenance, OpenState, directory_bytes
@@ -33,6 +31,9 @@ from gateway.common.tasks import cancel_and_wait
 from gateway.config import GatewayConfig
 from gateway.memory import duckdb_limit_mb, machine_memory_mb
 from gateway.metrics import GatewayMetrics
+
+if TYPE_CHECKING:
+    import pyarrow as pa  # the outbox and history reads only: not loaded unless they run
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

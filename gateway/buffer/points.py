@@ -2,7 +2,7 @@
 
 A point is one flattened property value (`temperature`, `voltage.a`, `temperature_zones[1]`) of one
 Thing's feature at one device time. Points are collected column by column so a commit hands DuckDB
-one Arrow batch; nothing here touches the disk.
+one batch of NumPy columns; nothing here touches the disk.
 """
 
 from __future__ import annotations
@@ -10,21 +10,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-import pyarrow as pa
+import numpy as np
 
 from gateway.common.readings import Sample
 from gateway.common.series import SeriesKey, base_name, flatten
 from gateway.config import DeadbandRule
-
-POINT_SCHEMA = pa.schema([
-    ("id", pa.int64()),
-    ("series", pa.int32()),
-    ("ts", pa.float64()),
-    ("recv", pa.float64()),
-    ("seq", pa.int64()),
-    ("value", pa.float64()),
-    ("text", pa.string()),
-])
 
 
 class Deadband:
@@ -79,20 +69,27 @@ class PointBatch:
     def __len__(self) -> int:
         return len(self.series)
 
-    def to_arrow(self, first_id: int) -> pa.Table:
+    def columns(self, first_id: int) -> dict[str, np.ndarray]:
+        """The points as the columns of the `points` table (id, series, ts, recv, seq, value, text), for
+        DuckDB to read in one scan. A missing seq, value or text is NULL."""
         n = len(self.series)
-        return pa.table(
-            [
-                pa.array(range(first_id, first_id + n), pa.int64()),
-                pa.array(self.series, pa.int32()),
-                pa.array(self.ts, pa.float64()),
-                pa.array(self.recv, pa.float64()),
-                pa.array(self.seq, pa.int64()),
-                pa.array(self.value, pa.float64()),
-                pa.array(self.text, pa.string()),
-            ],
-            schema=POINT_SCHEMA,
-        )
+        return {
+            "id": np.arange(first_id, first_id + n, dtype=np.int64),
+            "series": np.array(self.series, np.int32),
+            "ts": np.array(self.ts, np.float64),
+            "recv": np.array(self.recv, np.float64),
+            "seq": nullable_int64(self.seq),
+            "value": np.array(self.value, np.float64),  # None becomes NaN, which DuckDB reads as NULL
+            "text": np.array(self.text, object),
+        }
+
+
+def nullable_int64(values: list[int | None]) -> np.ndarray:
+    """64-bit integers with None as a masked (NULL) element."""
+    if None not in values:
+        return np.array(values, np.int64)
+    return np.ma.masked_array([0 if v is None else v for v in values], mask=[v is None for v in values],
+                              dtype=np.int64)
 
 
 def sample_points(sample: Sample) -> Iterator[tuple[str, float | None, str | None]]:

@@ -3,7 +3,7 @@ sequence marks and the outbox), as plain blocking methods.
 
 The async side (`TelemetryBuffer`) calls the write methods from one writer thread and the read
 methods from reader threads, each with its own cursor; DuckDB's MVCC keeps readers consistent while
-the writer commits. Points are appended as Arrow batches in one transaction together with the new
+the writer commits. Points are appended as batches of NumPy columns in one transaction together with the new
 series and the per-device sequence marks, so after a crash the stored points and the "already
 stored" marks always agree: that is what makes redelivered messages safe to drop.
 """
@@ -15,14 +15,17 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
-import pyarrow as pa
+import numpy as np
 
-from gateway.buffer.points import PointBatch
+from gateway.buffer.points import PointBatch, nullable_int64
 from gateway.common.pointfile import ROLLUPS, PointFile
 from gateway.common.series import SeriesKey
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +76,8 @@ class BufferStore(PointFile):
     def commit(self, batch: PointBatch, first_id: int) -> None:
         """New series, points and sequence marks in one transaction: all or nothing.
 
-        A commit runs about ten times a second, so its fixed cost is most of what the buffer
-        costs: the Arrow tables are read by name from this function's locals (DuckDB's
+        A commit runs a few times a second, so its fixed cost is most of what the buffer costs: the
+        columns (dicts of NumPy arrays) are read by name from this function's locals (DuckDB's
         replacement scan; registering and unregistering a view costs about as much as the insert),
         and the mark of a (Thing, boot) that already has a row is updated in place rather than
         deleted and inserted again.
@@ -83,18 +86,18 @@ class BufferStore(PointFile):
         marked = self._marked
         known = [k for k in batch.seq_marks if k in marked]
         new = [k for k in batch.seq_marks if k not in marked]
-        egiz_points = batch.to_arrow(first_id) if batch.series else None  # noqa: F841 (read by the SQL below)
+        egiz_points = batch.columns(first_id) if batch.series else None  # noqa: F841 (read by the SQL below)
         egiz_known = _marks_table(batch, known) if known else None  # noqa: F841 (read by the SQL below)
         egiz_new = _marks_table(batch, new) if new else None  # noqa: F841 (read by the SQL below)
         if batch.new_series:  # many at once when Things register: 10k Things bring 80k series
-            egiz_series = pa.table({  # noqa: F841 (read by the SQL below)
-                "id": pa.array([i for i, _k, _t, _n in batch.new_series], pa.int32()),
-                "thing_id": [k.thing_id for _i, k, _t, _n in batch.new_series],
-                "type": [t for _i, _k, t, _n in batch.new_series],
-                "feature": [k.feature for _i, k, _t, _n in batch.new_series],
-                "path": [k.path for _i, k, _t, _n in batch.new_series],
-                "numeric": pa.array([n for _i, _k, _t, n in batch.new_series], pa.bool_()),
-            })
+            egiz_series = {  # noqa: F841 (read by the SQL below)
+                "id": np.array([i for i, _k, _t, _n in batch.new_series], np.int32),
+                "thing_id": np.array([k.thing_id for _i, k, _t, _n in batch.new_series], object),
+                "type": np.array([t for _i, _k, t, _n in batch.new_series], object),
+                "feature": np.array([k.feature for _i, k, _t, _n in batch.new_series], object),
+                "path": np.array([k.path for _i, k, _t, _n in batch.new_series], object),
+                "numeric": np.array([n for _i, _k, _t, n in batch.new_series], np.bool_),
+            }
         con.execute("BEGIN")
         try:
             if batch.new_series:
@@ -190,16 +193,16 @@ class BufferStore(PointFile):
         ).fetchall()
 
 
-def _marks_table(batch: PointBatch, keys: list[tuple[str, str]]) -> pa.Table:
+def _marks_table(batch: PointBatch, keys: list[tuple[str, str]]) -> dict[str, np.ndarray]:
     """Sequence marks of some (Thing, boot)s: the highest seq and the anti-replay bitmap as bytes."""
     marks = batch.seq_marks
     tops = [marks[k] for k in keys]
-    return pa.table({
-        "thing_id": [t for t, _ in keys],
-        "boot": [b for _, b in keys],
-        "seq": pa.array([top for top, _ in tops], pa.int64()),
-        "seen": pa.array([seen.to_bytes((seen.bit_length() + 7) // 8, "little") for _, seen in tops], pa.binary()),
-    })
+    return {
+        "thing_id": np.array([t for t, _ in keys], object),
+        "boot": np.array([b for _, b in keys], object),
+        "seq": nullable_int64([top for top, _ in tops]),
+        "seen": np.array([seen.to_bytes((seen.bit_length() + 7) // 8, "little") for _, seen in tops], object),
+    }
 
 
 def directory_bytes(path: Path) -> int:

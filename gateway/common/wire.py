@@ -10,22 +10,24 @@ value exactly, or refuses the batch with a reason.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import struct
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.ipc as ipc
 
 from gateway.common.names import THING_ID_RE
 from gateway.common.readings import loads_strict
 from gateway.common.timefmt import parse_iso
+
+if TYPE_CHECKING:  # pyarrow is loaded by the codec's functions only: a gateway without an uplink never needs it
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
 
 D = TypeVar("D")
 FORMAT = "egiz-batch/1"
@@ -360,7 +362,7 @@ class Batch:
     first_id: int
     last_id: int
     series: list[tuple[str, str, str]]  # (thing_id, feature, path) of each series index used by the points
-    points: pa.Table  # series (index into `series`), ts, recv, seq, value, text (see POINTS)
+    points: pa.Table  # series (index into `series`), ts, recv, seq, value, text (see `points_schema`)
     things: list[ThingDoc] = field(default_factory=list)  # Thing documents (newest state)
     deleted: list[str] = field(default_factory=list)
     backlog: dict[str, float] = field(default_factory=dict)  # points, bytes, age_s
@@ -370,10 +372,15 @@ class Batch:
     oee_events: list[OeeEventDoc] = field(default_factory=list)  # machine state events changed since then
 
 
-POINTS = pa.schema([
-    ("series", pa.int32()), ("ts", pa.float64()), ("recv", pa.float64()), ("seq", pa.int64()),
-    ("value", pa.float64()), ("text", pa.string()),
-])
+@functools.cache
+def points_schema() -> pa.Schema:
+    """The columns of a decoded batch's points."""
+    import pyarrow as pa
+
+    return pa.schema([
+        ("series", pa.int32()), ("ts", pa.float64()), ("recv", pa.float64()), ("seq", pa.int64()),
+        ("value", pa.float64()), ("text", pa.string()),
+    ])
 
 
 def _exact_scale(values: np.ndarray) -> int | None:
@@ -397,6 +404,9 @@ def _deltas(a: np.ndarray) -> np.ndarray:
 
 def encode(batch: Batch) -> bytes:
     """Batch → bytes (Arrow IPC stream, zstd)."""
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
     t = batch.points
     n = t.num_rows
     series = t.column("series").to_numpy().astype(np.int32) if n else np.array([], np.int32)
@@ -454,6 +464,8 @@ def decode(data: bytes, now: float | None = None) -> Batch:
     gigabytes (a decompression bomb) is refused having cost nothing. Device times must lie between
     2000-01-01 and `now` (default: the clock) plus `MAX_AHEAD_S`.
     """
+    import pyarrow as pa
+
     table = _read_limited(data)
     meta = table.schema.metadata or {}
     try:
@@ -520,7 +532,7 @@ def decode(data: bytes, now: float | None = None) -> Batch:
         "ts": pa.array(ts_ms / 1000.0, pa.float64()), "recv": pa.array(recv_ms / 1000.0, pa.float64()),
         "seq": pa.array(seq, pa.int64(), mask=seq_null), "value": pa.array(value, pa.float64(), mask=~is_num),
         "text": text,
-    }, schema=POINTS)
+    }, schema=points_schema())
     keys = [(k[0], k[1], k[2]) for k in series]
     periods, events = _oee(header.get("oee"))
     return Batch(header["gateway_id"], header["batch_seq"], header["site"], header["line"], header["first_id"],
@@ -570,6 +582,8 @@ def _each(docs: list[Any], parse: Callable[[Any], D], key: str) -> list[D]:
 
 
 def _int_column(table: pa.Table, name: str) -> np.ndarray:
+    import pyarrow as pa
+
     col = table.column(name)
     if not pa.types.is_integer(col.type) or col.null_count:
         raise WireError("bad_columns", f"{name} must be integers without nulls")
@@ -624,6 +638,9 @@ def _bad_string(value: Any) -> str | None:
 
 def _check_texts(text: pa.ChunkedArray, sid: np.ndarray, series: list[Any]) -> None:
     """Text values are valid UTF-8 without NUL, or a WireError naming the Thing of the first bad one."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     try:
         text.validate(full=True)
     except pa.ArrowInvalid:
@@ -654,6 +671,9 @@ def _check_times(ts_ms: np.ndarray, recv_ms: np.ndarray, sid: np.ndarray, series
 def _read_limited(data: bytes) -> pa.Table:
     """The stream's record batches, each checked against MAX_POINTS and MAX_COLUMN_BYTES (rows and
     decompressed sizes as its metadata declares them) before it is decompressed."""
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
     try:
         messages = ipc.MessageReader.open_stream(pa.BufferReader(data))
         try:
