@@ -187,12 +187,11 @@ DOC = {"id": "a-1", "thingId": "s:oven-001", "anomalyType": "threshold", "state"
 
 
 def _batch(doc: dict[str, Any]) -> bytes:
-    import pyarrow as pa
 
-    from gateway.common.wire import POINTS, AnomalyDoc, Batch, encode
+    from gateway.common.wire import AnomalyDoc, Batch, encode, points_schema
 
     parsed = AnomalyDoc(doc["id"], doc["thingId"], "open", "critical", 0.0, 0.0, doc)  # sent as it is
-    return encode(Batch("gw", 1, "s", "line-a", 0, 0, [], pa.table({n: [] for n in POINTS.names}, schema=POINTS),
+    return encode(Batch("gw", 1, "s", "line-a", 0, 0, [], points_schema().empty_table(),
                         anomalies=[parsed]))
 
 

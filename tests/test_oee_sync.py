@@ -122,13 +122,12 @@ async def test_site_oee_is_the_time_weighted_combination_of_its_lines(
 
 
 def test_oee_records_travel_in_the_batch_and_are_checked() -> None:
-    import pyarrow as pa
 
-    from gateway.common.wire import OEE_FIELDS, POINTS, WireError
+    from gateway.common.wire import OEE_FIELDS, WireError, points_schema
 
     period = OeePeriodDoc("s:m-1", "line-a", 3600.0, "2026-12-07", "early", True,
                           dict.fromkeys(OEE_FIELDS, 1.0), 10.0)
-    batch = Batch("gw", 1, "s", "line-a", 0, 0, [], pa.table({n: [] for n in POINTS.names}, schema=POINTS),
+    batch = Batch("gw", 1, "s", "line-a", 0, 0, [], points_schema().empty_table(),
                   oee_periods=[period])
     assert decode(encode(batch)).oee_periods == [period]
     assert decode(encode(Batch("gw", 1, "s", "line-a", 0, 0, [], batch.points))).oee_periods == []

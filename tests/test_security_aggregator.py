@@ -20,7 +20,7 @@ import pytest
 
 from cloud_sync.aggregator import Aggregator
 from gateway.broker import find_free_port
-from gateway.common.wire import POINTS, AnomalyDoc, Batch, ThingDoc, encode
+from gateway.common.wire import AnomalyDoc, Batch, ThingDoc, encode, points_schema
 from tests.helpers import (
     ADMIN_KEY,
     EGIZ,
@@ -94,7 +94,7 @@ def batch(gateway: str, seq: int, site: str, line: str, *, points: dict[str, lis
     table = pa.table({"series": pa.array(rows["series"], pa.int32()), "ts": pa.array(rows["ts"], pa.float64()),
                       "recv": pa.array([t + 0.01 for t in rows["ts"]], pa.float64()),
                       "seq": pa.array(rows["seq"], pa.int64()), "value": pa.array(rows["value"], pa.float64()),
-                      "text": pa.nulls(n, pa.string())}, schema=POINTS)
+                      "text": pa.nulls(n, pa.string())}, schema=points_schema())
     return encode(Batch(gateway, seq, site, line, 0, n, series, table,
                         [ThingDoc.parse(d) for d in things or []], deleted or [], {}, NOW,
                         [AnomalyDoc.parse(a) for a in anomalies or []]))
@@ -369,7 +369,7 @@ async def test_a_batch_spanning_many_days_creates_only_the_partitions_it_needs_a
         ts = [NOW] * 20 + [NOW - d * 86400 for d in range(1, 41)]
         table = pa.table({"series": pa.array([0] * 20 + [1] * 40, pa.int32()), "ts": ts, "recv": ts,
                           "seq": list(range(60)), "value": [1.0] * 60, "text": pa.nulls(60, pa.string())},
-                         schema=POINTS)
+                         schema=points_schema())
         status, err = await post(http, agg, encode(Batch("gw-a", 3, site, "line-1", 0, 60, series, table)), TOKEN)
         assert (status, err["error"], err["thingIds"]) == (400, "too_many_partitions", [stray])
         assert partitions() == 2 and agg.store.point_count() == 2

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pytest
 
 from gateway.broker import find_free_port
-from gateway.common.wire import POINTS, Batch, encode
+from gateway.common.wire import Batch, encode, points_schema
 from tests.helpers import (
     ADMIN_KEY,
     EGIZ,
@@ -90,7 +90,7 @@ async def test_a_gateway_writes_only_its_own_site_and_line(tmp_path: Path,
 
     def batch(gateway: str, site: str, line: str, thing: str, seq: int = 1) -> bytes:
         pts = pa.table({"series": pa.array([0], pa.int32()), "ts": [1.7e9], "recv": [1.7e9], "seq": [1],
-                        "value": [1.0], "text": pa.nulls(1, pa.string())}, schema=POINTS)
+                        "value": [1.0], "text": pa.nulls(1, pa.string())}, schema=points_schema())
         return encode(Batch(gateway, seq, site, line, 0, 1, [(thing, "f", "p")], pts))
 
     async with aiohttp.ClientSession() as http:
@@ -129,7 +129,7 @@ async def test_a_gateway_clock_minutes_off_keeps_device_and_receive_times(
     ts = now - np.arange(10)[::-1]
     pts = pa.table({"series": pa.array([0] * 10, pa.int32()), "ts": ts, "recv": ts + skew + 0.01,
                     "seq": np.arange(1, 11), "value": np.arange(10.0), "text": pa.nulls(10, pa.string())},
-                   schema=POINTS)
+                   schema=points_schema())
     body = encode(Batch("gw-a", 1, "site-a", "line-1", 0, 10, [("site-a:m", "f", "v")], pts, sent_at=now + skew))
     async with aiohttp.ClientSession() as http:
         async with http.post(f"http://127.0.0.1:{agg.http_port}/api/v1/ingest/batches", data=body,

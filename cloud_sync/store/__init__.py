@@ -6,7 +6,7 @@ code on the gateway and on the aggregator (`gateway.common.history`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -43,9 +43,9 @@ class AggregatorStore(Protocol):
     """What the aggregator needs of a backend. Blocking; called from worker threads."""
 
     @property
-    def numeric_series(self) -> set[int]: ...
+    def numeric_series(self) -> Collection[int]: ...
     @property
-    def series_keys(self) -> dict[int, tuple[SeriesKey, str]]: ...
+    def series_keys(self) -> Mapping[int, tuple[SeriesKey, str]]: ...
 
     def open(self) -> None: ...
     def close(self) -> None: ...

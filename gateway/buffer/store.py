@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -69,7 +70,7 @@ class BufferStore(PointFile):
             self.con.execute(stmt)
         marks = [(t, b, int(s), float(u), None if w is None else int.from_bytes(w, "little")) for t, b, s, u, w in
                  self.con.execute("SELECT thing_id, boot, seq, updated, seen FROM seq_state").fetchall()]
-        self._marked = {(t, b) for t, b, _s, _u, _w in marks}
+        self._marked = {(sys.intern(t), sys.intern(b)) for t, b, _s, _u, _w in marks}
         return OpenState(series, marks, self.high_id() + 1)
 
     # ----------------------------------------------------------------- writes (writer thread)
@@ -133,7 +134,8 @@ class BufferStore(PointFile):
             "(SELECT thing_id, boot, row_number() OVER (PARTITION BY thing_id ORDER BY updated DESC) AS r "
             f"FROM seq_state) WHERE r > {MAX_BOOTS_PER_THING})"
         )
-        self._marked = {(t, b) for t, b in con.execute("SELECT thing_id, boot FROM seq_state").fetchall()}
+        self._marked = {(sys.intern(t), sys.intern(b))  # the Things' and boots' names, not a copy per mark
+                        for t, b in con.execute("SELECT thing_id, boot FROM seq_state").fetchall()}
         return raw, rolled
 
     def drop_oldest(self, count: int, max_id: int | None, *, synced_id: int | None = None) -> tuple[int, int]:

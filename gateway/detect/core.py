@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -169,7 +170,7 @@ class DetectorCore:
         stats = self.stats
         groups: dict[str, list[tuple[str, float, float, float]]] | None = None
         for path, x in numeric.items():
-            key = f"{feature}/{path}"
+            key = sys.intern(f"{feature}/{path}")  # one string per name, not one per Thing and reading
             t.values[key] = x
             if self._ignore(path):
                 continue

@@ -10,6 +10,8 @@ amount, so an anomaly does not become the new normal while it lasts.
 from __future__ import annotations
 
 import math
+import sys
+from array import array
 from dataclasses import dataclass
 
 CHART_LAMBDA = 0.2  # weight of the newest reading in the control chart's statistic
@@ -51,49 +53,70 @@ def group_of(key: str) -> str | None:
     return None
 
 
-class PropertyStats:
-    """EW mean/variance (fast and slow) and the control chart's statistic of one property."""
+# One property's state: 8 doubles in a row of an `array("d")` (no Python object or float per number:
+# a gateway with 10,000 Things keeps some 100,000 of them)
+N, MEAN, VAR, BASE, BASE_VAR, CHART, WORST_Z, WORST_C = range(8)
+WIDTH = 8
 
-    __slots__ = ("base", "base_var", "chart", "mean", "n", "var", "worst_c", "worst_z")
+
+def update_row(a: array[float], o: int, x: float, s: StatsSettings) -> tuple[float, float]:
+    """Take one reading into the row at `a[o:o + WIDTH]`: EW mean/variance (fast and slow) and the control
+    chart's statistic. Returns (z against the rolling window, chart deviation in control limits)."""
+    n, mean, var, base, base_var, chart, worst_z, worst_c = a[o:o + WIDTH]
+    if n == 0:
+        a[o + N], a[o + MEAN], a[o + BASE], a[o + CHART] = 1.0, x, x, x
+        return 0.0, 0.0
+    # Until a window is full its average is the plain cumulative one, so early limits are not too tight.
+    a_ = max(2.0 / (s.span + 1), 1.0 / (n + 1))
+    b = max(2.0 / (s.baseline_span + 1), 1.0 / (n + 1))
+    floor = 0.005 + 1e-4 * abs(base)  # sensors report to 2-3 decimals: no infinitely tight limits
+    sd = max(math.sqrt(var), floor)
+    base_sd = max(math.sqrt(base_var), floor)
+    r = x - mean
+    z = r / sd
+    chart += CHART_LAMBDA * (x - chart)
+    dev = (chart - base) / (s.chart_limit * base_sd * CHART_SCALE)
+    warm = n >= s.warmup
+    if warm:  # learn at most CLIP sd from an outlier: a fault's first readings must not widen the limits
+        r = max(-CLIP * sd, min(CLIP * sd, r))
+    mean += a_ * r
+    var = (1 - a_) * (var + a_ * r * r)
+    rb = x - base
+    if warm:
+        rb = max(-CLIP * base_sd, min(CLIP * base_sd, rb))
+    base += b * rb
+    base_var = (1 - b) * (base_var + b * rb * rb)
+    n += 1
+    if warm and n <= s.warmup + s.learn:  # what normal looks like, for limits when no model calibrated them
+        worst_z = max(worst_z, abs(z))
+        worst_c = max(worst_c, abs(dev))
+    a[o:o + WIDTH] = array("d", (n, mean, var, base, base_var, chart, worst_z, worst_c))
+    return (z, dev) if warm else (0.0, 0.0)
+
+
+class PropertyStats:
+    """The statistics of one property on their own (model training runs them per Thing and property)."""
+
+    __slots__ = ("_row",)
 
     def __init__(self) -> None:
-        self.n = 0
-        self.mean = self.var = self.base = self.base_var = self.chart = 0.0
-        self.worst_z = self.worst_c = 0.0
+        self._row = array("d", bytes(8 * WIDTH))
+
+    @property
+    def n(self) -> int:
+        return int(self._row[N])
+
+    @property
+    def mean(self) -> float:
+        return self._row[MEAN]
+
+    @property
+    def base(self) -> float:
+        return self._row[BASE]
 
     def update(self, x: float, s: StatsSettings) -> tuple[float, float]:
         """Take one reading; return (z against the rolling window, chart deviation in control limits)."""
-        if self.n == 0:
-            self.n = 1
-            self.mean = self.base = self.chart = x
-            return 0.0, 0.0
-        # Until a window is full its average is the plain cumulative one, so early limits are not too tight.
-        a = max(2.0 / (s.span + 1), 1.0 / (self.n + 1))
-        b = max(2.0 / (s.baseline_span + 1), 1.0 / (self.n + 1))
-        floor = 0.005 + 1e-4 * abs(self.base)  # sensors report to 2-3 decimals: no infinitely tight limits
-        sd = max(math.sqrt(self.var), floor)
-        base_sd = max(math.sqrt(self.base_var), floor)
-        r = x - self.mean
-        z = r / sd
-        self.chart += CHART_LAMBDA * (x - self.chart)
-        dev = (self.chart - self.base) / (s.chart_limit * base_sd * CHART_SCALE)
-        warm = self.n >= s.warmup
-        if warm:  # learn at most CLIP sd from an outlier: a fault's first readings must not widen the limits
-            r = max(-CLIP * sd, min(CLIP * sd, r))
-        self.mean += a * r
-        self.var = (1 - a) * (self.var + a * r * r)
-        rb = x - self.base
-        if warm:
-            rb = max(-CLIP * base_sd, min(CLIP * base_sd, rb))
-        self.base += b * rb
-        self.base_var = (1 - b) * (self.base_var + b * rb * rb)
-        self.n += 1
-        if not warm:
-            return 0.0, 0.0
-        if self.n <= s.warmup + s.learn:  # what normal looks like, for limits when no model calibrated them
-            self.worst_z = max(self.worst_z, abs(z))
-            self.worst_c = max(self.worst_c, abs(dev))
-        return z, dev
+        return update_row(self._row, 0, x, s)
 
 
 class StatsTier:
@@ -104,7 +127,9 @@ class StatsTier:
 
     def __init__(self, settings: StatsSettings) -> None:
         self.settings = settings
-        self._props: dict[tuple[str, str], PropertyStats] = {}
+        self._rows = array("d")  # WIDTH numbers per property (see update_row)
+        self._index: dict[str, dict[str, int]] = {}  # Thing → property → offset of its row
+        self._free: list[int] = []  # rows of forgotten Things, for reuse
         self.limits: dict[tuple[str, str], tuple[float, float]] = {}
         self.group_limits: dict[tuple[str, str], float] = {}
 
@@ -134,27 +159,42 @@ class StatsTier:
         return StatHit(key, value, usual, joint, min(1.0, score), False)
 
     def __len__(self) -> int:
-        return len(self._props)
+        return sum(len(props) for props in self._index.values())
 
     def forget(self, thing_id: str) -> None:
-        for k in [k for k in self._props if k[0] == thing_id]:
-            del self._props[k]
+        for o in self._index.pop(thing_id, {}).values():
+            self._rows[o:o + WIDTH] = array("d", bytes(8 * WIDTH))
+            self._free.append(o)
+
+    def _row(self, thing_id: str, key: str) -> int:
+        props = self._index.get(thing_id)
+        if props is None:
+            props = self._index[thing_id] = {}
+        o = props.get(key)
+        if o is None:
+            if self._free:
+                o = self._free.pop()
+            else:
+                o = len(self._rows)
+                self._rows.extend((0.0,) * WIDTH)
+            props[sys.intern(key)] = o
+        return o
 
     def update(self, thing_id: str, key: str, x: float, thing_type: str = "") -> tuple[StatHit | None, float, float]:
         """Take one reading: (a StatHit when the property is at least half-way to its limits, its z, its usual)."""
-        p = self._props.get((thing_id, key))
-        if p is None:
-            p = self._props[(thing_id, key)] = PropertyStats()
-        usual, base = p.mean, p.base
+        o = self._row(thing_id, key)
+        a = self._rows
+        usual, base = a[o + MEAN], a[o + BASE]
         s = self.settings
-        z, dev = p.update(x, s)
+        z, dev = update_row(a, o, x, s)
         limits = self.limits.get((thing_type, key))
         if limits is not None:
             z_limit, chart_limit = limits
-        elif p.n <= s.warmup + s.learn:
+        elif a[o + N] <= s.warmup + s.learn:
             return None, z, usual  # still learning this property's normal range
         else:
-            z_limit, chart_limit = max(s.z_limit, LEARN_MARGIN * p.worst_z), max(1.0, LEARN_MARGIN * p.worst_c)
+            z_limit, chart_limit = (max(s.z_limit, LEARN_MARGIN * a[o + WORST_Z]),
+                                    max(1.0, LEARN_MARGIN * a[o + WORST_C]))
         zs = abs(z) / z_limit
         cs = abs(dev) / chart_limit
         score = 0.5 * max(zs, cs)

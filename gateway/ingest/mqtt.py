@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import struct
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -360,7 +361,7 @@ class MqttIngest:
         mapping = self._ing.devices.get(device)
         equipment = mapping.thing if mapping is not None else device
         ttype = fields.get("type") or (mapping.type if mapping is not None and mapping.type else None)
-        thing_id = f"{self._site}:{equipment}"
+        thing_id = sys.intern(f"{self._site}:{equipment}")  # one string for the Thing's topics
         if not THING_ID_RE.match(thing_id):
             raise RejectedMessage("bad_name", f"equipment id {equipment[:64]!r} is not allowed")
         if ttype is not None and not TYPE_RE.match(ttype):

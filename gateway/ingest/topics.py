@@ -6,6 +6,7 @@ captures each placeholder from one topic level, so the hot path is a split and a
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 PLACEHOLDERS = frozenset({"site", "type", "equipment_id", "device_id", "feature", "line"})
@@ -71,7 +72,7 @@ class TopicPattern:
             value = parts[i]
             if not value or len(value) > 64 or not LEVEL_CHARS.issuperset(value):
                 return None
-            out[name] = value
+            out[name] = sys.intern(value)  # kept per topic: one string per site, type, feature, not per topic
         return out
 
     def build(self, **values: str) -> str:
