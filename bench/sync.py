@@ -32,7 +32,7 @@ from gateway.buffer.buffer import TelemetryBuffer
 from gateway.bus import EventBus
 from gateway.common.pki import init_ca, issue
 from gateway.common.readings import Sample
-from gateway.common.wire import POINTS, Batch, encode
+from gateway.common.wire import Batch, encode, points_schema
 from gateway.config import GatewayConfig, load_config
 from gateway.metrics import GatewayMetrics
 from gateway.twin.registry import TwinRegistry
@@ -118,7 +118,7 @@ def gateway_batches(i: int, batches: int, per_batch: int) -> list[bytes]:
         ts = T0 + b * (per_batch // 50) + np.repeat(np.arange(per_batch // 50), 50).astype(float)
         pts = pa.table({"series": series, "ts": ts, "recv": ts + 0.02, "seq": np.arange(per_batch) + b * per_batch,
                         "value": np.round(rng.normal(180, 3, per_batch), 2), "text": pa.nulls(per_batch, pa.string())},
-                       schema=POINTS)
+                       schema=points_schema())
         names = [(f"bench:m{i}-{k // 10}", "f", f"p{k % 10}") for k in range(50)]
         out.append(encode(Batch(f"gw-{i}", b + 1, "bench", f"line-{i}", b * per_batch, (b + 1) * per_batch, names,
                                 pts)))

@@ -12,7 +12,7 @@ import aiohttp
 import numpy as np
 import pyarrow as pa
 
-from gateway.common.wire import POINTS, Batch, encode
+from gateway.common.wire import Batch, encode, points_schema
 from tests.helpers import (
     TOKEN,
     AggregatorFactory,
@@ -31,7 +31,8 @@ def batches(gateway: str, site: str, count: int, per_batch: int) -> list[bytes]:
         seqs = np.arange(b * per_batch + 1, (b + 1) * per_batch + 1)
         ts = 1.79e9 + seqs.astype(float)
         pts = pa.table({"series": pa.array(np.zeros(per_batch, np.int32)), "ts": ts, "recv": ts + 0.01,
-                        "seq": seqs, "value": seqs * 0.5, "text": pa.nulls(per_batch, pa.string())}, schema=POINTS)
+                        "seq": seqs, "value": seqs * 0.5, "text": pa.nulls(per_batch, pa.string())},
+                       schema=points_schema())
         out.append(encode(Batch(gateway, b + 1, site, "line-1", b * per_batch, (b + 1) * per_batch,
                                 [(f"{site}:m-1", "f", "v")], pts)))
     return out
