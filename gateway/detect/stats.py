@@ -340,10 +340,9 @@ class StatsTier:
             rows = [self._one(slot, x) for slot, x in zip(slots, xs, strict=True)]
             z, usual, base, score, chart, hit = (list(column) for column in zip(*rows, strict=True))
         else:
-            at = np.array(slots, dtype=np.intp)
             with np.errstate(all="ignore"):
-                step = self._advance(at, np.array(xs, dtype=np.float64))
-                arr = self._arrays
+                step = self._advance(slots, xs)
+                at, arr = np.array(slots, dtype=np.intp), self._arrays
                 judged = _judge(self._limited[at], self._z_limit[at], self._chart_limit[at], arr.state[at, WORST_Z],
                                 arr.state[at, WORST_C], step.z, step.dev, step.n, self.settings, _Arrays)
             if not self._grouped and not judged[2].any():
@@ -368,30 +367,34 @@ class StatsTier:
                     if gh is not None:
                         self._hits.append((r.owner, r.ts, gh))
 
-    def _advance(self, slots: np.ndarray, x: np.ndarray) -> Step:
+    def _advance(self, slots: list[int], xs: list[float]) -> Step:
         """Step every reading in arrival order. A slot read k times in the batch takes part in k rounds, one
         reading a round; a round of at least VECTOR_MIN slots is one array step, the readings of smaller
         rounds (a few properties read many times: batched samples) go one by one."""
-        order = np.argsort(slots, kind="stable")
-        ordered = slots[order]
-        again = ordered[1:] == ordered[:-1]
-        if not again.any():
-            return self._arrays.step(slots, x)
-        pos = np.arange(len(slots))
-        starts = np.maximum.accumulate(np.where(np.concatenate(([True], ~again)), pos, 0))
-        rank = np.empty(len(slots), dtype=np.intp)
-        rank[order] = pos - starts  # how many readings of the same slot came before in the batch
+        at, x = np.array(slots, dtype=np.intp), np.array(xs, dtype=np.float64)
+        if len(set(slots)) == len(slots):
+            return self._arrays.step(at, x)
+        seen: dict[int, int] = {}
+        ranks = []
+        for slot in slots:  # how many readings of the same slot came before in the batch
+            k = seen[slot] = seen.get(slot, -1) + 1
+            ranks.append(k)
+        rank = np.array(ranks, dtype=np.intp)
         size = np.bincount(rank)  # slots per round, falling
+        one = self._arrays.step_one
+        if size[0] < VECTOR_MIN:  # too few properties for any round: all one by one
+            columns = zip(*(one(slot, value) for slot, value in zip(slots, xs, strict=True)), strict=True)
+            return Step(*(np.array(column) for column in columns))
         z, dev, usual, base, n = (np.empty(len(x)) for _ in range(5))
         k = 0
         while k < len(size) and size[k] >= VECTOR_MIN:
             sel = np.flatnonzero(rank == k)
-            st = self._arrays.step(slots[sel], x[sel])
+            st = self._arrays.step(at[sel], x[sel])
             z[sel], dev[sel], usual[sel], base[sel], n[sel] = st.z, st.dev, st.usual, st.base, st.n
             k += 1
-        one = self._arrays.step_one
-        for j in np.flatnonzero(rank >= k).tolist():  # arrival order: each slot's readings in order
-            z[j], dev[j], usual[j], base[j], n[j] = one(int(slots[j]), float(x[j]))
+        for j, r in enumerate(ranks):  # arrival order: each slot's readings in order
+            if r >= k:
+                z[j], dev[j], usual[j], base[j], n[j] = one(slots[j], xs[j])
         return Step(z, dev, usual, base, n)
 
     def group(self, thing_type: str, group: str, members: list[tuple[str, float, float, float]]) -> StatHit | None:
