@@ -63,7 +63,7 @@ def group_of(key: str) -> str | None:
 
 
 class _Floats:
-    """The element-wise operations of `_advance` on Python floats: one reading of one property."""
+    """The element-wise operations of `_advance` and `_judge` on Python floats: one reading of one property."""
 
     max = staticmethod(max)
     min = staticmethod(min)
@@ -77,6 +77,16 @@ class _Floats:
     @staticmethod
     def no(cond: Any) -> Any:
         return not cond
+
+    @staticmethod
+    def clip(cond: Any, x: Any, limit: Any) -> Any:
+        """`x` clipped to ±`limit` where `cond`."""
+        return max(-limit, min(limit, x)) if cond else x
+
+    @staticmethod
+    def worst(cond: Any, worst: Any, x: Any) -> Any:
+        """The larger of `worst` and |x| where `cond`."""
+        return max(worst, abs(x)) if cond else worst
 
 
 class _Arrays:
@@ -97,6 +107,14 @@ class _Arrays:
     def min(a: Any, b: Any) -> Any:
         return np.where(b < a, b, a)
 
+    @staticmethod
+    def clip(cond: Any, x: Any, limit: Any) -> Any:
+        return np.where(cond, _Arrays.max(-limit, _Arrays.min(limit, x)), x)
+
+    @staticmethod
+    def worst(cond: Any, worst: Any, x: Any) -> Any:
+        return np.where(cond, _Arrays.max(worst, np.abs(x)), worst)
+
 
 # the rows of `StatArrays.state`
 N, MEAN, VAR, BASE, BASE_VAR, CHART, WORST_Z, WORST_C = range(8)
@@ -108,26 +126,22 @@ def _advance(v: Any, x: Any, s: StatsSettings, on: Any) -> tuple[tuple[Any, ...]
     the rolling window, the chart's deviation in control limits); both are 0 during warm-up. Until a window
     is full its average is the plain cumulative one, so early limits are not too tight."""
     n, mean, var, base, base_var, chart, worst_z, worst_c = v
-    top, low, size, root, where = on.max, on.min, on.abs, on.sqrt, on.where
+    top, root, clip, where = on.max, on.sqrt, on.clip, on.where
     a = top(2.0 / (s.span + 1), 1.0 / (n + 1))
     b = top(2.0 / (s.baseline_span + 1), 1.0 / (n + 1))
-    floor = 0.005 + 1e-4 * size(base)  # sensors report to 2-3 decimals: no infinitely tight limits
+    floor = 0.005 + 1e-4 * on.abs(base)  # sensors report to 2-3 decimals: no infinitely tight limits
     sd = top(root(var), floor)
     base_sd = top(root(base_var), floor)
-    r = x - mean
-    z = r / sd
     chart = chart + CHART_LAMBDA * (x - chart)
-    dev = (chart - base) / (s.chart_limit * base_sd * CHART_SCALE)
     warm = n >= s.warmup
+    z = where(warm, (x - mean) / sd, 0.0)
+    dev = where(warm, (chart - base) / (s.chart_limit * base_sd * CHART_SCALE), 0.0)
     # once warm, learn at most CLIP sd from an outlier: a fault's first readings must not widen the limits
-    r = where(warm, top(-CLIP * sd, low(CLIP * sd, r)), r)
-    rb = x - base
-    rb = where(warm, top(-CLIP * base_sd, low(CLIP * base_sd, rb)), rb)
-    z = where(warm, z, 0.0)
-    dev = where(warm, dev, 0.0)
+    r = clip(warm, x - mean, CLIP * sd)
+    rb = clip(warm, x - base, CLIP * base_sd)
     learning = warm & (n + 1 <= s.warmup + s.learn)  # what normal looks like, for limits when no model set them
     after = (n + 1, mean + a * r, (1 - a) * (var + a * r * r), base + b * rb, (1 - b) * (base_var + b * rb * rb),
-             chart, where(learning, top(worst_z, size(z)), worst_z), where(learning, top(worst_c, size(dev)), worst_c))
+             chart, on.worst(learning, worst_z, z), on.worst(learning, worst_c, dev))
     return after, z, dev
 
 
@@ -191,15 +205,26 @@ class StatArrays:
         self.state[slots] = state.T
         return Step(z, dev, v[MEAN], v[BASE], state[N])
 
-    def step_one(self, slot: int, x: float) -> tuple[float, float, float, float, float]:
-        """Take one reading into one slot: (z, chart deviation, usual before, baseline before, readings)."""
-        v = self.state[slot].tolist()
-        if v[N] == 0:  # its first reading only sets its averages
-            self.state[slot] = (1.0, x, 0.0, x, 0.0, x, 0.0, 0.0)
-            return 0.0, 0.0, v[MEAN], v[BASE], 1.0
-        after, z, dev = _advance(v, x, self.settings, _Floats)
-        self.state[slot] = after
-        return z, dev, v[MEAN], v[BASE], after[N]
+    def step_many(self, slots: list[int], xs: list[float]) -> list[tuple[float, float, float, float, float]]:
+        """Take the readings one by one as plain floats, in order (a slot may come again): per reading (z, chart
+        deviation, usual before, baseline before, readings). Each slot's state is read and written once."""
+        s, state = self.settings, self.state
+        held: dict[int, Any] = {}
+        out = []
+        for slot, x in zip(slots, xs, strict=True):
+            v = held.get(slot)
+            if v is None:
+                v = state[slot].tolist()
+            if v[N] == 0:  # its first reading only sets its averages
+                held[slot] = (1.0, x, 0.0, x, 0.0, x, 0.0, 0.0)
+                out.append((0.0, 0.0, v[MEAN], v[BASE], 1.0))
+            else:
+                after, z, dev = _advance(v, x, s, _Floats)
+                held[slot] = after
+                out.append((z, dev, v[MEAN], v[BASE], after[N]))
+        for slot, v in held.items():
+            state[slot] = v
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,17 +343,17 @@ class StatsTier:
         its usual)."""
         self.settle()
         slot = self.slot(thing_id, key, thing_type)
-        z, usual, base, score, chart, hit = self._one(slot, float(x))
+        [(z, _dev, usual, base, _n)] = steps = self._arrays.step_many([slot], [float(x)])
+        [(score, chart, hit)] = self._judge_floats([slot], steps)
         return (StatHit(key, float(x), base if chart else usual, z, score, chart) if hit else None), z, usual
 
-    def _one(self, slot: int, x: float) -> tuple[float, float, float, float, bool, bool]:
-        """One reading of one slot as plain floats: (z, usual, baseline, score, chart, hit)."""
-        arr = self._arrays
-        z, dev, usual, base, n = arr.step_one(slot, x)
-        score, chart, hit = _judge(self._limited.item(slot), self._z_limit.item(slot), self._chart_limit.item(slot),
-                                   arr.state.item(slot, WORST_Z), arr.state.item(slot, WORST_C), z, dev, n,
-                                   self.settings, _Floats)
-        return z, usual, base, score, chart, hit
+    def _judge_floats(self, slots: list[int], steps: list[tuple[float, float, float, float, float]]) -> list[Any]:
+        """`_judge` of readings stepped one by one."""
+        state, limited, z_limit, chart_limit, s = (self._arrays.state, self._limited, self._z_limit,
+                                                   self._chart_limit, self.settings)
+        return [_judge(limited.item(slot), z_limit.item(slot), chart_limit.item(slot), state.item(slot, WORST_Z),
+                       state.item(slot, WORST_C), z, dev, n, s, _Floats)
+                for slot, (z, dev, _usual, _base, n) in zip(slots, steps, strict=True)]
 
     def settle(self) -> None:
         """Advance the pending readings now (before limits or slots change under them)."""
@@ -337,8 +362,9 @@ class StatsTier:
         slots, xs, readings = self._pending_slots, self._pending_x, self._pending
         self._pending_slots, self._pending_x, self._pending = [], [], []
         if len(slots) < VECTOR_MIN:  # a few readings: as plain floats, no array set-up
-            rows = [self._one(slot, x) for slot, x in zip(slots, xs, strict=True)]
-            z, usual, base, score, chart, hit = (list(column) for column in zip(*rows, strict=True))
+            steps = self._arrays.step_many(slots, xs)
+            z, _dev, usual, base, _n = (list(column) for column in zip(*steps, strict=True))
+            score, chart, hit = (list(column) for column in zip(*self._judge_floats(slots, steps), strict=True))
         else:
             with np.errstate(all="ignore"):
                 step = self._advance(slots, xs)
@@ -381,9 +407,8 @@ class StatsTier:
             ranks.append(k)
         rank = np.array(ranks, dtype=np.intp)
         size = np.bincount(rank)  # slots per round, falling
-        one = self._arrays.step_one
         if size[0] < VECTOR_MIN:  # too few properties for any round: all one by one
-            columns = zip(*(one(slot, value) for slot, value in zip(slots, xs, strict=True)), strict=True)
+            columns = zip(*self._arrays.step_many(slots, xs), strict=True)
             return Step(*(np.array(column) for column in columns))
         z, dev, usual, base, n = (np.empty(len(x)) for _ in range(5))
         k = 0
@@ -392,9 +417,11 @@ class StatsTier:
             st = self._arrays.step(at[sel], x[sel])
             z[sel], dev[sel], usual[sel], base[sel], n[sel] = st.z, st.dev, st.usual, st.base, st.n
             k += 1
-        for j, r in enumerate(ranks):  # arrival order: each slot's readings in order
-            if r >= k:
-                z[j], dev[j], usual[j], base[j], n[j] = one(slots[j], xs[j])
+        rest = [j for j, r in enumerate(ranks) if r >= k]  # in arrival order: each slot's readings in order
+        if rest:
+            columns = zip(*self._arrays.step_many([slots[j] for j in rest], [xs[j] for j in rest]), strict=True)
+            for out, column in zip((z, dev, usual, base, n), columns, strict=True):
+                out[rest] = column
         return Step(z, dev, usual, base, n)
 
     def group(self, thing_type: str, group: str, members: list[tuple[str, float, float, float]]) -> StatHit | None:
