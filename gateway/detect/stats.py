@@ -351,9 +351,15 @@ class StatsTier:
         """`_judge` of readings stepped one by one."""
         state, limited, z_limit, chart_limit, s = (self._arrays.state, self._limited, self._z_limit,
                                                    self._chart_limit, self.settings)
-        return [_judge(limited.item(slot), z_limit.item(slot), chart_limit.item(slot), state.item(slot, WORST_Z),
-                       state.item(slot, WORST_C), z, dev, n, s, _Floats)
-                for slot, (z, dev, _usual, _base, n) in zip(slots, steps, strict=True)]
+        learned = s.warmup + s.learn
+        out: list[Any] = []
+        for slot, (z, dev, _usual, _base, n) in zip(slots, steps, strict=True):
+            if n <= learned and not limited.item(slot):
+                out.append((0.0, False, False))  # still learning its normal range: never a hit
+            else:
+                out.append(_judge(limited.item(slot), z_limit.item(slot), chart_limit.item(slot),
+                                  state.item(slot, WORST_Z), state.item(slot, WORST_C), z, dev, n, s, _Floats))
+        return out
 
     def settle(self) -> None:
         """Advance the pending readings now (before limits or slots change under them)."""
