@@ -5,6 +5,9 @@
 - scored feature rows per second through the ONNX models, batched as the detector batches them
   (one autoencoder run per tick, the forest at most once a second), and the whole tick (rules,
   statistics, models) per reading;
+- the detector's CPU time per message without a model (rules and statistics, as every type has before
+  it is trained), one tick per 50 messages as at 1k msg/s: single-sample messages of 200 proofers
+  round robin (`bench/footprint.py`'s load), and the same messages from one proofer alone;
 - ONNX vs scikit-learn agreement of a freshly trained model (max absolute difference).
 
     python bench/detect.py [--things 300] [--background-rate 1000 (normal msg/s meanwhile)] [--quick]
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +28,7 @@ import numpy as np
 from harness import QUIET, SITE, emit, gateway, options, pct, private_broker, run
 from ingest import ws_events
 
+from gateway.common.series import flatten
 from gateway.detect.core import DetectorCore, DetectSettings
 from gateway.detect.models import ModelRegistry
 from gateway.detect.rules import load_rules
@@ -135,10 +140,30 @@ def model_figures(tmp: Path, quick: bool) -> None:
          note="rules + statistics + batched models, one thread")
 
 
+def detector_cpu(quick: bool) -> None:
+    """CPU time of the detector's worker per message (`AnomalyDetector._process`: flatten, add, one tick per
+    50 messages), the best of three runs."""
+    n = 10_000 if quick else 60_000
+    for devices in (200, 1):
+        best = math.inf
+        for _ in range(3):
+            core = DetectorCore(load_rules(None), DetectSettings())
+            t0 = time.process_time()
+            for k in range(0, n, 50):
+                for i in range(k, k + 50):
+                    props = {"temperature": 20.5 + (i // devices) % 7, "humidity": 41.0, "t_pub": 1.7e9 + i / 1000}
+                    core.add(f"b:proofer-{i % devices:05d}", "proofer", "main", 1.7e9 + i / 1000, flatten(props))
+                core.tick()
+            best = min(best, time.process_time() - t0)
+        emit("detector_cpu_per_message", best / n * 1e6, "us", "reference", things=devices, messages=n,
+             per_tick=50, note="rules + statistics, no model, one thread")
+
+
 async def main() -> None:
     args = options(__doc__, {"things": 60}, things=300, background_rate=1000)
     with tempfile.TemporaryDirectory(prefix="egiz-bench-") as d:
         tmp = Path(d)
+        detector_cpu(args.quick)
         model_figures(tmp, args.quick)
         async with private_broker(tmp) as port:
             async with gateway(tmp, port, tmp / "data") as gw:

@@ -155,6 +155,114 @@ def test_no_alert_during_warm_up() -> None:
     assert all(tier.update("t", "k", v)[0] is None for v in [1.0] * 10 + [100.0] * 39)
 
 
+def _reference(series: list[float], s: StatsSettings) -> list[tuple[float, float, float, float]]:
+    """(z, chart deviation, rolling mean before, baseline before) of each reading of one property, from
+    the definitions in docs/detect.md: exponentially weighted mean and variance over `span` readings (the
+    plain average until that many), a λ = 0.2 EWMA chart against a baseline over `baseline_span`, both
+    with a floor under the standard deviation, and outliers teaching at most 2 sd once warm."""
+    lam = 0.2
+    means, variances, bases, base_variances, charts = [series[0]], [0.0], [series[0]], [0.0], [series[0]]
+    out = [(0.0, 0.0, 0.0, 0.0)]  # the first reading only starts the averages
+    for k in range(1, len(series)):  # k readings came before this one
+        x, mean, var, base, base_var = series[k], means[-1], variances[-1], bases[-1], base_variances[-1]
+        w_fast, w_slow = max(2.0 / (s.span + 1), 1.0 / (k + 1)), max(2.0 / (s.baseline_span + 1), 1.0 / (k + 1))
+        floor = 0.005 + 1e-4 * abs(base)
+        sd, base_sd = max(math.sqrt(var), floor), max(math.sqrt(base_var), floor)
+        warm = k >= s.warmup
+        charts.append(charts[-1] + lam * (x - charts[-1]))
+        z = (x - mean) / sd
+        dev = (charts[-1] - base) / (s.chart_limit * base_sd * math.sqrt(lam / (2 - lam)))
+        r = max(-2 * sd, min(2 * sd, x - mean)) if warm else x - mean
+        rb = max(-2 * base_sd, min(2 * base_sd, x - base)) if warm else x - base
+        means.append(mean + w_fast * r)
+        variances.append((1 - w_fast) * (var + w_fast * r * r))
+        bases.append(base + w_slow * rb)
+        base_variances.append((1 - w_slow) * (base_var + w_slow * rb * rb))
+        out.append((z, dev, mean, base) if warm else (0.0, 0.0, mean, base))
+    return out
+
+
+def _reference_hits(series: list[float], s: StatsSettings, limits: tuple[float, float] | None) -> dict[int, tuple]:
+    """Reading index → (z, usual, score, chart) of every reading the statistics flag."""
+    steps = _reference(series, s)
+    hits = {}
+    for i, (z, dev, mean, base) in enumerate(steps):
+        if limits is None:  # learned: the worst seen over the learning readings, with a 1.5x margin
+            if i < s.warmup + s.learn:
+                continue
+            learning = steps[s.warmup:s.warmup + s.learn]
+            z_limit = max(s.z_limit, 1.5 * max([0.0] + [abs(step[0]) for step in learning]))
+            chart_limit = max(1.0, 1.5 * max([0.0] + [abs(step[1]) for step in learning]))
+        else:
+            z_limit, chart_limit = limits
+        score = 0.5 * max(abs(z) / z_limit, abs(dev) / chart_limit)
+        if not score < 0.25:
+            chart = abs(dev) / chart_limit > abs(z) / z_limit
+            hits[i] = (z, base if chart else mean, min(1.0, score), chart)
+    return hits
+
+
+def test_statistics_of_a_tick_at_once_match_a_plain_reference() -> None:
+    """Readings of many properties arrive interleaved, some several times in one tick, in ticks of every
+    size (advanced as arrays, one by one, or both); every flagged reading — z, usual, score, which view —
+    is the one the definitions give, property by property in order."""
+    s = StatsSettings(span=20, baseline_span=80, warmup=30, learn=100, z_limit=4.0)
+    rng = random.Random(7)
+    tier = StatsTier(s)
+    tier.calibrate("oven", ["f/calibrated", "f/always"], [5.0, 1e-9], [1.5, 1e-9])
+    keys = ["f/learned", "f/calibrated", "f/always", "f/wild"]
+    series: dict[tuple[str, str], list[float]] = {(f"o-{t}", k): [] for t in range(12) for k in keys}
+    got: dict[tuple[str, str, int], tuple] = {}
+    level = dict.fromkeys(series, 50.0)
+    for _tick in range(700):
+        for _ in range(rng.choice([1, 2, 5, 12, 40])):
+            thing = f"o-{rng.randrange(12)}"
+            for key in rng.sample(keys, rng.randint(1, 4)):
+                prop = (thing, key)
+                if rng.random() < 0.01:
+                    level[prop] += rng.choice([-1, 1]) * rng.uniform(1, 4)  # a step
+                x = level[prop] + rng.gauss(0, 0.5) + (rng.choice([-1, 1]) * 8 if rng.random() < 0.02 else 0.0)
+                if key == "f/wild" and rng.random() < 0.03:
+                    x = rng.choice([-1, 1]) * 1e200  # overflows the variance: inf and NaN as plain floats give them
+                tier.add(prop, len(series[prop]), "oven", [tier.slot(thing, key, "oven")], [x])
+                series[prop].append(x)
+        for (thing, key), i, hit in tier.flush():
+            assert hit.key == key and hit.value == series[(thing, key)][i]
+            got[(thing, key, i)] = (hit.z, hit.usual, hit.score, hit.chart)
+    limits = {"f/calibrated": (5.0, 1.5), "f/always": (1e-9, 1e-9)}
+    want = {(thing, key, i): hit for (thing, key), xs in series.items()
+            for i, hit in _reference_hits(xs, s, limits.get(key)).items()}
+    assert got.keys() == want.keys()
+    for k, (z, usual, flag, chart) in want.items():
+        gz, gusual, gflag, gchart = got[k]
+        assert gchart == chart, k
+        for a, b in ((gz, z), (gusual, usual), (gflag, flag)):
+            assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=1e-12, abs=1e-12), k
+    flagged = {key: sum(1 for k in want if k[1] == key) for key in keys}
+    assert flagged["f/always"] == sum(max(0, len(xs) - s.warmup) for (_t, k), xs in series.items() if k == "f/always")
+    assert flagged["f/learned"] > 20 and flagged["f/calibrated"] > 20 and flagged["f/wild"] > 20
+
+
+@pytest.mark.parametrize("rule_first", [False, True])
+def test_a_rule_hit_in_the_same_tick_as_a_statistics_hit_dates_the_anomaly(rule_first: bool) -> None:
+    """The statistics of a tick are judged at its end; the anomaly still starts when the rule was broken,
+    whether the unusual reading came before or after it in the tick."""
+    rng = random.Random(5)
+    core = DetectorCore(book({"name": "hot", "kind": "threshold", "property": "t", "above": 100,
+                              "severity": "warning"}), DetectSettings(stats=StatsSettings(warmup=50, learn=0)))
+    for ts in range(200):
+        core.add("s:x-1", "x", "f", float(ts), [("t", 50 + rng.gauss(0, 0.5)), ("u", 20 + rng.gauss(0, 0.5))])
+        assert core.tick() == []
+    spike, hot = ("f", [("u", 45.0)]), ("f", [("t", 150.0)])
+    for ts, (feature, values) in enumerate([hot, spike] if rule_first else [spike, hot], start=300):
+        core.add("s:x-1", "x", feature, float(ts), values)
+    out = core.tick()
+    assert [t.kind for t in out] == ["opened"]
+    a = out[0].anomaly
+    assert a.anomaly_type == "threshold" and a.tiers["statistics"] >= 0.5
+    assert a.opened_at == (300.0 if rule_first else 301.0)
+
+
 # ------------------------------------------------------------------------------------------ hysteresis
 def test_one_fault_one_anomaly_and_operator_close_waits_for_clear() -> None:
     rules = book({"name": "hot", "kind": "threshold", "property": "t", "above": 100, "severity": "warning"})

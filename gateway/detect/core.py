@@ -24,7 +24,7 @@ from gateway.detect.explain import deviation, label, split_key
 from gateway.detect.models import ModelBundle
 from gateway.detect.profile import ProfileState
 from gateway.detect.rules import RuleBook, RuleEvaluator, RuleHit, glob_match
-from gateway.detect.stats import StatHit, StatsSettings, StatsTier, group_of
+from gateway.detect.stats import StatHit, StatsSettings, StatsTier
 
 State = Literal["open", "acknowledged", "resolved"]
 RULE_TYPES = {"threshold": "threshold", "range": "out_of_range", "rate": "rate_of_change", "stuck": "stuck_value"}
@@ -99,6 +99,8 @@ class _Thing:
     context: dict[str, str] = field(default_factory=dict)
     ts: float = 0.0
     rule: RuleHit | None = None  # the strongest rule hit since the last tick
+    slots: dict[str, dict[str, tuple[str, int]]] = field(default_factory=dict)  # feature → path → (key, stats slot)
+    stats_type: str = ""  # the type `slots` were looked up with
     stats: dict[str, StatHit] = field(default_factory=dict)  # the strongest statistics per property since the last tick
     anomaly: Anomaly | None = None
     clear_since: float | None = None
@@ -164,31 +166,36 @@ class DetectorCore:
             return
         self.readings += 1
         t.ts = max(t.ts, ts)
-        for hit in self.rules.check(thing_id, thing_type, feature, ts, numeric):
-            if t.rule is None or hit.score > t.rule.score:
-                t.rule, t.hit_ts = hit, ts
-        stats = self.stats
-        groups: dict[str, list[tuple[str, float, float, float]]] | None = None
+        if self.rules.book.any_for(thing_type, feature):
+            for hit in self.rules.check(thing_id, thing_type, feature, ts, numeric):
+                if t.rule is None or hit.score > t.rule.score:
+                    t.rule, t.hit_ts = hit, ts
+        if thing_type != t.stats_type:  # the statistics' limits are looked up by the type the reading came with
+            t.slots, t.stats_type = {}, thing_type
+        slots_of = t.slots.get(feature)
+        if slots_of is None:
+            slots_of = t.slots[feature] = {}
+        slots: list[int] = []
+        xs: list[float] = []
         for path, x in numeric.items():
-            key = sys.intern(f"{feature}/{path}")  # one string per name, not one per Thing and reading
-            t.values[key] = x
-            if self._ignore(path):
-                continue
-            sh, z, usual = stats.update(thing_id, key, x, thing_type)
-            if sh is not None and self._keep(t, sh) and t.rule is None:
-                t.hit_ts = ts
-            g = group_of(key)
-            if g is not None and z:
-                if groups is None:
-                    groups = {}
-                groups.setdefault(g, []).append((key, x, usual, z))
-        if groups:
-            for g, members in groups.items():
-                if len(members) > 1:
-                    gh = stats.group(thing_type, g, members)
-                    if gh is not None and self._keep(t, gh) and t.rule is None:
-                        t.hit_ts = ts
+            known = slots_of.get(path)
+            if known is None:
+                key = sys.intern(f"{feature}/{path}")  # one string per name, not one per Thing
+                known = slots_of[path] = (key, -1 if self._ignore(path) else self.stats.slot(thing_id, key, thing_type))
+            t.values[known[0]] = x
+            if known[1] >= 0:
+                slots.append(known[1])
+                xs.append(x)
+        self.stats.add(t, ts, thing_type, slots, xs)  # judged together at the tick (`_settle`)
         self._dirty.add(thing_id)
+
+    def _settle(self) -> None:
+        """The statistics of every reading since the last tick, advanced at once, their hits kept in order.
+        A hit sets the Thing's evidence time unless a rule hit this tick: a rule's time wins, whether the
+        rule hit before or after it (as when each reading was judged on arrival)."""
+        for t, ts, hit in self.stats.flush():
+            if self._keep(t, hit) and t.rule is None:
+                t.hit_ts = ts
 
     @staticmethod
     def _keep(t: _Thing, hit: StatHit) -> bool:
@@ -207,6 +214,7 @@ class DetectorCore:
 
     def forget(self, thing_id: str) -> Anomaly | None:
         """A deleted Thing: its state goes; its active anomaly, if any, is returned for resolving."""
+        self._settle()
         t = self._things.pop(thing_id, None)
         self._dirty.discard(thing_id)
         self.rules.forget(thing_id)
@@ -258,6 +266,7 @@ class DetectorCore:
     # ----------------------------------------------------------------- scoring
     def tick(self, new_id: Callable[[], str] = lambda: uuid.uuid4().hex) -> list[Transition]:
         """Score every Thing with new readings (models batched per type) and apply the hysteresis."""
+        self._settle()
         if not self._dirty:
             return []
         dirty, self._dirty = self._dirty, set()
@@ -295,6 +304,9 @@ class DetectorCore:
             for tid in ids:
                 t = self._things[tid]
                 i = model_rows.get(tid)
+                if i is None and t.rule is None and not t.stats and t.anomaly is None and not t.suppressed:
+                    t.score, t.hit_ts = 0.0, 0.0  # no evidence and nothing open: score 0, below `enter` (> 0)
+                    continue
                 scored = self._combine(t, bundle if i is not None else None, scores, i, x, ratios.get(tid))
                 t.score = scored.score
                 tr = self._hysteresis(tid, t, scored, new_id, bundle.version if bundle and i is not None else None)

@@ -118,10 +118,20 @@ class RuleBook:
     rules: tuple[Rule, ...]
     source: str = "built-in"
     _index: dict[tuple[str, str, str], tuple[Rule, ...]] = field(default_factory=dict)
+    _features: dict[tuple[str, str], bool] = field(default_factory=dict)
 
     def matching(self, thing_type: str, feature: str, path: str) -> tuple[Rule, ...]:
         """The rules of one property without touching the cache (safe from any thread)."""
         return tuple(r for r in self.rules if r.applies(thing_type, feature, path))
+
+    def any_for(self, thing_type: str, feature: str) -> bool:
+        """Whether any rule can apply to a property of this type's feature, cached (the detector's thread
+        only): most features have none, and their readings need no rule state at all."""
+        found = self._features.get((thing_type, feature))
+        if found is None:
+            found = self._features[(thing_type, feature)] = any(
+                r.type in ("*", thing_type) and r.feature in ("*", feature) for r in self.rules)
+        return found
 
     def for_path(self, thing_type: str, feature: str, path: str) -> tuple[Rule, ...]:
         """The rules of one property, cached (the detector's thread only)."""

@@ -35,7 +35,7 @@ from gateway.detect.models import (
 )
 from gateway.detect.profile import Profile, fit_profile
 from gateway.detect.rules import glob_match
-from gateway.detect.stats import PropertyStats, StatsSettings, group_of
+from gateway.detect.stats import VECTOR_MIN, StatArrays, StatsSettings, group_of
 
 log = logging.getLogger(__name__)
 
@@ -118,20 +118,39 @@ def calibrate_statistics(rows: FeatureRows, settings: StatsSettings | None = Non
             members.setdefault(g, []).append(j)
     groups = {g: np.array(js) for g, js in members.items() if len(js) > 1}
     worst_g = dict.fromkeys(groups, 0.0)
+    blocks = []
     for tid in sorted(set(rows.things.tolist())):
         mask = rows.things == tid
-        block = rows.x[mask][np.argsort(rows.ts[mask], kind="stable")]
-        props = [PropertyStats() for _ in range(d)]
-        zs = np.zeros((len(block), d))
-        for i, row in enumerate(block.tolist()):
-            for j, x in enumerate(row):
-                z, c = props[j].update(x, s)
-                zs[i, j] = z
-                if abs(c) > worst_c[j]:
-                    worst_c[j] = abs(c)
-        worst_z = np.maximum(worst_z, np.abs(zs).max(axis=0, initial=0.0))
+        blocks.append(rows.x[mask][np.argsort(rows.ts[mask], kind="stable")])
+    lengths = np.array([len(b) for b in blocks], dtype=np.intp)
+    stats = StatArrays(s, len(blocks) * d)
+    zs = np.zeros((len(blocks), int(lengths.max(initial=0)), d))
+    columns = np.arange(d)
+
+    def worse(worst: np.ndarray, dev: np.ndarray) -> np.ndarray:
+        """The larger of `worst` and each column's largest |deviation|; NaN never counts as worse."""
+        most = np.fmax.reduce(np.abs(dev), axis=0)
+        return np.where(most > worst, most, worst)
+
+    # Many Things: their statistics advance together, a row of each a step, as the live detector's in a tick.
+    with np.errstate(all="ignore"):  # a property whose statistics overflow gets inf/NaN, as the detector's do
+        if len(blocks) * d < VECTOR_MIN:  # too few properties for arrays to pay: each Thing's rows as plain floats
+            for k, block in enumerate(blocks):
+                steps = stats.step_many((k * d + columns).tolist() * len(block), block.ravel().tolist())
+                z_dev = np.array([st[:2] for st in steps]).reshape(len(block), d, 2)
+                zs[k, :len(block)] = z_dev[:, :, 0]
+                worst_c = worse(worst_c, z_dev[:, :, 1])
+        else:
+            for i in range(zs.shape[1]):
+                live = np.flatnonzero(lengths > i)
+                step = stats.step((live[:, None] * d + columns).ravel(), np.concatenate([blocks[k][i] for k in live]))
+                zs[live, i] = step.z.reshape(len(live), d)
+                worst_c = worse(worst_c, step.dev.reshape(len(live), d))
+    for k, n in enumerate(lengths.tolist()):
+        z = zs[k, :n]
+        worst_z = np.maximum(worst_z, np.abs(z).max(axis=0, initial=0.0))
         for g, js in groups.items():
-            joint = np.abs(zs[:, js].sum(axis=1)) / np.sqrt(len(js))
+            joint = np.abs(z[:, js].sum(axis=1)) / np.sqrt(len(js))
             worst_g[g] = max(worst_g[g], float(joint.max(initial=0.0)))
     z_lim = np.maximum(worst_z * margin, s.z_limit / 2)
     c_lim = np.maximum(worst_c * margin, 0.5)
