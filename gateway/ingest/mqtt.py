@@ -99,12 +99,13 @@ class ReadAhead:
     parsed in the next turn of the event loop (the socket may not signal again, as its bytes are
     already read).
 
-    A PUBLISH of QoS 0 or 1 that lies whole in the chunk is parsed here and handed to `on_publish`
-    as its topic, payload, QoS and packet id: no `MQTTMessage`, no per-packet state, no log call.
-    Everything else — CONNACK, SUBACK, PINGRESP, QoS 2 and its PUBREL, a packet split across two
-    chunks, a packet paho would refuse, and every packet of an MQTT 5 session — is left to paho,
-    whose reads are served from the same chunk; so a malformed packet closes the connection as
-    paho closes it, and acknowledgements stay where they were (the caller's, after the commit).
+    A PUBLISH of QoS 0 or 1 is parsed here and handed to `on_publish` as its topic, payload, QoS
+    and packet id: no `MQTTMessage`, no per-packet state, no log call. One that the chunk holds only
+    the start of is completed from the next `recv()`. Everything else — CONNACK, SUBACK, PINGRESP,
+    QoS 2 and its PUBREL, a PUBLISH larger than a chunk, a packet paho would refuse, and every
+    packet of an MQTT 5 session — is left to paho, whose reads are served from the same chunk; so
+    a malformed packet closes the connection as paho closes it, and acknowledgements stay where
+    they were (the caller's, after the commit).
 
     After a chunk the socket is not watched for `PAUSE_S`: at a line's steady rate messages arrive
     one by one, a millisecond apart, and each would wake the event loop, the ingest and every
@@ -130,6 +131,7 @@ class ReadAhead:
         self._later: asyncio.Handle | None = None
         self._paused = False
         self._taken = 0  # PUBLISH packets parsed here in this call of loop_read
+        self._short = False  # the chunk ends with the start of a PUBLISH, and nothing more is waiting
         # paho looks both up on the instance: its reads and aiomqtt's reader callback come here.
         paho_client._sock_recv = self._sock_recv  # type: ignore[method-assign]
         paho_client.loop_read = self.loop_read  # type: ignore[method-assign]
@@ -164,9 +166,10 @@ class ReadAhead:
         if self._later is not None:  # the rest of a chunk is due this turn: that call reads on, not this one
             return paho.MQTT_ERR_SUCCESS
         self._taken = 0
+        self._short = False
         rc = self._read_packet(first=True)
         turns = 1
-        while rc == paho.MQTT_ERR_SUCCESS and self.buffered and self._paho._sock is not None:
+        while rc == paho.MQTT_ERR_SUCCESS and self.buffered and not self._short and self._paho._sock is not None:
             if turns >= self.PER_TURN:
                 if self._later is None:
                     self._later = asyncio.get_running_loop().call_soon(self._continue)
@@ -200,13 +203,30 @@ class ReadAhead:
                 self._failed = _Closed()
                 return self._loop_read()
             self._buf, self._pos = data, 0
-        if self._take_publish():
-            return paho.MQTT_ERR_SUCCESS
-        return self._loop_read()
+        while True:
+            took = self._take_publish()
+            if took is not None:
+                return paho.MQTT_ERR_SUCCESS if took else self._loop_read()
+            # A PUBLISH cut at the end of the chunk (the broker's writes need not end with a packet):
+            # what is read of it goes in front of the next chunk.
+            try:
+                data = self._recv(self.CHUNK)
+            except BlockingIOError:
+                self._short = True  # the rest comes with a later wake-up
+                return paho.MQTT_ERR_SUCCESS
+            except Exception as exc:  # paho reads what there is of the packet, then meets this
+                self._failed = exc
+                return self._loop_read()
+            if not data:
+                self._failed = _Closed()
+                return self._loop_read()
+            self._buf, self._pos = self._buf[self._pos:] + data, 0
 
-    def _take_publish(self) -> bool:
+    def _take_publish(self) -> bool | None:
         """Hand on the PUBLISH at the read position if it is QoS 0 or 1, whole in the chunk and well
-        formed (what paho would accept); False leaves the packet to paho."""
+        formed (what paho would accept). False leaves the packet to paho; None: a PUBLISH of at most
+        `CHUNK` bytes that the chunk holds only the start of."""
+
         buf, pos = self._buf, self._pos
         header = buf[pos]
         if header & 0xF4 != 0x30:  # not a PUBLISH, or QoS 2 (or the invalid 3)
@@ -216,7 +236,7 @@ class ReadAhead:
         length = shift = 0
         while True:  # the remaining length: 1 to 4 bytes of 7 bits, least significant first
             if i >= end:
-                return False
+                return None
             byte = buf[i]
             i += 1
             length |= (byte & 0x7F) << shift
@@ -226,7 +246,9 @@ class ReadAhead:
             if shift > 21:  # a fifth length byte: paho refuses the packet
                 return False
         stop = i + length
-        if stop > end or length < 2:  # split across chunks (paho reads it on), or too short to hold a topic
+        if stop > end:  # the rest is not read yet; paho reads on a packet larger than a chunk
+            return None if stop - pos <= self.CHUNK else False
+        if length < 2:  # too short to hold a topic
             return False
         topic_end = i + 2 + ((buf[i] << 8) | buf[i + 1])
         qos = (header >> 1) & 1
