@@ -198,6 +198,10 @@ async def test_packets_split_anywhere_with_lengths_of_one_to_four_bytes(mosquitt
         _, thing = await gw.get(f"/api/v1/things/{gw.thing_id('o1')}")
         assert thing["features"]["thermal"]["properties"]["n"] == len(sent)
         assert gw.service.dead_letters.total == 0
+        _, metrics = await gw.get("/metrics")  # the ingest's counts, read when scraped
+        assert f'egiz_mqtt_messages_total{{kind="telemetry"}} {len(sent) + 1}.0' in metrics
+        assert f"egiz_ingest_accepted_messages_total {len(sent)}.0" in metrics
+        assert f"egiz_ingest_points_total {len(sent)}.0" in metrics
         # One connection throughout (no packet was refused), and each QoS 1 message acknowledged once.
         qos1 = sum(1 for _, q in sent if q) + 1
         await wait_for(lambda: len(p.acks(PUBACK)) == qos1, timeout=30)
