@@ -32,7 +32,6 @@ class IngestCounts(Collector):
         yield CounterMetricFamily("egiz_ingest_points", "Telemetry points applied (flattened)", value=self.points)
 
 
-
 class GatewayMetrics:
     """Every counter and gauge the gateway exports at `/metrics`."""
 

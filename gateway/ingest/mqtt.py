@@ -226,7 +226,6 @@ class ReadAhead:
         """Hand on the PUBLISH at the read position if it is QoS 0 or 1, whole in the chunk and well
         formed (what paho would accept). False leaves the packet to paho; None: a PUBLISH of at most
         `CHUNK` bytes that the chunk holds only the start of."""
-
         buf, pos = self._buf, self._pos
         header = buf[pos]
         if header & 0xF4 != 0x30:  # not a PUBLISH, or QoS 2 (or the invalid 3)
