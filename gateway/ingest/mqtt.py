@@ -103,7 +103,7 @@ class ReadAhead:
     and packet id: no `MQTTMessage`, no per-packet state, no log call. One that the chunk holds only
     the start of is completed from the next `recv()`. Everything else — CONNACK, SUBACK, PINGRESP,
     QoS 2 and its PUBREL, a PUBLISH larger than a chunk, a packet paho would refuse, and every
-    packet of an MQTT 5 session — is left to paho, whose reads are served from the same chunk; so
+    packet of an MQTT 5 connection — is left to paho, whose reads are served from the same chunk; so
     a malformed packet closes the connection as paho closes it, and acknowledgements stay where
     they were (the caller's, after the commit).
 
@@ -244,20 +244,20 @@ class ReadAhead:
             shift += 7
             if shift > 21:  # a fifth length byte: paho refuses the packet
                 return False
-        stop = i + length
-        if stop > end:  # the rest is not read yet; paho reads on a packet larger than a chunk
-            return None if stop - pos <= self.CHUNK else False
+        packet_end = i + length
+        if packet_end > end:  # the rest is not read yet; paho reads on a packet larger than a chunk
+            return None if packet_end - pos <= self.CHUNK else False
         if length < 2:  # too short to hold a topic
             return False
         topic_end = i + 2 + ((buf[i] << 8) | buf[i + 1])
         qos = (header >> 1) & 1
         start = topic_end + 2 * qos
-        if topic_end == i + 2 or start > stop:  # an empty topic, or no room for it and its packet id
+        if topic_end == i + 2 or start > packet_end:  # an empty topic, or no room for it and its packet id
             return False
         mid = (buf[topic_end] << 8) | buf[topic_end + 1] if qos else 0
-        self._pos = stop
+        self._pos = packet_end
         self._taken += 1
-        self._on_publish(buf[i + 2:topic_end], buf[start:stop], qos, mid)  # type: ignore[misc]
+        self._on_publish(buf[i + 2:topic_end], buf[start:packet_end], qos, mid)  # type: ignore[misc]
         return True
 
     def _pause(self) -> None:
