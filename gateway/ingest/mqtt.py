@@ -15,7 +15,7 @@ import logging
 import struct
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,16 +81,32 @@ class BrokerAcks:
 _PUBACK = struct.Struct("!BBH")
 
 
+class _Closed(Exception):
+    """The broker closed the connection (a read of ours returned no bytes)."""
+
+
+PublishHandler = Callable[[bytes, bytes, int, int], None]
+"""Takes a PUBLISH parsed from the chunk: its topic (raw bytes), payload, QoS (0 or 1) and packet id."""
+
+
 class ReadAhead:
-    """Reads a broker connection in chunks and lets paho parse several packets per wake-up.
+    """Reads a broker connection in chunks and parses several packets per wake-up.
 
     paho reads a packet in at least three `recv()` calls (its type byte, each byte of its length,
     the rest) and one packet per call of `loop_read()`, so every message costs the event loop a
-    wake-up and several system calls. Here paho's reads are served from one `recv()` of up to
-    `CHUNK` bytes, and one wake-up parses what that chunk holds — at most `PER_TURN` packets, so
-    a full chunk cannot flood the event bus before WebSocket senders and the commit loop run;
-    the rest is parsed in the next turn of the event loop (the socket may not signal again, as
-    its bytes are already read).
+    wake-up and several system calls. Here the connection is read in `recv()`s of up to `CHUNK`
+    bytes, and one wake-up parses what that chunk holds — at most `PER_TURN` packets, so a full
+    chunk cannot flood the event bus before WebSocket senders and the commit loop run; the rest is
+    parsed in the next turn of the event loop (the socket may not signal again, as its bytes are
+    already read).
+
+    A PUBLISH of QoS 0 or 1 is parsed here and handed to `on_publish` as its topic, payload, QoS
+    and packet id: no `MQTTMessage`, no per-packet state, no log call. One that the chunk holds only
+    the start of is completed from the next `recv()`. Everything else — CONNACK, SUBACK, PINGRESP,
+    QoS 2 and its PUBREL, a PUBLISH larger than a chunk, a packet paho would refuse, and every
+    packet of an MQTT 5 connection — is left to paho, whose reads are served from the same chunk; so
+    a malformed packet closes the connection as paho closes it, and acknowledgements stay where
+    they were (the caller's, after the commit).
 
     After a chunk the socket is not watched for `PAUSE_S`: at a line's steady rate messages arrive
     one by one, a millisecond apart, and each would wake the event loop, the ingest and every
@@ -102,16 +118,21 @@ class ReadAhead:
     PER_TURN = 32
     PAUSE_S = 0.004
 
-    def __init__(self, client: aiomqtt.Client, paho_client: paho.Client) -> None:
+    def __init__(self, client: aiomqtt.Client, paho_client: paho.Client,
+                 on_publish: PublishHandler | None = None) -> None:
         self._aio = client
         self._paho = paho_client
         self._recv = paho_client._sock_recv
         self._loop_read = paho_client.loop_read
+        self._on_publish = on_publish if paho_client._protocol != paho.MQTTv5 else None
         self._buf = b""
         self._pos = 0
         self._sock: object = None
+        self._failed: BaseException | None = None  # how a read of ours ended, for paho to handle
         self._later: asyncio.Handle | None = None
         self._paused = False
+        self._taken = 0  # PUBLISH packets parsed here in this call of loop_read
+        self._short = False  # the chunk ends with the start of a PUBLISH, and nothing more is waiting
         # paho looks both up on the instance: its reads and aiomqtt's reader callback come here.
         paho_client._sock_recv = self._sock_recv  # type: ignore[method-assign]
         paho_client.loop_read = self.loop_read  # type: ignore[method-assign]
@@ -120,11 +141,19 @@ class ReadAhead:
     def buffered(self) -> int:
         return len(self._buf) - self._pos
 
-    def _sock_recv(self, bufsize: int) -> bytes:
+    def _same_connection(self) -> None:
         sock = self._paho._sock
         if sock is not self._sock:  # a new connection: nothing read from the old one carries over
-            self._sock, self._buf, self._pos = sock, b"", 0
+            self._sock, self._buf, self._pos, self._failed = sock, b"", 0, None
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        self._same_connection()
         if self._pos >= len(self._buf):
+            failed, self._failed = self._failed, None
+            if failed is not None:  # our read ended the connection: paho sees it as its own read would
+                if isinstance(failed, _Closed):
+                    return b""
+                raise failed
             data = self._recv(max(bufsize, self.CHUNK))  # BlockingIOError when nothing is waiting
             if len(data) <= bufsize:
                 return data
@@ -137,18 +166,100 @@ class ReadAhead:
         """Parse the packets of one chunk, at most `PER_TURN`; schedule the rest for the next turn."""
         if self._later is not None:  # the rest of a chunk is due this turn: that call reads on, not this one
             return paho.MQTT_ERR_SUCCESS
-        rc = self._loop_read()
+        self._taken = 0
+        self._short = False
+        rc = self._read_packet(first=True)
         turns = 1
-        while rc == paho.MQTT_ERR_SUCCESS and self.buffered and self._paho._sock is not None:
+        while rc == paho.MQTT_ERR_SUCCESS and self.buffered and not self._short and self._paho._sock is not None:
             if turns >= self.PER_TURN:
                 if self._later is None:
                     self._later = asyncio.get_running_loop().call_soon(self._continue)
                 break
-            rc = self._loop_read()
+            rc = self._read_packet()
             turns += 1
+        if self._taken:  # paho's keepalive counts from the last bytes received
+            with self._paho._msgtime_mutex:
+                self._paho._last_bytes_received = paho.time_func()
         if rc == paho.MQTT_ERR_SUCCESS and self._later is None:
             self._pause()
         return rc
+
+    def _read_packet(self, *, first: bool = False) -> paho.MQTTErrorCode:
+        """One packet: a whole PUBLISH of QoS 0 or 1 parsed here, anything else by paho."""
+        p = self._paho
+        if self._on_publish is None or p._in_packet["command"] != 0 or p._sock is None:
+            return self._loop_read()  # not ours, or paho is in the middle of a packet
+        self._same_connection()
+        if self._pos >= len(self._buf):
+            if not first or self._failed is not None:
+                return self._loop_read()
+            try:
+                data = self._recv(self.CHUNK)
+            except BlockingIOError:
+                return paho.MQTT_ERR_SUCCESS  # nothing waiting, as paho's read would find
+            except Exception as exc:  # handed to paho, which decides as for its own read
+                self._failed = exc
+                return self._loop_read()
+            if not data:
+                self._failed = _Closed()
+                return self._loop_read()
+            self._buf, self._pos = data, 0
+        while True:
+            took = self._take_publish()
+            if took is not None:
+                return paho.MQTT_ERR_SUCCESS if took else self._loop_read()
+            # A PUBLISH cut at the end of the chunk (the broker's writes need not end with a packet):
+            # what is read of it goes in front of the next chunk.
+            try:
+                data = self._recv(self.CHUNK)
+            except BlockingIOError:
+                self._short = True  # the rest comes with a later wake-up
+                return paho.MQTT_ERR_SUCCESS
+            except Exception as exc:  # paho reads what there is of the packet, then meets this
+                self._failed = exc
+                return self._loop_read()
+            if not data:
+                self._failed = _Closed()
+                return self._loop_read()
+            self._buf, self._pos = self._buf[self._pos:] + data, 0
+
+    def _take_publish(self) -> bool | None:
+        """Hand on the PUBLISH at the read position if it is QoS 0 or 1, whole in the chunk and well
+        formed (what paho would accept). False leaves the packet to paho; None: a PUBLISH of at most
+        `CHUNK` bytes that the chunk holds only the start of."""
+        buf, pos = self._buf, self._pos
+        header = buf[pos]
+        if header & 0xF4 != 0x30:  # not a PUBLISH, or QoS 2 (or the invalid 3)
+            return False
+        end = len(buf)
+        i = pos + 1
+        length = shift = 0
+        while True:  # the remaining length: 1 to 4 bytes of 7 bits, least significant first
+            if i >= end:
+                return None
+            byte = buf[i]
+            i += 1
+            length |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                break
+            shift += 7
+            if shift > 21:  # a fifth length byte: paho refuses the packet
+                return False
+        packet_end = i + length
+        if packet_end > end:  # the rest is not read yet; paho reads on a packet larger than a chunk
+            return None if packet_end - pos <= self.CHUNK else False
+        if length < 2:  # too short to hold a topic
+            return False
+        topic_end = i + 2 + ((buf[i] << 8) | buf[i + 1])
+        qos = (header >> 1) & 1
+        start = topic_end + 2 * qos
+        if topic_end == i + 2 or start > packet_end:  # an empty topic, or no room for it and its packet id
+            return False
+        mid = (buf[topic_end] << 8) | buf[topic_end + 1] if qos else 0
+        self._pos = packet_end
+        self._taken += 1
+        self._on_publish(buf[i + 2:topic_end], buf[start:packet_end], qos, mid)  # type: ignore[misc]
+        return True
 
     def _pause(self) -> None:
         """Stop watching the socket for `PAUSE_S` (what arrives meanwhile waits in its buffer)."""
@@ -209,11 +320,19 @@ class MqttIngest:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self.connected = asyncio.Event()
-        self.accepted_messages = 0
-        self.accepted_points = 0
+        self._counts = metrics.ingest
         self._routes: dict[str, tuple[str, dict[str, str]]] = {}
         self._identities: dict[str, Identity] = {}
-        self._kind_counters = {k: metrics.messages.labels(k) for k in ("telemetry", "status", "command_ack", "other")}
+
+    @property
+    def accepted_messages(self) -> int:
+        """Telemetry messages applied since start."""
+        return self._counts.accepted
+
+    @property
+    def accepted_points(self) -> int:
+        """Telemetry points applied since start."""
+        return self._counts.points
 
     # ----------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -254,11 +373,16 @@ class MqttIngest:
         self._paho = client._client
         self._paho.manual_ack_set(True)
         acks = BrokerAcks(self._paho)
-        ReadAhead(client, self._paho)
 
-        def on_message(message: paho.MQTTMessage) -> None:
+        def on_publish(topic: bytes, payload: bytes, qos: int, mid: int) -> None:
             if not self._stopping:  # after stop() messages stay unacknowledged: the broker keeps them
-                self._on_message(acks, message)
+                self._on_publish(acks, topic, payload, qos, mid)
+
+        def on_message(message: paho.MQTTMessage) -> None:  # what paho parsed itself (QoS 2, MQTT 5)
+            if not self._stopping:
+                self._on_publish(acks, message._topic, bytes(message.payload), message.qos, message.mid)
+
+        ReadAhead(client, self._paho, on_publish)
 
         # paho matches every message against per-topic callbacks under two locks before it calls
         # `on_message`; there are none here (messages come only to us), so that step is skipped.
@@ -306,15 +430,15 @@ class MqttIngest:
             await asyncio.sleep(delay)
 
     # ----------------------------------------------------------------- receive path
-    def _on_message(self, acks: BrokerAcks, message: paho.MQTTMessage) -> None:
-        """paho's receive callback: apply now; acknowledge (PUBACK) once the buffer has committed it."""
+    def _on_publish(self, acks: BrokerAcks, topic: bytes, payload: bytes, qos: int, mid: int) -> None:
+        """A received PUBLISH: apply now; acknowledge (PUBACK) once the buffer has committed it."""
         try:
-            topic = message.topic
+            name = topic.decode()
         except UnicodeDecodeError:
-            topic = message._topic.decode("utf-8", "replace")
-        self.handle(topic, message.payload, retain=message.retain)
-        if message.qos > 0:
-            self._buffer.ack_later(acks, message.mid, message.qos)
+            name = topic.decode("utf-8", "replace")
+        self.handle(name, payload)
+        if qos > 0:
+            self._buffer.ack_later(acks, mid, qos)
 
     def handle(self, topic: str, payload: Any, *, retain: bool = False) -> None:
         """Apply one message or dead-letter it; never raises."""
@@ -324,7 +448,7 @@ class MqttIngest:
             if route is None:
                 route = self._route(topic)
             kind, fields = route
-            self._kind_counters[kind].inc()
+            self._counts.messages[kind] += 1
             if kind == "telemetry":
                 self._telemetry(topic, fields, raw)
             elif kind == "status":
@@ -407,10 +531,9 @@ class MqttIngest:
         self._registry.apply_samples(thing, fresh, now, accepted.generation)
         self._buffer.add(thing.id, thing.type, fresh, now, accepted.mark)
         points = sum(count_points(s.properties) for s in fresh)
-        self._m.accepted.inc()
-        self._m.points.inc(points)
-        self.accepted_messages += 1
-        self.accepted_points += points
+        counts = self._counts
+        counts.accepted += 1
+        counts.points += points
 
     def _check_growth(self, thing: Thing, samples: tuple[Sample, ...]) -> None:
         """Refuse a message that would give a Thing more features or series than the caps allow, so
