@@ -25,7 +25,7 @@ DUCKDB_MIN_MB = 64
 DUCKDB_MAX_MB = 256
 DUCKDB_SHARE = 1 / 16  # of the machine's memory, when buffer.memory_limit_mb is 0 (automatic)
 GATEWAY_SHARE = 0.5  # of the machine's memory the whole gateway process may take before we warn
-THING_KIB = 4.0  # live state of one Thing with a few features: twin, series ids, sequence marks, detector
+THING_KIB = 11.0  # measured live state of a Thing of 3 features x 3 properties: twin, series, marks, detector
 WS_EVENT_KIB = 0.5  # one queued StateChanged event with its JSON
 WS_CLIENTS_BUDGETED = 10  # viewers whose queues are counted full (ws.max_clients bounds connections, not this)
 
