@@ -88,7 +88,7 @@ def test_the_memory_budget_warns_on_a_small_machine_with_the_figures(caplog: pyt
     check_budget(big)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     zero_w = budget(resident=200, duckdb_mb=64, things=10_000, ws_queue=1024, machine_mb=512)
-    assert zero_w.over and zero_w.total_mb == pytest.approx(200 + 64 + 10_000 * 4 / 1024 + 5, abs=0.1)
+    assert zero_w.over and zero_w.total_mb == pytest.approx(200 + 64 + 10_000 * 11 / 1024 + 5, abs=0.1)
     check_budget(zero_w)
     warning = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warning) == 1
