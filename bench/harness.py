@@ -102,9 +102,10 @@ async def gateway(tmp: Path, broker_port: int, data: Path, *, egiz: str = EGIZ,
     """`egiz gateway run` on `data`, registering Things as they publish; `sections` add to or replace the
     config's sections; `egiz` another build to run. Stopped with SIGTERM, as systemd stops it."""
     http_port = find_free_port()
-    cfg = gateway_toml(tmp / f"{data.name}.toml", SITE, key=KEY, **{
+    base: dict[str, dict[str, Any]] = {
         "gateway": {"id": "gw-bench", "data_dir": data}, "mqtt": {"port": broker_port}, "http": {"port": http_port},
-        "ingest": {"auto_register": True}, "log": {"level": "warning"}, **sections})
+        "ingest": {"auto_register": True}, "log": {"level": "warning"}}
+    cfg = gateway_toml(tmp / f"{data.name}.toml", SITE, key=KEY, **{**base, **sections})
     t0 = time.perf_counter()
     proc = await asyncio.create_subprocess_exec(egiz, "gateway", "run", "--config", str(cfg))
     url = f"http://127.0.0.1:{http_port}"

@@ -94,10 +94,10 @@ async def drain(tmp: Path, n: int, tls: bool = False) -> None:
     await fwd.stop()  # only its HTTP session and state are needed: steps are driven here
     fwd._http = aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}00"},
                                       connector=aiohttp.TCPConnector(ssl=uplink_ssl(cfg.uplink)))
-    start = time.perf_counter()
+    t0 = time.perf_counter()
     while buf.synced_id < backlog:
         await fwd.step()
-    elapsed = time.perf_counter() - start
+    elapsed = time.perf_counter() - t0
     sent = metrics.uplink_bytes._value.get()
     if tls:
         emit("uplink_drain_1m_backlog_tls", backlog / elapsed, "points/s", "reference", points=backlog)

@@ -65,7 +65,7 @@ def make_store(cfg: AggregatorConfig) -> AggregatorStore:
                        max_partitions=cfg.storage.max_partitions_per_batch)
     from cloud_sync.store.duck import DuckStore
 
-    return DuckStore(Path(cfg.aggregator.data_dir))
+    return DuckStore(Path(cfg.aggregator.data_dir), memory_limit_mb=cfg.storage.memory_limit_mb)
 
 
 class Aggregator:

@@ -44,6 +44,7 @@ class StorageSection:
     dsn: str = ""  # postgres: e.g. "postgresql://egiz@db/egiz"
     partition_days: int = 1  # postgres: one points partition per this many days
     max_partitions_per_batch: int = 16  # postgres: partitions one batch may span; more: 400
+    memory_limit_mb: int = 2048  # duckdb: DuckDB's memory limit (its cache of the points file is bounded by it)
 
     def __repr__(self) -> str:
         return f"StorageSection(backend={self.backend!r}, dsn=***)"
@@ -106,6 +107,7 @@ def _check(cfg: Any, problems: list[tuple[str, str]]) -> None:
     check("storage.dsn", lambda: st.backend != "postgres" or st.dsn.startswith(("postgresql://", "postgres://")),
           "give a postgresql:// DSN when storage.backend = \"postgres\"")
     check("storage.partition_days", lambda: 1 <= st.partition_days <= 31, "must be 1..31")
+    check("storage.memory_limit_mb", lambda: 64 <= st.memory_limit_mb <= 1_048_576, "must be 64..1048576 (MB)")
     check("storage.max_partitions_per_batch", lambda: 1 <= st.max_partitions_per_batch <= 1000, "must be 1..1000")
     check("aggregator.ws_max_clients", lambda: 1 <= a.ws_max_clients <= 100_000, "must be 1..100000")
     check("auth.open", lambda: not auth.open or auth.open_remote or is_loopback(cfg.http.host),

@@ -189,3 +189,25 @@ async def test_the_demo_runs_two_sites_by_two_lines_into_one_aggregator(tmp_path
         if proc.returncode is None:
             proc.send_signal(2)
         assert await asyncio.wait_for(proc.wait(), 30) == 0
+
+
+def test_the_aggregators_duckdb_memory_limit_is_configured_and_checked(tmp_path: Path) -> None:
+    """`storage.memory_limit_mb` bounds DuckDB's cache of the points file; EGIZ_* overrides it, and
+    a limit too small to run is refused at start naming the key."""
+    from cloud_sync.aggregator import make_store
+    from cloud_sync.config import load_aggregator_config
+    from gateway.common.errors import ConfigError
+
+    where = {"aggregator.data_dir": str(tmp_path), "auth.open": True, "http.host": "127.0.0.1"}
+    cfg = load_aggregator_config(None, environ={"EGIZ_STORAGE__MEMORY_LIMIT_MB": "96"}, overrides=where)
+    assert cfg.storage.memory_limit_mb == 96
+    store = make_store(cfg)
+    store.open()
+    try:
+        limit = store.con.execute("SELECT current_setting('memory_limit')").fetchone()[0]
+    finally:
+        store.close()
+    assert limit.replace(" ", "") in ("96.0MiB", "91.5MiB", "96.0MB"), limit
+    with pytest.raises(ConfigError) as err:
+        load_aggregator_config(None, environ={}, overrides={**where, "storage.memory_limit_mb": 8})
+    assert dict(err.value.problems)["storage.memory_limit_mb"].startswith("must be 64..")

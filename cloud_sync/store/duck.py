@@ -26,9 +26,9 @@ class DuckStore(CentralStore, PointFile):
     sql = CentralSql("?")
     engine_errors = (duckdb.Error,)
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, memory_limit_mb: int = 2048) -> None:
         CentralStore.__init__(self)
-        PointFile.__init__(self, data_dir / "aggregator.duckdb", memory_limit_mb=2048, checkpoint_mb=64)
+        PointFile.__init__(self, data_dir / "aggregator.duckdb", memory_limit_mb=memory_limit_mb, checkpoint_mb=64)
         self._next_id = 1
 
     def open(self) -> None:
