@@ -52,18 +52,27 @@ def pct(values: list[float], p: float) -> float:
     return s[min(len(s) - 1, int(p / 100 * len(s)))]
 
 
-def options(doc: str | None, quick: dict[str, int], **defaults: int) -> argparse.Namespace:
+def options(doc: str | None, quick: dict[str, int], *, builds: bool = False, **defaults: int) -> argparse.Namespace:
     """A benchmark's command line: its docstring as help, `--name N` for each of `defaults`, and `--quick`, a
-    small run to check the benchmark itself, which takes the `quick` values instead."""
+    small run to check the benchmark itself, which takes the `quick` values instead. With `builds`,
+    `--gateway LABEL=EGIZ` (repeatable) names the gateway builds to compare, as `args.gateway`, a list of
+    (label, egiz); this checkout's `egiz`, labelled `this`, when none is given."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, default in defaults.items():
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=default, help=f"default {default}")
     ap.add_argument("--quick", action="store_true", help="small run to check the benchmark itself: "
                     + ", ".join(f"{k} {v}" for k, v in quick.items()))
+    if builds:
+        ap.add_argument("--gateway", action="append", default=[], metavar="LABEL=EGIZ",
+                        help="a gateway build to measure (repeatable; measured alternately); default: this checkout's")
     args = ap.parse_args()
     if args.quick:
         for name, value in quick.items():
             setattr(args, name, value)
+    if builds:
+        if any("=" not in g for g in args.gateway):
+            ap.error("--gateway takes LABEL=EGIZ")
+        args.gateway = [tuple(g.split("=", 1)) for g in args.gateway] or [("this", EGIZ)]
     return args
 
 
@@ -88,16 +97,17 @@ class GatewayProcess:
 
 
 @asynccontextmanager
-async def gateway(tmp: Path, broker_port: int, data: Path, **sections: dict[str, Any]) -> AsyncIterator[GatewayProcess]:
+async def gateway(tmp: Path, broker_port: int, data: Path, *, egiz: str = EGIZ,
+                  **sections: dict[str, Any]) -> AsyncIterator[GatewayProcess]:
     """`egiz gateway run` on `data`, registering Things as they publish; `sections` add to or replace the
-    config's sections. Stopped with SIGTERM, as systemd stops it."""
+    config's sections; `egiz` another build to run. Stopped with SIGTERM, as systemd stops it."""
     http_port = find_free_port()
     base: dict[str, dict[str, Any]] = {
         "gateway": {"id": "gw-bench", "data_dir": data}, "mqtt": {"port": broker_port}, "http": {"port": http_port},
         "ingest": {"auto_register": True}, "log": {"level": "warning"}}
     cfg = gateway_toml(tmp / f"{data.name}.toml", SITE, key=KEY, **{**base, **sections})
     t0 = time.perf_counter()
-    proc = await asyncio.create_subprocess_exec(EGIZ, "gateway", "run", "--config", str(cfg))
+    proc = await asyncio.create_subprocess_exec(egiz, "gateway", "run", "--config", str(cfg))
     url = f"http://127.0.0.1:{http_port}"
     await wait_ready(url, proc=proc, timeout=600, interval=0.01)
     ready_s = time.perf_counter() - t0
@@ -116,8 +126,9 @@ async def metric(http: aiohttp.ClientSession, url: str, name: str) -> float:
 
 
 async def wait_metric(http: aiohttp.ClientSession, url: str, name: str, target: float, timeout: float,
-                      what: str) -> float:
-    """Wait until the gateway's counter `name` reaches `target`; returns when it did."""
+                      what: str, interval: float = 0.05) -> float:
+    """Wait until the gateway's counter `name` reaches `target`, asking every `interval` seconds (each
+    asking costs the gateway CPU time); returns when it did."""
     deadline = time.perf_counter() + timeout
     while True:
         got = await metric(http, url, name)
@@ -125,12 +136,13 @@ async def wait_metric(http: aiohttp.ClientSession, url: str, name: str, target: 
             return time.perf_counter()
         if time.perf_counter() > deadline:
             raise SystemExit(f"gateway {what} {got:.0f} of {target:.0f} in {timeout} s")
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(interval)
 
 
-async def wait_accepted(http: aiohttp.ClientSession, url: str, target: float, timeout: float) -> float:
+async def wait_accepted(http: aiohttp.ClientSession, url: str, target: float, timeout: float,
+                        interval: float = 0.05) -> float:
     """Wait until the gateway has applied `target` messages; returns when it did."""
-    return await wait_metric(http, url, ACCEPTED, target, timeout, "applied messages:")
+    return await wait_metric(http, url, ACCEPTED, target, timeout, "applied messages:", interval)
 
 
 async def publish_files(port: int, files: list[tuple[str, Path]]) -> float:

@@ -127,11 +127,17 @@ Overflow = Literal["drop_oldest", "disconnect"]
 
 
 class Subscription:
-    """One consumer's bounded queue and what it wants to see."""
+    """One consumer's bounded queue and what it wants to see.
 
-    def __init__(self, bus: EventBus, name: str, maxsize: int, overflow: Overflow) -> None:
+    `wake_at` is how many queued events wake its consumer (`get`, `wait`): 1 wakes it for every event;
+    a micro-batching consumer that waits for more is woken once per batch, and takes the events while
+    they are young (events held long outlive the garbage collector's young generations, and every full
+    collection of the process then walks them)."""
+
+    def __init__(self, bus: EventBus, name: str, maxsize: int, overflow: Overflow, wake_at: int = 1) -> None:
         self.name = name
         self.overflow = overflow
+        self.wake_at = wake_at
         self.everything = False
         self.thing_ids: set[str] = set()
         self.filters: list[ThingPredicate] = []
@@ -159,7 +165,8 @@ class Subscription:
             self._items.popleft()
             self._bus.count_drop(self)
         self._items.append(event)
-        self._ready.set()
+        if len(self._items) >= self.wake_at:
+            self._ready.set()
 
     async def get(self) -> Event:
         """Wait for the next event."""
@@ -167,6 +174,17 @@ class Subscription:
             self._ready.clear()
             await self._ready.wait()
         return self._items.popleft()
+
+    async def wait(self, timeout: float) -> None:
+        """Return once `wake_at` events are queued (at once if they are), or after `timeout` seconds."""
+        if len(self._items) >= self.wake_at:
+            return
+        self._ready.clear()
+        timer = asyncio.get_running_loop().call_later(timeout, self._ready.set)
+        try:
+            await self._ready.wait()
+        finally:
+            timer.cancel()
 
     def drain(self, limit: int = 1000) -> list[Event]:
         """Take up to `limit` queued events without waiting (for micro-batching consumers)."""
@@ -202,10 +220,13 @@ class EventBus:
         self.published = 0
         self.dropped = 0
 
-    def subscribe(self, name: str, *, maxsize: int = 1024, overflow: Overflow = "drop_oldest") -> Subscription:
+    def subscribe(self, name: str, *, maxsize: int = 1024, overflow: Overflow = "drop_oldest",
+                  wake_at: int = 1) -> Subscription:
         if maxsize < 1:
             raise ValueError("a subscription needs room for at least one event")
-        sub = Subscription(self, name, maxsize, overflow)
+        if not 1 <= wake_at <= maxsize:
+            raise ValueError("wake_at must be between 1 and maxsize")
+        sub = Subscription(self, name, maxsize, overflow, wake_at)
         self._subs.add(sub)
         return sub
 

@@ -112,6 +112,28 @@ async def test_get_waits_for_the_next_event() -> None:
     assert await asyncio.wait_for(waiter, 1) is event
 
 
+async def test_a_batching_subscriber_is_woken_once_its_batch_is_queued_or_when_its_time_is_up() -> None:
+    bus = EventBus()
+    sub = bus.subscribe("batcher", wake_at=3)
+    sub.watch(everything=True)
+    waiter = asyncio.create_task(sub.wait(60))
+    bus.publish(changed(OVEN, 0))
+    bus.publish(changed(OVEN, 1))
+    await asyncio.sleep(0.05)
+    assert not waiter.done()  # two of three
+    bus.publish(changed(OVEN, 2))
+    await asyncio.wait_for(waiter, 10)
+    await asyncio.wait_for(sub.wait(60), 10)  # three are queued: at once
+    assert len(sub.drain()) == 3
+    bus.publish(changed(OVEN, 3))
+    t0 = time.monotonic()
+    await asyncio.wait_for(sub.wait(0.05), 10)  # one: when the time is up
+    assert time.monotonic() - t0 >= 0.04
+    assert received(sub) == [(OVEN.id, 3)]
+    with pytest.raises(ValueError):
+        bus.subscribe("too-big", maxsize=10, wake_at=11)
+
+
 def test_drain_takes_at_most_limit_in_order() -> None:
     bus = EventBus()
     sub = bus.subscribe("batch")

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from gateway.bus import EventBus, StateChanged
+from gateway.bus import EventBus, StateChanged, ThingLifecycle
 from gateway.common.oee import Totals, downtime_answer, figures, six_big_losses
 from gateway.config import GatewayConfig, load_config
 from gateway.oee import store
@@ -226,6 +226,26 @@ async def test_counts_and_open_states_survive_a_restart(tmp_path: Path) -> None:
         assert rows == (GOOD + 100 + 0, REJECTED)  # the 14:00 reading had counted nothing new
     finally:
         await again.stop()
+
+
+async def test_a_thing_whose_type_gets_rules_is_tracked_from_then_on(tmp_path: Path) -> None:
+    """Things of types without rules are skipped cheaply, but not for good: replaced by a Thing of a type
+    with rules (ThingUpdated), it is tracked from its next reading."""
+    bus = EventBus()
+    tracker = OeeTracker(oee_config(tmp_path).oee, tmp_path, "line-a", bus, CollectorRegistry(),
+                         clock=Clock(at("06:30")))
+    await tracker.start()
+    mixer, filler = Thing(f"{SITE}:filler-9", "mixer"), Thing(f"{SITE}:filler-9", "filler")
+    try:
+        for clock, thing in (("06:00", mixer), ("06:10", mixer), ("06:20", filler)):
+            if thing is filler:
+                bus.publish(ThingLifecycle(thing.id, thing, kind="ThingUpdated"))
+            bus.publish(StateChanged(thing.id, thing, feature="drive", properties={"speed": 1.0},
+                                     timestamp=at(clock), samples=((at(clock), {"speed": 1.0}),)))
+            await tracker.query(lambda c: None)
+            assert [s.state for s in tracker.status(thing.id)] == (["running"] if thing is filler else [])
+    finally:
+        await tracker.stop()
 
 
 def test_counter_rollover_and_reset() -> None:

@@ -4,6 +4,11 @@
 (`running`, `idle`, `down`, `changeover`, `planned_stop`, `offline`), turns counter readings into
 good and rejected units, and accounts every second of time to a `Period` (machine, hour, shift,
 planned or not) and to the open `StateEvent`. The tracker that owns it writes both away in batches.
+
+A reading does only the work it can need: the rules are evaluated again only when it changes a
+property they name (or the machine comes back from offline), counters only when it carries them, the
+ideal cycle time is looked up again only when the recipe changes, and while the state stays the same
+its time is accounted in one go at the next change or `take`, not reading by reading.
 """
 
 from __future__ import annotations
@@ -25,11 +30,17 @@ _STEP = re.compile(r"\.([A-Za-z_][A-Za-z0-9_-]*)|\[(\d+)\]")
 _MISSING = object()
 
 
+def head(path: str) -> tuple[str, str]:
+    """`feature.name[.sub|[i]]...` → (feature, name): the property a reading must carry to change the value."""
+    feature, _, rest = path.partition(".")
+    match = re.match(r"[A-Za-z_][A-Za-z0-9_-]*", rest)
+    return feature, match.group(0) if match else rest
+
+
 def accessor(path: str) -> tuple[str, Accessor]:
     """`feature.name[.sub|[i]]...` → (feature, a function from {feature: properties} to the value or _MISSING)."""
-    feature, _, rest = path.partition(".")
-    head = re.match(r"[A-Za-z_][A-Za-z0-9_-]*", rest)
-    name = head.group(0) if head else rest
+    feature, name = head(path)
+    rest = path.partition(".")[2]
     steps: list[str | int] = [m.group(1) if m.group(1) is not None else int(m.group(2))
                               for m in _STEP.finditer(rest[len(name):])]
 
@@ -46,9 +57,28 @@ def accessor(path: str) -> tuple[str, Accessor]:
 
 
 def _number(v: Any) -> float | None:
+    if v.__class__ is int:  # the usual counter value; a bool is not an int here
+        return float(v)
     if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
         return None
     return float(v)
+
+
+_SCALARS = frozenset((str, int, float))
+
+
+def _changes(names: set[str] | None, held: Mapping[str, Any], props: Mapping[str, Any]) -> bool:
+    """Whether `props` changes any of `names` from what is `held` (a value of another type is a change:
+    `1` and `True` read differently)."""
+    if names is None:
+        return False
+    for name in names:
+        if name in props:
+            new, old = props[name], held.get(name, _MISSING)
+            if new is not old and (new.__class__ is not old.__class__ or new.__class__ not in _SCALARS
+                                   or new != old):
+                return True
+    return False
 
 
 class Test:
@@ -60,6 +90,7 @@ class Test:
         self.feature, self.get = accessor(c.property)
         self.of = accessor(c.of)[1] if c.op == "within" else None
         self.features = {self.feature} | ({accessor(c.of)[0]} if self.of else set())
+        self.heads = {head(c.property)} | ({head(c.of)} if self.of else set())
 
     def holds(self, features: Mapping[str, Mapping[str, Any]]) -> bool | None:
         raw = self.get(features)
@@ -165,7 +196,7 @@ class MachineTracker:
     events: dict[str, StateEvent] = field(default_factory=dict)  # changed since the last flush
     state: str = ""
     event: StateEvent | None = None
-    clock: float = 0.0  # time is accounted up to here
+    clock: float = 0.0  # the state is known up to here (time is accounted up to here at a change or `take`)
     last_seen: float = 0.0
     connectivity_offline: bool = False
     operator: OperatorState | None = None
@@ -189,8 +220,31 @@ class MachineTracker:
         for path in (self.rules.good_counter, self.rules.reject_counter):
             if path and path not in self.counters:
                 self.counters[path] = Counter(self.rules.counter_modulus)
-        self._minute_end = -1.0
-        self._minute_period: Period | None = None
+        # Per feature, the properties that can change the state and the counters they feed: a reading
+        # carrying none of them changes neither (the state is always what `derive` says of the values).
+        self._state_names: dict[str, set[str]] = {}
+        heads = [h for t in (*self._running, *self._down) for h in t.heads]
+        if self.rules.state_property:
+            heads.append(head(self.rules.state_property))
+        for feature, name in heads:
+            self._state_names.setdefault(feature, set()).add(name)
+        self._counting: dict[str, list[tuple[str, Accessor | None, Counter, bool]]] = {}
+        for path, rejects in ((self.rules.good_counter, False), (self.rules.reject_counter, True)):
+            if path:
+                feature, name = head(path)
+                nested = path != f"{feature}.{name}"  # else the value is read from the reading itself
+                self._counting.setdefault(feature, []).append(
+                    (name, accessor(path)[1] if nested else None, self.counters[path], rejects))
+        self._recipe_names: dict[str, set[str]] = {}
+        if self.rules.recipe_property:
+            feature, name = head(self.rules.recipe_property)
+            self._recipe_names[feature] = {name}
+        self._ideal: float | None = None  # the ideal cycle time of the recipe in production, once asked for
+        self._seconds = ""  # the Period field the current state's time goes to
+        self._accounted = 0.0  # time is accounted to periods and the open event up to here
+        # the period of the minute last asked for (time and counts mostly go to the same minute)
+        self._minute_end = -math.inf
+        self._minute_period = Period()
         self._minute_planned = False
 
     # ------------------------------------------------------------------ inputs
@@ -199,15 +253,25 @@ class MachineTracker:
         if feature not in self.features:
             return
         at = max(ts, self.clock)
-        if self.state:
+        self.clock = at  # while the state stays the same, its time is accounted later in one go
+        if not self.state:
+            self._accounted = at
+        if at > self.last_seen:
+            self.last_seen = at
+        was_offline, self.connectivity_offline = self.connectivity_offline, False
+        held = self.values.get(feature)
+        if held is None:
+            held = self.values[feature] = {}
+        switch = was_offline or not self.state or _changes(self._state_names.get(feature), held, props)
+        if _changes(self._recipe_names.get(feature), held, props):
+            self._ideal = None
+        held.update(props)
+        counting = self._counting.get(feature)
+        if counting is not None:  # units belong to their own minute, even when late
+            self._count(counting, props, ts if math.isfinite(ts) else at)
+        if switch:
             self.advance(at)
-        else:
-            self.clock = at
-        self.last_seen = max(self.last_seen, at)
-        self.connectivity_offline = False
-        self.values.setdefault(feature, {}).update(props)
-        self._count(ts if math.isfinite(ts) else at)  # units belong to their own minute, even when late
-        self._switch(at)
+            self._switch(at)
 
     def connectivity(self, online: bool, ts: float) -> None:
         """The node's status (its Last Will says offline when it drops off the broker)."""
@@ -226,7 +290,7 @@ class MachineTracker:
         if self.state:
             self.advance(at)
         else:
-            self.clock = self.last_seen = at
+            self.clock = self.last_seen = self._accounted = at
         self.operator = op
         self._switch(at, force=op is not None)
 
@@ -263,7 +327,11 @@ class MachineTracker:
         return "idle", "rules"
 
     def ideal_cycle_s(self) -> float:
-        recipe = self._recipe[1](self.values) if self._recipe is not None else _MISSING
+        if self._ideal is None:  # forgotten whenever a reading changes the recipe
+            self._ideal = self._ideal_of(self._recipe[1](self.values) if self._recipe is not None else _MISSING)
+        return self._ideal
+
+    def _ideal_of(self, recipe: Any) -> float:
         if isinstance(recipe, str):
             for table in (self.machine.recipes, self.rules.recipes):
                 if recipe in table:
@@ -284,14 +352,26 @@ class MachineTracker:
         if self.operator is not None:
             reason, note, by = self.operator.reason, self.operator.note, self.operator.by
         self.state = state
+        self._seconds = state + "_s"
         self.event = StateEvent(new_event_id(), self.thing_id, self.line, state, at, at, source,
                                 reason=reason, note=note, reason_by=by)
         self.events[self.event.id] = self.event
         self.clock = max(self.clock, at)
 
-    def _count(self, at: float) -> None:
-        good = self._delta(self._good, self.rules.good_counter)
-        rejected = self._delta(self._reject, self.rules.reject_counter)
+    def _count(self, counting: list[tuple[str, Accessor | None, Counter, bool]], props: Mapping[str, Any],
+               at: float) -> None:
+        """Units since the last reading of the counters this reading carries (one it lacks has not moved)."""
+        good = rejected = 0
+        for name, get, counter, rejects in counting:
+            if name not in props:
+                continue
+            value = _number(props[name] if get is None else get(self.values))
+            if value is None or value < 0 or counter.last == value:
+                continue
+            if rejects:
+                rejected += counter.delta(value)
+            else:
+                good += counter.delta(value)
         if not good and not rejected:
             return
         ideal = self.ideal_cycle_s()
@@ -304,66 +384,50 @@ class MachineTracker:
             p.rejected_startup += rejected
             p.ideal_startup_reject_s += rejected * ideal
 
-    def _delta(self, acc: tuple[str, Accessor] | None, path: str) -> int:
-        if acc is None:
-            return 0
-        value = _number(acc[1](self.values))
-        if value is None or value < 0:
-            return 0
-        counter = self.counters[path]
-        if counter.last == value:
-            return 0
-        return counter.delta(value)
-
     # ------------------------------------------------------------------ time
     def advance(self, to: float) -> None:
-        """Account [clock, to) to the current state, minute by minute of the calendar."""
-        t = self.clock
-        if to <= t or not self.state:
-            self.clock = max(self.clock, to)
+        """Account [accounted, to) to the current state, minute by minute of the calendar."""
+        if to > self.clock:
+            self.clock = to
+        t = self._accounted
+        if to <= t:
             return
-        name = self.state + "_s"
+        self._accounted = to
+        if not self.state:
+            return
+        name = self._seconds
         event = self.event
         while t < to:
-            if t >= self._minute_end or self._minute_period is None:
-                self._enter_minute(t)
-            piece = min(to, self._minute_end) - t
-            assert self._minute_period is not None
-            p = self._minute_period
+            p = self._period(t)
+            end = self._minute_end
+            piece = (to if to < end else end) - t
             setattr(p, name, getattr(p, name) + piece)
             if event is not None:
                 event.end = t + piece
                 if self._minute_planned:
                     event.planned_s += piece
             t += piece
-        self.clock = to
         if event is not None:
             self.events[event.id] = event
 
-    def _enter_minute(self, t: float) -> None:
-        start = math.floor(t / MINUTE) * MINUTE
-        self._minute_end = start + MINUTE
-        self._minute_period = None
-        self._minute_period = self._period(t)
-        self._minute_planned = self.calendar.minute(start).planned
-
     def _period(self, t: float) -> Period:
-        if self._minute_period is not None and self._minute_end - MINUTE <= t < self._minute_end:
-            return self._minute_period  # the minute time is being accounted to: the usual case
+        """The record time and units at `t` go to (the one of the minute last asked for is kept at hand)."""
+        if self._minute_end - MINUTE <= t < self._minute_end:
+            return self._minute_period
         start = math.floor(t / MINUTE) * MINUTE
         info = self.calendar.minute(start)
         key = PeriodKey(self.thing_id, self.line, math.floor(t / 3600.0) * 3600.0, info.day, info.shift, info.planned)
         p = self.periods.get(key)
         if p is None:
             p = self.periods[key] = Period()
-            if start + MINUTE == self._minute_end:
-                self._minute_period = p
+        self._minute_end, self._minute_period, self._minute_planned = start + MINUTE, p, info.planned
         return p
 
     def take(self) -> tuple[dict[PeriodKey, Period], list[StateEvent], dict[str, float]]:
         """What changed since the last call, for a flush: periods, events (copies), counter values."""
+        self.advance(self.clock)
         periods, self.periods = self.periods, {}
-        self._minute_period = None
+        self._minute_end = -math.inf
         events = [dataclasses.replace(e) for e in self.events.values()]
         self.events = {}
         counters = {path: c.last for path, c in self.counters.items() if c.last is not None}

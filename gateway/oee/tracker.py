@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 CONNECTIVITY = "connectivity"
 BATCH = 2000
-TICK_S = 0.1  # readings are taken in micro-batches this often
+TICK_S = 0.1  # readings are taken in micro-batches at least this often ...
+WAKE_AT = 64  # ... and as soon as this many events are queued: taken young, they cost the garbage collector little
 
 
 class OeeMetrics:
@@ -87,6 +88,7 @@ class OeeTracker:
         self._sub: Subscription | None = None
         self._task: asyncio.Task[None] | None = None
         self._machines: dict[str, MachineTracker] = {}
+        self._untracked: set[str] = set()  # Things whose type has no rules, until they are created or changed again
         self._counters: dict[str, dict[str, float]] = {}
         self._flush_lock = asyncio.Lock()
         self._last_flush = 0.0
@@ -101,7 +103,7 @@ class OeeTracker:
         now = self._clock()
         await self._sqlite.call(lambda db: store.init(db.conn, now))
         self._counters = await self._sqlite.call(lambda db: store.counters(db.conn))
-        self._sub = self._bus.subscribe("oee", maxsize=65536)
+        self._sub = self._bus.subscribe("oee", maxsize=65536, wake_at=WAKE_AT)
         self._sub.watch(everything=True)
         self._task = asyncio.create_task(self._run(), name="oee-tracker")
 
@@ -123,11 +125,11 @@ class OeeTracker:
         await self._sqlite.close()
 
     async def _run(self) -> None:
-        """Micro-batches: wake every TICK_S, take what queued, account time, flush when due."""
+        """Micro-batches: wake every TICK_S or at WAKE_AT queued events, take them, flush when due."""
         assert self._sub is not None
         sub = self._sub
         while True:
-            await asyncio.sleep(TICK_S)
+            await sub.wait(TICK_S)
             try:
                 while sub.qsize():
                     self._consume(sub.drain(limit=BATCH))
@@ -146,28 +148,41 @@ class OeeTracker:
     # ------------------------------------------------------------------ inputs
     def _consume(self, events: list[Any]) -> None:
         readings = 0
+        machines, untracked = self._machines, self._untracked
         for ev in events:
             if isinstance(ev, StateChanged):
-                m = self._machines.get(ev.thing_id) or self._machine_for(ev.thing)
+                m = machines.get(ev.thing_id)
                 if m is None:
-                    continue
-                if ev.feature == CONNECTIVITY:
+                    if ev.thing_id in untracked:
+                        continue
+                    m = self._machine_for(ev.thing)
+                    if m is None:
+                        if ev.thing is not None:
+                            untracked.add(ev.thing_id)
+                        continue
+                feature = ev.feature
+                if feature == CONNECTIVITY:
                     state = ev.properties.get("state")
                     if state in ("online", "offline"):
                         self._observe(m, functools.partial(m.connectivity, state == "online", ev.timestamp))
                     continue
-                if ev.feature not in m.features:
+                if feature not in m.features:
                     continue
                 samples = ev.samples or ((ev.timestamp, ev.properties),)
                 readings += len(samples)
                 before = m.state
+                reading = m.reading
                 for ts, props in samples:
-                    m.reading(ev.feature, ts, props)
+                    reading(feature, ts, props)
                     if m.state != before:
                         self.metrics.state_changes.labels(m.state).inc()
                         before = m.state
-            elif isinstance(ev, ThingLifecycle) and ev.kind == "ThingDeleted":
-                m = self._machines.pop(ev.thing_id, None)
+            elif isinstance(ev, ThingLifecycle):
+                untracked.discard(ev.thing_id)
+                if ev.kind != "ThingDeleted":
+                    continue
+                m = machines.pop(ev.thing_id, None)
+                self.metrics.machines.set(len(machines))
                 if m is not None and m.event is not None:
                     m.tick(self._clock(), self.section.offline_after_s)
                     m.event.open = False
@@ -175,7 +190,6 @@ class OeeTracker:
                     self._orphans.append(m)
         if readings:
             self.metrics.readings.inc(readings)
-        self.metrics.machines.set(len(self._machines))
 
     def _observe(self, m: MachineTracker, step: Callable[[], None]) -> None:
         before = m.state
@@ -201,6 +215,7 @@ class OeeTracker:
             if path in m.counters:
                 m.counters[path].last = value
         self._machines[thing.id] = m
+        self.metrics.machines.set(len(self._machines))
         return m
 
     # ------------------------------------------------------------------ operator
