@@ -27,7 +27,15 @@ from gateway.detect.detector import AnomalyDetector
 from gateway.ingest.deadletter import DeadLetterLog
 from gateway.ingest.mqtt import MqttIngest
 from gateway.ingest.sequence import SequenceTracker
-from gateway.memory import budget, check_budget, limit_native_caches, machine_memory_mb, resident_mb
+from gateway.memory import (
+    budget,
+    check_budget,
+    limit_native_caches,
+    machine_memory_mb,
+    release_heap,
+    resident_mb,
+    settle_heap,
+)
 from gateway.metrics import GatewayMetrics
 from gateway.oee.tracker import OeeTracker
 from gateway.provision import Provisioner
@@ -119,6 +127,7 @@ class GatewayService:
         if restored:
             log.info("live state restored from the buffer", extra={"things": restored})
         self._check_memory()
+        settle_heap()  # what exists now lives as long as the gateway: not walked by every collection
         for watcher in self._watchers():
             await watcher.start()  # before ingest: the first reading is already watched
         await self.ingest.start()
@@ -175,6 +184,7 @@ class GatewayService:
         if self.provisioner is not None:
             await self.provisioner.stop()
         await self.registry.stop()
+        release_heap()
         log.info("gateway stopped")
 
     async def run_until_signalled(self) -> None:
