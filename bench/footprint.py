@@ -108,6 +108,14 @@ async def accepted(http: aiohttp.ClientSession, url: str) -> float:
     return await metric(http, url, ACCEPTED)
 
 
+async def gc_collections(http: aiohttp.ClientSession, url: str) -> float:
+    """Runs of Python's cycle collector so far, all generations (`python_gc_collections_total`)."""
+    async with http.get(url + "/metrics") as r:
+        text = await r.text()
+    runs = re.findall(r'^python_gc_collections_total\{generation="\d"\} ([0-9.e+]+)$', text, re.M)
+    return sum(float(v) for v in runs)
+
+
 async def duplicates(http: aiohttp.ClientSession, url: str) -> float:
     return await metric(http, url, "egiz_ingest_duplicate_samples_total")
 
@@ -300,6 +308,7 @@ class Run:
     started: float
     ws_closed_slow: int
     window_s: float
+    gc_collections: float  # the cycle collector's runs in the CPU window, every generation
 
     @property
     def lost(self) -> int:
@@ -318,6 +327,7 @@ async def run_load(gw: Gateway, port: int, load: Load, boot: str, *, ws: bool = 
             # are not counted.
             await asyncio.sleep(max(0.0, pubs.start_at - time.time()) + min(WARMUP_S, load.seconds / 4))
             cpu0, n0, w0 = cpu_seconds(gw.pid), await accepted(http, gw.url), time.monotonic()
+            gc0 = await gc_collections(http, gw.url)
             published_by = pubs.start_at + load.seconds
             spy = await profile(gw, boot, published_by - time.time())
             await asyncio.sleep(max(0.0, published_by - time.time()))
@@ -330,6 +340,7 @@ async def run_load(gw: Gateway, port: int, load: Load, boot: str, *, ws: bool = 
             # ... until every message is applied: on a busy machine the gateway may lag behind the
             # publishers, and the messages it applies after they stop cost CPU as well.
             cpu1, n1, w1 = cpu_seconds(gw.pid), await accepted(http, gw.url), time.monotonic()
+            gc1 = await gc_collections(http, gw.url)
             if ws:
                 deadline = time.monotonic() + 10
                 while len(watcher.seen) < sent and time.monotonic() < deadline:
@@ -338,7 +349,7 @@ async def run_load(gw: Gateway, port: int, load: Load, boot: str, *, ws: bool = 
         dup = await duplicates(http, gw.url) - dup_before
         slow = await metric(http, gw.url, "egiz_ws_slow_disconnects_total")
     return Run(sent, applied, dup, len(watcher.seen), watcher.doubled, cpu1 - cpu0, n1 - n0,
-               memory_kib(gw.pid, "VmHWM") / 1024, watcher.delays, pubs.start_at, int(slow), w1 - w0)
+               memory_kib(gw.pid, "VmHWM") / 1024, watcher.delays, pubs.start_at, int(slow), w1 - w0, gc1 - gc0)
 
 
 PROFILE_DIR: Path | None = None
@@ -372,7 +383,8 @@ async def cpu_figures(label: str, egiz: str, tmp: Path, port: int, rate: int, se
     async with gateway(egiz, label, tmp, port, f"cpu{rate}") as gw:
         run = await run_load(gw, port, Load(rate, seconds, 200), f"c{rate}")
         emit("cpu_s_per_1k_msgs", run.cpu_s / max(run.cpu_msgs, 1) * 1000, "core-s", "<= 0.10", gateway=label,
-             rate=rate, devices=200, cpu_share=round(run.cpu_s / run.window_s, 3), **counts(run))
+             rate=rate, devices=200, cpu_share=round(run.cpu_s / run.window_s, 3),
+             gc_per_1k_msgs=round(run.gc_collections / max(run.cpu_msgs, 1) * 1000, 1), **counts(run))
         emit("publish_to_ws_p99", pct([d for _, d in run.delays], 99) * 1000, "ms", "reference", gateway=label,
              rate=rate)
         if rate == 1000:
