@@ -112,8 +112,6 @@ class ReadAhead:
     one by one, a millisecond apart, and each would wake the event loop, the ingest and every
     WebSocket sender on its own. Reading a few milliseconds' worth at once makes one wake-up, one
     read and one WebSocket write of several messages; it delays a message by at most `PAUSE_S`.
-    Not after a full chunk: then more is waiting (a backlog, after the broker held messages back
-    while a commit was slow), and a pause would only slow its draining.
     """
 
     CHUNK = 32 * 1024
@@ -135,7 +133,6 @@ class ReadAhead:
         self._paused = False
         self._taken = 0  # PUBLISH packets parsed here in this call of loop_read
         self._short = False  # the chunk ends with the start of a PUBLISH, and nothing more is waiting
-        self._full = False  # the last read filled a whole chunk: more is likely waiting
         # paho looks both up on the instance: its reads and aiomqtt's reader callback come here.
         paho_client._sock_recv = self._sock_recv  # type: ignore[method-assign]
         paho_client.loop_read = self.loop_read  # type: ignore[method-assign]
@@ -158,7 +155,6 @@ class ReadAhead:
                     return b""
                 raise failed
             data = self._recv(max(bufsize, self.CHUNK))  # BlockingIOError when nothing is waiting
-            self._full = len(data) >= self.CHUNK
             if len(data) <= bufsize:
                 return data
             self._buf, self._pos = data, 0
@@ -184,7 +180,7 @@ class ReadAhead:
         if self._taken:  # paho's keepalive counts from the last bytes received
             with self._paho._msgtime_mutex:
                 self._paho._last_bytes_received = paho.time_func()
-        if rc == paho.MQTT_ERR_SUCCESS and self._later is None and not self._full:
+        if rc == paho.MQTT_ERR_SUCCESS and self._later is None:
             self._pause()
         return rc
 
@@ -207,7 +203,6 @@ class ReadAhead:
             if not data:
                 self._failed = _Closed()
                 return self._loop_read()
-            self._full = len(data) >= self.CHUNK
             self._buf, self._pos = data, 0
         while True:
             took = self._take_publish()
@@ -226,7 +221,6 @@ class ReadAhead:
             if not data:
                 self._failed = _Closed()
                 return self._loop_read()
-            self._full = len(data) >= self.CHUNK
             self._buf, self._pos = self._buf[self._pos:] + data, 0
 
     def _take_publish(self) -> bool | None:
