@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import aiohttp
-from harness import ACCEPTED, metric
+from harness import ACCEPTED, metric, metric_sum
 
 from gateway.broker import BrokerProcess, BrokerSettings, find_free_port
 
@@ -109,11 +109,8 @@ async def accepted(http: aiohttp.ClientSession, url: str) -> float:
 
 
 async def gc_collections(http: aiohttp.ClientSession, url: str) -> float:
-    """Runs of Python's cycle collector so far, all generations (`python_gc_collections_total`)."""
-    async with http.get(url + "/metrics") as r:
-        text = await r.text()
-    runs = re.findall(r'^python_gc_collections_total\{generation="\d"\} ([0-9.e+]+)$', text, re.M)
-    return sum(float(v) for v in runs)
+    """Runs of Python's cycle collector so far, all generations."""
+    return await metric_sum(http, url, "python_gc_collections_total")
 
 
 async def duplicates(http: aiohttp.ClientSession, url: str) -> float:

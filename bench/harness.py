@@ -125,6 +125,15 @@ async def metric(http: aiohttp.ClientSession, url: str, name: str) -> float:
     return float(m.group(1)) if m else 0.0
 
 
+async def metric_sum(http: aiohttp.ClientSession, url: str, name: str, key: str | None = None) -> float:
+    """A metric summed over its labels (every series of `name`), read with API key `key` when given."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    async with http.get(url + "/metrics", headers=headers) as r:
+        text = await r.text()
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith((name + " ", name + "{")))
+
+
 async def wait_metric(http: aiohttp.ClientSession, url: str, name: str, target: float, timeout: float,
                       what: str, interval: float = 0.05) -> float:
     """Wait until the gateway's counter `name` reaches `target`, asking every `interval` seconds (each

@@ -55,6 +55,7 @@ from footprint import (
     published,
     websocket,
 )
+from harness import metric_sum
 
 from gateway.broker import BrokerProcess, BrokerSettings, find_free_port
 from gateway.detect.models import ModelRegistry
@@ -143,14 +144,6 @@ def cpu_share(samples: list[Sample], lo: float, hi: float) -> float:
     return (b.cpu_s - a.cpu_s) / (b.t - a.t) if b.t > a.t else float("nan")
 
 
-async def metric_sum(http: aiohttp.ClientSession, url: str, name: str, key: str = KEY) -> float:
-    """A metric summed over its labels."""
-    async with http.get(url + "/metrics", headers={"Authorization": f"Bearer {key}"}) as r:
-        text = await r.text()
-    return sum(float(line.split()[-1]) for line in text.splitlines()
-               if line.startswith((name + " ", name + "{")))
-
-
 async def aggregator_points(http: aiohttp.ClientSession, url: str) -> float:
     return await metric_sum(http, url, "egiz_aggregator_points_total", ADMIN_KEY)
 
@@ -223,7 +216,7 @@ async def soak(minutes: float, rate: int, clients: int, duckdb_mb: float, tmp: P
             confirmed = await metric(http, gw.url, "egiz_uplink_points_total")
             received = await aggregator_points(http, agg_url)
             slow = await metric(http, gw.url, "egiz_ws_slow_disconnects_total")
-            anomalies = await metric_sum(http, gw.url, "egiz_anomalies_opened_total")
+            anomalies = await metric_sum(http, gw.url, "egiz_anomalies_opened_total", KEY)
             scored = await metric(http, gw.url, "egiz_detect_rows_scored_total")
     finally:
         await broker.stop()
