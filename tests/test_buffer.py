@@ -282,6 +282,122 @@ async def test_disk_budget_policies(tmp_path: Path, policy: str) -> None:
         await buf.stop()
 
 
+async def write_history(path: Path, series: int, points: int, start: float, step: float) -> None:
+    """A large stored history written with SQL into a closed buffer file: `points` values of `series`
+    series (ids 2..series + 1) every `step` seconds from `start`, with ids after the file's highest."""
+    con = duckdb.connect(str(path))
+    try:
+        first = con.execute("SELECT coalesce(max(id), 0) + 1 FROM points").fetchone()[0]
+        con.execute("INSERT INTO series SELECT range + 2, 's:oven-' || range, 'oven', 'thermal', 't', true "
+                    "FROM range(?)", [series])
+        con.execute("INSERT INTO points SELECT ? + range, range % ? + 2, ? + range * ?, ? + range * ?, range, "
+                    "sin(range / 1000.0), NULL FROM range(?)", [first, series, start, step, start, step, points])
+    finally:
+        con.close()
+
+
+async def test_commits_are_not_held_behind_a_slow_maintenance_pass(tmp_path: Path) -> None:
+    # Commits acknowledge the broker's messages; the maintenance pass must not hold them. Four million
+    # stored points of a thousand series over a day make the pass's roll-ups take a large part of a
+    # second here (tens of milliseconds over a line's 30 s of points); meanwhile commits go on.
+    cfg = config(tmp_path, **{"buffer.maintenance_interval_s": 3600})
+    buf = await open_buffer(cfg)
+    buf.add("s:mixer", "mixer", samples([0.0], [T0]), T0, ("b", 0, 1))
+    await buf.flush()
+    await buf.stop()
+    await write_history(tmp_path / "data" / "buffer.duckdb", 1000, 4_000_000, T0, 86400 / 4_000_000)
+    buf = await open_buffer(cfg)
+    try:
+        client = Acks()
+        start = time.perf_counter()
+        passing = asyncio.create_task(buf.maintain(now=T0 + 2 * 86400))
+        waits = []
+        mid = 0
+        while not passing.done():
+            mid += 1
+            buf.add("s:mixer", "mixer", samples([float(mid)], [T0 + mid], first_seq=mid), T0, ("b", mid, 1))
+            buf.ack_later(client, mid, 1)
+            t = time.perf_counter()
+            await buf.flush()
+            waits.append(time.perf_counter() - t)
+        took = time.perf_counter() - start
+        result = await passing
+        assert result.rolled >= 1000 * 24 * 60  # every series' every minute of the day
+        assert took > 0.2, f"the pass took only {took * 1000:.0f} ms: too short to tell"
+        assert client.acked == list(range(1, mid + 1))
+        # Behind the pass, one commit would wait for all of it; beside it, many commits finish meanwhile.
+        assert len(waits) >= 3 and max(waits) < took / 3, (f"pass {took * 1000:.0f} ms, commits waited "
+                                                          f"{[round(w * 1000) for w in waits]} ms")
+        assert buf.store.point_count() == 4_000_000 + 1 + mid
+    finally:
+        await buf.stop()
+
+
+async def test_passes_beside_commits_fail_no_commit_and_roll_up_every_point_once(tmp_path: Path) -> None:
+    # Passes every 50 ms while messages are committed, the uplink moves its cursor and devices reboot:
+    # roll-ups, retention (points two hours old, kept ten seconds) and trims of the sequence marks run
+    # beside the commits. No commit fails, everything is acknowledged, and every point is in the
+    # roll-ups exactly once, also those committed between a pass's roll-up and its retention.
+    cfg = config(tmp_path, **{"buffer.maintenance_interval_s": 0.05, "buffer.late_s": 0,
+                              "buffer.raw_retention_days": 10 / 86400})
+    buf = await open_buffer(cfg, uplink=True)
+    try:
+        client = Acks()
+        old = time.time() - 7200
+        mid = 0
+        start = time.monotonic()
+        while time.monotonic() - start < 3.0:
+            for _ in range(50):
+                mid += 1
+                thing = f"s:oven-{mid % 5}"
+                buf.add(thing, "oven", samples([float(mid % 89)], [old + mid * 0.001], first_seq=mid), T0,
+                        (f"boot-{mid // 400}", mid, 1))  # a new boot every 400 messages
+                buf.ack_later(client, mid, 1)
+            if mid % 1000 == 0:
+                sent = await buf.read_outbox(limit=500)
+                if sent.num_rows:
+                    await buf.confirm_outbox(sent.column("id")[-1].as_py(), {"uplink.batch_seq": mid})
+            await asyncio.sleep(0.005)
+        await buf.flush()
+        assert buf.commit_errors == 0
+        assert client.acked == list(range(1, mid + 1))
+        m = buf._m
+        assert m.buffer_dropped.labels("retention")._value.get() > 0  # retention ran during the inflow
+        await buf.maintain()
+        sids = [sid for i in range(5) for sid in buf.series_of(f"s:oven-{i}")]
+        minutes = buf.store.buckets(sids, old - 60, old + 3600, 60)
+        assert int(minutes["count"].sum()) == mid
+        hours = buf.store.buckets(sids, old - 3600, old + 3600, 3600)
+        assert int(hours["count"].sum()) == mid
+        assert m.buffer_dropped.labels("retention")._value.get() + buf.store.point_count() == mid
+    finally:
+        await buf.stop()
+
+
+async def test_the_pass_keeps_the_sequence_marks_of_each_things_newest_boots(tmp_path: Path) -> None:
+    cfg = config(tmp_path, **{"buffer.maintenance_interval_s": 3600})
+    buf = await open_buffer(cfg)
+    try:
+        for boot in range(6):  # six boots of one Thing, one of another
+            buf.add("s:oven", "oven", samples([1.0], [T0 + boot]), T0, (f"b{boot}", 1, 1))
+            await buf.flush()
+        buf.add("s:mixer", "mixer", samples([1.0], [T0]), T0, ("m", 1, 1))
+        await buf.flush()
+        await buf.maintain(now=T0)
+        # the oldest boot is written again after the trim: it is stored anew, not lost as an update of a gone row
+        buf.add("s:oven", "oven", samples([2.0], [T0 + 9], first_seq=2), T0, ("b0", 2, 3))
+        await buf.flush()
+    finally:
+        await buf.stop()
+    buf = await open_buffer(cfg)
+    try:
+        marks = {(t, b): s for t, b, s, _u, _w in buf.marks}
+        assert marks == {("s:oven", "b0"): 2, ("s:oven", "b2"): 1, ("s:oven", "b3"): 1, ("s:oven", "b4"): 1,
+                         ("s:oven", "b5"): 1, ("s:mixer", "m"): 1}
+    finally:
+        await buf.stop()
+
+
 async def test_outbox_reads_in_order_and_its_cursor_is_durable(tmp_path: Path) -> None:
     cfg = config(tmp_path)
     buf = await open_buffer(cfg, uplink=True)

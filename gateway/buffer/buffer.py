@@ -8,6 +8,10 @@ broker, in the order they arrived. A crash before the commit leaves them unackno
 broker redelivers them; a crash after the commit but before the acknowledgement makes the broker
 redeliver messages whose sequence marks are already stored, so they are dropped. Nothing
 acknowledged is lost and nothing is stored twice.
+
+Housekeeping (roll-ups, retention, the disk budget) runs on a thread and DuckDB cursor of its own,
+beside the commits rather than in front of them: the acknowledgements, and with them the broker's
+window of unacknowledged messages, do not wait for a maintenance pass.
 """
 
 from __future__ import annotations
@@ -17,11 +21,14 @@ import contextlib
 import functools
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+import duckdb
 
 from gateway.buffer.points import Deadband, PointBatch, deadband_for, sample_points
 from gateway.buffer.store import BufferStore, Maintenance, OpenState, directory_bytes
@@ -40,6 +47,7 @@ T = TypeVar("T")
 LOW_WATER = 0.9  # after a drop, the data directory is brought to this share of its budget
 RESUME = 0.95  # reject_new stores again below this share
 OUTBOX = "uplink"
+PASS_ATTEMPTS = 3  # a maintenance pass that meets a write conflict is tried again, this often in all
 
 
 class Ackable(Protocol):
@@ -64,6 +72,9 @@ class TelemetryBuffer(SeriesIndexed):
         self._uplink = uplink
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="duckdb-writer")
         self._readers = ThreadPoolExecutor(2, thread_name_prefix="duckdb-reader")
+        self._maintainer = ThreadPoolExecutor(1, thread_name_prefix="duckdb-maintenance")
+        # One maintenance pass or disk-budget recovery at a time; the file is reopened only under it.
+        self._housekeeping = threading.Lock()
         self.catalogue = SeriesCatalogue()
         self._deadbands: dict[int, Deadband] = {}
         self._next_series = 1
@@ -98,7 +109,7 @@ class TelemetryBuffer(SeriesIndexed):
         self.marks = state.seq_marks
         self.synced_id = int(await self._write(lambda: self.store.get_meta(f"outbox.{OUTBOX}")))
         self._m.buffer_disk_budget.set(self._cfg.disk_budget_mb * 2**20)
-        await self._write(self._budget)  # a full disk is known before the first message
+        await self._write(self._budget_now)  # a full disk is known before the first message
         self._tasks = [asyncio.create_task(self._commit_loop(), name="buffer-commit"),
                        asyncio.create_task(self._maintenance_loop(), name="buffer-maintenance")]
         log.info("telemetry buffer opened", extra={"series": len(self.series_keys), "next_point_id": self._next_id,
@@ -108,6 +119,8 @@ class TelemetryBuffer(SeriesIndexed):
         """Commit what is pending (acknowledging it), then checkpoint and close the file."""
         await cancel_and_wait(*self._tasks)
         self._tasks = []
+        # a pass already running finishes on its thread before the file is closed under it
+        await asyncio.get_running_loop().run_in_executor(None, self._maintainer.shutdown)
         if self._opened:
             try:
                 await self.flush()
@@ -287,21 +300,22 @@ class TelemetryBuffer(SeriesIndexed):
 
     def _recover(self, make_room: bool) -> None:
         """After a failed commit: make room by the disk policy; reopen the file if DuckDB gave up on it."""
-        try:
-            if make_room:
-                self._budget(force=True)
-            else:
-                self.store.con.execute("SELECT 1")
-        except Exception as exc:  # the file may be invalidated: reopen it
-            log.warning("reopening the buffer file after an error", extra={"error": str(exc)[:200]})
-            with contextlib.suppress(Exception):
-                self.store.close()
+        with self._housekeeping:
             try:
-                self.store.open()
-            except Exception as again:
-                log.error("the buffer file cannot be reopened yet", extra={"error": str(again)[:200]})
+                if make_room:
+                    self._budget(force=True)
+                else:
+                    self.store.con.execute("SELECT 1")
+            except Exception as exc:  # the file may be invalidated: reopen it
+                log.warning("reopening the buffer file after an error", extra={"error": str(exc)[:200]})
+                with contextlib.suppress(Exception):
+                    self.store.close()
+                try:
+                    self.store.open()
+                except Exception as again:
+                    log.error("the buffer file cannot be reopened yet", extra={"error": str(again)[:200]})
 
-    # ----------------------------------------------------------------- housekeeping (writer thread)
+    # ----------------------------------------------------------------- housekeeping (maintenance thread)
     async def _maintenance_loop(self) -> None:
         while True:
             await asyncio.sleep(self._cfg.maintenance_interval_s)
@@ -311,26 +325,56 @@ class TelemetryBuffer(SeriesIndexed):
                 log.exception("buffer maintenance failed; retrying next interval")
 
     async def maintain(self, now: float | None = None) -> Maintenance:
-        """Roll up, apply retention, keep the disk budget: one pass (also callable by tests and the CLI)."""
-        result = await self._write(lambda: self._maintain(time.time() if now is None else now))
+        """Roll up, apply retention, keep the disk budget: one pass (also callable by tests and the CLI).
+
+        The pass runs on the maintenance thread while commits go on; only trimming the sequence marks,
+        which commits write, takes a turn of the writer thread."""
+        at = time.time() if now is None else now
+        loop = asyncio.get_running_loop()
+        result = await loop.run_in_executor(self._maintainer, functools.partial(self._maintain, at))
+        await self._write(self.store.trim_marks)
         self._m.buffer_rollup_rows.inc(result.rolled)
         return result
 
     def _maintain(self, now: float) -> Maintenance:
+        attempt = 1
+        while True:
+            try:
+                with self._housekeeping:
+                    return self._pass(now)
+            except duckdb.TransactionException as exc:
+                # A write conflict: DuckDB fails the second writer of a row, and the pass writes no row a
+                # commit writes. Should one happen anyway, the pass (each step safe to repeat) is tried
+                # again, never a commit.
+                if attempt == PASS_ATTEMPTS:
+                    raise
+                log.warning("buffer maintenance met a write conflict; trying again",
+                            extra={"attempt": attempt, "error": str(exc)[:200]})
+                time.sleep(0.05 * attempt)
+                attempt += 1
+
+    def _pass(self, now: float) -> Maintenance:
         cfg = self._cfg
-        rolled = self.store.rollup(now, cfg.late_s)
+        cur = self.store.reader()  # this thread's own cursor: the writer's connection is the commits'
+        rolled = self.store.rollup(now, cfg.late_s, cur)
         raw, rolled_deleted = self.store.retention(now, cfg.raw_retention_days,
                                                    {"1m": cfg.rollup_1m_retention_days,
-                                                    "1h": cfg.rollup_1h_retention_days})
+                                                    "1h": cfg.rollup_1h_retention_days}, cur)
         if raw:
             self._m.buffer_dropped.labels("retention").inc(raw)
         if raw or rolled_deleted:
-            self.store.checkpoint()
+            self.store.checkpoint(cur)
         self._budget()
         return Maintenance(rolled, raw, rolled_deleted)
 
+    def _budget_now(self) -> None:
+        with self._housekeeping:
+            self._budget()
+
     def _budget(self, force: bool = False) -> None:
-        """Measure the data directory and apply the disk policy when it is over budget."""
+        """Measure the data directory and apply the disk policy when it is over budget (on any thread,
+        with this thread's cursor, under `_housekeeping`)."""
+        cur = self.store.reader()
         budget = self._cfg.disk_budget_mb * 2**20
         used = self._used()
         if not force and (budget == 0 or used < budget * (RESUME if self.refusing else 1.0)):
@@ -346,14 +390,15 @@ class TelemetryBuffer(SeriesIndexed):
             if total:
                 per_point = max(1.0, (used - self._other_bytes()) / total)
                 deleted, unsent = self.store.drop_oldest(math.ceil(target / per_point), max_id,
-                                                         synced_id=self.synced_id if self._uplink else None)
+                                                         synced_id=self.synced_id if self._uplink else None,
+                                                         cur=cur)
                 if deleted:  # counted before the checkpoint, which a full disk can fail: the delete stands
                     self._m.buffer_dropped.labels(policy).inc(deleted)
                     self._m.buffer_unsent_dropped.inc(unsent)
                     log.warning("disk budget reached: removed the oldest raw points",
                                 extra={"policy": policy, "points": deleted, "used_bytes": used,
                                        "budget_bytes": int(budget)})
-                    self.store.checkpoint()
+                    self.store.checkpoint(cur)
                     used = self._used()
         over = bool(budget) and used >= budget
         if over and not self.refusing:

@@ -3,9 +3,13 @@ sequence marks and the outbox), as plain blocking methods.
 
 The async side (`TelemetryBuffer`) calls the write methods from one writer thread and the read
 methods from reader threads, each with its own cursor; DuckDB's MVCC keeps readers consistent while
-the writer commits. Points are appended as batches of NumPy columns in one transaction together with the new
-series and the per-device sequence marks, so after a crash the stored points and the "already
-stored" marks always agree: that is what makes redelivered messages safe to drop.
+the writer commits. The maintenance pass (roll-ups, retention, the disk budget) writes through its
+own cursor beside the commits: it only deletes points, which commits only append, and writes tables
+and meta keys the writer thread never writes, so the two do not conflict; the sequence marks, which
+commits update, are trimmed on the writer thread (`trim_marks`). Points are appended as batches of
+NumPy columns in one transaction together with the new series and the per-device sequence marks, so
+after a crash the stored points and the "already stored" marks always agree: that is what makes
+redelivered messages safe to drop.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import contextlib
 import logging
 import os
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -117,36 +122,51 @@ class BufferStore(PointFile):
             raise
         marked.update(new)
 
-    def retention(self, now: float, raw_days: float, rollup_days: dict[str, float]) -> tuple[int, int]:
-        """Delete raw points and roll-up rows older than their retention; never raw points not yet rolled."""
-        con = self.con
-        self.set_meta("ids.high", self.high_id())
-        wm = min(self.get_meta(f"rollup_{n}.ts", 0.0) for n in ROLLUPS)
+    def retention(self, now: float, raw_days: float, rollup_days: dict[str, float],
+                  cur: duckdb.DuckDBPyConnection | None = None) -> tuple[int, int]:
+        """Delete raw points and roll-up rows older than their retention; never raw points not yet rolled
+        (by time: older than every roll-up's watermark; by id: up to every roll-up's last id, as points
+        may be committed while the maintenance pass runs)."""
+        con = cur or self.con
+        self.set_meta("ids.high", self.high_id(con), con)
+        wm = min(self.get_meta(f"rollup_{n}.ts", 0.0, con) for n in ROLLUPS)
+        rolled_id = min(self.get_meta(f"rollup_{n}.id", 0.0, con) for n in ROLLUPS)
         cut = min(now - raw_days * 86400, wm)
-        res = con.execute("DELETE FROM points WHERE ts < ?", [cut]).fetchone()
+        res = con.execute("DELETE FROM points WHERE ts < ? AND id <= ?", [cut, rolled_id]).fetchone()
         raw = int(res[0]) if res else 0
         rolled = 0
         for name, days in rollup_days.items():
             res = con.execute(f"DELETE FROM rollup_{name} WHERE bucket < ?", [now - days * 86400]).fetchone()
             rolled += int(res[0]) if res else 0
-        con.execute(
+        return raw, rolled
+
+    def trim_marks(self) -> int:
+        """Keep the sequence marks of each Thing's newest `MAX_BOOTS_PER_THING` boots; returns how many
+        were removed. On the writer thread: commits update these rows, so the trim goes between them
+        and never conflicts with one. The known marks tell at no cost whether there is anything to trim."""
+        per_thing = Counter(t for t, _b in self._marked)
+        if not per_thing or max(per_thing.values()) <= MAX_BOOTS_PER_THING:
+            return 0
+        con = self.con
+        res = con.execute(
             "DELETE FROM seq_state WHERE (thing_id, boot) IN (SELECT thing_id, boot FROM "
             "(SELECT thing_id, boot, row_number() OVER (PARTITION BY thing_id ORDER BY updated DESC) AS r "
             f"FROM seq_state) WHERE r > {MAX_BOOTS_PER_THING})"
-        )
+        ).fetchone()
         self._marked = {(sys.intern(t), sys.intern(b))  # the Things' and boots' names, not a copy per mark
                         for t, b in con.execute("SELECT thing_id, boot FROM seq_state").fetchall()}
-        return raw, rolled
+        return int(res[0]) if res else 0
 
-    def drop_oldest(self, count: int, max_id: int | None, *, synced_id: int | None = None) -> tuple[int, int]:
+    def drop_oldest(self, count: int, max_id: int | None, *, synced_id: int | None = None,
+                    cur: duckdb.DuckDBPyConnection | None = None) -> tuple[int, int]:
         """Delete the `count` oldest raw points (by arrival), only up to `max_id` when given.
 
         Returns (deleted, of which not yet confirmed by the uplink when `synced_id` is given).
         """
         if count <= 0:
             return 0, 0
-        con = self.con
-        self.set_meta("ids.high", self.high_id())
+        con = cur or self.con
+        self.set_meta("ids.high", self.high_id(con), con)
         where = "" if max_id is None else f"WHERE id <= {int(max_id)}"
         row = con.execute(f"SELECT id FROM points {where} ORDER BY id LIMIT 1 OFFSET ?", [count - 1]).fetchone()
         if row is None:

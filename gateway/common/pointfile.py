@@ -2,8 +2,9 @@
 methods: the layout the gateway's buffer and the aggregator's DuckDB store share, so a history answer
 is read the same way from either.
 
-One writer thread holds the connection; reader threads each get their own cursor, and DuckDB's MVCC
-keeps them consistent while the writer commits.
+One writer thread holds the connection; every other thread (readers, the gateway's maintenance pass)
+gets its own cursor, and DuckDB's MVCC keeps them consistent while the writer commits. The methods a
+maintenance pass runs take the cursor to write with (`cur`); without one they use the writer's connection.
 """
 
 from __future__ import annotations
@@ -48,11 +49,11 @@ class PointFile:
         self._local = threading.local()
         self._cursors: list[duckdb.DuckDBPyConnection] = []
 
-    def high_id(self) -> int:
+    def high_id(self, cur: duckdb.DuckDBPyConnection | None = None) -> int:
         """The highest point id ever given out: ids are never reused, even after every point is deleted."""
-        row = self.con.execute("SELECT max(id) FROM points").fetchone()
-        ids = [int(row[0]) if row and row[0] is not None else 0, int(self.get_meta("ids.high"))]
-        ids += [int(self.get_meta_max(prefix)) for prefix in ("outbox.", *(f"rollup_{n}.id" for n in ROLLUPS))]
+        row = (cur or self.con).execute("SELECT max(id) FROM points").fetchone()
+        ids = [int(row[0]) if row and row[0] is not None else 0, int(self.get_meta("ids.high", cur=cur))]
+        ids += [int(self.get_meta_max(prefix, cur)) for prefix in ("outbox.", *(f"rollup_{n}.id" for n in ROLLUPS))]
         return max(ids)
 
     def close(self) -> None:
@@ -76,7 +77,7 @@ class PointFile:
         return self._con
 
     def reader(self) -> duckdb.DuckDBPyConnection:
-        """A cursor of this thread (reader threads each get their own)."""
+        """A cursor of this thread (reader threads and the maintenance thread each get their own)."""
         cur = getattr(self._local, "cursor", None)
         if cur is None:
             cur = self._local.cursor = self.con.cursor()
@@ -92,8 +93,8 @@ class PointFile:
             self._cursors.append(cur)
         return cur
 
-    def set_meta(self, key: str, num: float) -> None:
-        self.con.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", [key, num])
+    def set_meta(self, key: str, num: float, cur: duckdb.DuckDBPyConnection | None = None) -> None:
+        (cur or self.con).execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", [key, num])
 
     def set_metas(self, values: dict[str, float]) -> None:
         """Several numbers in one statement, so one transaction: a crash keeps all of them or none."""
@@ -106,24 +107,25 @@ class PointFile:
         row = (cur or self.con).execute("SELECT num FROM meta WHERE key = ?", [key]).fetchone()
         return float(row[0]) if row else default
 
-    def get_meta_max(self, prefix: str) -> float:
-        row = self.con.execute("SELECT max(num) FROM meta WHERE starts_with(key, ?)", [prefix]).fetchone()
+    def get_meta_max(self, prefix: str, cur: duckdb.DuckDBPyConnection | None = None) -> float:
+        row = (cur or self.con).execute("SELECT max(num) FROM meta WHERE starts_with(key, ?)", [prefix]).fetchone()
         return float(row[0]) if row and row[0] is not None else 0.0
 
-    def rollup(self, now: float, late_s: float) -> int:
+    def rollup(self, now: float, late_s: float, cur: duckdb.DuckDBPyConnection | None = None) -> int:
         """Roll closed buckets up incrementally; late points become extra partial rows merged on read.
 
         Each pass takes points with `wm <= ts < closed` (first time their bucket is closed) plus
         points that arrived since the last pass with `ts < wm` (late); together they cover every
-        point exactly once.
+        point exactly once. Points committed while it runs have higher ids than `hi` (one writer
+        gives out ids in commit order), so they wait for the next pass.
         """
-        con = self.con
+        con = cur or self.con
         hi_row = con.execute("SELECT max(id) FROM points").fetchone()
         hi = int(hi_row[0]) if hi_row and hi_row[0] is not None else 0
         rolled = 0
         for name, width in ROLLUPS.items():
-            wm = self.get_meta(f"rollup_{name}.ts", 0.0)
-            last = int(self.get_meta(f"rollup_{name}.id", 0.0))
+            wm = self.get_meta(f"rollup_{name}.ts", 0.0, con)
+            last = int(self.get_meta(f"rollup_{name}.id", 0.0, con))
             closed = math.floor((now - late_s) / width) * width
             if closed <= wm and hi <= last:
                 continue
@@ -141,19 +143,19 @@ class PointFile:
                     {"hi": hi, "wm": wm, "closed": max(closed, wm), "last": last},
                 ).fetchone()
                 rolled += int(res[0]) if res else 0
-                self.set_meta(f"rollup_{name}.ts", max(closed, wm))
-                self.set_meta(f"rollup_{name}.id", hi)
+                self.set_meta(f"rollup_{name}.ts", max(closed, wm), con)
+                self.set_meta(f"rollup_{name}.id", hi, con)
                 con.execute("COMMIT")
             except BaseException:
                 con.execute("ROLLBACK")
                 raise
         return rolled
 
-    def checkpoint(self) -> bool:
+    def checkpoint(self, cur: duckdb.DuckDBPyConnection | None = None) -> bool:
         """Write the WAL into the file and release blocks freed by deletes; False when a reader is busy
-        (DuckDB then checkpoints on its own later)."""
+        (DuckDB then checkpoints on its own later). Commits wait while it runs, on any cursor."""
         try:
-            self.con.execute("CHECKPOINT")
+            (cur or self.con).execute("CHECKPOINT")
         except duckdb.TransactionException:
             return False
         return True
