@@ -7,6 +7,7 @@ import asyncio
 import csv
 import io
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -370,6 +371,35 @@ async def test_passes_beside_commits_fail_no_commit_and_roll_up_every_point_once
         hours = buf.store.buckets(sids, old - 3600, old + 3600, 3600)
         assert int(hours["count"].sum()) == mid
         assert m.buffer_dropped.labels("retention")._value.get() + buf.store.point_count() == mid
+    finally:
+        await buf.stop()
+
+
+async def test_a_pass_that_meets_a_write_conflict_is_tried_again(tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    # DuckDB fails the second of two transactions deleting the same row. Another writer holding a
+    # roll-up row the pass's retention deletes makes the pass fail that way; once it is gone, the
+    # pass is tried again and succeeds.
+    caplog.set_level(logging.WARNING, logger="gateway.buffer.buffer")
+    buf = await open_buffer(config(tmp_path, **{"buffer.maintenance_interval_s": 3600, "buffer.late_s": 0,
+                                                "buffer.rollup_1m_retention_days": 1}))
+    try:
+        buf.add("s:oven", "oven", samples([1.0, 2.0], [T0, T0 + 61]), T0, None)
+        await buf.flush()
+        await buf.maintain(now=T0 + 3600)
+        con = buf.store.reader()
+        assert con.execute("SELECT count(*) FROM rollup_1m").fetchone() == (2,)
+        other = buf.store.con.cursor()
+        other.execute("BEGIN")
+        other.execute("DELETE FROM rollup_1m WHERE bucket = ?", [T0])
+        passing = asyncio.create_task(buf.maintain(now=T0 + 2 * 86400))
+        await wait_for(lambda: "write conflict" in caplog.text, timeout=10, interval=0.005)
+        other.execute("ROLLBACK")
+        other.close()
+        result = await passing
+        assert result.deleted_rollup == 2
+        assert con.execute("SELECT count(*) FROM rollup_1m").fetchone() == (0,)
+        assert buf.store.point_count() == 2  # raw points are kept 90 days
     finally:
         await buf.stop()
 

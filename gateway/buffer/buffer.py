@@ -350,7 +350,7 @@ class TelemetryBuffer(SeriesIndexed):
                     raise
                 log.warning("buffer maintenance met a write conflict; trying again",
                             extra={"attempt": attempt, "error": str(exc)[:200]})
-                time.sleep(0.05 * attempt)
+                time.sleep(0.1 * attempt)
                 attempt += 1
 
     def _pass(self, now: float) -> Maintenance:
