@@ -165,7 +165,7 @@ class Subscription:
             self._items.popleft()
             self._bus.count_drop(self)
         self._items.append(event)
-        if len(self._items) >= self.wake_at:
+        if len(self._items) == self.wake_at:  # set once on the way up: `get` and `wait` clear it only below
             self._ready.set()
 
     async def get(self) -> Event:
