@@ -5,10 +5,11 @@
 good and rejected units, and accounts every second of time to a `Period` (machine, hour, shift,
 planned or not) and to the open `StateEvent`. The tracker that owns it writes both away in batches.
 
-A reading does only the work it can need: the rules are evaluated again only when it changes a
-property they name (or the machine comes back from offline), counters only when it carries them, the
-ideal cycle time is looked up again only when the recipe changes, and while the state stays the same
-its time is accounted in one go at the next change or `take`, not reading by reading.
+A reading does only the work it can need, in one function per feature made once from the rules
+(`readers`): the rules are evaluated again only when it changes a property they name (or the machine
+comes back from offline), counters only when it carries them, the ideal cycle time is looked up again
+only when the recipe changes, and while the state stays the same its time is accounted in one go at
+the next change or `take`, not reading by reading.
 """
 
 from __future__ import annotations
