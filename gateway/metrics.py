@@ -100,6 +100,8 @@ class GatewayMetrics:
         self.buffer_disk_budget = Gauge("egiz_buffer_disk_budget_bytes", "The data directory's budget", registry=r)
         self.buffer_duckdb_memory = Gauge("egiz_buffer_duckdb_memory_bytes",
                                           "Memory DuckDB holds (cache, data not yet checkpointed)", registry=r)
+        self.buffer_wal_bytes = Gauge("egiz_buffer_wal_bytes", "Bytes of the buffer's WAL not yet checkpointed",
+                                      registry=r)
         self.buffer_rollup_rows = Counter("egiz_buffer_rollup_rows_total", "Roll-up rows written", registry=r)
         self.uplink_batches = Counter("egiz_uplink_batches_total", "Uplink batch attempts by result", ["result"],
                                       registry=r)

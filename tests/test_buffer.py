@@ -259,6 +259,56 @@ async def test_duckdb_memory_is_measured_and_stays_within_its_limit(tmp_path: Pa
         await buf.stop()
 
 
+async def test_the_wal_is_checkpointed_while_the_line_runs(tmp_path: Path) -> None:
+    # A steady inflow after a maintenance pass (which measures the file and DuckDB's memory): every
+    # commit updates the sequence marks, and DuckDB does not checkpoint such a commit while another
+    # transaction is open. A result left unfinished by one of those measurements once held a read
+    # transaction open until the next pass, so the WAL and DuckDB's memory grew until the memory
+    # limit refused every commit.
+    buf = await open_buffer(config(tmp_path, **{"buffer.checkpoint_mb": 1}))
+    wal = tmp_path / "data" / "buffer.duckdb.wal"
+    try:
+        await fill(buf, 20_000)
+        await buf.maintain()
+        largest = 0
+        rng = np.random.default_rng(7)
+        for start in range(20_000, 420_000, 20_000):
+            ts = (T0 + np.arange(start, start + 20_000)).tolist()
+            buf.add("s:oven", "oven", samples(rng.normal(0, 1, 20_000).tolist(), ts, first_seq=start + 1), T0,
+                    ("boot-1", start + 20_000, 0))
+            await buf.flush()
+            largest = max(largest, wal.stat().st_size if wal.exists() else 0)
+        assert (tmp_path / "data" / "buffer.duckdb").stat().st_size > 4 * 2**20, "never checkpointed"
+        assert largest < 4 * 2**20, f"the WAL grew to {largest / 2**20:.1f} MiB against a 1 MiB threshold"
+    finally:
+        await buf.stop()
+
+
+async def test_a_wal_left_by_a_long_reader_is_measured_and_checkpointed_by_the_next_pass(tmp_path: Path) -> None:
+    buf = await open_buffer(config(tmp_path, **{"buffer.checkpoint_mb": 1}))
+    reader = buf.store.con.cursor()
+    try:
+        await fill(buf, 20_000)
+        reader.execute("BEGIN")  # a reader in the middle of a long transaction
+        reader.execute("SELECT count(*) FROM points").fetchall()
+        rng = np.random.default_rng(3)
+        for start in range(20_000, 220_000, 20_000):
+            ts = (T0 + np.arange(start, start + 20_000)).tolist()
+            buf.add("s:oven", "oven", samples(rng.normal(0, 1, 20_000).tolist(), ts, first_seq=start + 1), T0,
+                    ("boot-1", start + 20_000, 0))
+            await buf.flush()
+        await buf.maintain()  # cannot checkpoint yet: measured and reported
+        held = buf.wal_bytes
+        assert held > 4 * 2**20, held
+        assert buf._m.buffer_wal_bytes._value.get() == held
+        reader.execute("COMMIT")
+        await buf.maintain()  # the reader is done: this pass checkpoints
+        assert buf.wal_bytes < 2**20, buf.wal_bytes
+    finally:
+        reader.close()
+        await buf.stop()
+
+
 @pytest.mark.parametrize("policy", ["drop_oldest", "drop_oldest_synced", "reject_new"])
 async def test_disk_budget_policies(tmp_path: Path, policy: str) -> None:
     cfg = config(tmp_path, **{"buffer.disk_budget_mb": 6, "buffer.disk_policy": policy,

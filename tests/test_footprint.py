@@ -21,6 +21,7 @@ import pytest
 from gateway.common.series import SeriesCatalogue, SeriesKey
 from gateway.detect.stats import StatsSettings, StatsTier
 from gateway.memory import budget, check_budget, duckdb_limit_mb, machine_memory_mb
+from gateway.twin.model import Feature
 from tests.helpers import VIEWER_KEY, auth, gateway_process, telemetry, topic, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -201,3 +202,20 @@ def test_the_live_state_of_a_series_and_of_a_detector_property_stays_compact() -
     assert len(tier) == 27_000
     tier.forget("plant:oven-00002")
     assert len(tier) == 27_000 - 9
+
+
+def test_a_feature_that_was_never_sent_a_command_holds_no_desired_properties() -> None:
+    # 10,000 Things of three features are 30,000 features; an empty dict of desired properties each was 2 MiB.
+    features: list[Feature] = []
+
+    def make() -> None:
+        features.extend(Feature({"temperature": 180.0}) for _ in range(30_000))
+
+    per_feature = _traced_bytes_per_item(make, 30_000)
+    assert per_feature < 270, per_feature  # the object and its properties: 248; 312 with an empty dict of desired ones
+    f = features[0]
+    assert f.to_document() == {"properties": {"temperature": 180.0}}
+    assert f.desired == {} and f == Feature({"temperature": 180.0}, {})
+    f.desired["setpoint"] = 200.0  # a command: the dict is made on first use
+    assert f.to_document() == {"properties": {"temperature": 180.0}, "desiredProperties": {"setpoint": 200.0}}
+    assert f != features[1] and features[1].desired_now == {}

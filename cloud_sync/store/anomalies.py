@@ -17,9 +17,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from gateway.common.alarms import JournalQuery
+from gateway.common.pointfile import one
 from gateway.common.wire import Action, AnomalyDoc
 
-Execute = Callable[[str, Sequence[Any]], Any]  # returns a cursor with fetchall/fetchone
+Execute = Callable[[str, Sequence[Any]], Any]  # returns a cursor; read it with fetchall() or `one()`
 ACTION_TTL_S = 86400.0  # an action for a gateway that never comes back is dropped after a day
 JOURNAL_COLUMNS = (("anomaly_type", "VARCHAR"), ("acknowledged_by", "VARCHAR"),
                    ("resolved_at", "DOUBLE PRECISION"), ("shelved_until", "DOUBLE PRECISION"))
@@ -84,7 +85,7 @@ class AnomalySql:
             cond += f" AND shelved_until > {p}" if q.shelved else \
                 f" AND (shelved_until IS NULL OR shelved_until <= {p})"
             params.append(now)
-        total = execute(f"SELECT count(*) FROM {self.anomalies} WHERE {cond}", params).fetchone()
+        total = one(execute(f"SELECT count(*) FROM {self.anomalies} WHERE {cond}", params))
         rows = execute(f"SELECT doc, site, line, gateway_id, id, shelved_until FROM {self.anomalies} WHERE {cond} "
                        f"ORDER BY opened_at DESC, id LIMIT {p} OFFSET {p}", [*params, q.limit, q.offset]).fetchall()
         pending = self._pending(execute, [r[4] for r in rows])
@@ -92,8 +93,8 @@ class AnomalySql:
             int(total[0]) if total else 0
 
     def get(self, execute: Execute, anomaly_id: str, now: float) -> dict[str, Any] | None:
-        row = execute(f"SELECT doc, site, line, gateway_id, shelved_until FROM {self.anomalies} WHERE id = {self.p}",
-                      [anomaly_id]).fetchone()
+        row = one(execute(f"SELECT doc, site, line, gateway_id, shelved_until FROM {self.anomalies} "
+                          f"WHERE id = {self.p}", [anomaly_id]))
         if row is None:
             return None
         return _doc(row[0], row[1], row[2], row[3], self._pending(execute, [anomaly_id]).get(anomaly_id, []),

@@ -23,6 +23,7 @@ import pyarrow as pa
 from cloud_sync.store import Applied, GatewayRow, Refused, StoreError
 from cloud_sync.store.anomalies import AnomalySql, Execute, where
 from gateway.common.alarms import JournalQuery
+from gateway.common.pointfile import one
 from gateway.common.series import SeriesCatalogue, SeriesIndexed, SeriesKey
 from gateway.common.wire import Action, Batch
 
@@ -184,14 +185,14 @@ class CentralSql:
                    offset: int) -> tuple[list[dict[str, Any]], int]:
         cond, params = where(self.p, "NOT deleted", [(col, [v] if v else []) for col, v in
                                                       (("site", site), ("line", line), ("type", type_))])
-        total = execute(f"SELECT count(*) FROM {self.things} WHERE {cond}", params).fetchone()
+        total = one(execute(f"SELECT count(*) FROM {self.things} WHERE {cond}", params))
         rows = execute(f"SELECT doc, site, line, gateway_id FROM {self.things} WHERE {cond} ORDER BY id "
                        f"LIMIT {self.p} OFFSET {self.p}", [*params, limit, offset]).fetchall()
         return [_placed(*r) for r in rows], int(total[0]) if total else 0
 
     def thing_doc(self, execute: Execute, thing_id: str) -> dict[str, Any] | None:
-        row = execute(f"SELECT doc, site, line, gateway_id FROM {self.things} WHERE id = {self.p} AND NOT deleted",
-                      [thing_id]).fetchone()
+        row = one(execute(f"SELECT doc, site, line, gateway_id FROM {self.things} WHERE id = {self.p} "
+                          "AND NOT deleted", [thing_id]))
         return _placed(*row) if row else None
 
 

@@ -19,6 +19,7 @@ from gateway.detect.models import ModelError
 from gateway.provision import ProvisionError
 
 MAX_BODY = 256 * 1024
+WAL_WARN = 4  # /ready warns when the buffer's WAL is this many times its checkpoint threshold
 STATUS_OF: dict[type[EgizError], int] = {ModelError: 422, ProvisionError: 503, WriteRefused: 422, DeviceError: 503}
 
 
@@ -71,6 +72,9 @@ async def ready(request: web.Request) -> web.Response:
     buf = parts.buffer
     if buf.commit_failing:
         warnings.append(f"buffer commits are failing ({buf.last_error}); messages are kept unacknowledged")
+    if buf.wal_bytes > WAL_WARN * parts.config.buffer.checkpoint_mb * 2**20:
+        warnings.append(f"the buffer's WAL is {buf.wal_bytes} bytes, {WAL_WARN}x past buffer.checkpoint_mb: "
+                        "checkpoints are being postponed and DuckDB's memory grows with it")
     if buf.refusing:
         warnings.append(f"disk budget used up ({buf.used_bytes} bytes): new points are not stored")
     held = parts.quarantine.held if parts.quarantine is not None else {}

@@ -80,6 +80,7 @@ class TelemetryBuffer(SeriesIndexed):
         self._opened = False
         self.marks: list[tuple[str, str, int, float, int | None]] = []
         self.used_bytes = 0
+        self.wal_bytes = 0  # the WAL's size at the last maintenance pass
         self.refusing = False  # the disk budget is used up and nothing may be removed: new points refused
         self.commit_failing = False
         self.commit_errors = 0
@@ -340,10 +341,23 @@ class TelemetryBuffer(SeriesIndexed):
                                                     "1h": cfg.rollup_1h_retention_days})
         if raw:
             self._m.buffer_dropped.labels("retention").inc(raw)
-        if raw or rolled_deleted:
-            self.store.checkpoint()
+        if raw or rolled_deleted or self._wal_bytes() > cfg.checkpoint_mb * 2**20:
+            self._checkpoint()
         self._budget()
         return Maintenance(rolled, raw, rolled_deleted)
+
+    def _wal_bytes(self) -> int:
+        try:
+            return self.store.path.with_name(self.store.path.name + ".wal").stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def _checkpoint(self) -> None:
+        """Checkpoint now. DuckDB checkpoints by itself when the WAL passes `buffer.checkpoint_mb`, but
+        not while a reader's transaction is open; a WAL many times the threshold is reported on /ready."""
+        if not self.store.checkpoint():
+            log.warning("buffer checkpoint postponed: a reader holds a transaction; retrying next pass",
+                        extra={"wal_bytes": self._wal_bytes()})
 
     def _budget(self, force: bool = False) -> None:
         """Measure the data directory and apply the disk policy when it is over budget."""
@@ -382,6 +396,8 @@ class TelemetryBuffer(SeriesIndexed):
         self.used_bytes = used
         self._m.buffer_disk_bytes.set(used)
         self._m.buffer_duckdb_memory.set(self.store.memory_bytes())  # bounded by buffer.memory_limit_mb
+        self.wal_bytes = self._wal_bytes()
+        self._m.buffer_wal_bytes.set(self.wal_bytes)
         return used
 
     def _other_bytes(self) -> int:

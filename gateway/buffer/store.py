@@ -22,7 +22,7 @@ import duckdb
 import numpy as np
 
 from gateway.buffer.points import PointBatch, nullable_int64
-from gateway.common.pointfile import ROLLUPS, PointFile
+from gateway.common.pointfile import ROLLUPS, PointFile, one
 from gateway.common.series import SeriesKey
 
 if TYPE_CHECKING:
@@ -123,11 +123,11 @@ class BufferStore(PointFile):
         self.set_meta("ids.high", self.high_id())
         wm = min(self.get_meta(f"rollup_{n}.ts", 0.0) for n in ROLLUPS)
         cut = min(now - raw_days * 86400, wm)
-        res = con.execute("DELETE FROM points WHERE ts < ?", [cut]).fetchone()
+        res = one(con.execute("DELETE FROM points WHERE ts < ?", [cut]))
         raw = int(res[0]) if res else 0
         rolled = 0
         for name, days in rollup_days.items():
-            res = con.execute(f"DELETE FROM rollup_{name} WHERE bucket < ?", [now - days * 86400]).fetchone()
+            res = one(con.execute(f"DELETE FROM rollup_{name} WHERE bucket < ?", [now - days * 86400]))
             rolled += int(res[0]) if res else 0
         con.execute(
             "DELETE FROM seq_state WHERE (thing_id, boot) IN (SELECT thing_id, boot FROM "
@@ -148,17 +148,17 @@ class BufferStore(PointFile):
         con = self.con
         self.set_meta("ids.high", self.high_id())
         where = "" if max_id is None else f"WHERE id <= {int(max_id)}"
-        row = con.execute(f"SELECT id FROM points {where} ORDER BY id LIMIT 1 OFFSET ?", [count - 1]).fetchone()
+        row = one(con.execute(f"SELECT id FROM points {where} ORDER BY id LIMIT 1 OFFSET ?", [count - 1]))
         if row is None:
-            row = con.execute(f"SELECT max(id) FROM points {where}").fetchone()
+            row = one(con.execute(f"SELECT max(id) FROM points {where}"))
             if row is None or row[0] is None:
                 return 0, 0
         upto = int(row[0])
         unsent = 0
         if synced_id is not None and upto > synced_id:
-            got = con.execute("SELECT count(*) FROM points WHERE id > ? AND id <= ?", [synced_id, upto]).fetchone()
+            got = one(con.execute("SELECT count(*) FROM points WHERE id > ? AND id <= ?", [synced_id, upto]))
             unsent = int(got[0]) if got else 0
-        res = con.execute("DELETE FROM points WHERE id <= ?", [upto]).fetchone()
+        res = one(con.execute("DELETE FROM points WHERE id <= ?", [upto]))
         return (int(res[0]) if res else 0), unsent
 
     def outbox(self, after_id: int, limit: int, upto: int | None = None) -> pa.Table:
@@ -170,7 +170,7 @@ class BufferStore(PointFile):
         ).to_arrow_table()
 
     def recv_of_first_after(self, after_id: int) -> float | None:
-        row = self.reader().execute("SELECT recv FROM points WHERE id > ? ORDER BY id LIMIT 1", [after_id]).fetchone()
+        row = one(self.reader().execute("SELECT recv FROM points WHERE id > ? ORDER BY id LIMIT 1", [after_id]))
         return float(row[0]) if row else None
 
     def points_of(self, thing_ids: list[str] | None, start: float, end: float) -> pa.Table:

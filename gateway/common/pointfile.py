@@ -13,7 +13,7 @@ import logging
 import math
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import duckdb
 import numpy as np
@@ -37,6 +37,21 @@ SCHEMA = [
     ),
 ]
 
+class Rows(Protocol):
+    """A query's result: a DuckDB cursor, or a DB-API cursor of another engine."""
+
+    def fetchall(self) -> list[Any]: ...
+
+
+def one(result: Rows) -> tuple[Any, ...] | None:
+    """The first row of a result, read to its end. A result left unfinished (as `fetchone()` leaves
+    it) keeps its read transaction open until the cursor's next query, and while another transaction
+    is open DuckDB does not checkpoint a commit that updates rows: the WAL, and DuckDB's memory with
+    it, would grow until the memory limit refuses the next commit."""
+    rows = result.fetchall()
+    return rows[0] if rows else None
+
+
 class PointFile:
     """One DuckDB file of series and points; `open_file()` creates the schema and lists the series."""
 
@@ -50,7 +65,7 @@ class PointFile:
 
     def high_id(self) -> int:
         """The highest point id ever given out: ids are never reused, even after every point is deleted."""
-        row = self.con.execute("SELECT max(id) FROM points").fetchone()
+        row = one(self.con.execute("SELECT max(id) FROM points"))
         ids = [int(row[0]) if row and row[0] is not None else 0, int(self.get_meta("ids.high"))]
         ids += [int(self.get_meta_max(prefix)) for prefix in ("outbox.", *(f"rollup_{n}.id" for n in ROLLUPS))]
         return max(ids)
@@ -84,8 +99,8 @@ class PointFile:
         return cur
 
     def _arrow_cursor(self) -> duckdb.DuckDBPyConnection:
-        """A second cursor of this thread for relation queries (Arrow without a copy): the reader cursor
-        may hold the unfinished result of a `fetchone()`, which a relation query refuses to follow."""
+        """A second cursor of this thread for relation queries (Arrow without a copy), kept apart from
+        the reader cursor's plain queries."""
         cur = getattr(self._local, "arrow", None)
         if cur is None:
             cur = self._local.arrow = self.con.cursor()
@@ -103,11 +118,11 @@ class PointFile:
                              [x for kv in values.items() for x in kv])
 
     def get_meta(self, key: str, default: float = 0.0, cur: duckdb.DuckDBPyConnection | None = None) -> float:
-        row = (cur or self.con).execute("SELECT num FROM meta WHERE key = ?", [key]).fetchone()
+        row = one((cur or self.con).execute("SELECT num FROM meta WHERE key = ?", [key]))
         return float(row[0]) if row else default
 
     def get_meta_max(self, prefix: str) -> float:
-        row = self.con.execute("SELECT max(num) FROM meta WHERE starts_with(key, ?)", [prefix]).fetchone()
+        row = one(self.con.execute("SELECT max(num) FROM meta WHERE starts_with(key, ?)", [prefix]))
         return float(row[0]) if row and row[0] is not None else 0.0
 
     def rollup(self, now: float, late_s: float) -> int:
@@ -118,7 +133,7 @@ class PointFile:
         point exactly once.
         """
         con = self.con
-        hi_row = con.execute("SELECT max(id) FROM points").fetchone()
+        hi_row = one(con.execute("SELECT max(id) FROM points"))
         hi = int(hi_row[0]) if hi_row and hi_row[0] is not None else 0
         rolled = 0
         for name, width in ROLLUPS.items():
@@ -130,7 +145,7 @@ class PointFile:
             con.execute("BEGIN")
             try:
                 # Two branches instead of one OR, so each can skip row groups by its own zone maps.
-                res = con.execute(
+                res = one(con.execute(
                     f"INSERT INTO rollup_{name} "
                     f"SELECT series, floor(ts / {width}) * {width}, min(value), max(value), sum(value), count(*), "
                     "arg_max(value, ts), max(ts) FROM ("
@@ -139,7 +154,7 @@ class PointFile:
                     "  SELECT series, ts, value FROM points WHERE id > $last AND id <= $hi AND ts < $wm"
                     ") WHERE value IS NOT NULL GROUP BY ALL",
                     {"hi": hi, "wm": wm, "closed": max(closed, wm), "last": last},
-                ).fetchone()
+                ))
                 rolled += int(res[0]) if res else 0
                 self.set_meta(f"rollup_{name}.ts", max(closed, wm))
                 self.set_meta(f"rollup_{name}.id", hi)
@@ -160,18 +175,18 @@ class PointFile:
 
     # ----------------------------------------------------------------- sizes (any thread)
     def duckdb_free_bytes(self) -> int:
-        row = self.reader().execute("SELECT block_size, free_blocks FROM pragma_database_size()").fetchone()
+        row = one(self.reader().execute("SELECT block_size, free_blocks FROM pragma_database_size()"))
         return int(row[0]) * int(row[1]) if row else 0
 
     def memory_bytes(self) -> int:
         """What DuckDB holds in memory: cached blocks, data not yet checkpointed, indexes (at most its
         memory limit, which it evicts down to)."""
-        row = self.reader().execute("SELECT sum(memory_usage_bytes) FROM duckdb_memory()").fetchone()
+        row = one(self.reader().execute("SELECT sum(memory_usage_bytes) FROM duckdb_memory()"))
         return int(row[0] or 0) if row else 0
 
     def point_count(self, max_id: int | None = None) -> int:
         where = "" if max_id is None else f" WHERE id <= {int(max_id)}"
-        row = self.reader().execute(f"SELECT count(*) FROM points{where}").fetchone()
+        row = one(self.reader().execute(f"SELECT count(*) FROM points{where}"))
         return int(row[0]) if row else 0
 
     # ----------------------------------------------------------------- reads (reader threads)
@@ -193,10 +208,10 @@ class PointFile:
         return data
 
     def count(self, series: list[int], start: float, end: float) -> int:
-        row = self.reader().execute(
+        row = one(self.reader().execute(
             "SELECT count(*) FROM points WHERE series IN (SELECT unnest($s)) AND ts >= $a AND ts < $b",
             {"s": series, "a": start, "b": end},
-        ).fetchone()
+        ))
         return int(row[0]) if row else 0
 
     def buckets(self, series: list[int], start: float, end: float, width: float) -> dict[str, np.ndarray]:

@@ -21,19 +21,47 @@ def message_rank(generation: int, seq: int) -> int:
     return (generation << 48) | seq
 
 
-@dataclass(slots=True)
 class Feature:
-    """Reported `properties` (from the device) and `desiredProperties` (commands to it)."""
+    """Reported `properties` (from the device) and `desiredProperties` (commands to it).
 
-    properties: dict[str, Any] = field(default_factory=dict)
-    desired: dict[str, Any] = field(default_factory=dict)
-    # order of the newest message applied (`message_rank`), so a late one cannot overwrite it
-    rank: int = field(default=-1, compare=False)
+    Most features are never sent a command: their desired properties stay None until the first
+    one (an empty dict per feature is 64 bytes, 2 MiB with 10,000 Things of three features)."""
+
+    __slots__ = ("_desired", "properties", "rank")
+
+    def __init__(self, properties: dict[str, Any] | None = None, desired: dict[str, Any] | None = None,
+                 rank: int = -1) -> None:
+        self.properties: dict[str, Any] = {} if properties is None else properties
+        self._desired: dict[str, Any] | None = desired or None
+        # order of the newest message applied (`message_rank`), so a late one cannot overwrite it
+        self.rank = rank
+
+    @property
+    def desired(self) -> dict[str, Any]:
+        """The desired properties, to read or change (made on first use)."""
+        if self._desired is None:
+            self._desired = {}
+        return self._desired
+
+    @property
+    def desired_now(self) -> dict[str, Any]:
+        """The desired properties to read, without making a dict for a feature that has none."""
+        return {} if self._desired is None else self._desired
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Feature):
+            return NotImplemented
+        return self.properties == other.properties and self.desired_now == other.desired_now
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like the dataclass it was
+
+    def __repr__(self) -> str:
+        return f"Feature(properties={self.properties!r}, desired={self.desired_now!r}, rank={self.rank!r})"
 
     def to_document(self) -> dict[str, Any]:
         out: dict[str, Any] = {"properties": self.properties}
-        if self.desired:
-            out["desiredProperties"] = self.desired
+        if self._desired:
+            out["desiredProperties"] = self._desired
         return out
 
 

@@ -87,7 +87,7 @@ def _path_getter(path: str) -> Callable[[Thing], Any]:
             f = t.features.get(feature)
             if f is None:
                 return _MISSING
-            return _walk(f.desired if desired else f.properties, rest)
+            return _walk(f.desired_now if desired else f.properties, rest)
 
         return get
     raise Invalid(

@@ -390,7 +390,7 @@ class TwinRegistry:
         f = thing.features.setdefault(cmd.feature, Feature())
         if status == "ok":
             for key, value in cmd.desired.items():
-                if f.desired.get(key) == value:
+                if f.desired_now.get(key) == value:
                     f.desired.pop(key, None)
             merge_patch(f.properties, properties if properties is not None else cmd.desired)
         record: dict[str, Any] = {"cmdId": cmd_id, "feature": cmd.feature, "status": status,
@@ -401,7 +401,7 @@ class TwinRegistry:
         cf.properties["last"] = record
         self._bump(thing, now)
         self._bus.publish(StateChanged(thing.id, thing, feature=cmd.feature, properties=dict(f.properties),
-                                       desired=dict(f.desired), version=thing.version, timestamp=now,
+                                       desired=dict(f.desired_now), version=thing.version, timestamp=now,
                                        source="command"))
         return True
 
