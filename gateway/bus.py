@@ -147,6 +147,7 @@ class Subscription:
         self._items: collections.deque[Event] = collections.deque()
         self._maxsize = maxsize
         self._ready = asyncio.Event()
+        self._timer: asyncio.TimerHandle | None = None
         self._closed = False
 
     @property
@@ -165,7 +166,7 @@ class Subscription:
             self._items.popleft()
             self._bus.count_drop(self)
         self._items.append(event)
-        if len(self._items) >= self.wake_at:
+        if len(self._items) == self.wake_at:  # set once on the way up: `get` and `wait` clear it only below
             self._ready.set()
 
     async def get(self) -> Event:
@@ -189,15 +190,24 @@ class Subscription:
         self._ready.set()
 
     async def wait(self, timeout: float) -> None:
-        """Return once `wake_at` events are queued (at once if they are), or after `timeout` seconds."""
+        """Return once `wake_at` events are queued (at once if they are), or after `timeout` seconds at most.
+
+        The timer of an earlier wait that ends sooner is kept rather than replaced: a consumer that waits
+        again and again (woken by full batches in between) pays for one timer per `timeout`, not per wait."""
         if len(self._items) >= self.wake_at:
             return
         self._ready.clear()
-        timer = asyncio.get_running_loop().call_later(timeout, self._ready.set)
-        try:
-            await self._ready.wait()
-        finally:
-            timer.cancel()
+        loop = asyncio.get_running_loop()
+        timer = self._timer
+        if timer is None or timer.when() > loop.time() + timeout:
+            if timer is not None:
+                timer.cancel()
+            self._timer = loop.call_later(timeout, self._time_up)
+        await self._ready.wait()
+
+    def _time_up(self) -> None:
+        self._timer = None
+        self._ready.set()
 
     def drain(self, limit: int = 1000) -> list[Event]:
         """Take up to `limit` queued events without waiting (for micro-batching consumers)."""
@@ -219,6 +229,9 @@ class Subscription:
 
     def close(self) -> None:
         self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._bus._remove(self)
 
 

@@ -5,10 +5,11 @@
 good and rejected units, and accounts every second of time to a `Period` (machine, hour, shift,
 planned or not) and to the open `StateEvent`. The tracker that owns it writes both away in batches.
 
-A reading does only the work it can need: the rules are evaluated again only when it changes a
-property they name (or the machine comes back from offline), counters only when it carries them, the
-ideal cycle time is looked up again only when the recipe changes, and while the state stays the same
-its time is accounted in one go at the next change or `take`, not reading by reading.
+A reading does only the work it can need, in one function per feature made once from the rules
+(`readers`): the rules are evaluated again only when it changes a property they name (or the machine
+comes back from offline), counters only when it carries them, the ideal cycle time is looked up again
+only when the recipe changes, and while the state stays the same its time is accounted in one go at
+the next change or `take`, not reading by reading.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from gateway.oee.calendar import MINUTE, ShiftCalendar
 from gateway.oee.settings import STATES, Condition, MachineRules, TypeRules
 
 Accessor = Callable[[Mapping[str, Mapping[str, Any]]], Any]
+Reader = Callable[[float, Mapping[str, Any]], None]  # one reading of one feature: (device time, properties)
 _STEP = re.compile(r"\.([A-Za-z_][A-Za-z0-9_-]*)|\[(\d+)\]")
 _MISSING = object()
 
@@ -65,20 +67,6 @@ def _number(v: Any) -> float | None:
 
 
 _SCALARS = frozenset((str, int, float))
-
-
-def _changes(names: set[str] | None, held: Mapping[str, Any], props: Mapping[str, Any]) -> bool:
-    """Whether `props` changes any of `names` from what is `held` (a value of another type is a change:
-    `1` and `True` read differently)."""
-    if names is None:
-        return False
-    for name in names:
-        if name in props:
-            new, old = props[name], held.get(name, _MISSING)
-            if new is not old and (new.__class__ is not old.__class__ or new.__class__ not in _SCALARS
-                                   or new != old):
-                return True
-    return False
 
 
 class Test:
@@ -246,32 +234,97 @@ class MachineTracker:
         self._minute_end = -math.inf
         self._minute_period = Period()
         self._minute_planned = False
+        self.readers: dict[str, Reader] = {f: self._reader(f) for f in sorted(self.features)}
 
     # ------------------------------------------------------------------ inputs
     def reading(self, feature: str, ts: float, props: Mapping[str, Any]) -> None:
         """One sample of one feature at device time `ts`."""
-        if feature not in self.features:
-            return
-        at = max(ts, self.clock)
-        self.clock = at  # while the state stays the same, its time is accounted later in one go
-        if not self.state:
-            self._accounted = at
-        if at > self.last_seen:
-            self.last_seen = at
-        was_offline, self.connectivity_offline = self.connectivity_offline, False
-        held = self.values.get(feature)
-        if held is None:
-            held = self.values[feature] = {}
-        switch = was_offline or not self.state or _changes(self._state_names.get(feature), held, props)
-        if _changes(self._recipe_names.get(feature), held, props):
-            self._ideal = None
-        held.update(props)
-        counting = self._counting.get(feature)
-        if counting is not None:  # units belong to their own minute, even when late
-            self._count(counting, props, ts if math.isfinite(ts) else at)
-        if switch:
-            self.advance(at)
-            self._switch(at)
+        read = self.readers.get(feature)
+        if read is not None:
+            read(ts, props)
+
+    def _reader(self, feature: str) -> Reader:
+        """The work of one reading of `feature`, compiled once from the rules: it looks only at the
+        properties they name in that feature (the state's, the recipe, the counters), with no call per rule
+        or counter. While the state stays the same its time is accounted later in one go."""
+        state_names = tuple(sorted(self._state_names.get(feature, ())))
+        recipe_names = tuple(sorted(self._recipe_names.get(feature, ())))
+        counting = tuple(self._counting.get(feature, ()))
+        values = self.values
+        held = values.setdefault(feature, {})  # the feature's values as last read; absent and empty read the same
+        missing = _MISSING
+        scalars = _SCALARS
+        number = _number
+        neg_inf = -math.inf
+        minute = MINUTE
+
+        def read(ts: float, props: Mapping[str, Any]) -> None:
+            clock = self.clock
+            at = clock if clock > ts else ts  # max(ts, clock), NaN included
+            self.clock = at
+            state = self.state
+            if not state:
+                self._accounted = at
+            if at > self.last_seen:
+                self.last_seen = at
+            switch = not state
+            if self.connectivity_offline:  # back from offline
+                self.connectivity_offline = False
+                switch = True
+            elif not switch:  # a value of another type is a change: `1` and `True` read differently
+                for name in state_names:
+                    if name in props:
+                        new, old = props[name], held.get(name, missing)
+                        if new is not old and (new.__class__ is not old.__class__ or new.__class__ not in scalars
+                                               or new != old):
+                            switch = True
+                            break
+            for name in recipe_names:
+                if name in props:
+                    new, old = props[name], held.get(name, missing)
+                    if new is not old and (new.__class__ is not old.__class__ or new.__class__ not in scalars
+                                           or new != old):
+                        self._ideal = None
+                        break
+            held.update(props)
+            if counting:  # the counters this reading carries (one it lacks has not moved)
+                good = rejected = 0
+                for name, get, counter, rejects in counting:
+                    if name not in props:
+                        continue
+                    raw = props[name] if get is None else get(values)
+                    value = float(raw) if raw.__class__ is int else number(raw)
+                    last = counter.last
+                    if value is None or value < 0 or last == value:
+                        continue
+                    if last is not None and value >= last:  # the usual step; drops and the baseline: `delta`
+                        counter.last = value
+                        units = round(value - last)
+                    else:
+                        units = counter.delta(value)
+                    if rejects:
+                        rejected += units
+                    else:
+                        good += units
+                if good or rejected:  # units belong to their own minute, even when late
+                    t = ts if ts > neg_inf else at
+                    ideal = self._ideal
+                    if ideal is None:
+                        ideal = self.ideal_cycle_s()
+                    end = self._minute_end
+                    p = self._minute_period if end - minute <= t < end else self._period(t)
+                    p.good += good
+                    p.rejected += rejected
+                    p.ideal_good_s += good * ideal
+                    p.ideal_total_s += (good + rejected) * ideal
+                    if t < self.startup_until:
+                        p.rejected_startup += rejected
+                        p.ideal_startup_reject_s += rejected * ideal
+            if switch:
+                self.advance(at)
+                self._switch(at)
+
+        return read
 
     def connectivity(self, online: bool, ts: float) -> None:
         """The node's status (its Last Will says offline when it drops off the broker)."""
@@ -357,32 +410,6 @@ class MachineTracker:
                                 reason=reason, note=note, reason_by=by)
         self.events[self.event.id] = self.event
         self.clock = max(self.clock, at)
-
-    def _count(self, counting: list[tuple[str, Accessor | None, Counter, bool]], props: Mapping[str, Any],
-               at: float) -> None:
-        """Units since the last reading of the counters this reading carries (one it lacks has not moved)."""
-        good = rejected = 0
-        for name, get, counter, rejects in counting:
-            if name not in props:
-                continue
-            value = _number(props[name] if get is None else get(self.values))
-            if value is None or value < 0 or counter.last == value:
-                continue
-            if rejects:
-                rejected += counter.delta(value)
-            else:
-                good += counter.delta(value)
-        if not good and not rejected:
-            return
-        ideal = self.ideal_cycle_s()
-        p = self._period(at)
-        p.good += good
-        p.rejected += rejected
-        p.ideal_good_s += good * ideal
-        p.ideal_total_s += (good + rejected) * ideal
-        if at < self.startup_until:
-            p.rejected_startup += rejected
-            p.ideal_startup_reject_s += rejected * ideal
 
     # ------------------------------------------------------------------ time
     def advance(self, to: float) -> None:

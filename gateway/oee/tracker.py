@@ -166,14 +166,14 @@ class OeeTracker:
                     if state in ("online", "offline"):
                         self._observe(m, functools.partial(m.connectivity, state == "online", ev.timestamp))
                     continue
-                if feature not in m.features:
+                read = m.readers.get(feature)
+                if read is None:
                     continue
                 samples = ev.samples or ((ev.timestamp, ev.properties),)
                 readings += len(samples)
                 before = m.state
-                reading = m.reading
                 for ts, props in samples:
-                    reading(feature, ts, props)
+                    read(ts, props)
                     if m.state != before:
                         self.metrics.state_changes.labels(m.state).inc()
                         before = m.state
