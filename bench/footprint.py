@@ -9,6 +9,7 @@ applied in that window; memory is its peak RSS (VmHWM from /proc/<pid>/status).
 
 Figures, each for every gateway given with `--gateway`, run alternately under the same load:
   cpu_s_per_1k_msgs        at 1k and 2k msg/s, 200 devices        target <= 0.10
+  idle_cpu_share           200 Things known, no messages: cores used (what every second costs regardless of the rate)
   ws_p99_5k                publish → WebSocket p99 at 5k msg/s     target <= 50 ms, flat per 10 s window
   peak_rss_200_things      at 1k msg/s                             target <= 120 MiB
   peak_rss_10k_things      10k Things with 3 features each          target <= 200 MiB
@@ -389,6 +390,30 @@ async def cpu_figures(label: str, egiz: str, tmp: Path, port: int, rate: int, se
                  rss_at_ready_mib=round(gw.ready_rss_mib, 1))
 
 
+async def idle_figures(label: str, egiz: str, tmp: Path, port: int, seconds: float) -> None:
+    """200 Things known (one message each), a WebSocket client subscribed to everything, then no messages:
+    the CPU the gateway spends per second of wall time when there is nothing to do."""
+    async with gateway(egiz, label, tmp, port, "idle") as gw:
+        load = Load(400, 1.0, 200)  # two messages per device: every Thing registered and applied
+        async with aiohttp.ClientSession() as http:
+            before = await accepted(http, gw.url)
+            async with websocket(gw.url, Watcher()):
+                pubs = Publishers(port, load, "idle")
+                sent, _ = await pubs.wait()
+                deadline = time.monotonic() + 60
+                while await accepted(http, gw.url) - before < sent and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(WARMUP_S)  # the last commit, twin flush and detector tick
+                cpu0, w0 = cpu_seconds(gw.pid), time.monotonic()
+                spy = await profile(gw, "idle", seconds)
+                await asyncio.sleep(seconds)
+                cpu1, w1 = cpu_seconds(gw.pid), time.monotonic()
+                if spy is not None:
+                    await spy.wait()
+        emit("idle_cpu_share", (cpu1 - cpu0) / (w1 - w0), "core-s/s", "reference", gateway=label, things=200,
+             seconds=round(w1 - w0, 1), sent=sent)
+
+
 async def latency_figures(label: str, egiz: str, tmp: Path, port: int, seconds: float) -> None:
     async with gateway(egiz, label, tmp, port, "lat5k") as gw:
         run = await run_load(gw, port, Load(5000, seconds, 200, processes=3), "l5k")
@@ -419,11 +444,13 @@ async def rss_10k(label: str, egiz: str, tmp: Path, port: int, things: int) -> N
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=30.0, help="length of each CPU run")
+    ap.add_argument("--rate", type=int, action="append", metavar="MSG_PER_S",
+                    help="rates of the CPU runs (repeatable; default 1000 and 2000)")
     ap.add_argument("--latency-seconds", type=float, default=60.0, help="length of the 5k msg/s run")
     ap.add_argument("--things", type=int, default=10_000, help="Things for the memory figure")
     ap.add_argument("--gateway", action="append", default=[], metavar="LABEL=EGIZ",
                     help="a gateway to measure (repeatable; run alternately); default: this checkout's egiz")
-    ap.add_argument("--only", choices=("cpu", "latency", "rss"), action="append",
+    ap.add_argument("--only", choices=("idle", "cpu", "latency", "rss"), action="append",
                     help="run only some figures (repeatable)")
     ap.add_argument("--profile", type=Path, metavar="DIR",
                     help="record each measured window with py-spy (raw stacks) into DIR")
@@ -436,14 +463,17 @@ async def main() -> None:
     if PROFILE_DIR is not None:
         PROFILE_DIR.mkdir(parents=True, exist_ok=True)
     gateways = [tuple(g.split("=", 1)) for g in args.gateway] or [("this", EGIZ)]
-    only = set(args.only or ("cpu", "latency", "rss"))
+    only = set(args.only or ("idle", "cpu", "latency", "rss"))
     with tempfile.TemporaryDirectory(prefix="egiz-footprint-") as d:
         tmp = Path(d)
         broker = BrokerProcess(BrokerSettings(port=find_free_port(), data_dir=tmp / "broker", allow_anonymous=True))
         await broker.start()
         try:
+            if "idle" in only:
+                for label, egiz in gateways:
+                    await idle_figures(label, egiz, tmp, broker.port, args.seconds)
             if "cpu" in only:
-                for rate in (1000, 2000):
+                for rate in args.rate or (1000, 2000):
                     for label, egiz in gateways:
                         await cpu_figures(label, egiz, tmp, broker.port, rate, args.seconds)
             if "latency" in only:

@@ -176,6 +176,19 @@ class Subscription:
             await self._ready.wait()
         return self._items.popleft()
 
+    async def next(self) -> Event | None:
+        """Wait for the next event; None when `nudge` ended the wait first (a consumer's own timer)."""
+        if not self._items:
+            self._ready.clear()
+            await self._ready.wait()
+            if not self._items:
+                return None
+        return self._items.popleft()
+
+    def nudge(self) -> None:
+        """Wake a consumer waiting in `next`, with or without events."""
+        self._ready.set()
+
     async def wait(self, timeout: float) -> None:
         """Return once `wake_at` events are queued (at once if they are), or after `timeout` seconds at most.
 

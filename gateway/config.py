@@ -111,9 +111,10 @@ class DeadbandRule:
 class BufferSection:
     """The DuckDB telemetry buffer: historian and store-and-forward outbox."""
 
-    commit_interval_ms: float = 250.0  # group commit no later than this after the first pending point
+    commit_interval_ms: float = 500.0  # group commit no later than this after the first pending point
     commit_idle_ms: float = 10.0  # ... or as soon as the inflow pauses this long
     commit_max_points: int = 50_000  # ... or when this many points are pending
+    commit_max_messages: int = 1000  # ... or when this many messages wait for their acknowledgement
     raw_retention_days: float = 90.0
     rollup_1m_retention_days: float = 365.0
     rollup_1h_retention_days: float = 1826.0
@@ -414,6 +415,7 @@ def _check_buffer(cfg: GatewayConfig, check: _Checks) -> None:
     check("buffer.commit_idle_ms", lambda: 0 <= b.commit_idle_ms <= b.commit_interval_ms,
           "must be 0..buffer.commit_interval_ms", reads=("buffer.commit_interval_ms",))
     check("buffer.commit_max_points", lambda: 100 <= b.commit_max_points <= 10_000_000, "must be 100..10000000")
+    check("buffer.commit_max_messages", lambda: 1 <= b.commit_max_messages <= 65_535, "must be 1..65535")
     for key in ("raw_retention_days", "rollup_1m_retention_days", "rollup_1h_retention_days"):
         check(f"buffer.{key}", lambda: getattr(b, key) > 0, "must be > 0 days")
     check("buffer.maintenance_interval_s", lambda: 0.05 <= b.maintenance_interval_s <= 3600, "must be 0.05..3600")

@@ -118,6 +118,29 @@ async def test_group_commit_by_idle_gap_and_interval(tmp_path: Path) -> None:
         await buf.stop()
 
 
+async def test_a_full_acknowledgement_window_is_committed_before_the_interval(tmp_path: Path) -> None:
+    # The broker stops sending when its in-flight window is full: the buffer commits once
+    # commit_max_messages wait for their acknowledgement, without waiting out a long interval.
+    buf = await open_buffer(config(tmp_path, **{"buffer.commit_interval_ms": 5000, "buffer.commit_idle_ms": 5000,
+                                                "buffer.commit_max_messages": 40}))
+    try:
+        client = Acks()
+        start = time.monotonic()
+        for mid in range(1, 101):
+            buf.add("s:m", "mixer", samples([float(mid)], [T0 + mid], first_seq=mid), T0, None)
+            buf.ack_later(client, mid, 1)
+            await asyncio.sleep(0.001)
+        await wait_for(lambda: len(client.acked) >= 80, timeout=4, interval=0.005)
+        assert time.monotonic() - start < 2.5  # not the 5 s interval, nor the 5 s idle gap
+        assert client.acked == list(range(1, len(client.acked) + 1))  # in arrival order, none twice
+        commits = buf._m.buffer_commits._value.get()
+        assert 2 <= commits <= 5, commits  # about one per 40 messages, not one per message
+        await buf.flush()
+        assert client.acked == list(range(1, 101)) and buf.store.point_count() == 100
+    finally:
+        await buf.stop()
+
+
 async def test_a_steady_inflow_is_committed_once_per_window_with_the_default_settings(tmp_path: Path) -> None:
     # A line at 500 messages/s never pauses for commit_idle_ms: one commit per commit_interval_ms
     # window, not one per short gap between two messages (which cost a DuckDB transaction each).
@@ -587,7 +610,7 @@ def test_buffer_config_problems_name_their_keys(tmp_path: Path) -> None:
     from gateway.common.errors import ConfigError
 
     with pytest.raises(ConfigError) as err:
-        config(tmp_path, **{"buffer.disk_policy": "keep_everything", "buffer.commit_idle_ms": 500,
+        config(tmp_path, **{"buffer.disk_policy": "keep_everything", "buffer.commit_idle_ms": 600,
                             "buffer.deadband": [{"property": "temperature"}, {"property": "bad name", "absolute": 1}],
                             "buffer.context_keys": ["batch id"]})
     keys = dict(err.value.problems)

@@ -91,31 +91,45 @@ async def websocket(request: web.Request) -> web.StreamResponse:
 async def _send_loop(ws: web.WebSocketResponse, sub: Subscription, heartbeat_s: float,
                      request: web.Request) -> None:
     heartbeat = json.dumps({"event": "Heartbeat"})
-    next_beat = time.monotonic() + heartbeat_s
+    # One timer per heartbeat, not one per wait: a client subscribed to a busy line is woken a few
+    # hundred times a second, and a timeout armed and cancelled around every wait was most of what
+    # a wake-up cost besides the write.
+    loop = asyncio.get_running_loop()
+    due = False
+
+    def beat() -> None:
+        nonlocal due
+        due = True
+        sub.nudge()
+
+    timer = loop.call_later(heartbeat_s, beat)
     # Without compression a burst of events goes out as one write of whole frames: one system call
     # for up to BURST events instead of one each. With compression aiohttp frames every event.
     transport = request.transport if not ws.compress else None
-    while not ws.closed:
-        try:
-            async with asyncio.timeout(max(next_beat - time.monotonic(), 0.0)):
-                event = await sub.get()
-        except TimeoutError:
-            await ws.send_str(heartbeat[:-1] + f', "timestamp": "{iso_utc(time.time())}"}}')
-            next_beat = time.monotonic() + heartbeat_s
-            continue
-        # The broker connection hands over a chunk's messages (a few dozen) in one turn of the event
-        # loop, so they are all queued when this runs: no need to wait a turn for them to join the
-        # burst — and waiting would let the next chunk pile onto a small queue.
-        burst = [event, *sub.drain(BURST - 1)]
-        if transport is None:
-            for e in burst:
-                await ws.send_str(e.to_json())
-            continue
-        if ws.closed or transport.is_closing():  # closing: no data frame may follow the close frame
-            break
-        transport.write(b"".join([_text_frame(e.to_utf8()) for e in burst]))
-        while transport.get_write_buffer_size() > WRITE_HIGH and not transport.is_closing():
-            await asyncio.sleep(0.01)  # a slow reader: its queue fills meanwhile and overflows
+    try:
+        while not ws.closed:
+            event = await sub.next()
+            if due:
+                due = False
+                await ws.send_str(heartbeat[:-1] + f', "timestamp": "{iso_utc(time.time())}"}}')
+                timer = loop.call_later(heartbeat_s, beat)
+            if event is None:
+                continue
+            # The broker connection hands over a chunk's messages (a few dozen) in one turn of the
+            # event loop, so they are all queued when this runs: no need to wait a turn for them to
+            # join the burst — and waiting would let the next chunk pile onto a small queue.
+            burst = [event, *sub.drain(BURST - 1)]
+            if transport is None:
+                for e in burst:
+                    await ws.send_str(e.to_json())
+                continue
+            if ws.closed or transport.is_closing():  # closing: no data frame may follow the close frame
+                break
+            transport.write(b"".join([_text_frame(e.to_utf8()) for e in burst]))
+            while transport.get_write_buffer_size() > WRITE_HIGH and not transport.is_closing():
+                await asyncio.sleep(0.01)  # a slow reader: its queue fills meanwhile and overflows
+    finally:
+        timer.cancel()
 
 
 def _text_frame(payload: bytes) -> bytes:

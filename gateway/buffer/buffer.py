@@ -2,12 +2,13 @@
 
 Ingest hands every accepted sample to `add()` and every received QoS 1 message to `ack_later()`.
 One writer task commits what is pending as one batch when the inflow pauses
-(`commit_idle_ms`), when the oldest pending point is `commit_interval_ms` old, or when
-`commit_max_points` are pending; only then are the messages of that batch acknowledged to the
-broker, in the order they arrived. A crash before the commit leaves them unacknowledged, so the
-broker redelivers them; a crash after the commit but before the acknowledgement makes the broker
-redeliver messages whose sequence marks are already stored, so they are dropped. Nothing
-acknowledged is lost and nothing is stored twice.
+(`commit_idle_ms`), when the oldest pending point is `commit_interval_ms` old, when
+`commit_max_points` are pending, or when `commit_max_messages` wait for their acknowledgement;
+only then are the messages of that batch acknowledged to the broker, in the order they arrived.
+A crash before the commit leaves them unacknowledged, so the broker redelivers them; a crash
+after the commit but before the acknowledgement makes the broker redeliver messages whose
+sequence marks are already stored, so they are dropped. Nothing acknowledged is lost and nothing
+is stored twice.
 
 Housekeeping (roll-ups, retention, the disk budget) runs on a thread and DuckDB cursor of its own,
 beside the commits rather than in front of them: the acknowledgements, and with them the broker's
@@ -84,6 +85,7 @@ class TelemetryBuffer(SeriesIndexed):
         self._wake = asyncio.Event()
         self._first_at = 0.0
         self._arrivals = 0
+        self._hurry: asyncio.Future[None] | None = None  # the commit loop's wait, ended early by a full window
         self._commit_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self._opened = False
@@ -182,6 +184,9 @@ class TelemetryBuffer(SeriesIndexed):
         """Acknowledge this message to the broker once everything received before it is committed."""
         self._acks.append((client, mid, qos))
         self._arrived()
+        hurry = self._hurry
+        if hurry is not None and len(self._acks) >= self._cfg.commit_max_messages and not hurry.done():
+            hurry.set_result(None)  # the broker's window may be filling: commit now
 
     def _arrived(self) -> None:
         self._arrivals += 1
@@ -216,12 +221,12 @@ class TelemetryBuffer(SeriesIndexed):
         backoff = 0.5
         while True:
             await self._wake.wait()
-            while len(self._batch) < cfg.commit_max_points:
+            while len(self._batch) < cfg.commit_max_points and len(self._acks) < cfg.commit_max_messages:
                 left = interval - (time.monotonic() - self._first_at)
                 if left <= 0:
                     break
                 seen = self._arrivals
-                await asyncio.sleep(min(idle, left) if idle > 0 else 0)
+                await self._pause(min(idle, left) if idle > 0 else 0)
                 if self._arrivals == seen:
                     break  # the inflow paused: the broker may be waiting for our acknowledgements
             try:
@@ -237,6 +242,17 @@ class TelemetryBuffer(SeriesIndexed):
             else:
                 backoff = 0.5
                 self._made_room = False
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, unless `commit_max_messages` messages are waiting for their acknowledgement first."""
+        loop = asyncio.get_running_loop()
+        hurry = self._hurry = loop.create_future()
+        timer = loop.call_later(seconds, _resolve, hurry)
+        try:
+            await hurry
+        finally:
+            timer.cancel()
+            self._hurry = None
 
     async def flush(self) -> None:
         """Commit everything pending now and acknowledge its messages; on failure keep it for a retry."""
@@ -489,6 +505,11 @@ def _by_client(acks: list[tuple[Ackable, int, int]]) -> list[tuple[Ackable, list
             out.append((client, []))
         out[-1][1].append((mid, qos))
     return out
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _disk_error(exc: BaseException) -> bool:

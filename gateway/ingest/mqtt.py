@@ -34,7 +34,7 @@ from gateway.ingest.payload import decode_json, parse_status, parse_telemetry
 from gateway.ingest.sequence import SequenceTracker
 from gateway.ingest.topics import TopicPattern
 from gateway.metrics import GatewayMetrics
-from gateway.twin.model import Thing
+from gateway.twin.model import Feature, Thing
 from gateway.twin.registry import TwinRegistry
 
 log = logging.getLogger(__name__)
@@ -313,6 +313,21 @@ class ReadAhead:
                 disconnected.set_exception(exc)
 
 
+_CONTAINERS = (list, dict)
+
+
+def _known_plain(feature: Feature | None, properties: dict[str, Any]) -> bool:
+    """Whether every property is one the feature already has, with a plain (not list or dict) value;
+    a loop, not a generator: it runs for every message."""
+    if feature is None:
+        return False
+    have = feature.properties
+    for k, v in properties.items():  # noqa: SIM110 (a loop: no generator per message)
+        if k not in have or isinstance(v, _CONTAINERS):
+            return False
+    return True
+
+
 class MqttIngest:
     """Owns the broker connection; parses, validates, de-duplicates and applies telemetry."""
 
@@ -555,14 +570,11 @@ class MqttIngest:
         """Refuse a message that would give a Thing more features or series than the caps allow, so
         a faulty or hostile node cannot make the twin, the buffer and the uplink grow without end."""
         feats = thing.features
-        known = True
         for s in samples:
-            f = feats.get(s.feature)
-            if f is None or any(k not in f.properties or isinstance(v, list | dict) for k, v in s.properties.items()):
-                known = False
+            if not _known_plain(feats.get(s.feature), s.properties):
                 break
-        if known:  # the common case: only properties the Thing already has, all plain values
-            return
+        else:
+            return  # the common case: only properties the Thing already has, all plain values
         ing = self._ing
         new_features = {s.feature for s in samples} - feats.keys()
         if len(feats) + len(new_features) > ing.max_features_per_thing:
