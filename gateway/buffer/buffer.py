@@ -49,6 +49,7 @@ LOW_WATER = 0.9  # after a drop, the data directory is brought to this share of 
 RESUME = 0.95  # reject_new stores again below this share
 OUTBOX = "uplink"
 PASS_ATTEMPTS = 3  # a maintenance pass that meets a write conflict is tried again, this often in all
+CHECKPOINT_ATTEMPTS = 5  # a maintenance pass's checkpoint tries this often while other transactions run
 
 
 class Ackable(Protocol):
@@ -396,10 +397,14 @@ class TelemetryBuffer(SeriesIndexed):
 
     def _checkpoint(self, cur: duckdb.DuckDBPyConnection) -> None:
         """Checkpoint now. DuckDB checkpoints by itself when the WAL passes `buffer.checkpoint_mb`, but
-        not while a reader's transaction is open; a WAL many times the threshold is reported on /ready."""
-        if not self.store.checkpoint(cur):
-            log.warning("buffer checkpoint postponed: a reader holds a transaction; retrying next pass",
-                        extra={"wal_bytes": self._wal_bytes()})
+        not while another transaction is open; a WAL many times the threshold is reported on /ready.
+        A commit or a read in progress is waited out for a moment before the next pass is left to try."""
+        for attempt in range(CHECKPOINT_ATTEMPTS):
+            if self.store.checkpoint(cur):
+                return
+            time.sleep(0.05 * (attempt + 1))
+        log.warning("buffer checkpoint postponed: other transactions kept running; retrying next pass",
+                    extra={"wal_bytes": self._wal_bytes()})
 
     def _budget(self, force: bool = False) -> None:
         """Measure the data directory and apply the disk policy when it is over budget (on any thread,
