@@ -345,12 +345,10 @@ class TelemetryBuffer(SeriesIndexed):
     async def maintain(self, now: float | None = None) -> Maintenance:
         """Roll up, apply retention, keep the disk budget: one pass (also callable by tests and the CLI).
 
-        The pass runs on the maintenance thread while commits go on; only trimming the sequence marks,
-        which commits write, takes a turn of the writer thread."""
+        The pass runs on the maintenance thread while commits go on."""
         at = time.time() if now is None else now
         loop = asyncio.get_running_loop()
         result = await loop.run_in_executor(self._maintainer, functools.partial(self._maintain, at))
-        await self._write(self.store.trim_marks)
         self._m.buffer_rollup_rows.inc(result.rolled)
         return result
 
@@ -378,6 +376,7 @@ class TelemetryBuffer(SeriesIndexed):
         raw, rolled_deleted = self.store.retention(now, cfg.raw_retention_days,
                                                    {"1m": cfg.rollup_1m_retention_days,
                                                     "1h": cfg.rollup_1h_retention_days}, cur)
+        self.store.trim_marks(cur)
         if raw:
             self._m.buffer_dropped.labels("retention").inc(raw)
         if raw or rolled_deleted or self._wal_bytes() > cfg.checkpoint_mb * 2**20:

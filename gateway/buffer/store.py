@@ -4,9 +4,9 @@ sequence marks and the outbox), as plain blocking methods.
 The async side (`TelemetryBuffer`) calls the write methods from one writer thread and the read
 methods from reader threads, each with its own cursor; DuckDB's MVCC keeps readers consistent while
 the writer commits. The maintenance pass (roll-ups, retention, the disk budget) writes through its
-own cursor beside the commits: it only deletes points, which commits only append, and writes tables
-and meta keys the writer thread never writes, so the two do not conflict; the sequence marks, which
-commits update, are trimmed on the writer thread (`trim_marks`). Points are appended as batches of
+own cursor beside the commits: it only deletes points and superseded sequence marks, which commits
+only append, and writes tables and meta keys the writer thread never writes, so the two do not
+conflict. Points are appended as batches of
 NumPy columns in one transaction together with the new series and the per-device sequence marks, so
 after a crash the stored points and the "already stored" marks always agree: that is what makes
 redelivered messages safe to drop.
@@ -17,8 +17,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sys
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,6 +39,9 @@ _SCHEMA = [
     "CREATE TABLE IF NOT EXISTS seq_state (thing_id VARCHAR, boot VARCHAR, seq BIGINT, updated DOUBLE)",
     # the anti-replay bitmap below `seq`; NULL in files written before it existed (= all seen)
     "ALTER TABLE seq_state ADD COLUMN IF NOT EXISTS seen BLOB",
+    # the commit that wrote the row: marks are appended, the newest row of a (Thing, boot) is its mark;
+    # NULL in files written before (one row per (Thing, boot) then)
+    "ALTER TABLE seq_state ADD COLUMN IF NOT EXISTS n BIGINT",
 ]
 
 
@@ -66,7 +67,7 @@ class BufferStore(PointFile):
     """The gateway's buffer file: the shared point layout plus sequence marks and the outbox;
     `open()` creates the schema, `commit()` appends one batch atomically."""
 
-    _marked: set[tuple[str, str]]  # the (Thing, boot)s with a row in seq_state
+    _commits: int  # the number of the last commit that wrote sequence marks (seq_state.n)
 
     # ----------------------------------------------------------------- lifecycle (writer thread)
     def open(self) -> OpenState:
@@ -74,8 +75,10 @@ class BufferStore(PointFile):
         for stmt in _SCHEMA:
             self.con.execute(stmt)
         marks = [(t, b, int(s), float(u), None if w is None else int.from_bytes(w, "little")) for t, b, s, u, w in
-                 self.con.execute("SELECT thing_id, boot, seq, updated, seen FROM seq_state").fetchall()]
-        self._marked = {(sys.intern(t), sys.intern(b)) for t, b, _s, _u, _w in marks}
+                 self.con.execute("SELECT thing_id, boot, seq, updated, seen FROM seq_state QUALIFY row_number() "
+                                  "OVER (PARTITION BY thing_id, boot ORDER BY coalesce(n, 0) DESC) = 1").fetchall()]
+        row = one(self.con.execute("SELECT max(n) FROM seq_state"))
+        self._commits = int(row[0]) if row and row[0] is not None else 0
         return OpenState(series, marks, self.high_id() + 1)
 
     # ----------------------------------------------------------------- writes (writer thread)
@@ -84,17 +87,15 @@ class BufferStore(PointFile):
 
         A commit runs a few times a second, so its fixed cost is most of what the buffer costs: the
         columns (dicts of NumPy arrays) are read by name from this function's locals (DuckDB's
-        replacement scan; registering and unregistering a view costs about as much as the insert),
-        and the mark of a (Thing, boot) that already has a row is updated in place rather than
-        deleted and inserted again.
+        replacement scan; registering and unregistering a view costs about as much as the insert).
+        The sequence marks are appended, numbered by commit, never updated: an UPDATE joined with the
+        batch's marks on every commit made DuckDB slower and larger by the hour, and kept it from
+        checkpointing while a reader was busy. The maintenance pass removes the superseded rows.
         """
         con = self.con
-        marked = self._marked
-        known = [k for k in batch.seq_marks if k in marked]
-        new = [k for k in batch.seq_marks if k not in marked]
+        n = self._commits + 1
         egiz_points = batch.columns(first_id) if batch.series else None  # noqa: F841 (read by the SQL below)
-        egiz_known = _marks_table(batch, known) if known else None  # noqa: F841 (read by the SQL below)
-        egiz_new = _marks_table(batch, new) if new else None  # noqa: F841 (read by the SQL below)
+        egiz_marks = _marks_table(batch, list(batch.seq_marks)) if batch.seq_marks else None  # noqa: F841
         if batch.new_series:  # many at once when Things register: 10k Things bring 80k series
             egiz_series = {  # noqa: F841 (read by the SQL below)
                 "id": np.array([i for i, _k, _t, _n in batch.new_series], np.int32),
@@ -110,17 +111,16 @@ class BufferStore(PointFile):
                 con.execute("INSERT INTO series SELECT * FROM egiz_series")
             if batch.series:
                 con.execute("INSERT INTO points SELECT * FROM egiz_points")
-            if known:
-                con.execute("UPDATE seq_state SET seq = m.seq, updated = epoch(now()), seen = m.seen "
-                            "FROM egiz_known m WHERE seq_state.thing_id = m.thing_id AND seq_state.boot = m.boot")
-            if new:
-                con.execute("INSERT INTO seq_state SELECT thing_id, boot, seq, epoch(now()), seen FROM egiz_new")
+            if batch.seq_marks:
+                con.execute("INSERT INTO seq_state SELECT thing_id, boot, seq, epoch(now()), seen, $n FROM egiz_marks",
+                            {"n": n})
             con.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(duckdb.Error):  # a failed COMMIT has already ended it
                 con.execute("ROLLBACK")
             raise
-        marked.update(new)
+        if batch.seq_marks:
+            self._commits = n
 
     def retention(self, now: float, raw_days: float, rollup_days: dict[str, float],
                   cur: duckdb.DuckDBPyConnection | None = None) -> tuple[int, int]:
@@ -140,21 +140,16 @@ class BufferStore(PointFile):
             rolled += int(res[0]) if res else 0
         return raw, rolled
 
-    def trim_marks(self) -> int:
-        """Keep the sequence marks of each Thing's newest `MAX_BOOTS_PER_THING` boots; returns how many
-        were removed. On the writer thread: commits update these rows, so the trim goes between them
-        and never conflicts with one. The known marks tell at no cost whether there is anything to trim."""
-        per_thing = Counter(t for t, _b in self._marked)
-        if not per_thing or max(per_thing.values()) <= MAX_BOOTS_PER_THING:
-            return 0
-        con = self.con
-        res = one(con.execute(
-            "DELETE FROM seq_state WHERE (thing_id, boot) IN (SELECT thing_id, boot FROM "
-            "(SELECT thing_id, boot, row_number() OVER (PARTITION BY thing_id ORDER BY updated DESC) AS r "
-            f"FROM seq_state) WHERE r > {MAX_BOOTS_PER_THING})"
+    def trim_marks(self, cur: duckdb.DuckDBPyConnection | None = None) -> int:
+        """Keep only the newest row of each (Thing, boot), of each Thing's newest `MAX_BOOTS_PER_THING`
+        boots; returns how many rows were removed. Commits only append rows, numbered higher than any
+        this pass sees, so the pass and the commits never write the same row."""
+        res = one((cur or self.con).execute(
+            "DELETE FROM seq_state WHERE (thing_id, boot, coalesce(n, 0)) NOT IN ("
+            "  SELECT thing_id, boot, max(coalesce(n, 0)) FROM seq_state GROUP BY thing_id, boot"
+            "  QUALIFY row_number() OVER (PARTITION BY thing_id ORDER BY max(updated) DESC) "
+            f"<= {MAX_BOOTS_PER_THING})"
         ))
-        self._marked = {(sys.intern(t), sys.intern(b))  # the Things' and boots' names, not a copy per mark
-                        for t, b in con.execute("SELECT thing_id, boot FROM seq_state").fetchall()}
         return int(res[0]) if res else 0
 
     def drop_oldest(self, count: int, max_id: int | None, *, synced_id: int | None = None,

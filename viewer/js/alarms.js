@@ -62,7 +62,9 @@ export class AlarmsPage {
   }
 
   async refresh() {
+    const asked = this.asked = (this.asked || 0) + 1;
     const page = await api.get(`/api/v1/anomalies?${this.query({ limit: PAGE, offset: this.offset })}`);
+    if (asked !== this.asked) return;  // a newer query (other filters, another page) was asked for meanwhile
     this.table.dataset.total = page.total;
     this.items = page.items;
     const head = ["Opened", ...(this.gateway ? [] : ["Site"]), "Thing", "Type", "Severity", "State", "Acknowledged by", "Note",
@@ -83,7 +85,7 @@ export class AlarmsPage {
     return el("tr", { dataset: { id: a.id, state: a.state === "resolved" ? "" : a.severity } },
       el("td", { textContent: new Date(a.openedAt).toLocaleString() }),
       ...(this.gateway ? [] : [el("td", { textContent: `${a.site} · ${a.line}`, dataset: { field: "site" } })]),
-      el("td", { textContent: a.thingId }),
+      el("td", { textContent: a.thingId, dataset: { field: "thingId" } }),
       el("td", { textContent: a.anomalyType }), el("td", { textContent: a.severity }),
       el("td", { textContent: a.state, dataset: { field: "state" } }),
       el("td", { textContent: a.acknowledgedBy || "", dataset: { field: "acknowledgedBy" } }),
