@@ -434,6 +434,11 @@ class MqttIngest:
                     self.connected.set()
                     log.info("connected to broker", extra={"host": mq.host, "port": mq.port,
                                                            "client_id": self._cfg.mqtt_client_id})
+                    if self._stopping:
+                        # stop() came while connecting. Its cancellation can be lost: Python 3.11's
+                        # asyncio.wait_for (aiomqtt's connect and subscribe) returns the result instead
+                        # when the reply comes in the same turn, and the messages below never end.
+                        break
                     async for _ in client.messages:  # never yields (see _new_client); ends on disconnect
                         pass
             except aiomqtt.MqttError as exc:
