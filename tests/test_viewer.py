@@ -365,11 +365,12 @@ def test_the_aggregators_alarms_page_shows_every_site_with_the_gateways_shelf_an
     page.select_option("#f-shelved", "true")
     page.fill("#f-thingId", OVEN)
     page.click("#alarm-filters button[type=submit]")
-    def filtered() -> Any:  # the table shows the filter's rows (not the unfiltered first page) and one arrived
+    def filtered() -> Any:  # the table shows the whole filter's rows (not an earlier, partial one's) and one arrived
         rows = page.query_selector_all("#alarms tbody tr[data-id]")
         return rows[0] if rows and all(
             r.eval_on_selector("[data-field=site]", "e => e.textContent").startswith(SITE)
-            and r.eval_on_selector("[data-field=thingId]", "e => e.textContent") == OVEN for r in rows) else None
+            and r.eval_on_selector("[data-field=thingId]", "e => e.textContent") == OVEN
+            and r.eval_on_selector("[data-field=shelved]", "e => e.textContent") for r in rows) else None
     row = wait_until("the shelved anomaly arrived from the gateway",
                      lambda: filtered() or page.click("#alarm-filters button[type=submit]"), 60)
     anomaly_id = row.get_attribute("data-id")
