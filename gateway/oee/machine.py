@@ -256,7 +256,6 @@ class MachineTracker:
         scalars = _SCALARS
         number = _number
         neg_inf = -math.inf
-        minute = MINUTE
 
         def read(ts: float, props: Mapping[str, Any]) -> None:
             clock = self.clock
@@ -294,25 +293,17 @@ class MachineTracker:
                         continue
                     raw = props[name] if get is None else get(values)
                     value = float(raw) if raw.__class__ is int else number(raw)
-                    last = counter.last
-                    if value is None or value < 0 or last == value:
+                    if value is None or value < 0 or counter.last == value:
                         continue
-                    if last is not None and value >= last:  # the usual step; drops and the baseline: `delta`
-                        counter.last = value
-                        units = round(value - last)
-                    else:
-                        units = counter.delta(value)
+                    units = counter.delta(value)
                     if rejects:
                         rejected += units
                     else:
                         good += units
                 if good or rejected:  # units belong to their own minute, even when late
                     t = ts if ts > neg_inf else at
-                    ideal = self._ideal
-                    if ideal is None:
-                        ideal = self.ideal_cycle_s()
-                    end = self._minute_end
-                    p = self._minute_period if end - minute <= t < end else self._period(t)
+                    ideal = self.ideal_cycle_s()
+                    p = self._period(t)
                     p.good += good
                     p.rejected += rejected
                     p.ideal_good_s += good * ideal
