@@ -6,10 +6,9 @@ methods from reader threads, each with its own cursor; DuckDB's MVCC keeps reade
 the writer commits. The maintenance pass (roll-ups, retention, the disk budget) writes through its
 own cursor beside the commits: it only deletes points and superseded sequence marks, which commits
 only append, and writes tables and meta keys the writer thread never writes, so the two do not
-conflict. Points are appended as batches of
-NumPy columns in one transaction together with the new series and the per-device sequence marks, so
-after a crash the stored points and the "already stored" marks always agree: that is what makes
-redelivered messages safe to drop.
+conflict. Points are appended as batches of NumPy columns in one transaction together with the new
+series and the per-device sequence marks, so after a crash the stored points and the "already stored"
+marks always agree: that is what makes redelivered messages safe to drop.
 """
 
 from __future__ import annotations
