@@ -153,14 +153,15 @@ class TelemetryBuffer(SeriesIndexed):
         if self.refusing:
             self._m.buffer_refused.inc(sum(1 for s in samples for _ in sample_points(s)))
             return
-        series = self.catalogue.ids
+        series = self.catalogue.ids_of(thing_id)
         deadbands = self._deadbands
         for s in samples:
             feature, ts, seq = s.feature, s.ts, s.seq
             for path, num, text in sample_points(s):
-                sid = series.get((thing_id, feature, path))
+                sid = series.get((feature, path))
                 if sid is None:
                     sid = self._new_series(thing_id, thing_type, feature, path, num is not None)
+                    series = self.catalogue.ids_of(thing_id)  # a new Thing's first series made its mapping
                 if deadbands and num is not None:
                     db = deadbands.get(sid)
                     if db is not None and not db.keep(num, ts):
@@ -176,9 +177,9 @@ class TelemetryBuffer(SeriesIndexed):
 
     def new_series(self, thing_id: str, samples: Sequence[Sample]) -> tuple[int, int]:
         """(series the Thing has, how many more these samples would create)."""
-        ids = self.catalogue.ids
+        ids = self.catalogue.ids_of(thing_id)
         new = {(s.feature, path) for s in samples for path, _n, _t in sample_points(s)
-               if (thing_id, s.feature, path) not in ids}
+               if (s.feature, path) not in ids}
         return self.catalogue.count_of(thing_id), len(new)
 
     def ack_later(self, client: Ackable, mid: int, qos: int) -> None:
