@@ -22,7 +22,7 @@ from gateway.common.series import SeriesCatalogue, SeriesKey
 from gateway.detect.core import DetectorCore
 from gateway.detect.rules import RuleBook
 from gateway.detect.stats import StatsSettings, StatsTier
-from gateway.memory import budget, check_budget, duckdb_limit_mb, machine_memory_mb
+from gateway.memory import THING_KIB, budget, check_budget, duckdb_limit_mb, machine_memory_mb
 from gateway.twin.model import Feature
 from tests.helpers import VIEWER_KEY, auth, gateway_process, telemetry, topic, wait_for
 
@@ -91,7 +91,7 @@ def test_the_memory_budget_warns_on_a_small_machine_with_the_figures(caplog: pyt
     check_budget(big)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     zero_w = budget(resident=200, duckdb_mb=64, things=10_000, ws_queue=1024, machine_mb=512)
-    assert zero_w.over and zero_w.total_mb == pytest.approx(200 + 64 + 10_000 * 11 / 1024 + 5, abs=0.1)
+    assert zero_w.over and zero_w.total_mb == pytest.approx(200 + 64 + 10_000 * THING_KIB / 1024 + 5, abs=0.1)
     check_budget(zero_w)
     warning = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warning) == 1
