@@ -380,7 +380,7 @@ class TelemetryBuffer(SeriesIndexed):
         self.store.trim_marks(cur)
         if raw:
             self._m.buffer_dropped.labels("retention").inc(raw)
-        if raw or rolled_deleted or self._wal_bytes() > cfg.checkpoint_mb * 2**20:
+        if raw or rolled_deleted or self.store.wal_over_threshold():
             self._checkpoint(cur)
         self._budget()
         return Maintenance(rolled, raw, rolled_deleted)
@@ -388,12 +388,6 @@ class TelemetryBuffer(SeriesIndexed):
     def _budget_now(self) -> None:
         with self._housekeeping:
             self._budget()
-
-    def _wal_bytes(self) -> int:
-        try:
-            return self.store.path.with_name(self.store.path.name + ".wal").stat().st_size
-        except FileNotFoundError:
-            return 0
 
     def _checkpoint(self, cur: duckdb.DuckDBPyConnection) -> None:
         """Checkpoint now. DuckDB checkpoints by itself when the WAL passes `buffer.checkpoint_mb`, but
@@ -404,7 +398,7 @@ class TelemetryBuffer(SeriesIndexed):
                 return
             time.sleep(0.05 * (attempt + 1))
         log.warning("buffer checkpoint postponed: other transactions kept running; retrying next pass",
-                    extra={"wal_bytes": self._wal_bytes()})
+                    extra={"wal_bytes": self.store.wal_bytes()})
 
     def _budget(self, force: bool = False) -> None:
         """Measure the data directory and apply the disk policy when it is over budget (on any thread,
@@ -446,7 +440,7 @@ class TelemetryBuffer(SeriesIndexed):
         self.used_bytes = used
         self._m.buffer_disk_bytes.set(used)
         self._m.buffer_duckdb_memory.set(self.store.memory_bytes())  # bounded by buffer.memory_limit_mb
-        self.wal_bytes = self._wal_bytes()
+        self.wal_bytes = self.store.wal_bytes()
         self._m.buffer_wal_bytes.set(self.wal_bytes)
         return used
 
