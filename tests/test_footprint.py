@@ -201,6 +201,12 @@ def test_the_live_state_of_a_series_and_of_a_detector_property_stays_compact() -
     assert sid in catalogue.numeric_series and sid + 1 not in catalogue.numeric_series  # t_pub: not numeric here
     assert catalogue.series_of("plant:oven-00002", "electrical") == [sid - 1, sid, sid + 1]
     assert catalogue.series_of("plant:oven-00002", prop="humidity") == [sid - 3, sid, sid + 3]
+    assert sorted(catalogue.series_keys) == list(range(1, 27_001))
+    catalogue.remember(sid, SeriesKey("plant:oven-99999", "electrical", "humidity"), "oven", True)  # re-keyed
+    assert catalogue.get(("plant:oven-00002", "electrical", "humidity")) is None
+    assert ("plant:oven-99999", "electrical", "humidity") in catalogue and len(catalogue) == 27_000
+    assert catalogue.series_of("plant:oven-00002", "electrical") == [sid - 1, sid + 1]
+    assert catalogue.series_of("plant:oven-99999") == [sid] and catalogue.count_of("plant:oven-99999") == 1
     assert len(tier) == 27_000
     tier.forget("plant:oven-00002")
     assert len(tier) == 27_000 - 9

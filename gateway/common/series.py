@@ -98,8 +98,8 @@ class SeriesCatalogue:
         return 0 < sid < len(self._numeric) and self._numeric[sid] == 1
 
     def ids(self) -> Iterator[int]:
-        """Every series id, in order."""
-        return (sid for sid, thing in enumerate(self._thing) if thing is not None)
+        """Every series id the index finds by its key, Thing by Thing."""
+        return (sid for of in list(self._of_thing.values()) for sid in list(of.values()))
 
     def remember(self, sid: int, key: SeriesKey, thing_type: str, numeric: bool) -> None:
         """Record a series (after the transaction that created it committed)."""
