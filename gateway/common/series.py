@@ -10,6 +10,8 @@ from collections.abc import Collection, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
+from gateway.common.compact import KeyedArray, Layout
+
 
 class SeriesKey(NamedTuple):
     """A series' name. A tuple, so the catalogue's index holds the key itself and finds it by a plain
@@ -49,15 +51,17 @@ class SeriesCatalogue:
     per-Thing index keeps that listing proportional to the Thing's own series, not to all of them.
 
     A gateway with 10,000 Things keeps some 100,000 series, so the index is kept compact: each Thing
-    has one dict of its series ids keyed by `(feature, path)`, a pair shared by every Thing that has
-    that series (no tuple per series); ids are handed out one after the other, so a series' Thing,
+    has its series ids in a `KeyedArray` keyed by `(feature, path)`, a pair shared by every Thing that
+    has that series (no tuple and no int object per series), its positions shared by every Thing whose
+    series came in the same order; ids are handed out one after the other, so a series' Thing,
     name, type and kind sit in lists indexed by its id (a pointer or a byte each), and names are
     interned (`temperature` is one string, however many Things have one). A `SeriesKey` is made when
     one is asked for. `series_keys` and `numeric_series` are read-only views of it.
     """
 
     def __init__(self) -> None:
-        self._of_thing: dict[str, dict[tuple[str, str], int]] = {}  # Thing → (feature, path) → id
+        self._of_thing: dict[str, KeyedArray[tuple[str, str], int]] = {}  # Thing → (feature, path) → id
+        self._root: Layout[tuple[str, str]] = KeyedArray.root()
         self._names: dict[tuple[str, str], tuple[str, str]] = {}  # each (feature, path) pair once
         self._thing: list[str | None] = [None]  # by id (0 is never one)
         self._name: list[tuple[str, str]] = [("", "")]
@@ -119,7 +123,7 @@ class SeriesCatalogue:
         old = self._thing[sid]
         if old is not None and (old, self._name[sid]) != (thing, shared):
             of_old = self._of_thing[old]
-            del of_old[self._name[sid]]
+            of_old.remove(self._name[sid], self._root)
             self._count -= 1
             if not of_old:
                 del self._of_thing[old]
@@ -127,7 +131,7 @@ class SeriesCatalogue:
         if old is None:
             of = self._of_thing.get(thing)
             if of is None:
-                of = self._of_thing[thing] = {}
+                of = self._of_thing[thing] = KeyedArray(self._root, "q")
             if of.get(shared) is None:
                 self._count += 1
             of[shared] = sid

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from gateway.common.compact import KeyedArray, Layout
 from gateway.detect.explain import deviation, label, split_key
 from gateway.detect.models import ModelBundle
 from gateway.detect.profile import ProfileState
@@ -95,7 +96,7 @@ class Transition:
 @dataclass(slots=True)
 class _Thing:
     type: str
-    values: dict[str, float] = field(default_factory=dict)
+    values: KeyedArray[str, float]  # the latest reading of each property, by "feature/path"
     context: dict[str, str] = field(default_factory=dict)
     ts: float = 0.0
     rule: RuleHit | None = None  # the strongest rule hit since the last tick
@@ -133,6 +134,7 @@ class DetectorCore:
         self._dirty: set[str] = set()
         self._ignored: dict[str, bool] = {}
         self._keys: dict[str, dict[str, str]] = {}  # feature → path → "feature/path", shared by every Thing
+        self._values_root: Layout[str] = KeyedArray.root()  # the positions of the latest values by name
         self.readings = 0
         self.rows_scored = 0
         self._forest_at: dict[str, float] = {}
@@ -151,7 +153,7 @@ class DetectorCore:
         """One reading of one feature: flattened (path, value) pairs, numbers and strings."""
         t = self._things.get(thing_id)
         if t is None:
-            t = self._things[thing_id] = _Thing(thing_type)
+            t = self._things[thing_id] = _Thing(thing_type, KeyedArray(self._values_root, "d"))
         numeric: dict[str, float] = {}
         for path, v in values:
             if isinstance(v, bool):
@@ -263,7 +265,7 @@ class DetectorCore:
         """At start: an anomaly the log still has open continues (no second one for the same fault)."""
         t = self._things.get(anomaly.thing_id)
         if t is None:
-            t = self._things[anomaly.thing_id] = _Thing(anomaly.thing_type)
+            t = self._things[anomaly.thing_id] = _Thing(anomaly.thing_type, KeyedArray(self._values_root, "d"))
         t.anomaly = anomaly
         t.published_at, t.published_score = anomaly.last_seen_at, anomaly.score
 

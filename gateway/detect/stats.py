@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from gateway.common.compact import KeyedArray, Layout
+
 CHART_LAMBDA = 0.2  # weight of the newest reading in the control chart's statistic
 CLIP = 2.0  # readings teach the mean and variance at most this many standard deviations
 LEARN_MARGIN = 1.5  # learned online from a short window: wider than a trained model's 1.25
@@ -255,7 +257,8 @@ class StatsTier:
         self.limits: dict[tuple[str, str], tuple[float, float]] = {}
         self.group_limits: dict[tuple[str, str], float] = {}
         self._arrays = StatArrays(settings)
-        self._slots: dict[str, dict[str, int]] = {}  # Thing → property → its slot
+        self._slots: dict[str, KeyedArray[str, int]] = {}  # Thing → property → its slot
+        self._root: Layout[str] = KeyedArray.root()  # where a Thing keeps each slot, shared by Things alike
         self._key: list[str] = []  # per slot: the property, its sisters' group, the type whose limits apply
         self._group: list[str | None] = []
         self._type: list[str] = []
@@ -304,7 +307,7 @@ class StatsTier:
         """The slot of a (Thing, property), made on first sight; `thing_type` says whose limits apply."""
         of_thing = self._slots.get(thing_id)
         if of_thing is None:
-            of_thing = self._slots[thing_id] = {}
+            of_thing = self._slots[thing_id] = KeyedArray(self._root, "i")
         slot = of_thing.get(key)
         if slot is None:
             key = sys.intern(key)  # one string per property name, not one per Thing
