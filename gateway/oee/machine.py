@@ -18,7 +18,7 @@ import dataclasses
 import math
 import re
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +27,8 @@ from gateway.oee.calendar import MINUTE, ShiftCalendar
 from gateway.oee.settings import STATES, Condition, MachineRules, TypeRules
 
 Accessor = Callable[[Mapping[str, Mapping[str, Any]]], Any]
-Reader = Callable[[float, Mapping[str, Any]], None]  # one reading of one feature: (device time, properties)
+Samples = Sequence[tuple[float, Mapping[str, Any]]]  # one message's readings of one feature: (device time, properties)
+Reader = Callable[[Samples], None]
 _STEP = re.compile(r"\.([A-Za-z_][A-Za-z0-9_-]*)|\[(\d+)\]")
 _MISSING = object()
 
@@ -191,6 +192,7 @@ class MachineTracker:
     startup_until: float = 0.0
     values: dict[str, dict[str, Any]] = field(default_factory=dict)
     counters: dict[str, Counter] = field(default_factory=dict)
+    on_change: Callable[[str], None] | None = None  # told each new state (the tracker counts them)
 
     def __post_init__(self) -> None:
         self._running = [Test(c) for c in self.rules.running]
@@ -241,12 +243,13 @@ class MachineTracker:
         """One sample of one feature at device time `ts`."""
         read = self.readers.get(feature)
         if read is not None:
-            read(ts, props)
+            read(((ts, props),))
 
     def _reader(self, feature: str) -> Reader:
-        """The work of one reading of `feature`, compiled once from the rules: it looks only at the
-        properties they name in that feature (the state's, the recipe, the counters), with no call per rule
-        or counter. While the state stays the same its time is accounted later in one go."""
+        """The work of one message's samples of `feature`, compiled once from the rules: it looks only at the
+        properties they name in that feature (the state's, the recipe, the counters), with no call per sample,
+        rule or counter while the minute, the recipe and the state stay the same. While the state stays the
+        same its time is accounted later in one go."""
         state_names = tuple(sorted(self._state_names.get(feature, ())))
         recipe_names = tuple(sorted(self._recipe_names.get(feature, ())))
         counting = tuple(self._counting.get(feature, ()))
@@ -257,63 +260,71 @@ class MachineTracker:
         number = _number
         neg_inf = -math.inf
 
-        def read(ts: float, props: Mapping[str, Any]) -> None:
-            clock = self.clock
-            at = clock if clock > ts else ts  # max(ts, clock), NaN included
-            self.clock = at
-            state = self.state
-            if not state:
-                self._accounted = at
-            if at > self.last_seen:
-                self.last_seen = at
-            switch = not state
-            if self.connectivity_offline:  # back from offline
-                self.connectivity_offline = False
-                switch = True
-            elif not switch:  # a value of another type is a change: `1` and `True` read differently
-                for name in state_names:
+        def read(samples: Samples) -> None:
+            for ts, props in samples:
+                clock = self.clock
+                at = clock if clock > ts else ts  # max(ts, clock), NaN included
+                self.clock = at
+                state = self.state
+                if not state:
+                    self._accounted = at
+                self.last_seen = at  # never behind: the clock is never behind it
+                switch = not state
+                if self.connectivity_offline:  # back from offline
+                    self.connectivity_offline = False
+                    switch = True
+                elif not switch:  # a value of another type is a change: `1` and `True` read differently
+                    for name in state_names:
+                        if name in props:
+                            new, old = props[name], held.get(name, missing)
+                            if new is not old and (new.__class__ is not old.__class__
+                                                   or new.__class__ not in scalars or new != old):
+                                switch = True
+                                break
+                for name in recipe_names:
                     if name in props:
                         new, old = props[name], held.get(name, missing)
                         if new is not old and (new.__class__ is not old.__class__ or new.__class__ not in scalars
                                                or new != old):
-                            switch = True
+                            self._ideal = None
                             break
-            for name in recipe_names:
-                if name in props:
-                    new, old = props[name], held.get(name, missing)
-                    if new is not old and (new.__class__ is not old.__class__ or new.__class__ not in scalars
-                                           or new != old):
-                        self._ideal = None
-                        break
-            held.update(props)
-            if counting:  # the counters this reading carries (one it lacks has not moved)
-                good = rejected = 0
-                for name, get, counter, rejects in counting:
-                    if name not in props:
-                        continue
-                    raw = props[name] if get is None else get(values)
-                    value = float(raw) if raw.__class__ is int else number(raw)
-                    if value is None or value < 0 or counter.last == value:
-                        continue
-                    units = counter.delta(value)
-                    if rejects:
-                        rejected += units
-                    else:
-                        good += units
-                if good or rejected:  # units belong to their own minute, even when late
-                    t = ts if ts > neg_inf else at
-                    ideal = self.ideal_cycle_s()
-                    p = self._period(t)
-                    p.good += good
-                    p.rejected += rejected
-                    p.ideal_good_s += good * ideal
-                    p.ideal_total_s += (good + rejected) * ideal
-                    if t < self.startup_until:
-                        p.rejected_startup += rejected
-                        p.ideal_startup_reject_s += rejected * ideal
-            if switch:
-                self.advance(at)
-                self._switch(at)
+                held.update(props)
+                if counting:  # the counters this reading carries (one it lacks has not moved)
+                    good = rejected = 0
+                    for name, get, counter, rejects in counting:
+                        if name not in props:
+                            continue
+                        raw = props[name] if get is None else get(values)
+                        value = float(raw) if raw.__class__ is int else number(raw)
+                        last = counter.last
+                        if value is None or value < 0 or last == value:
+                            continue
+                        if last is not None and value > last:  # the usual step, without a call
+                            counter.last = value
+                            units = round(value - last)
+                        else:  # the first value, a rollover or a reset
+                            units = counter.delta(value)
+                        if rejects:
+                            rejected += units
+                        else:
+                            good += units
+                    if good or rejected:  # units belong to their own minute, even when late
+                        t = ts if ts > neg_inf else at
+                        ideal = self._ideal
+                        if ideal is None:
+                            ideal = self.ideal_cycle_s()
+                        end = self._minute_end
+                        p = self._minute_period if end - MINUTE <= t < end else self._period(t)
+                        p.good += good
+                        p.rejected += rejected
+                        p.ideal_good_s += good * ideal
+                        p.ideal_total_s += (good + rejected) * ideal
+                        if t < self.startup_until:
+                            p.rejected_startup += rejected
+                            p.ideal_startup_reject_s += rejected * ideal
+                if switch:
+                    self.advance(at)
+                    self._switch(at)
 
         return read
 
@@ -395,6 +406,8 @@ class MachineTracker:
         reason, note, by = "", "", ""
         if self.operator is not None:
             reason, note, by = self.operator.reason, self.operator.note, self.operator.by
+        if state != self.state and self.on_change is not None:
+            self.on_change(state)
         self.state = state
         self._seconds = state + "_s"
         self.event = StateEvent(new_event_id(), self.thing_id, self.line, state, at, at, source,
