@@ -262,10 +262,10 @@ async def test_every_sample_of_a_message_is_read_and_every_state_change_counted(
         ("06:20", {"speed": 1.0, "good": 400}), ("06:30", {"speed": 1.0, "good": 700})))
     try:
         for feature in ("drive", "production"):
-            bus.publish(StateChanged(filler.id, filler, feature=feature, properties={},
-                                     timestamp=at("06:30"), samples=tuple(
-                                         (ts, {k: v for k, v in props.items() if (k == "speed") == (feature == "drive")})
-                                         for ts, props in samples)))
+            mine = tuple((ts, {k: v for k, v in props.items() if (k == "speed") == (feature == "drive")})
+                         for ts, props in samples)
+            bus.publish(StateChanged(filler.id, filler, feature=feature, properties={}, timestamp=at("06:30"),
+                                     samples=mine))
         clock.t = at("08:00")  # silent for more than `offline_after_s` (an hour) since 06:30
         rows = await tracker.query(lambda c: c.execute(
             "SELECT SUM(running_s), SUM(idle_s), SUM(offline_s), SUM(good) FROM oee_periods").fetchone())
