@@ -265,10 +265,10 @@ class MachineTracker:
             read(((ts, props),))
 
     def _reader(self, feature: str) -> Reader:
-        """The work of one message's samples of `feature`, compiled once from the rules: it looks only at the
-        properties they name in that feature (the state's, the recipe, the counters), with no call per sample,
-        rule or counter while the minute, the recipe and the state stay the same. While the state stays the
-        same its time is accounted later in one go."""
+        """The work of one message's samples of `feature` (one call for all of them), compiled once from the
+        rules: it looks only at the properties they name in that feature (the state's, the recipe, the
+        counters), keeps only those, and makes no call per rule. While the state stays the same its time is
+        accounted later in one go."""
         state_names = self._state_names.get(feature, set())
         recipe_names = self._recipe_names.get(feature, set())
         counting = tuple(self._counting.get(feature, ()))
@@ -314,25 +314,17 @@ class MachineTracker:
                             continue
                         raw = props[name] if get is None else get(values)
                         value = float(raw) if raw.__class__ is int else number(raw)
-                        last = counter.last
-                        if value is None or value < 0 or last == value:
+                        if value is None or value < 0 or counter.last == value:
                             continue
-                        if last is not None and value > last:  # the usual step, without a call
-                            counter.last = value
-                            units = round(value - last)
-                        else:  # the first value, a rollover or a reset
-                            units = counter.delta(value)
+                        units = counter.delta(value)
                         if rejects:
                             rejected += units
                         else:
                             good += units
                     if good or rejected:  # units belong to their own minute, even when late
                         t = ts if ts > neg_inf else at
-                        ideal = self._ideal
-                        if ideal is None:
-                            ideal = self.ideal_cycle_s()
-                        end = self._minute_end
-                        p = self._minute_period if end - MINUTE <= t < end else self._period(t)
+                        ideal = self.ideal_cycle_s()
+                        p = self._period(t)
                         p.good += good
                         p.rejected += rejected
                         p.ideal_good_s += good * ideal
