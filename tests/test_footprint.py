@@ -19,8 +19,10 @@ import aiomqtt
 import pytest
 
 from gateway.common.series import SeriesCatalogue, SeriesKey
+from gateway.detect.core import DetectorCore
+from gateway.detect.rules import RuleBook
 from gateway.detect.stats import StatsSettings, StatsTier
-from gateway.memory import budget, check_budget, duckdb_limit_mb, machine_memory_mb
+from gateway.memory import THING_KIB, budget, check_budget, duckdb_limit_mb, machine_memory_mb
 from gateway.twin.model import Feature
 from tests.helpers import VIEWER_KEY, auth, gateway_process, telemetry, topic, wait_for
 
@@ -89,7 +91,7 @@ def test_the_memory_budget_warns_on_a_small_machine_with_the_figures(caplog: pyt
     check_budget(big)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     zero_w = budget(resident=200, duckdb_mb=64, things=10_000, ws_queue=1024, machine_mb=512)
-    assert zero_w.over and zero_w.total_mb == pytest.approx(200 + 64 + 10_000 * 11 / 1024 + 5, abs=0.1)
+    assert zero_w.over and zero_w.total_mb == pytest.approx(200 + 64 + 10_000 * THING_KIB / 1024 + 5, abs=0.1)
     check_budget(zero_w)
     warning = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warning) == 1
@@ -179,6 +181,7 @@ def test_the_live_state_of_a_series_and_of_a_detector_property_stays_compact() -
                     sid += 1
 
     per_series = _traced_bytes_per_item(remember, 27_000)
+    assert per_series < 130, per_series  # 194 with a SeriesKey and an entry of one big dict per series
     tier = StatsTier(StatsSettings())
 
     def update() -> None:
@@ -188,7 +191,6 @@ def test_the_live_state_of_a_series_and_of_a_detector_property_stays_compact() -
                     tier.update(thing, f"{feature}/{prop}", 1.0)
 
     per_property = _traced_bytes_per_item(update, 27_000)
-    assert per_series < 260, per_series
     assert per_property < 200, per_property  # a row of the statistics arrays, its slot and limits
     # ... and still answers as a dict and a set did
     sid = catalogue.get(("plant:oven-00002", "electrical", "humidity"))
@@ -199,9 +201,32 @@ def test_the_live_state_of_a_series_and_of_a_detector_property_stays_compact() -
     assert sid in catalogue.numeric_series and sid + 1 not in catalogue.numeric_series  # t_pub: not numeric here
     assert catalogue.series_of("plant:oven-00002", "electrical") == [sid - 1, sid, sid + 1]
     assert catalogue.series_of("plant:oven-00002", prop="humidity") == [sid - 3, sid, sid + 3]
+    assert sorted(catalogue.series_keys) == list(range(1, 27_001))
+    catalogue.remember(sid, SeriesKey("plant:oven-99999", "electrical", "humidity"), "oven", True)  # re-keyed
+    assert catalogue.get(("plant:oven-00002", "electrical", "humidity")) is None
+    assert ("plant:oven-99999", "electrical", "humidity") in catalogue and len(catalogue) == 27_000
+    assert catalogue.series_of("plant:oven-00002", "electrical") == [sid - 1, sid + 1]
+    assert catalogue.series_of("plant:oven-99999") == [sid] and catalogue.count_of("plant:oven-99999") == 1
     assert len(tier) == 27_000
     tier.forget("plant:oven-00002")
     assert len(tier) == 27_000 - 9
+
+
+def test_the_detectors_state_of_a_property_read_through_the_detector_stays_compact() -> None:
+    # What the detector keeps per (Thing, property) besides the statistics' row: the latest value, and
+    # how its slot is found. A (name, slot) tuple per property in a dict per feature made it 395 bytes.
+    core = DetectorCore(RuleBook((), "none"))
+
+    def read() -> None:
+        for thing in THINGS_NAMES:
+            for feature in FEATURES:
+                core.add(thing, "oven", feature, 1.0, [(prop, 1.0) for prop in PROPS])
+        core.tick()
+
+    per_property = _traced_bytes_per_item(read, 27_000)
+    assert per_property < 300, per_property
+    assert len(core.stats) == 27_000
+    assert core.stats.slots_of("plant:oven-00002").keys() == {f"{f}/{p}" for f in FEATURES for p in PROPS}
 
 
 def test_a_feature_that_was_never_sent_a_command_holds_no_desired_properties() -> None:

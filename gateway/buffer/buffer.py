@@ -153,14 +153,15 @@ class TelemetryBuffer(SeriesIndexed):
         if self.refusing:
             self._m.buffer_refused.inc(sum(1 for s in samples for _ in sample_points(s)))
             return
-        series = self.catalogue.ids
+        series = self.catalogue.ids_of(thing_id)
         deadbands = self._deadbands
         for s in samples:
             feature, ts, seq = s.feature, s.ts, s.seq
             for path, num, text in sample_points(s):
-                sid = series.get((thing_id, feature, path))
+                sid = series.get((feature, path))
                 if sid is None:
                     sid = self._new_series(thing_id, thing_type, feature, path, num is not None)
+                    series = self.catalogue.ids_of(thing_id)  # a new Thing's first series made its mapping
                 if deadbands and num is not None:
                     db = deadbands.get(sid)
                     if db is not None and not db.keep(num, ts):
@@ -176,9 +177,9 @@ class TelemetryBuffer(SeriesIndexed):
 
     def new_series(self, thing_id: str, samples: Sequence[Sample]) -> tuple[int, int]:
         """(series the Thing has, how many more these samples would create)."""
-        ids = self.catalogue.ids
+        ids = self.catalogue.ids_of(thing_id)
         new = {(s.feature, path) for s in samples for path, _n, _t in sample_points(s)
-               if (thing_id, s.feature, path) not in ids}
+               if (s.feature, path) not in ids}
         return self.catalogue.count_of(thing_id), len(new)
 
     def ack_later(self, client: Ackable, mid: int, qos: int) -> None:
@@ -394,7 +395,7 @@ class TelemetryBuffer(SeriesIndexed):
         self.store.trim_marks(cur)
         if raw:
             self._m.buffer_dropped.labels("retention").inc(raw)
-        if raw or rolled_deleted or self._wal_bytes() > cfg.checkpoint_mb * 2**20:
+        if raw or rolled_deleted or self.store.wal_over_threshold():
             self._checkpoint(cur)
         self._budget()
         return Maintenance(rolled, raw, rolled_deleted)
@@ -402,12 +403,6 @@ class TelemetryBuffer(SeriesIndexed):
     def _budget_now(self) -> None:
         with self._housekeeping:
             self._budget()
-
-    def _wal_bytes(self) -> int:
-        try:
-            return self.store.path.with_name(self.store.path.name + ".wal").stat().st_size
-        except FileNotFoundError:
-            return 0
 
     def _checkpoint(self, cur: duckdb.DuckDBPyConnection) -> None:
         """Checkpoint now. DuckDB checkpoints by itself when the WAL passes `buffer.checkpoint_mb`, but
@@ -418,7 +413,7 @@ class TelemetryBuffer(SeriesIndexed):
                 return
             time.sleep(0.05 * (attempt + 1))
         log.warning("buffer checkpoint postponed: other transactions kept running; retrying next pass",
-                    extra={"wal_bytes": self._wal_bytes()})
+                    extra={"wal_bytes": self.store.wal_bytes()})
 
     def _budget(self, force: bool = False) -> None:
         """Measure the data directory and apply the disk policy when it is over budget (on any thread,
@@ -460,7 +455,7 @@ class TelemetryBuffer(SeriesIndexed):
         self.used_bytes = used
         self._m.buffer_disk_bytes.set(used)
         self._m.buffer_duckdb_memory.set(self.store.memory_bytes())  # bounded by buffer.memory_limit_mb
-        self.wal_bytes = self._wal_bytes()
+        self.wal_bytes = self.store.wal_bytes()
         self._m.buffer_wal_bytes.set(self.wal_bytes)
         return used
 

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -228,6 +230,9 @@ class StatArrays:
         return out
 
 
+_NO_SLOTS: Mapping[str, int] = MappingProxyType({})
+
+
 @dataclass(frozen=True, slots=True)
 class _Reading:
     """One reading handed to `StatsTier.add`: its properties are `StatsTier`'s pending entries start..end."""
@@ -254,6 +259,7 @@ class StatsTier:
         self._key: list[str] = []  # per slot: the property, its sisters' group, the type whose limits apply
         self._group: list[str | None] = []
         self._type: list[str] = []
+        self.types: Sequence[str] = self._type  # read-only: the type each slot's limits are of
         self._free: list[int] = []
         self._limited = np.zeros(0, dtype=bool)  # per slot: calibrated limits, and what they are
         self._z_limit = np.zeros(0)
@@ -288,6 +294,11 @@ class StatsTier:
         limits = self.limits.get((self._type[slot], self._key[slot]))
         self._limited[slot] = limits is not None
         self._z_limit[slot], self._chart_limit[slot] = limits if limits is not None else (math.nan, math.nan)
+
+    def slots_of(self, thing_id: str) -> Mapping[str, int]:
+        """A Thing's slots by property (empty for a Thing with none; a new Thing's first `slot` makes a
+        mapping of its own, so ask again after it)."""
+        return self._slots.get(thing_id, _NO_SLOTS)
 
     def slot(self, thing_id: str, key: str, thing_type: str) -> int:
         """The slot of a (Thing, property), made on first sight; `thing_type` says whose limits apply."""
