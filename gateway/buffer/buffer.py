@@ -223,14 +223,7 @@ class TelemetryBuffer(SeriesIndexed):
         backoff = 0.5
         while True:
             await self._wake.wait()
-            while len(self._batch) < cfg.commit_max_points and len(self._acks) < cfg.commit_max_messages:
-                left = interval - (time.monotonic() - self._first_at)
-                if left <= 0:
-                    break
-                seen = self._arrivals
-                await self._pause(min(idle, left) if idle > 0 else 0)
-                if self._arrivals == seen:
-                    break  # the inflow paused: the broker may be waiting for our acknowledgements
+            await self._due(interval, idle)
             try:
                 await self.flush()
             except Exception as exc:
@@ -245,15 +238,37 @@ class TelemetryBuffer(SeriesIndexed):
                 backoff = 0.5
                 self._made_room = False
 
-    async def _pause(self, seconds: float) -> None:
-        """Sleep, unless `commit_max_messages` messages are waiting for their acknowledgement first."""
+    async def _due(self, interval: float, idle: float) -> None:
+        """Return when the pending batch is to be committed: `interval` after its first point, when
+        nothing arrived for `idle` (the broker may be waiting for our acknowledgements), at
+        `commit_max_points`, or as soon as `commit_max_messages` wait for their acknowledgement.
+
+        The inflow is looked at by a timer callback every `idle`, not by this task: at a line's rate
+        it looks dozens of times per commit, and a callback costs a fraction of a task's wake-up."""
+        cfg = self._cfg
         loop = asyncio.get_running_loop()
-        hurry = self._hurry = loop.create_future()
-        timer = loop.call_later(seconds, _resolve, hurry)
+        due = self._hurry = loop.create_future()
+        seen = -1
+        timer: asyncio.TimerHandle | None = None
+
+        def look() -> None:
+            nonlocal seen, timer
+            if due.done():
+                return
+            left = interval - (time.monotonic() - self._first_at)
+            if (left <= 0 or self._arrivals == seen or len(self._batch) >= cfg.commit_max_points
+                    or len(self._acks) >= cfg.commit_max_messages):
+                due.set_result(None)
+                return
+            seen = self._arrivals
+            timer = loop.call_later(min(idle, left) if idle > 0 else 0, look)
+
+        look()
         try:
-            await hurry
+            await due
         finally:
-            timer.cancel()
+            if timer is not None:
+                timer.cancel()
             self._hurry = None
 
     async def flush(self) -> None:
@@ -504,11 +519,6 @@ def _by_client(acks: list[tuple[Ackable, int, int]]) -> list[tuple[Ackable, list
             out.append((client, []))
         out[-1][1].append((mid, qos))
     return out
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
 
 
 def _disk_error(exc: BaseException) -> bool:
