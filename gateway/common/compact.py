@@ -2,9 +2,9 @@
 
 The gateway keeps a few numbers per Thing by name (its series ids, its detector slots, its latest
 readings), for 10,000 Things and more. A dict per Thing with an int or float object per entry costs
-about 70 bytes an entry; a `KeyedArray` keeps the numbers in an `array` and finds them through a
-`Layout` (name → position) that every Thing whose names came in the same order shares, about 10
-bytes an entry.
+about 70 bytes an entry with nine entries; a `KeyedArray` keeps the numbers in an `array` and finds
+them through a `Layout` (name → position) shared by every Thing whose names came in the same order:
+about 25 bytes an entry, the array's own header included.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class Layout(Generic[K]):
 
 
 class KeyedArray(Mapping[K, V]):
-    """A mapping of keys to numbers of one array type (`"q"` for ids, `"d"` for floats), its keys in a
+    """A mapping of keys to numbers of one array type (`"q"` or `"i"` for ids, `"d"` for floats), its keys in a
     `Layout` shared with the other mappings made from the same root.
 
     Reading from another thread while one thread adds keys sees each key with its own value: the value
@@ -88,11 +88,12 @@ class KeyedArray(Mapping[K, V]):
         return len(self._layout.keys)
 
     def __iter__(self) -> Iterator[K]:
-        return iter(self._layout.keys[:len(self._layout.keys)])
+        return iter(list(self._layout.keys))  # a copy: a layout of its own grows in place
 
     def items(self) -> Any:
+        """A list of (key, value), read at once."""
         layout, values = self._layout, self._values
-        return list(zip(layout.keys[:len(layout.keys)], values, strict=False))
+        return list(zip(list(layout.keys), values, strict=False))
 
     def values(self) -> Any:
         return list(self._values[:len(self._layout.keys)])
