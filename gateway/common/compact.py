@@ -110,15 +110,16 @@ class KeyedArray(Mapping[K, V]):
         else:
             self._values[pos] = value
 
-    def remove(self, key: K, root: Layout[K]) -> None:
-        """Drop `key` (rare: a re-keyed series): the mapping is laid out again from `root`, the root it
-        was made from, without it."""
+    def without(self, key: K, root: Layout[K]) -> KeyedArray[K, V]:
+        """A new mapping of the same entries but `key` (rare: a re-keyed series), laid out from `root`,
+        the root this one was made from. A new object, not this one changed: the owner swaps it in with
+        one assignment, so a reader on another thread sees either mapping whole, never a layout and
+        values of two different ones."""
         layout = self._layout
         if key not in layout.index:
             raise KeyError(key)
-        rest = [(k, v) for k, v in zip(layout.keys, self._values, strict=False) if k != key]
-        values = array(self._values.typecode, [v for _k, v in rest])
-        for k, _v in rest:
-            root = root.with_key(k)
-        self._values = values  # before the layout, as when a key is added
-        self._layout = root
+        rest: KeyedArray[K, V] = KeyedArray(root, self._values.typecode)
+        for k, v in zip(list(layout.keys), self._values, strict=False):
+            if k != key:
+                rest[k] = v
+        return rest

@@ -122,10 +122,11 @@ class SeriesCatalogue:
             self._numeric.extend(bytes(grow))
         old = self._thing[sid]
         if old is not None and (old, self._name[sid]) != (thing, shared):
-            of_old = self._of_thing[old]
-            of_old.remove(self._name[sid], self._root)
+            of_old = self._of_thing[old].without(self._name[sid], self._root)
             self._count -= 1
-            if not of_old:
+            if of_old:
+                self._of_thing[old] = of_old  # one assignment: readers see the old mapping or this one
+            else:
                 del self._of_thing[old]
             old = None
         if old is None:
