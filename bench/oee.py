@@ -3,6 +3,11 @@
 - the OEE query of one line over 30 days (machines read at 1 Hz through the real tracker), by shift,
   by hour and for the downtime Pareto (target <= 50 ms);
 - the tracker's CPU per 1,000 readings, in process (every reading a tracked production reading);
+- the tracker's instructions per reading, counted by valgrind's callgrind (not by the clock, so the machine's
+  load does not change them), for each build given: a child process of that build's Python feeds the
+  tracker one oven's readings at 1 Hz, and the count is taken between two `sched_yield` calls, at which
+  callgrind dumps its counters (`--dump-before=sched_yield`), so start-up and shut-down are left out.
+  Skipped when valgrind is not installed;
 - the cost of OEE tracking on the ingest path: two gateway processes, one with OEE off and one with
   OEE on, each behind its own private Mosquitto, take the same single-sample production readings of
   10 ovens in rounds, alternately (the order turns each round), so that both see the same load of a
@@ -18,7 +23,8 @@
 With `--gateway LABEL=EGIZ` (repeatable) the ingest rounds run for each build in turn (in-process
 figures are always this checkout's):
 
-    python bench/oee.py [--quick] [--rounds 11] [--messages 40000] [--gateway before=/path/to/egiz --gateway after=egiz]
+    python bench/oee.py [--quick] [--rounds 11] [--messages 40000] [--counted 20000]
+                        [--gateway before=/path/to/egiz --gateway after=egiz]
 """
 
 from __future__ import annotations
@@ -27,7 +33,11 @@ import asyncio
 import json
 import os
 import random
+import re
+import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from contextlib import AsyncExitStack
@@ -55,6 +65,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway.bus import EventBus, StateChanged
 from gateway.config import GatewayConfig, load_config
+from gateway.memory import settle_heap
 from gateway.oee import store
 from gateway.oee.tracker import OeeTracker
 from gateway.sim.production import DEMO_SHIFTS, ProductionModel, oee_rules
@@ -77,6 +88,18 @@ class Clock:
         return self.t
 
 
+def oven_readings(model: ProductionModel, thing: Thing, t0: float, first_s: int, count: int) -> list[StateChanged]:
+    """`count` production readings of one oven at 1 Hz from `t0 + first_s` on, one event each (as ingest
+    publishes them for single-sample messages)."""
+    events = []
+    for s in range(first_s, first_s + count):
+        ts = t0 + s
+        props = dict(model.step(float(s), 1.0))
+        events.append(StateChanged(thing.id, thing, feature="production", properties=props, timestamp=ts,
+                                   samples=((ts, props),)))
+    return events
+
+
 async def build_history(tmp: Path, days: int, machines: int) -> tuple[OeeTracker, float, float, float]:
     """`days` of one oven at 1 Hz through the tracker; its rows copied for the line's other machines.
     Returns the tracker, the range, and the tracker's CPU seconds per reading."""
@@ -91,12 +114,7 @@ async def build_history(tmp: Path, days: int, machines: int) -> tuple[OeeTracker
     cpu = 0.0
     readings = 0
     for hour in range(days * 24):
-        events = []
-        for s in range(3600):
-            ts = t0 + hour * 3600 + s
-            props = dict(model.step(float(hour * 3600 + s), 1.0))
-            events.append(StateChanged(thing.id, thing, feature="production", properties=props, timestamp=ts,
-                                       samples=((ts, props),)))
+        events = oven_readings(model, thing, t0, hour * 3600, 3600)
         clock.t = t0 + (hour + 1) * 3600
         c0 = time.process_time()
         tracker._consume(events)
@@ -120,6 +138,46 @@ async def build_history(tmp: Path, days: int, machines: int) -> tuple[OeeTracker
 
     await tracker.query(copy)
     return tracker, t0, t0 + days * DAY, cpu / readings
+
+
+COUNT_CHILD = "--count-tracker-instructions"  # the child process of `tracker_instructions`, run under callgrind
+WARM = 600  # readings taken before the count: the machine made, its caches filled, a few minutes' records open
+
+
+async def count_child(tmp: Path, readings: int) -> None:
+    """The tracker takes `WARM` readings, then `readings` more between two `sched_yield` calls (callgrind's
+    dumps), as the gateway's heap is set (`settle_heap`)."""
+    cfg = oee_section(tmp)
+    t0 = (time.time() // DAY - 1) * DAY
+    clock = Clock(t0 + WARM + readings)
+    tracker = OeeTracker(cfg.oee, tmp, "line-a", EventBus(), CollectorRegistry(), clock=clock)
+    await tracker.start()
+    thing = Thing(f"{SITE}:oven-001", "oven", metadata={"line": "line-a"})
+    events = oven_readings(ProductionModel("oven", random.Random(1)), thing, t0, 0, WARM + readings)
+    tracker._consume(events[:WARM])
+    settle_heap()
+    os.sched_yield()
+    tracker._consume(events[WARM:])
+    os.sched_yield()
+    await tracker.stop()
+
+
+def tracker_instructions(tmp: Path, egiz: str, readings: int) -> float | None:
+    """The instructions the tracker of build `egiz` spends per reading (None without valgrind)."""
+    valgrind = shutil.which("valgrind")
+    if valgrind is None or readings <= 0:
+        return None
+    python = Path(egiz).read_text().splitlines()[0].removeprefix("#!").strip()  # the build's Python
+    out = tmp / "callgrind.out"
+    subprocess.run([valgrind, "--tool=callgrind", "--dump-before=sched_yield", f"--callgrind-out-file={out}",
+                    python, __file__, COUNT_CHILD, str(readings), str(tmp)],
+                   env={**os.environ, "PYTHONHASHSEED": "0"}, check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+    # dumps: `.1` start-up up to the first sched_yield, `.2` the counted readings, `out` the rest
+    found = re.search(r"^(?:summary|totals): (\d+)", Path(f"{out}.2").read_text(), re.M)
+    if found is None:
+        raise RuntimeError("callgrind's dump of the counted readings has no total")
+    return int(found.group(1)) / readings
 
 
 async def query_times(tracker: OeeTracker, start: float, end: float, runs: int) -> None:
@@ -238,10 +296,17 @@ def this_checkout(egiz: str) -> bool:
 
 
 async def main() -> None:
-    args = options(__doc__, {"days": 3, "messages": 5_000, "rounds": 2}, builds=True,
-                   days=30, machines=5, messages=40_000, rounds=11)
+    args = options(__doc__, {"days": 3, "messages": 5_000, "rounds": 2, "counted": 2_000}, builds=True,
+                   days=30, machines=5, messages=40_000, rounds=11, counted=20_000)
     with tempfile.TemporaryDirectory(prefix="egiz-bench-oee-") as d:
         tmp = Path(d)
+        for label, egiz in args.gateway:
+            count_dir = tmp / f"count-{label}"
+            count_dir.mkdir()
+            per = tracker_instructions(count_dir, egiz, args.counted)
+            if per is not None:
+                emit("oee_tracker_instructions_per_reading", per, "instructions", "reference", gateway=label,
+                     readings=args.counted)
         tracker, start, end, per_reading = await build_history(tmp / "history", args.days, args.machines)
         try:
             emit("oee_tracker_cpu_per_1k_readings", per_reading * 1000 * 1000, "ms", "reference",
@@ -265,4 +330,7 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    if len(sys.argv) == 4 and sys.argv[1] == COUNT_CHILD:
+        asyncio.run(count_child(Path(sys.argv[3]), int(sys.argv[2])))
+    else:
+        run(main)

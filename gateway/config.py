@@ -112,7 +112,7 @@ class BufferSection:
     """The DuckDB telemetry buffer: historian and store-and-forward outbox."""
 
     commit_interval_ms: float = 500.0  # group commit no later than this after the first pending point
-    commit_idle_ms: float = 10.0  # ... or as soon as the inflow pauses this long
+    commit_idle_ms: float = 20.0  # ... or as soon as the inflow pauses this long (> the MQTT read pause)
     commit_max_points: int = 50_000  # ... or when this many points are pending
     commit_max_messages: int = 1000  # ... or when this many messages wait for their acknowledgement
     raw_retention_days: float = 90.0

@@ -26,7 +26,9 @@ DUCKDB_MIN_MB = 64
 DUCKDB_MAX_MB = 256
 DUCKDB_SHARE = 1 / 16  # of the machine's memory, when buffer.memory_limit_mb is 0 (automatic)
 GATEWAY_SHARE = 0.5  # of the machine's memory the whole gateway process may take before we warn
-THING_KIB = 11.0  # measured live state of a Thing of 3 features x 3 properties: twin, series, marks, detector
+# The live state of a Thing of 3 features x 3 properties (twin, series, sequence marks, detector), measured as
+# `bench/footprint.py`'s (peak RSS with 10,000 such Things - RSS when ready) / 10,000 (docs/performance.md)
+THING_KIB = 8.4
 WS_EVENT_KIB = 0.5  # one queued StateChanged event with its JSON
 WS_CLIENTS_BUDGETED = 10  # viewers whose queues are counted full (ws.max_clients bounds connections, not this)
 

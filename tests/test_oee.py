@@ -248,6 +248,36 @@ async def test_a_thing_whose_type_gets_rules_is_tracked_from_then_on(tmp_path: P
         await tracker.stop()
 
 
+async def test_every_sample_of_a_message_is_read_and_every_state_change_counted(tmp_path: Path) -> None:
+    """A message's samples are taken in one call, each one in turn: the states they pass through get their
+    time and units, and `egiz_oee_state_changes_total` counts each change, the one to offline after a
+    silence included."""
+    bus, registry = EventBus(), CollectorRegistry()
+    clock = Clock(at("06:00"))
+    tracker = OeeTracker(oee_config(tmp_path).oee, tmp_path, "line-a", bus, registry, clock=clock)
+    await tracker.start()
+    filler = Thing(f"{SITE}:filler-7", "filler")
+    samples = tuple((at(t), props) for t, props in (
+        ("06:00", {"speed": 1.0, "good": 100}), ("06:10", {"speed": 0.0, "good": 400}),
+        ("06:20", {"speed": 1.0, "good": 400}), ("06:30", {"speed": 1.0, "good": 700})))
+    try:
+        for feature in ("drive", "production"):
+            mine = tuple((ts, {k: v for k, v in props.items() if (k == "speed") == (feature == "drive")})
+                         for ts, props in samples)
+            bus.publish(StateChanged(filler.id, filler, feature=feature, properties={}, timestamp=at("06:30"),
+                                     samples=mine))
+        clock.t = at("08:00")  # silent for more than `offline_after_s` (an hour) since 06:30
+        rows = await tracker.query(lambda c: c.execute(
+            "SELECT SUM(running_s), SUM(idle_s), SUM(offline_s), SUM(good) FROM oee_periods").fetchone())
+        assert rows == (1200.0 + 3600.0, 600.0, 1800.0, 600)
+        changes = {state: registry.get_sample_value("egiz_oee_state_changes_total", {"state": state})
+                   for state in ("running", "idle", "offline")}
+        assert changes == {"running": 2.0, "idle": 1.0, "offline": 1.0}
+        assert registry.get_sample_value("egiz_oee_readings_total") == 8.0
+    finally:
+        await tracker.stop()
+
+
 def test_counter_rollover_and_reset() -> None:
     c = Counter(modulus=65536.0)
     assert [c.delta(v) for v in (65000, 65500, 100, 400, 20, 20)] == [0, 500, 136, 300, 20, 0]

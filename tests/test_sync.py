@@ -191,6 +191,27 @@ async def test_the_demo_runs_two_sites_by_two_lines_into_one_aggregator(tmp_path
         assert await asyncio.wait_for(proc.wait(), 30) == 0
 
 
+def test_the_aggregators_maintenance_checkpoints_a_wal_past_its_threshold(tmp_path: Path) -> None:
+    """DuckDB skips its own checkpoint while any reader's transaction is open, and an aggregator with
+    dashboards open nearly always has one: its WAL, held in memory, must not grow until the limit."""
+    from cloud_sync.store.duck import DuckStore
+
+    store = DuckStore(tmp_path, checkpoint_mb=1)
+    store.open()
+    wal = tmp_path / "aggregator.duckdb.wal"
+    try:
+        store.con.execute("SET checkpoint_threshold = '1GB'")  # DuckDB's own checkpoint did not come
+        for k in range(200):  # batches as they come (one large insert would go to the file, not the WAL)
+            store.con.execute("INSERT INTO points SELECT i, 1, i, i, i, i * 0.5, NULL FROM range(?, ?) t(i)",
+                              [k * 2000, (k + 1) * 2000])
+        assert wal.stat().st_size > 2 * 2**20
+        store.maintain(time.time())
+        assert (wal.stat().st_size if wal.exists() else 0) < 2**20
+        assert store.point_count() == 400_000
+    finally:
+        store.close()
+
+
 def test_the_aggregators_duckdb_memory_limit_is_configured_and_checked(tmp_path: Path) -> None:
     """`storage.memory_limit_mb` bounds DuckDB's cache of the points file; EGIZ_* overrides it, and
     a limit too small to run is refused at start naming the key."""

@@ -8,6 +8,7 @@ applied completely or not at all, and never twice.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from cloud_sync.store.central import CentralSql, CentralStore, NewSeries, Prepar
 from gateway.common.pointfile import PointFile
 from gateway.common.wire import Batch
 
+log = logging.getLogger(__name__)
+
 
 class DuckStore(CentralStore, PointFile):
     """One DuckDB file for every site and line."""
@@ -26,9 +29,10 @@ class DuckStore(CentralStore, PointFile):
     sql = CentralSql("?")
     engine_errors = (duckdb.Error,)
 
-    def __init__(self, data_dir: Path, memory_limit_mb: int = 2048) -> None:
+    def __init__(self, data_dir: Path, memory_limit_mb: int = 2048, checkpoint_mb: int = 64) -> None:
         CentralStore.__init__(self)
-        PointFile.__init__(self, data_dir / "aggregator.duckdb", memory_limit_mb=memory_limit_mb, checkpoint_mb=64)
+        PointFile.__init__(self, data_dir / "aggregator.duckdb", memory_limit_mb=memory_limit_mb,
+                           checkpoint_mb=checkpoint_mb)
         self._next_id = 1
 
     def open(self) -> None:
@@ -79,8 +83,15 @@ class DuckStore(CentralStore, PointFile):
 
     # ----------------------------------------------------------------- upkeep and checks
     def maintain(self, now: float) -> int:
+        """Roll points up, then checkpoint a WAL past its threshold: DuckDB skips its own checkpoint
+        while a reader's transaction is open, and an aggregator with dashboards open always has one,
+        so without this the WAL (held in memory) would grow until the memory limit."""
         with self._write_lock:
-            return self.rollup(now, 120.0)
+            rolled = self.rollup(now, 120.0)
+            if self.wal_over_threshold() and not self.checkpoint():
+                log.warning("aggregator checkpoint postponed: a reader was busy; retrying next pass",
+                            extra={"wal_bytes": self.wal_bytes()})
+            return rolled
 
     def stored_seqs(self, thing_id: str, path: str) -> list[tuple[int, int]]:
         """(seq, copies) of one property of one Thing: what chaos tests compare."""

@@ -153,14 +153,15 @@ class TelemetryBuffer(SeriesIndexed):
         if self.refusing:
             self._m.buffer_refused.inc(sum(1 for s in samples for _ in sample_points(s)))
             return
-        series = self.catalogue.ids
+        series = self.catalogue.ids_of(thing_id)
         deadbands = self._deadbands
         for s in samples:
             feature, ts, seq = s.feature, s.ts, s.seq
             for path, num, text in sample_points(s):
-                sid = series.get((thing_id, feature, path))
+                sid = series.get((feature, path))
                 if sid is None:
                     sid = self._new_series(thing_id, thing_type, feature, path, num is not None)
+                    series = self.catalogue.ids_of(thing_id)  # a new Thing's first series made its mapping
                 if deadbands and num is not None:
                     db = deadbands.get(sid)
                     if db is not None and not db.keep(num, ts):
@@ -176,9 +177,9 @@ class TelemetryBuffer(SeriesIndexed):
 
     def new_series(self, thing_id: str, samples: Sequence[Sample]) -> tuple[int, int]:
         """(series the Thing has, how many more these samples would create)."""
-        ids = self.catalogue.ids
+        ids = self.catalogue.ids_of(thing_id)
         new = {(s.feature, path) for s in samples for path, _n, _t in sample_points(s)
-               if (thing_id, s.feature, path) not in ids}
+               if (s.feature, path) not in ids}
         return self.catalogue.count_of(thing_id), len(new)
 
     def ack_later(self, client: Ackable, mid: int, qos: int) -> None:
@@ -222,14 +223,7 @@ class TelemetryBuffer(SeriesIndexed):
         backoff = 0.5
         while True:
             await self._wake.wait()
-            while len(self._batch) < cfg.commit_max_points and len(self._acks) < cfg.commit_max_messages:
-                left = interval - (time.monotonic() - self._first_at)
-                if left <= 0:
-                    break
-                seen = self._arrivals
-                await self._pause(min(idle, left) if idle > 0 else 0)
-                if self._arrivals == seen:
-                    break  # the inflow paused: the broker may be waiting for our acknowledgements
+            await self._due(interval, idle)
             try:
                 await self.flush()
             except Exception as exc:
@@ -244,15 +238,37 @@ class TelemetryBuffer(SeriesIndexed):
                 backoff = 0.5
                 self._made_room = False
 
-    async def _pause(self, seconds: float) -> None:
-        """Sleep, unless `commit_max_messages` messages are waiting for their acknowledgement first."""
+    async def _due(self, interval: float, idle: float) -> None:
+        """Return when the pending batch is to be committed: `interval` after its first point, when
+        nothing arrived for `idle` (the broker may be waiting for our acknowledgements), at
+        `commit_max_points`, or as soon as `commit_max_messages` wait for their acknowledgement.
+
+        The inflow is looked at by a timer callback every `idle`, not by this task: at a line's rate
+        it looks dozens of times per commit, and a callback costs a fraction of a task's wake-up."""
+        cfg = self._cfg
         loop = asyncio.get_running_loop()
-        hurry = self._hurry = loop.create_future()
-        timer = loop.call_later(seconds, _resolve, hurry)
+        due = self._hurry = loop.create_future()
+        seen = -1
+        timer: asyncio.TimerHandle | None = None
+
+        def look() -> None:
+            nonlocal seen, timer
+            if due.done():
+                return
+            left = interval - (time.monotonic() - self._first_at)
+            if (left <= 0 or self._arrivals == seen or len(self._batch) >= cfg.commit_max_points
+                    or len(self._acks) >= cfg.commit_max_messages):
+                due.set_result(None)
+                return
+            seen = self._arrivals
+            timer = loop.call_later(min(idle, left) if idle > 0 else 0, look)
+
+        look()
         try:
-            await hurry
+            await due
         finally:
-            timer.cancel()
+            if timer is not None:
+                timer.cancel()
             self._hurry = None
 
     async def flush(self) -> None:
@@ -379,7 +395,7 @@ class TelemetryBuffer(SeriesIndexed):
         self.store.trim_marks(cur)
         if raw:
             self._m.buffer_dropped.labels("retention").inc(raw)
-        if raw or rolled_deleted or self._wal_bytes() > cfg.checkpoint_mb * 2**20:
+        if raw or rolled_deleted or self.store.wal_over_threshold():
             self._checkpoint(cur)
         self._budget()
         return Maintenance(rolled, raw, rolled_deleted)
@@ -387,12 +403,6 @@ class TelemetryBuffer(SeriesIndexed):
     def _budget_now(self) -> None:
         with self._housekeeping:
             self._budget()
-
-    def _wal_bytes(self) -> int:
-        try:
-            return self.store.path.with_name(self.store.path.name + ".wal").stat().st_size
-        except FileNotFoundError:
-            return 0
 
     def _checkpoint(self, cur: duckdb.DuckDBPyConnection) -> None:
         """Checkpoint now. DuckDB checkpoints by itself when the WAL passes `buffer.checkpoint_mb`, but
@@ -403,7 +413,7 @@ class TelemetryBuffer(SeriesIndexed):
                 return
             time.sleep(0.05 * (attempt + 1))
         log.warning("buffer checkpoint postponed: other transactions kept running; retrying next pass",
-                    extra={"wal_bytes": self._wal_bytes()})
+                    extra={"wal_bytes": self.store.wal_bytes()})
 
     def _budget(self, force: bool = False) -> None:
         """Measure the data directory and apply the disk policy when it is over budget (on any thread,
@@ -445,7 +455,7 @@ class TelemetryBuffer(SeriesIndexed):
         self.used_bytes = used
         self._m.buffer_disk_bytes.set(used)
         self._m.buffer_duckdb_memory.set(self.store.memory_bytes())  # bounded by buffer.memory_limit_mb
-        self.wal_bytes = self._wal_bytes()
+        self.wal_bytes = self.store.wal_bytes()
         self._m.buffer_wal_bytes.set(self.wal_bytes)
         return used
 
@@ -509,11 +519,6 @@ def _by_client(acks: list[tuple[Ackable, int, int]]) -> list[tuple[Ackable, list
             out.append((client, []))
         out[-1][1].append((mid, qos))
     return out
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
 
 
 def _disk_error(exc: BaseException) -> bool:

@@ -198,13 +198,26 @@ class PointFile:
         return rolled
 
     def checkpoint(self, cur: duckdb.DuckDBPyConnection | None = None) -> bool:
-        """Write the WAL into the file and release blocks freed by deletes; False when a reader is busy
-        (DuckDB then checkpoints on its own later). Commits wait while it runs, on any cursor."""
+        """Write the WAL into the file and release blocks freed by deletes; False when another
+        transaction is open (the caller tries again later: DuckDB's own checkpoint at its threshold is
+        skipped in the same case, so a WAL left behind stays until someone asks again). Commits wait
+        while it runs, on any cursor."""
         try:
             (cur or self.con).execute("CHECKPOINT")
         except duckdb.TransactionException:
             return False
         return True
+
+    def wal_bytes(self) -> int:
+        """Size of the write-ahead log: what DuckDB holds in memory until the next checkpoint."""
+        try:
+            return self.path.with_name(self.path.name + ".wal").stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def wal_over_threshold(self) -> bool:
+        """The WAL has passed the checkpoint threshold this file was opened with."""
+        return self.wal_bytes() > self._checkpoint_mb * 2**20
 
     # ----------------------------------------------------------------- sizes (any thread)
     def duckdb_free_bytes(self) -> int:

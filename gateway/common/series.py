@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Collection, Iterator, Mapping
+from types import MappingProxyType
 from typing import Any, NamedTuple
+
+from gateway.common.compact import KeyedArray, Layout
 
 
 class SeriesKey(NamedTuple):
@@ -47,38 +50,50 @@ class SeriesCatalogue:
     Series are looked up by key on every write and listed per Thing on every history read; the
     per-Thing index keeps that listing proportional to the Thing's own series, not to all of them.
 
-    A gateway with 10,000 Things keeps some 100,000 series, so the index is kept compact: ids are
-    handed out one after the other, so a series' key, type and kind sit in lists indexed by its id
-    (a pointer or a byte each, no dict entry or tuple per series), and names are interned (`temperature`
-    is one string, however many Things have one). `series_keys` and `numeric_series` are read-only
-    views of it.
+    A gateway with 10,000 Things keeps some 100,000 series, so the index is kept compact: each Thing
+    has its series ids in a `KeyedArray` keyed by `(feature, path)`, a pair shared by every Thing that
+    has that series (no tuple and no int object per series), its positions shared by every Thing whose
+    series came in the same order; ids are handed out one after the other, so a series' Thing,
+    name, type and kind sit in lists indexed by its id (a pointer or a byte each), and names are
+    interned (`temperature` is one string, however many Things have one). A `SeriesKey` is made when
+    one is asked for. `series_keys` and `numeric_series` are read-only views of it.
     """
 
     def __init__(self) -> None:
-        self.ids: dict[tuple[str, str, str], int] = {}  # keyed by the SeriesKey itself
-        self._keys: list[SeriesKey | None] = [None]  # by id (0 is never one)
+        self._of_thing: dict[str, KeyedArray[tuple[str, str], int]] = {}  # Thing → (feature, path) → id
+        self._root: Layout[tuple[str, str]] = KeyedArray.root()
+        self._names: dict[tuple[str, str], tuple[str, str]] = {}  # each (feature, path) pair once
+        self._thing: list[str | None] = [None]  # by id (0 is never one)
+        self._name: list[tuple[str, str]] = [("", "")]
         self._types: list[str] = [""]
         self._numeric = bytearray(1)
-        self._of_thing: dict[str, list[int]] = {}
+        self._count = 0
         self.series_keys = SeriesKeys(self)
         self.numeric_series = NumericSeries(self)
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return self._count
 
     def __contains__(self, key: object) -> bool:
-        return key in self.ids
+        return isinstance(key, tuple) and len(key) == 3 and self.get(key) is not None
 
     def get(self, key: tuple[str, str, str]) -> int | None:
         """The id of `(thing_id, feature, path)`, or None when it is new."""
-        return self.ids.get(key)
+        of = self._of_thing.get(key[0])
+        return None if of is None else of.get((key[1], key[2]))
+
+    def ids_of(self, thing_id: str) -> Mapping[tuple[str, str], int]:
+        """A Thing's series ids by `(feature, path)` (empty for a Thing with none; a new Thing's first
+        series go into a mapping of their own, so ask again after `remember`)."""
+        return self._of_thing.get(thing_id, _NONE)
 
     @property
     def next_id(self) -> int:
-        return len(self._keys)
+        return len(self._thing)
 
     def key_of(self, sid: int) -> SeriesKey | None:
-        return self._keys[sid] if 0 < sid < len(self._keys) else None
+        thing = self._thing[sid] if 0 < sid < len(self._thing) else None
+        return None if thing is None else SeriesKey(thing, *self._name[sid])
 
     def type_of(self, sid: int) -> str:
         return self._types[sid]
@@ -86,24 +101,42 @@ class SeriesCatalogue:
     def is_numeric(self, sid: int) -> bool:
         return 0 < sid < len(self._numeric) and self._numeric[sid] == 1
 
+    def ids(self) -> Iterator[int]:
+        """Every series id the index finds by its key, Thing by Thing."""
+        return (sid for of in list(self._of_thing.values()) for sid in list(of.values()))
+
     def remember(self, sid: int, key: SeriesKey, thing_type: str, numeric: bool) -> None:
         """Record a series (after the transaction that created it committed)."""
         if sid < 1:
             raise ValueError(f"series ids start at 1, not {sid}")
-        key = SeriesKey(sys.intern(key.thing_id), sys.intern(key.feature), sys.intern(key.path))
-        if sid >= len(self._keys):
-            grow = sid + 1 - len(self._keys)
-            self._keys.extend([None] * grow)
+        thing = sys.intern(key.thing_id)
+        name = (key.feature, key.path)
+        shared = self._names.get(name)
+        if shared is None:
+            shared = self._names[name] = (sys.intern(key.feature), sys.intern(key.path))
+        if sid >= len(self._thing):
+            grow = sid + 1 - len(self._thing)
+            self._thing.extend([None] * grow)
+            self._name.extend([("", "")] * grow)
             self._types.extend([""] * grow)
             self._numeric.extend(bytes(grow))
-        old = self._keys[sid]
-        if old is not None and old != key:
-            del self.ids[old]
-            self._of_thing[old.thing_id].remove(sid)
-        self.ids[key] = sid
-        if old != key:
-            self._of_thing.setdefault(key.thing_id, []).append(sid)
-        self._keys[sid] = key
+        old = self._thing[sid]
+        if old is not None and (old, self._name[sid]) != (thing, shared):
+            of_old = self._of_thing[old]
+            of_old.remove(self._name[sid], self._root)
+            self._count -= 1
+            if not of_old:
+                del self._of_thing[old]
+            old = None
+        if old is None:
+            of = self._of_thing.get(thing)
+            if of is None:
+                of = self._of_thing[thing] = KeyedArray(self._root, "q")
+            if of.get(shared) is None:
+                self._count += 1
+            of[shared] = sid
+        self._thing[sid] = thing
+        self._name[sid] = shared
         self._types[sid] = sys.intern(thing_type or "")
         self._numeric[sid] = 1 if numeric else 0
 
@@ -113,14 +146,11 @@ class SeriesCatalogue:
 
     def series_of(self, thing_id: str, feature: str | None = None, prop: str | None = None) -> list[int]:
         """Series ids of a Thing, optionally of one feature and one property (exact path or base name)."""
-        keys = self._keys
-        out = []
-        for sid in list(self._of_thing.get(thing_id, ())):
-            k = keys[sid]
-            if k is not None and (feature is None or k.feature == feature) \
-                    and (prop is None or prop in (k.path, base_name(k.path))):
-                out.append(sid)
-        return sorted(out)
+        return sorted(sid for (f, path), sid in list(self._of_thing.get(thing_id, _NONE).items())
+                      if (feature is None or f == feature) and (prop is None or prop in (path, base_name(path))))
+
+
+_NONE: Mapping[tuple[str, str], int] = MappingProxyType({})
 
 
 class SeriesKeys(Mapping[int, tuple[SeriesKey, str]]):
@@ -136,7 +166,7 @@ class SeriesKeys(Mapping[int, tuple[SeriesKey, str]]):
         return key, self._c.type_of(sid)
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self._c.ids.values())
+        return self._c.ids()
 
     def __len__(self) -> int:
         return len(self._c)
@@ -155,7 +185,7 @@ class NumericSeries(Collection[int]):
         return isinstance(sid, int) and self._c.is_numeric(sid)
 
     def __iter__(self) -> Iterator[int]:
-        return (sid for sid in self._c.ids.values() if self._c.is_numeric(sid))
+        return (sid for sid in self._c.ids() if self._c.is_numeric(sid))
 
     def __len__(self) -> int:
         return sum(1 for _ in self)

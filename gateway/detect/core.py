@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from gateway.common.compact import KeyedArray, Layout
 from gateway.detect.explain import deviation, label, split_key
 from gateway.detect.models import ModelBundle
 from gateway.detect.profile import ProfileState
@@ -95,12 +96,10 @@ class Transition:
 @dataclass(slots=True)
 class _Thing:
     type: str
-    values: dict[str, float] = field(default_factory=dict)
+    values: KeyedArray[str, float]  # the latest reading of each property, by "feature/path"
     context: dict[str, str] = field(default_factory=dict)
     ts: float = 0.0
     rule: RuleHit | None = None  # the strongest rule hit since the last tick
-    slots: dict[str, dict[str, tuple[str, int]]] = field(default_factory=dict)  # feature → path → (key, stats slot)
-    stats_type: str = ""  # the type `slots` were looked up with
     stats: dict[str, StatHit] = field(default_factory=dict)  # the strongest statistics per property since the last tick
     anomaly: Anomaly | None = None
     clear_since: float | None = None
@@ -134,6 +133,8 @@ class DetectorCore:
         self._things: dict[str, _Thing] = {}
         self._dirty: set[str] = set()
         self._ignored: dict[str, bool] = {}
+        self._keys: dict[str, dict[str, str]] = {}  # feature → path → "feature/path", shared by every Thing
+        self._values_root: Layout[str] = KeyedArray.root()  # the positions of the latest values by name
         self.readings = 0
         self.rows_scored = 0
         self._forest_at: dict[str, float] = {}
@@ -152,7 +153,7 @@ class DetectorCore:
         """One reading of one feature: flattened (path, value) pairs, numbers and strings."""
         t = self._things.get(thing_id)
         if t is None:
-            t = self._things[thing_id] = _Thing(thing_type)
+            t = self._things[thing_id] = _Thing(thing_type, KeyedArray(self._values_root, "d"))
         numeric: dict[str, float] = {}
         for path, v in values:
             if isinstance(v, bool):
@@ -170,22 +171,27 @@ class DetectorCore:
             for hit in self.rules.check(thing_id, thing_type, feature, ts, numeric):
                 if t.rule is None or hit.score > t.rule.score:
                     t.rule, t.hit_ts = hit, ts
-        if thing_type != t.stats_type:  # the statistics' limits are looked up by the type the reading came with
-            t.slots, t.stats_type = {}, thing_type
-        slots_of = t.slots.get(feature)
-        if slots_of is None:
-            slots_of = t.slots[feature] = {}
+        keys = self._keys.get(feature)
+        if keys is None:
+            keys = self._keys[feature] = {}
+        stats = self.stats
+        of_thing, types = stats.slots_of(thing_id), stats.types
         slots: list[int] = []
         xs: list[float] = []
         for path, x in numeric.items():
-            known = slots_of.get(path)
-            if known is None:
-                key = sys.intern(f"{feature}/{path}")  # one string per name, not one per Thing
-                known = slots_of[path] = (key, -1 if self._ignore(path) else self.stats.slot(thing_id, key, thing_type))
-            t.values[known[0]] = x
-            if known[1] >= 0:
-                slots.append(known[1])
-                xs.append(x)
+            key = keys.get(path)
+            if key is None:
+                key = keys[path] = sys.intern(f"{feature}/{path}")  # one string per name, not one per Thing
+            t.values[key] = x
+            slot = of_thing.get(key)
+            # the statistics' limits are looked up by the type the reading came with: a new type, new limits
+            if slot is None or types[slot] != thing_type:
+                if self._ignore(path):
+                    continue
+                slot = stats.slot(thing_id, key, thing_type)
+                of_thing = stats.slots_of(thing_id)
+            slots.append(slot)
+            xs.append(x)
         self.stats.add(t, ts, thing_type, slots, xs)  # judged together at the tick (`_settle`)
         self._dirty.add(thing_id)
 
@@ -259,7 +265,7 @@ class DetectorCore:
         """At start: an anomaly the log still has open continues (no second one for the same fault)."""
         t = self._things.get(anomaly.thing_id)
         if t is None:
-            t = self._things[anomaly.thing_id] = _Thing(anomaly.thing_type)
+            t = self._things[anomaly.thing_id] = _Thing(anomaly.thing_type, KeyedArray(self._values_root, "d"))
         t.anomaly = anomaly
         t.published_at, t.published_score = anomaly.last_seen_at, anomaly.score
 

@@ -18,10 +18,14 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
+
+from gateway.common.compact import KeyedArray, Layout
 
 CHART_LAMBDA = 0.2  # weight of the newest reading in the control chart's statistic
 CLIP = 2.0  # readings teach the mean and variance at most this many standard deviations
@@ -228,6 +232,9 @@ class StatArrays:
         return out
 
 
+_NO_SLOTS: Mapping[str, int] = MappingProxyType({})
+
+
 @dataclass(frozen=True, slots=True)
 class _Reading:
     """One reading handed to `StatsTier.add`: its properties are `StatsTier`'s pending entries start..end."""
@@ -250,10 +257,12 @@ class StatsTier:
         self.limits: dict[tuple[str, str], tuple[float, float]] = {}
         self.group_limits: dict[tuple[str, str], float] = {}
         self._arrays = StatArrays(settings)
-        self._slots: dict[str, dict[str, int]] = {}  # Thing → property → its slot
+        self._slots: dict[str, KeyedArray[str, int]] = {}  # Thing → property → its slot
+        self._root: Layout[str] = KeyedArray.root()  # where a Thing keeps each slot, shared by Things alike
         self._key: list[str] = []  # per slot: the property, its sisters' group, the type whose limits apply
         self._group: list[str | None] = []
         self._type: list[str] = []
+        self.types: Sequence[str] = self._type  # read-only: the type each slot's limits are of
         self._free: list[int] = []
         self._limited = np.zeros(0, dtype=bool)  # per slot: calibrated limits, and what they are
         self._z_limit = np.zeros(0)
@@ -289,11 +298,16 @@ class StatsTier:
         self._limited[slot] = limits is not None
         self._z_limit[slot], self._chart_limit[slot] = limits if limits is not None else (math.nan, math.nan)
 
+    def slots_of(self, thing_id: str) -> Mapping[str, int]:
+        """A Thing's slots by property (empty for a Thing with none; a new Thing's first `slot` makes a
+        mapping of its own, so ask again after it)."""
+        return self._slots.get(thing_id, _NO_SLOTS)
+
     def slot(self, thing_id: str, key: str, thing_type: str) -> int:
         """The slot of a (Thing, property), made on first sight; `thing_type` says whose limits apply."""
         of_thing = self._slots.get(thing_id)
         if of_thing is None:
-            of_thing = self._slots[thing_id] = {}
+            of_thing = self._slots[thing_id] = KeyedArray(self._root, "i")
         slot = of_thing.get(key)
         if slot is None:
             key = sys.intern(key)  # one string per property name, not one per Thing

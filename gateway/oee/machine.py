@@ -18,7 +18,7 @@ import dataclasses
 import math
 import re
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +27,8 @@ from gateway.oee.calendar import MINUTE, ShiftCalendar
 from gateway.oee.settings import STATES, Condition, MachineRules, TypeRules
 
 Accessor = Callable[[Mapping[str, Mapping[str, Any]]], Any]
-Reader = Callable[[float, Mapping[str, Any]], None]  # one reading of one feature: (device time, properties)
+Samples = Sequence[tuple[float, Mapping[str, Any]]]  # one message's readings of one feature: (device time, properties)
+Reader = Callable[[Samples], None]
 _STEP = re.compile(r"\.([A-Za-z_][A-Za-z0-9_-]*)|\[(\d+)\]")
 _MISSING = object()
 
@@ -170,7 +171,7 @@ class Counter:
         return round(value)
 
 
-@dataclass
+@dataclass(slots=True)
 class MachineTracker:
     """State, counts and time accounting of one machine (see the module docstring)."""
 
@@ -191,6 +192,26 @@ class MachineTracker:
     startup_until: float = 0.0
     values: dict[str, dict[str, Any]] = field(default_factory=dict)
     counters: dict[str, Counter] = field(default_factory=dict)
+    on_change: Callable[[str], None] | None = None  # told each new state (the tracker counts them)
+    # Made from the rules by __post_init__. Slots: the instance has more attributes than Python shares
+    # the keys of, and the reading's attribute reads and writes are then dictionary look-ups.
+    features: set[str] = field(init=False, repr=False)
+    readers: dict[str, Reader] = field(init=False, repr=False)
+    _running: list[Test] = field(init=False, repr=False)
+    _down: list[Test] = field(init=False, repr=False)
+    _state_tag: tuple[str, Accessor] | None = field(init=False, repr=False)
+    _good: tuple[str, Accessor] | None = field(init=False, repr=False)
+    _reject: tuple[str, Accessor] | None = field(init=False, repr=False)
+    _recipe: tuple[str, Accessor] | None = field(init=False, repr=False)
+    _state_names: dict[str, set[str]] = field(init=False, repr=False)
+    _counting: dict[str, list[tuple[str, Accessor | None, Counter, bool]]] = field(init=False, repr=False)
+    _recipe_names: dict[str, set[str]] = field(init=False, repr=False)
+    _ideal: float | None = field(init=False, repr=False)
+    _seconds: str = field(init=False, repr=False)
+    _accounted: float = field(init=False, repr=False)
+    _minute_end: float = field(init=False, repr=False)
+    _minute_period: Period = field(init=False, repr=False)
+    _minute_planned: bool = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._running = [Test(c) for c in self.rules.running]
@@ -199,7 +220,7 @@ class MachineTracker:
         self._good = accessor(self.rules.good_counter) if self.rules.good_counter else None
         self._reject = accessor(self.rules.reject_counter) if self.rules.reject_counter else None
         self._recipe = accessor(self.rules.recipe_property) if self.rules.recipe_property else None
-        self.features: set[str] = set()
+        self.features = set()
         for t in (*self._running, *self._down):
             self.features |= t.features
         for acc in (self._state_tag, self._good, self._reject, self._recipe):
@@ -210,110 +231,110 @@ class MachineTracker:
                 self.counters[path] = Counter(self.rules.counter_modulus)
         # Per feature, the properties that can change the state and the counters they feed: a reading
         # carrying none of them changes neither (the state is always what `derive` says of the values).
-        self._state_names: dict[str, set[str]] = {}
+        self._state_names = {}
         heads = [h for t in (*self._running, *self._down) for h in t.heads]
         if self.rules.state_property:
             heads.append(head(self.rules.state_property))
         for feature, name in heads:
             self._state_names.setdefault(feature, set()).add(name)
-        self._counting: dict[str, list[tuple[str, Accessor | None, Counter, bool]]] = {}
+        self._counting = {}
         for path, rejects in ((self.rules.good_counter, False), (self.rules.reject_counter, True)):
             if path:
                 feature, name = head(path)
                 nested = path != f"{feature}.{name}"  # else the value is read from the reading itself
                 self._counting.setdefault(feature, []).append(
                     (name, accessor(path)[1] if nested else None, self.counters[path], rejects))
-        self._recipe_names: dict[str, set[str]] = {}
+        self._recipe_names = {}
         if self.rules.recipe_property:
             feature, name = head(self.rules.recipe_property)
             self._recipe_names[feature] = {name}
-        self._ideal: float | None = None  # the ideal cycle time of the recipe in production, once asked for
+        self._ideal = None  # the ideal cycle time of the recipe in production, once asked for
         self._seconds = ""  # the Period field the current state's time goes to
         self._accounted = 0.0  # time is accounted to periods and the open event up to here
         # the period of the minute last asked for (time and counts mostly go to the same minute)
         self._minute_end = -math.inf
         self._minute_period = Period()
         self._minute_planned = False
-        self.readers: dict[str, Reader] = {f: self._reader(f) for f in sorted(self.features)}
+        self.readers = {f: self._reader(f) for f in sorted(self.features)}
 
     # ------------------------------------------------------------------ inputs
     def reading(self, feature: str, ts: float, props: Mapping[str, Any]) -> None:
         """One sample of one feature at device time `ts`."""
         read = self.readers.get(feature)
         if read is not None:
-            read(ts, props)
+            read(((ts, props),))
 
     def _reader(self, feature: str) -> Reader:
-        """The work of one reading of `feature`, compiled once from the rules: it looks only at the
-        properties they name in that feature (the state's, the recipe, the counters), with no call per rule
-        or counter. While the state stays the same its time is accounted later in one go."""
-        state_names = tuple(sorted(self._state_names.get(feature, ())))
-        recipe_names = tuple(sorted(self._recipe_names.get(feature, ())))
+        """The work of one message's samples of `feature` (one call for all of them), compiled once from the
+        rules: it looks only at the properties they name in that feature (the state's, the recipe, the
+        counters), keeps only those, and makes no call per rule. While the state stays the same its time is
+        accounted later in one go."""
+        state_names = self._state_names.get(feature, set())
+        recipe_names = self._recipe_names.get(feature, set())
         counting = tuple(self._counting.get(feature, ()))
+        nested = {name for name, get, _, _ in counting if get is not None}
+        # the properties kept (all the rules read from `values`), each with what its change means
+        kept = tuple((name, name in state_names, name in recipe_names)
+                     for name in sorted(state_names | recipe_names | nested))
         values = self.values
-        held = values.setdefault(feature, {})  # the feature's values as last read; absent and empty read the same
+        held = values.setdefault(feature, {})  # the kept values as last read; absent and empty read the same
         missing = _MISSING
         scalars = _SCALARS
         number = _number
         neg_inf = -math.inf
 
-        def read(ts: float, props: Mapping[str, Any]) -> None:
-            clock = self.clock
-            at = clock if clock > ts else ts  # max(ts, clock), NaN included
-            self.clock = at
-            state = self.state
-            if not state:
-                self._accounted = at
-            if at > self.last_seen:
-                self.last_seen = at
-            switch = not state
-            if self.connectivity_offline:  # back from offline
-                self.connectivity_offline = False
-                switch = True
-            elif not switch:  # a value of another type is a change: `1` and `True` read differently
-                for name in state_names:
-                    if name in props:
+        def read(samples: Samples) -> None:
+            for ts, props in samples:
+                clock = self.clock
+                at = clock if clock > ts else ts  # max(ts, clock), NaN included
+                self.clock = at
+                state = self.state
+                if not state:
+                    self._accounted = at
+                self.last_seen = at  # never behind: the clock is never behind it
+                changed = False
+                for name, of_state, of_recipe in kept:
+                    if name in props:  # a value of another type is a change: `1` and `True` read differently
                         new, old = props[name], held.get(name, missing)
                         if new is not old and (new.__class__ is not old.__class__ or new.__class__ not in scalars
                                                or new != old):
-                            switch = True
-                            break
-            for name in recipe_names:
-                if name in props:
-                    new, old = props[name], held.get(name, missing)
-                    if new is not old and (new.__class__ is not old.__class__ or new.__class__ not in scalars
-                                           or new != old):
-                        self._ideal = None
-                        break
-            held.update(props)
-            if counting:  # the counters this reading carries (one it lacks has not moved)
-                good = rejected = 0
-                for name, get, counter, rejects in counting:
-                    if name not in props:
-                        continue
-                    raw = props[name] if get is None else get(values)
-                    value = float(raw) if raw.__class__ is int else number(raw)
-                    if value is None or value < 0 or counter.last == value:
-                        continue
-                    units = counter.delta(value)
-                    if rejects:
-                        rejected += units
-                    else:
-                        good += units
-                if good or rejected:  # units belong to their own minute, even when late
-                    t = ts if ts > neg_inf else at
-                    ideal = self.ideal_cycle_s()
-                    p = self._period(t)
-                    p.good += good
-                    p.rejected += rejected
-                    p.ideal_good_s += good * ideal
-                    p.ideal_total_s += (good + rejected) * ideal
-                    if t < self.startup_until:
-                        p.rejected_startup += rejected
-                        p.ideal_startup_reject_s += rejected * ideal
-            if switch:
-                self.advance(at)
-                self._switch(at)
+                            held[name] = new
+                            if of_state:
+                                changed = True
+                            if of_recipe:
+                                self._ideal = None
+                switch = changed or not state
+                if self.connectivity_offline:  # back from offline
+                    self.connectivity_offline = False
+                    switch = True
+                if counting:  # the counters this reading carries (one it lacks has not moved)
+                    good = rejected = 0
+                    for name, get, counter, rejects in counting:
+                        if name not in props:
+                            continue
+                        raw = props[name] if get is None else get(values)
+                        value = float(raw) if raw.__class__ is int else number(raw)
+                        if value is None or value < 0 or counter.last == value:
+                            continue
+                        units = counter.delta(value)
+                        if rejects:
+                            rejected += units
+                        else:
+                            good += units
+                    if good or rejected:  # units belong to their own minute, even when late
+                        t = ts if ts > neg_inf else at
+                        ideal = self.ideal_cycle_s()
+                        p = self._period(t)
+                        p.good += good
+                        p.rejected += rejected
+                        p.ideal_good_s += good * ideal
+                        p.ideal_total_s += (good + rejected) * ideal
+                        if t < self.startup_until:
+                            p.rejected_startup += rejected
+                            p.ideal_startup_reject_s += rejected * ideal
+                if switch:
+                    self.advance(at)
+                    self._switch(at)
 
         return read
 
@@ -395,6 +416,8 @@ class MachineTracker:
         reason, note, by = "", "", ""
         if self.operator is not None:
             reason, note, by = self.operator.reason, self.operator.note, self.operator.by
+        if state != self.state and self.on_change is not None:
+            self.on_change(state)
         self.state = state
         self._seconds = state + "_s"
         self.event = StateEvent(new_event_id(), self.thing_id, self.line, state, at, at, source,

@@ -9,7 +9,6 @@ set or correct the reason of any state event, through its methods (the API calls
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from collections.abc import Callable
@@ -164,19 +163,14 @@ class OeeTracker:
                 if feature == CONNECTIVITY:
                     state = ev.properties.get("state")
                     if state in ("online", "offline"):
-                        self._observe(m, functools.partial(m.connectivity, state == "online", ev.timestamp))
+                        m.connectivity(state == "online", ev.timestamp)
                     continue
                 read = m.readers.get(feature)
                 if read is None:
                     continue
                 samples = ev.samples or ((ev.timestamp, ev.properties),)
                 readings += len(samples)
-                before = m.state
-                for ts, props in samples:
-                    read(ts, props)
-                    if m.state != before:
-                        self.metrics.state_changes.labels(m.state).inc()
-                        before = m.state
+                read(samples)  # a message's samples in one call
             elif isinstance(ev, ThingLifecycle):
                 untracked.discard(ev.thing_id)
                 if ev.kind != "ThingDeleted":
@@ -191,11 +185,8 @@ class OeeTracker:
         if readings:
             self.metrics.readings.inc(readings)
 
-    def _observe(self, m: MachineTracker, step: Callable[[], None]) -> None:
-        before = m.state
-        step()
-        if m.state != before:
-            self.metrics.state_changes.labels(m.state).inc()
+    def _state_changed(self, state: str) -> None:
+        self.metrics.state_changes.labels(state).inc()
 
     def _rules(self, thing_type: str, equipment_id: str) -> tuple[TypeRules, MachineRules] | None:
         rules = self.section.types.get(thing_type)
@@ -210,7 +201,8 @@ class OeeTracker:
         if found is None:
             return None
         line = str((getattr(thing, "metadata", None) or {}).get("line") or self.line)
-        m = MachineTracker(thing.id, line, found[0], found[1], self.calendar, self.section.startup_reject_s)
+        m = MachineTracker(thing.id, line, found[0], found[1], self.calendar, self.section.startup_reject_s,
+                           on_change=self._state_changed)
         for path, value in self._counters.get(thing.id, {}).items():
             if path in m.counters:
                 m.counters[path].last = value
@@ -229,7 +221,7 @@ class OeeTracker:
         if m is None:
             raise Invalid(f"{thing.type} has no OEE rules ([oee.types.{thing.type}])")
         op = None if state == "auto" else OperatorState(state, reason, note, by)
-        self._observe(m, lambda: m.set_operator(op, self._clock()))
+        m.set_operator(op, self._clock())
         return self._status(m)
 
     def status(self, thing_id: str | None = None) -> list[MachineStatus]:
