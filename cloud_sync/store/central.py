@@ -114,11 +114,17 @@ class CentralSql:
                          | {a.thing_id for a in batch.anomalies})
         foreign: list[str] = []
         for chunk in _chunks(touched, CHUNK):
-            execute(f"INSERT INTO {self.owners} VALUES {', '.join([f'({p}, {p})'] * len(chunk))} "
-                    "ON CONFLICT (thing_id) DO NOTHING", [v for tid in chunk for v in (tid, gw)])
-            foreign += [r[0] for r in execute(
-                f"SELECT thing_id FROM {self.owners} WHERE gateway_id <> {p} AND thing_id IN "
-                f"({', '.join([p] * len(chunk))})", [gw, *chunk]).fetchall()]
+            # the Things already owned are read, and only the others inserted: DuckDB plans `ON CONFLICT`
+            # as a MERGE, and every such statement leaves native memory behind for good (docs/performance.md)
+            owned = dict(execute(f"SELECT thing_id, gateway_id FROM {self.owners} WHERE thing_id IN "
+                                 f"({', '.join([p] * len(chunk))})", chunk).fetchall())
+            new = [tid for tid in chunk if tid not in owned]
+            if new:  # ON CONFLICT still: a replica sharing the database may claim the same Thing meanwhile
+                execute(f"INSERT INTO {self.owners} VALUES {', '.join([f'({p}, {p})'] * len(new))} "
+                        "ON CONFLICT (thing_id) DO NOTHING", [v for tid in new for v in (tid, gw)])
+                owned.update(execute(f"SELECT thing_id, gateway_id FROM {self.owners} WHERE thing_id IN "
+                                     f"({', '.join([p] * len(new))})", new).fetchall())
+            foreign += [tid for tid in chunk if owned.get(tid) != gw]
         anomalies: list[str] = []
         for chunk in _chunks(sorted({a.id for a in batch.anomalies}), CHUNK):
             anomalies += [r[0] for r in execute(
@@ -150,21 +156,28 @@ class CentralSql:
     def last_seq(self, execute: Execute, batch: Batch) -> int:
         """The gateway's last applied batch number, its row locked for this transaction."""
         p = self.p
-        execute(f"INSERT INTO {self.gateways} (gateway_id, site, line, last_seq) VALUES ({p}, {p}, {p}, 0) "
-                "ON CONFLICT (gateway_id) DO NOTHING", [batch.gateway_id, batch.site, batch.line])
-        rows = execute(f"SELECT last_seq FROM {self.gateways} WHERE gateway_id = {p}{self.lock_row}",
-                       [batch.gateway_id]).fetchall()  # all: DuckDB refuses new work over an unfinished result
+        select = f"SELECT last_seq FROM {self.gateways} WHERE gateway_id = {p}{self.lock_row}"
+        rows = execute(select, [batch.gateway_id]).fetchall()  # all: DuckDB refuses new work over an unfinished result
+        if not rows:  # the gateway's first batch: inserted once in its life (ON CONFLICT: a replica may race)
+            execute(f"INSERT INTO {self.gateways} (gateway_id, site, line, last_seq) VALUES ({p}, {p}, {p}, 0) "
+                    "ON CONFLICT (gateway_id) DO NOTHING", [batch.gateway_id, batch.site, batch.line])
+            rows = execute(select, [batch.gateway_id]).fetchall()
         return int(rows[0][0]) if rows else 0
 
     def apply(self, execute: Execute, batch: Batch, prepared: Prepared, received_at: float) -> None:
         """Inside the batch's transaction: Things (newest version wins), deletions, anomalies, the gateway."""
         p = self.p
         for d in batch.things:
-            execute(f"DELETE FROM {self.things} WHERE id = {p} AND (version < {p} OR deleted)", [d.id, d.version])
+            # an UPDATE of the stored row and an INSERT of a missing one, not a DELETE and an INSERT of the
+            # same key: DuckDB's delete-and-insert against the key's index leaves native memory behind
+            doc = json.dumps(d.doc, allow_nan=False)
+            execute(f"UPDATE {self.things} SET site = {p}, line = {p}, gateway_id = {p}, type = {p}, version = {p}, "
+                    f"last_updated = {p}, doc = {p}, deleted = false WHERE id = {p} AND (version < {p} OR deleted)",
+                    [batch.site, batch.line, batch.gateway_id, d.type, d.version, d.last_updated, doc, d.id,
+                     d.version])
             execute(f"INSERT INTO {self.things} SELECT {', '.join([p] * 8)}, false WHERE NOT EXISTS "
                     f"(SELECT 1 FROM {self.things} WHERE id = {p})",
-                    [d.id, batch.site, batch.line, batch.gateway_id, d.type, d.version, d.last_updated,
-                     json.dumps(d.doc, allow_nan=False), d.id])
+                    [d.id, batch.site, batch.line, batch.gateway_id, d.type, d.version, d.last_updated, doc, d.id])
         for tid in batch.deleted:
             execute(f"UPDATE {self.things} SET deleted = true WHERE id = {p}", [tid])
         if batch.anomalies:
