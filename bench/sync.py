@@ -3,9 +3,13 @@
 Drain of a 1M-point backlog from a real gateway buffer through the forwarder to a real aggregator
 (DuckDB) over HTTP on loopback, and over HTTPS verified against a site CA (`egiz pki`), bytes per
 point on the wire, and the aggregator's ingest rate with
-10 gateways sending at once, on DuckDB and (when reachable) on PostgreSQL.
+10 gateways sending at once, on DuckDB and (when reachable) on PostgreSQL. `--store-batches N` only
+feeds the DuckDB store N batches in this process (3 gateways, 200 points, a Thing document and an
+anomaly document each) and prints what glibc's heap and the RSS beside DuckDB's own memory grew by
+per 1,000 batches after the first 1,000.
 
     python bench/sync.py [--points 1000000] [--pg postgresql://postgres@127.0.0.1/postgres]
+    python bench/sync.py --store-batches 4000
 """
 
 from __future__ import annotations
@@ -28,12 +32,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cloud_sync.aggregator import Aggregator
 from cloud_sync.config import load_aggregator_config
+from cloud_sync.store.duck import DuckStore
 from gateway.buffer.buffer import TelemetryBuffer
 from gateway.bus import EventBus
 from gateway.common.pki import init_ca, issue
 from gateway.common.readings import Sample
-from gateway.common.wire import Batch, encode, points_schema
+from gateway.common.wire import AnomalyDoc, Batch, ThingDoc, encode, points_schema
 from gateway.config import GatewayConfig, load_config
+from gateway.memory import native_heap_bytes, resident_mb
 from gateway.metrics import GatewayMetrics
 from gateway.twin.registry import TwinRegistry
 from gateway.uplink.client import uplink_ssl
@@ -149,6 +155,46 @@ async def concurrent_ingest(tmp: Path, backend: str, dsn: str = "") -> None:
     await agg.stop()
 
 
+def store_memory(tmp: Path, batches: int) -> None:
+    """The DuckDB store alone, fed batches as gateways send them: what stays behind per 1,000."""
+    gateways, per_batch = 3, 200
+    names = {g: [(f"s{g}:m{k // 5}", "f", f"p{k % 5}") for k in range(20)] for g in range(gateways)}
+
+    def batch(g: int, b: int) -> Batch:
+        ts = T0 + b + np.repeat(np.arange(per_batch // 20), 20) / 100
+        pts = pa.table({"series": np.tile(np.arange(20, dtype=np.int32), per_batch // 20), "ts": ts,
+                        "recv": ts + 0.02, "seq": np.arange(per_batch) + b * per_batch,
+                        "value": np.full(per_batch, 180.0), "text": pa.nulls(per_batch, pa.string())},
+                       schema=points_schema())
+        thing, anomaly = f"s{g}:m{b % 4}", f"a-{g}-{b // 10}"
+        return Batch(f"gw-{g}", b + 1, f"s{g}", "line-a", b * per_batch, (b + 1) * per_batch, names[g], pts,
+                     things=[ThingDoc(thing, "oven", b, T0 + b, {"id": thing, "version": b})],
+                     anomalies=[AnomalyDoc(anomaly, thing, "open", "high", T0 + b, 0.5, {"id": anomaly})],
+                     sent_at=T0 + b + 1)
+
+    def sample(store: DuckStore) -> tuple[float, float]:
+        return (native_heap_bytes() or 0) / 2**20, (resident_mb() or 0.0) - store.memory_bytes() / 2**20
+
+    store = DuckStore(tmp, memory_limit_mb=256)
+    store.open()
+    marks = []
+    for n in range(batches):
+        g, b = n % gateways, n // gateways
+        assert store.apply(batch(g, b), T0 + b + 1).status == "applied"
+        if (n + 1) % 1000 == 0:
+            marks.append(sample(store))
+    store.close()
+    per_1k = len(marks) - 1
+    if per_1k < 1:
+        raise SystemExit("--store-batches: at least 2000")
+    heap = [round(m[0], 2) for m in marks]
+    rss = [round(m[1], 2) for m in marks]
+    emit("aggregator_native_heap_per_1k_batches", (heap[-1] - heap[0]) / per_1k, "MiB", "flat",
+         batches=batches, every_1000=heap)
+    emit("aggregator_rss_less_duckdb_per_1k_batches", (rss[-1] - rss[0]) / per_1k, "MiB", "flat",
+         batches=batches, every_1000=rss)
+
+
 async def main(points: int, pg: str) -> None:
     with tempfile.TemporaryDirectory(prefix="egiz-bench-sync-") as tmp:
         await drain(Path(tmp) / "plain", points)
@@ -176,5 +222,11 @@ if __name__ == "__main__":
     ap.add_argument("--points", type=int, default=1_000_000)
     ap.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432/postgres",
                     help="an admin DSN to create a scratch database ('' to skip PostgreSQL)")
+    ap.add_argument("--store-batches", type=int, default=0,
+                    help="only the DuckDB store's memory over this many batches (at least 2000)")
     args = ap.parse_args()
-    asyncio.run(main(args.points, args.pg))
+    if args.store_batches:
+        with tempfile.TemporaryDirectory(prefix="egiz-bench-sync-") as tmp:
+            store_memory(Path(tmp), args.store_batches)
+    else:
+        asyncio.run(main(args.points, args.pg))
