@@ -52,6 +52,28 @@ def limit_native_caches() -> None:
     os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def native_heap_bytes() -> int | None:
+    """Bytes glibc's malloc has handed out and not had back, over all its arenas (`mallinfo2`: in use
+    in its heaps plus its mmapped blocks). What native code (DuckDB, Arrow, onnxruntime) and Python's
+    larger objects hold, without the pages malloc keeps free. None where glibc (2.33 or later) is not
+    the C library."""
+    name = ctypes.util.find_library("c")
+    if not name:
+        return None
+    try:
+        fn = ctypes.CDLL(name).mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _MallInfo2
+    info = fn()
+    return int(info.uordblks + info.hblkhd)
+
+
 GC_YOUNG_THRESHOLD = 20_000  # allocations between collections of the youngest generation (Python's default: 700)
 
 
