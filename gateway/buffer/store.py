@@ -66,6 +66,11 @@ class BufferStore(PointFile):
     """The gateway's buffer file: the shared point layout plus sequence marks and the outbox;
     `open()` creates the schema, `commit()` appends one batch atomically."""
 
+    # One DuckDB thread on a line gateway: a second made neither the roll-ups nor a history read
+    # faster on a loaded two-core board, and its allocator arena and buffers added 1-7 MiB to the
+    # peak with 200 Things at 1k msg/s (docs/performance.md). The aggregator keeps two.
+    threads = 1
+
     _commits: int  # the number of the last commit that wrote sequence marks (seq_state.n)
 
     # ----------------------------------------------------------------- lifecycle (writer thread)

@@ -79,6 +79,8 @@ def _put_meta(con: duckdb.DuckDBPyConnection, values: dict[str, float]) -> None:
 class PointFile:
     """One DuckDB file of series and points; `open_file()` creates the schema and lists the series."""
 
+    threads = 2  # DuckDB's worker threads for this file's queries
+
     def __init__(self, path: Path, *, memory_limit_mb: float, checkpoint_mb: float) -> None:
         self.path = path
         self._memory_limit_mb = memory_limit_mb
@@ -308,7 +310,7 @@ class PointFile:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         con = duckdb.connect(str(self.path), config={
             "memory_limit": f"{int(self._memory_limit_mb)}MB",
-            "threads": 2,
+            "threads": self.threads,
             # Fewer, larger checkpoints: every point is written to the WAL once and into the file
             # once per checkpoint; a larger threshold means fewer partial row groups rewritten.
             "checkpoint_threshold": f"{int(self._checkpoint_mb)}MB",
