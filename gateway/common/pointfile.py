@@ -72,8 +72,9 @@ def _put_meta(con: duckdb.DuckDBPyConnection, values: dict[str, float]) -> None:
         return
     have = {k for (k,) in con.execute(f"SELECT key FROM meta WHERE key IN ({marks})", keys).fetchall()}
     new = [k for k in keys if k not in have]
-    con.execute(f"INSERT INTO meta VALUES {', '.join('(?, ?)' for _ in new)}",
-                [x for k in new for x in (k, values[k])])
+    if new:
+        con.execute(f"INSERT INTO meta VALUES {', '.join('(?, ?)' for _ in new)}",
+                    [x for k in new for x in (k, values[k])])
 
 
 class PointFile:
