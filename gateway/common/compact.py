@@ -11,11 +11,14 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Iterator, Mapping
+from types import MappingProxyType
 from typing import Any, Generic, TypeVar, overload
 
 K = TypeVar("K")
 V = TypeVar("V", int, float)
 D = TypeVar("D")
+
+EMPTY: Mapping[Any, Any] = MappingProxyType({})  # what an owner hands out for a Thing with no mapping yet
 
 SHARED_MAX = 64  # past this many keys a mapping's layout is its own: a chain of shared ones would grow as n²
 

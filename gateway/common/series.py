@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Collection, Iterator, Mapping
-from types import MappingProxyType
 from typing import Any, NamedTuple
 
-from gateway.common.compact import KeyedArray, Layout
+from gateway.common.compact import EMPTY, KeyedArray, Layout
 
 
 class SeriesKey(NamedTuple):
@@ -85,7 +84,7 @@ class SeriesCatalogue:
     def ids_of(self, thing_id: str) -> Mapping[tuple[str, str], int]:
         """A Thing's series ids by `(feature, path)` (empty for a Thing with none; a new Thing's first
         series go into a mapping of their own, so ask again after `remember`)."""
-        return self._of_thing.get(thing_id, _NONE)
+        return self._of_thing.get(thing_id, EMPTY)
 
     @property
     def next_id(self) -> int:
@@ -147,11 +146,9 @@ class SeriesCatalogue:
 
     def series_of(self, thing_id: str, feature: str | None = None, prop: str | None = None) -> list[int]:
         """Series ids of a Thing, optionally of one feature and one property (exact path or base name)."""
-        return sorted(sid for (f, path), sid in list(self._of_thing.get(thing_id, _NONE).items())
+        return sorted(sid for (f, path), sid in list(self._of_thing.get(thing_id, EMPTY).items())
                       if (feature is None or f == feature) and (prop is None or prop in (path, base_name(path))))
 
-
-_NONE: Mapping[tuple[str, str], int] = MappingProxyType({})
 
 
 class SeriesKeys(Mapping[int, tuple[SeriesKey, str]]):

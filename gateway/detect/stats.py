@@ -20,12 +20,11 @@ import math
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 
-from gateway.common.compact import KeyedArray, Layout
+from gateway.common.compact import EMPTY, KeyedArray, Layout
 
 CHART_LAMBDA = 0.2  # weight of the newest reading in the control chart's statistic
 CLIP = 2.0  # readings teach the mean and variance at most this many standard deviations
@@ -232,9 +231,6 @@ class StatArrays:
         return out
 
 
-_NO_SLOTS: Mapping[str, int] = MappingProxyType({})
-
-
 @dataclass(frozen=True, slots=True)
 class _Reading:
     """One reading handed to `StatsTier.add`: its properties are `StatsTier`'s pending entries start..end."""
@@ -301,7 +297,7 @@ class StatsTier:
     def slots_of(self, thing_id: str) -> Mapping[str, int]:
         """A Thing's slots by property (empty for a Thing with none; a new Thing's first `slot` makes a
         mapping of its own, so ask again after it)."""
-        return self._slots.get(thing_id, _NO_SLOTS)
+        return self._slots.get(thing_id, EMPTY)
 
     def slot(self, thing_id: str, key: str, thing_type: str) -> int:
         """The slot of a (Thing, property), made on first sight; `thing_type` says whose limits apply."""
